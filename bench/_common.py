@@ -1,0 +1,104 @@
+"""Shared benchmark plumbing: timing, peak memory, and CSV rows with provenance.
+
+Every benchmark appends rows (benchmark, provider, x, metric, value, plus device, date,
+library versions and git commit) to one CSV in ``bench/results/``; plots are drawn from
+the CSV so a figure can always be traced back to the numbers behind it.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+FIELDS = ["benchmark", "provider", "x_name", "x", "metric", "value", "unit", "extra",
+          "device", "date", "torch", "triton", "transformers", "git_commit"]
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken: say so in the row rather than crash
+        return "none"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=Path(__file__).parent,
+                               timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu:{platform.processor() or platform.machine()}x{os.cpu_count()}"
+
+
+def provenance(device: torch.device) -> dict:
+    return {
+        "device": device_name(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "git_commit": _git_commit(),
+    }
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
+            repeat: int = 5) -> tuple[float, float]:
+    """Median wall time (ms) and peak memory (MiB, CUDA only; NaN on CPU) of ``fn()``.
+
+    Raises torch.cuda.OutOfMemoryError unchanged so the caller can record an OOM.
+    """
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else float("nan")
+    return times[len(times) // 2], peak
+
+
+def write_rows(csv_path: Path, rows: Iterable[dict]) -> Path:
+    """Append rows to ``csv_path`` (header written once)."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    new = not csv_path.exists()
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in FIELDS})
+    return csv_path
+
+
+def read_rows(csv_path: Path) -> list[dict]:
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,22 @@
+"""compodistill: distil large vision-language models into small ones, with fused
+visual-attention distillation losses that never materialise the attention maps.
+
+Public API (everything else is private):
+
+- :func:`visual_attention_maps`, :func:`visual_attention_loss`, :func:`visual_map_loss`
+- :func:`visual_layout`, :func:`spans_to_mask`, :class:`VisualLayout`
+"""
+from .layout import VisualLayout, spans_to_mask, visual_layout
+from .losses import visual_attention_loss, visual_attention_maps
+from .map_losses import visual_map_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VisualLayout",
+    "spans_to_mask",
+    "visual_attention_loss",
+    "visual_attention_maps",
+    "visual_layout",
+    "visual_map_loss",
+]

@@ -1,0 +1,31 @@
+"""compodistill: fused visual-attention distillation for vision-language models."""
+from setuptools import setup
+
+# `kernels/` is installed as `compodistill.kernels`, never as a top-level `kernels`
+# module: that name belongs to Hugging Face's `kernels` package.
+setup(
+    name="compodistill",
+    version="0.1.0",
+    description="Fused Triton kernels and trainers for visual-attention distillation of VLMs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["compodistill", "compodistill.testing", "compodistill.kernels"],
+    package_dir={"compodistill": "compodistill", "compodistill.kernels": "kernels"},
+    # torch 2.11 (GPU image) .. 2.13 (CPU machines); triton 3.6 .. 3.9 ship with them.
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.6,<3.10"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "train": [
+            "transformers>=4.56,<6",
+            "accelerate>=1.0",
+            "peft>=0.13",
+            "safetensors>=0.4",
+            "pillow>=10",
+            "tqdm>=4.66",
+            "matplotlib>=3.8",
+        ],
+    },
+    entry_points={"console_scripts": ["compodistill=compodistill.cli:main"]},
+)
