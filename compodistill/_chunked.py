@@ -17,7 +17,7 @@ from .layout import VisualLayout
 
 # Elements in one (B, H, rows, keys) score block. Small enough to stay in cache-sized
 # chunks on CPU, large enough that the Python loop is not the bottleneck.
-_BLOCK_BUDGET = 1 << 21
+_BLOCK_BUDGET = 1 << 18
 _KEY_CHUNK = 64
 
 

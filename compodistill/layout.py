@@ -87,7 +87,7 @@ def spans_to_mask(spans: Spans, batch_size: int, seq_len: int,
     Several spans per sample are allowed; an empty list means the sample has no image.
     Spans must lie inside ``[0, seq_len]``, be non-empty and must not overlap.
     """
-    if isinstance(spans, torch.Tensor) or not isinstance(spans, Sequence):
+    if isinstance(spans, (torch.Tensor, str, bytes)) or not isinstance(spans, Sequence):
         raise TypeError(f"visual spans must be a list (one entry per sample) of (start, end) "
                         f"pairs, got {type(spans).__name__}")
     if len(spans) != batch_size:
@@ -95,6 +95,9 @@ def spans_to_mask(spans: Spans, batch_size: int, seq_len: int,
                          f"{batch_size}")
     mask = torch.zeros(batch_size, seq_len, dtype=torch.bool)
     for b, sample in enumerate(spans):
+        if isinstance(sample, (str, bytes)) or not isinstance(sample, Sequence):
+            raise TypeError(f"visual spans[{b}] must be a list of (start, end) pairs, "
+                            f"got {type(sample).__name__}")
         intervals = []
         for span in sample:
             if len(span) != 2:
