@@ -5,15 +5,20 @@ Public API (everything else is private):
 
 - :func:`visual_attention_maps`, :func:`visual_attention_loss`, :func:`visual_map_loss`
 - :func:`visual_layout`, :func:`spans_to_mask`, :class:`VisualLayout`
+- :func:`match_layers`, :func:`layer_preset`, :class:`LayerMatch`
 """
 from .layout import VisualLayout, spans_to_mask, visual_layout
 from .losses import visual_attention_loss, visual_attention_maps
 from .map_losses import visual_map_loss
+from .matching import LayerMatch, layer_preset, match_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerMatch",
     "VisualLayout",
+    "layer_preset",
+    "match_layers",
     "spans_to_mask",
     "visual_attention_loss",
     "visual_attention_maps",

@@ -1,0 +1,39 @@
+"""The package installs as `compodistill` + `compodistill.kernels`, never a top-level `kernels`."""
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+import compodistill
+
+
+def test_kernels_subpackage_imports():
+    import compodistill.kernels as kernels
+
+    assert Path(kernels.__file__).parent.name == "kernels"
+    assert kernels.__name__ == "compodistill.kernels"
+
+
+def test_no_top_level_kernels_module_is_ours(tmp_path):
+    # Run from an empty folder so the repository root is not on sys.path.
+    code = ("import importlib.util, json; s = importlib.util.find_spec('kernels'); "
+            "print(json.dumps(None if s is None else s.origin))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    repo = str(Path(compodistill.__file__).resolve().parent.parent)
+    assert out == "null" or repo not in out, f"a top-level `kernels` resolves to {out}"
+
+
+def test_distribution_declares_only_compodistill():
+    dist = importlib.metadata.distribution("compodistill")
+    top = (dist.read_text("top_level.txt") or "").split()
+    assert "kernels" not in top
+    assert "compodistill" in top or not top  # editable installs may omit the file
+
+
+def test_public_api_is_small_and_documented():
+    for name in compodistill.__all__:
+        obj = getattr(compodistill, name)
+        assert obj.__doc__, f"compodistill.{name} has no docstring"
