@@ -1,5 +1,5 @@
 """compodistill: fused visual-attention distillation for vision-language models."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # `kernels/` is installed as `compodistill.kernels`, never as a top-level `kernels`
 # module: that name belongs to Hugging Face's `kernels` package.
@@ -10,7 +10,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["compodistill", "compodistill.testing", "compodistill.kernels"],
+    packages=find_packages(include=["compodistill", "compodistill.*"]) + ["compodistill.kernels"],
     package_dir={"compodistill": "compodistill", "compodistill.kernels": "kernels"},
     # torch 2.11 (GPU image) .. 2.13 (CPU machines); triton 3.6 .. 3.9 ship with them.
     install_requires=["torch>=2.4", "numpy"],
