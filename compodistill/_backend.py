@@ -1,14 +1,21 @@
 """Backend choice: Triton kernels for CUDA tensors, chunked PyTorch on CPU.
 
-``backend="auto"`` picks Triton when the tensors live on a CUDA device and Triton imports,
-otherwise the chunked PyTorch path. ``"triton"`` on CPU tensors is allowed only under
-``TRITON_INTERPRET=1`` (the test suite runs the kernels that way). The environment
-variable ``COMPODISTILL_BACKEND`` overrides ``"auto"`` for a whole run.
+``backend="auto"`` picks Triton when the tensors live on a CUDA device and the kernel
+module imports, otherwise the chunked PyTorch path. ``"triton"`` on CPU tensors is allowed
+only under ``TRITON_INTERPRET=1`` (the test suite runs the kernels that way). The
+environment variable ``COMPODISTILL_BACKEND`` overrides ``"auto"`` for a whole run.
+
+Kernel modules are imported as ``compodistill.kernels.<name>``; ``setup.py`` maps the
+top-level ``kernels/`` folder there only once installed, so a plain source checkout falls
+back to loading ``<repo>/kernels/<name>.py`` by path under the same module name.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -20,12 +27,41 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def kernels_module(name: str) -> ModuleType | None:
-    """``compodistill.kernels.<name>``, or None when Triton (or the module) is missing."""
+def _load_from_checkout(full: str, name: str) -> ModuleType:
+    root = Path(__file__).resolve().parent.parent / "kernels"
+    if "compodistill.kernels" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "compodistill.kernels", root / "__init__.py", submodule_search_locations=[str(root)])
+        if spec is None or not (root / "__init__.py").is_file():
+            raise ImportError(f"cannot find {full} (looked in {root})")
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["compodistill.kernels"] = package
+        try:
+            spec.loader.exec_module(package)
+        except BaseException:
+            del sys.modules["compodistill.kernels"]
+            raise
+    return importlib.import_module(full)
+
+
+def load_kernel_module(name: str) -> ModuleType:
+    """Import ``compodistill.kernels.<name>``; ImportError when it or triton is missing."""
+    full = f"compodistill.kernels.{name}"
     try:
-        return importlib.import_module(f"compodistill.kernels.{name}")
+        return importlib.import_module(full)
+    except ModuleNotFoundError as err:
+        if err.name not in ("compodistill.kernels", full):
+            raise  # e.g. triton itself is missing
+    return _load_from_checkout(full, name)
+
+
+def kernels_module(name: str) -> ModuleType | None:
+    """:func:`load_kernel_module`, or None when Triton (or the module) is unavailable."""
+    try:
+        module = load_kernel_module(name)
     except ImportError:
         return None
+    return module if getattr(sys.modules.get("compodistill.kernels"), "HAS_TRITON", True) else None
 
 
 def resolve_backend(backend: str, device: torch.device, kernel: str) -> str:
@@ -46,3 +82,8 @@ def resolve_backend(backend: str, device: torch.device, kernel: str) -> str:
         if kernels_module(kernel) is None:
             raise ImportError(f"backend='triton' needs triton and compodistill.kernels.{kernel}")
     return backend
+
+
+def use_triton(backend: str, device: torch.device, kernel: str) -> bool:
+    """Whether to run the Triton kernel module ``kernel`` for tensors on ``device``."""
+    return resolve_backend(backend, device, kernel) == "triton"

@@ -1,0 +1,153 @@
+"""Benchmark: logit distillation from hidden states, forward + backward.
+
+Providers:
+- ``torch_naive``: materialised logits of both models + ``F.kl_div`` on float32 log-probs;
+- ``compodistill``: :func:`compodistill.linear_kd.linear_distillation_loss` (fused, chunked);
+- ``liger``: Liger-Kernel's ``LigerFusedLinearJSD`` (jsd_beta=0, Liger's forward-KL setting),
+  when ``liger_kernel`` imports and the device is CUDA.
+
+All tokens are selected (every label valid), KL(p_t‖p_s), T = 1. Rows (time in ms, peak memory
+in MiB on CUDA) are appended to ``bench/results/logit_kd.csv`` through ``bench/_common.py``;
+``--plot`` draws a PNG from that CSV.
+
+Usage: ``python bench/logit_kd.py [--device cuda|cpu] [--out CSV] [--plot]``
+CUDA: tokens 2k/8k/16k, vocab 151,936, d_s 1536, d_t 2048, bf16.
+CPU: tokens 256, vocab 4096, d_s 64, d_t 96, float32.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from bench._common import RESULTS_DIR, measure, provenance, read_rows, write_rows  # noqa: E402
+from compodistill.linear_kd import linear_distillation_loss  # noqa: E402
+
+BENCH = "logit_kd"
+SHAPES = {
+    "cuda": dict(tokens=[2048, 8192, 16384], vocab=151_936, d_s=1536, d_t=2048,
+                 dtype=torch.bfloat16),
+    "cpu": dict(tokens=[256], vocab=4096, d_s=64, d_t=96, dtype=torch.float32),
+}
+
+
+def _inputs(tokens, vocab, d_s, d_t, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    h_s = rnd(tokens, d_s, scale=1.0).requires_grad_(True)
+    w_s = rnd(vocab, d_s, scale=d_s ** -0.5).requires_grad_(True)
+    h_t = rnd(tokens, d_t, scale=1.0)
+    w_t = rnd(vocab, d_t, scale=d_t ** -0.5)
+    labels = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    return h_s, w_s, h_t, w_t, labels
+
+
+def _providers(h_s, w_s, h_t, w_t, labels, device):
+    def torch_naive():
+        zs = (h_s @ w_s.T).float()
+        zt = (h_t @ w_t.T).float()
+        loss = F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1), log_target=True,
+                        reduction="batchmean")
+        return torch.autograd.grad(loss, [h_s, w_s])
+
+    def ours():
+        loss = linear_distillation_loss(h_s, w_s, h_t, w_t, labels, loss="kl")
+        return torch.autograd.grad(loss, [h_s, w_s])
+
+    providers = {"torch_naive": torch_naive, "compodistill": ours}
+    if device.type == "cuda":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearJSD
+        except Exception:  # not installed: benchmark the others
+            LigerFusedLinearJSD = None
+        if LigerFusedLinearJSD is not None:
+            liger = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)
+
+            def liger_jsd():
+                loss = liger(h_s, w_s, h_t, w_t, labels)
+                return torch.autograd.grad(loss, [h_s, w_s])
+
+            providers["liger"] = liger_jsd
+    return providers
+
+
+def run(device: torch.device, csv_path: Path, tokens=None, repeat: int = 5) -> list[dict]:
+    shape = dict(SHAPES["cuda" if device.type == "cuda" else "cpu"])
+    tokens = tokens or shape.pop("tokens")
+    shape.pop("tokens", None)
+    prov = provenance(device)
+    rows = []
+    for n in tokens:
+        inputs = _inputs(n, device=device, **shape)
+        for name, fn in _providers(*inputs, device).items():
+            extra = f"V={shape['vocab']} d_s={shape['d_s']} d_t={shape['d_t']} {shape['dtype']}"
+            try:
+                ms, mib = measure(fn, device, repeat=repeat)
+            except torch.cuda.OutOfMemoryError:
+                ms = mib = float("nan")
+                extra += " OOM"
+                torch.cuda.empty_cache()
+            for metric, value, unit in (("time", ms, "ms"), ("peak_memory", mib, "MiB")):
+                rows.append(dict(benchmark=BENCH, provider=name, x_name="tokens", x=n,
+                                 metric=metric, value=f"{value:.4g}", unit=unit, extra=extra,
+                                 **prov))
+            print(f"{name:>13} tokens={n:>6}  {ms:9.2f} ms  {mib:9.1f} MiB  {extra}")
+        del inputs
+    write_rows(csv_path, rows)
+    return rows
+
+
+def plot(csv_path: Path, device_name: str, png_path: Path) -> Path:
+    """Time and peak memory against tokens for each provider (rows of ``device_name``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_rows(csv_path) if r["benchmark"] == BENCH
+            and r["device"] == device_name]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("time", "peak_memory")):
+        for prov in sorted({r["provider"] for r in rows}):
+            pts = {}
+            for r in rows:  # the latest row per x wins
+                if r["provider"] == prov and r["metric"] == metric:
+                    pts[int(r["x"])] = float(r["value"])
+            xs = sorted(pts)
+            ax.plot(xs, [pts[x] for x in xs], marker="o", label=prov)
+        unit = "ms" if metric == "time" else "MiB"
+        ax.set(xlabel="tokens", ylabel=f"{metric} ({unit})", title=f"{BENCH}: {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(device_name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{BENCH}.csv")
+    parser.add_argument("--plot", action="store_true", help="also write <out>.png")
+    parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = run(device, args.out, args.tokens, args.repeat)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    if args.plot:
+        png = plot(args.out, rows[0]["device"], args.out.with_suffix(".png"))
+        print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    main()
