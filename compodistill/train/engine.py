@@ -1,0 +1,213 @@
+"""The optimisation loop of one stage, on accelerate.
+
+The loop knows nothing about distillation: a stage hands it the model, the trainable
+parameters, a data loader and ``loss_terms(batch) -> {name: scalar}``; the loop weights
+and sums the terms, steps the optimiser with gradient accumulation and clipping, skips
+non-finite steps, logs metrics, and saves/resumes crash-safe checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import atomic_directory_write, latest_checkpoint, write_json
+from .config import StageConfig
+from .metrics import MetricsLogger, plot_loss_curves, read_metrics
+
+
+class TooManyBadSteps(RuntimeError):
+    """Raised after ``max_bad_steps`` consecutive non-finite losses or gradients."""
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    skipped_steps: int
+    final_losses: dict
+    seconds: float
+    metrics_path: Path
+    plot_path: Path | None
+
+
+def total_optimizer_steps(stage: StageConfig, batches_per_epoch: int) -> int:
+    if stage.max_steps:
+        return int(stage.max_steps)
+    return max(1, math.ceil(batches_per_epoch * stage.epochs / stage.grad_accum))
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return float("nan")
+
+
+class StageLoop:
+    """Run one stage to completion (or resume it from its latest checkpoint)."""
+
+    def __init__(self, accelerator, model: torch.nn.Module, params: list[torch.nn.Parameter],
+                 loader, stage: StageConfig, loss_terms: Callable[[dict], dict],
+                 stage_dir: str | Path, *, save_every: int = 0, log_every: int = 1,
+                 max_bad_steps: int = 5, show_progress: bool = True):
+        from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+        if not params:
+            raise ValueError(f"stage {stage.name}: no trainable parameters")
+        self.acc = accelerator
+        self.stage = stage
+        self.loss_terms = loss_terms
+        self.stage_dir = Path(stage_dir)
+        self.save_every, self.log_every, self.max_bad_steps = save_every, log_every, max_bad_steps
+        self.show_progress = show_progress
+        self.params = params
+        self.total_steps = total_optimizer_steps(stage, len(loader))
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        warmup = math.ceil(stage.warmup_ratio * self.total_steps)
+        make = (get_cosine_schedule_with_warmup if stage.scheduler == "cosine"
+                else get_linear_schedule_with_warmup)
+        scheduler = make(optimizer, warmup, self.total_steps)
+        self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
+            model, optimizer, loader, scheduler)
+        self.logger = MetricsLogger(self.stage_dir, enabled=accelerator.is_main_process)
+        self.weights = {"lm": stage.weights.lm, "kd": stage.weights.kd, "vat": stage.weights.vat}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, step: int, skipped: int) -> None:
+        def write(tmp: Path) -> None:
+            self.acc.save_state(str(tmp))
+            write_json(tmp / "loop_state.json", {"step": step, "skipped": skipped})
+
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            atomic_directory_write(self.stage_dir / f"checkpoint-{step}", write)
+        self.acc.wait_for_everyone()
+
+    def _resume(self) -> tuple[int, int]:
+        ckpt = latest_checkpoint(self.stage_dir)
+        if ckpt is None:
+            return 0, 0
+        import json
+
+        self.acc.load_state(str(ckpt))
+        state = json.loads((ckpt / "loop_state.json").read_text())
+        self._truncate_metrics(state["step"])
+        return int(state["step"]), int(state["skipped"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric records logged after the checkpoint we resume from."""
+        if not self.acc.is_main_process:
+            return
+        records = [r for r in read_metrics(self.logger.jsonl_path) if r["step"] <= step]
+        for name in ("metrics.jsonl", "metrics.csv"):
+            (self.stage_dir / name).unlink(missing_ok=True)
+        self.logger._csv_fields = None
+        for record in records:
+            self.logger.log(record)
+
+    # ------------------------------------------------------------------ loop
+    def _weighted(self, terms: dict) -> torch.Tensor:
+        total = None
+        for name, value in terms.items():
+            weight = self.weights.get(name, 1.0)
+            if weight:
+                total = weight * value if total is None else total + weight * value
+        if total is None:
+            raise ValueError(f"stage {self.stage.name}: every loss term has weight 0")
+        return total
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        flag = torch.tensor([float(torch.isfinite(value).all())], device=self.acc.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() == self.acc.num_processes)
+
+    def run(self, resume: bool = True) -> StageResult:
+        step, skipped = self._resume() if resume else (0, 0)
+        batches_done = step * self.stage.grad_accum
+        bad_in_a_row, window_bad, start = 0, False, time.perf_counter()
+        tokens, window_start = 0, time.perf_counter()
+        last: dict = {}
+        progress = None
+        if self.show_progress and self.acc.is_local_main_process:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=step, desc=self.stage.name,
+                            dynamic_ncols=True)
+        self.model.train()
+        epoch = 0
+        while step < self.total_steps:
+            self.loader.set_epoch(epoch) if hasattr(self.loader, "set_epoch") else None
+            loader = self.loader
+            skip = batches_done - epoch * len(self.loader)
+            if skip > 0:
+                if skip >= len(self.loader):
+                    epoch += 1
+                    continue
+                loader = self.acc.skip_first_batches(self.loader, skip)
+            for batch in loader:
+                with self.acc.accumulate(self.model):
+                    terms = self.loss_terms(batch)
+                    total = self._weighted(terms)
+                    finite = self._all_finite(total.detach())
+                    window_bad = window_bad or not finite
+                    if finite:  # accelerate divides by grad_accum itself
+                        self.acc.backward(total)
+                    tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                    batches_done += 1
+                    if not self.acc.sync_gradients:
+                        continue
+                    # One bad micro-batch spoils the whole accumulation window.
+                    finite, window_bad = not window_bad, False
+                    grad_norm = (self.acc.clip_grad_norm_(self.params, self.stage.max_grad_norm)
+                                 if finite else torch.tensor(float("nan")))
+                    finite = finite and self._all_finite(torch.as_tensor(grad_norm))
+                    if finite:
+                        self.optimizer.step()
+                        bad_in_a_row = 0
+                    else:
+                        skipped += 1
+                        bad_in_a_row += 1
+                        warnings.warn(f"stage {self.stage.name} step {step + 1}: non-finite loss "
+                                      f"or gradient, step skipped ({skipped} so far)")
+                        if bad_in_a_row >= self.max_bad_steps:
+                            raise TooManyBadSteps(
+                                f"stage {self.stage.name}: {bad_in_a_row} non-finite steps in a "
+                                f"row (max_bad_steps={self.max_bad_steps}); lower the learning "
+                                f"rate or check the data")
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    last = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
+                    last["loss"] = float(total.detach())
+                    if step % self.log_every == 0 or step == self.total_steps:
+                        elapsed = max(1e-9, time.perf_counter() - window_start)
+                        record = {"stage": self.stage.name, "step": step, **last,
+                                  "lr": self.scheduler.get_last_lr()[0],
+                                  "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
+                                  "peak_mem_mib": _peak_memory_mib(self.acc.device),
+                                  "skipped_steps": skipped}
+                        self.logger.log(record)
+                        tokens, window_start = 0, time.perf_counter()
+                        if progress is not None:
+                            progress.set_postfix({k: f"{v:.3g}" for k, v in last.items()})
+                    if progress is not None:
+                        progress.update(1)
+                    if self.save_every and step % self.save_every == 0:
+                        self._save(step, skipped)
+                    if step >= self.total_steps:
+                        break
+            epoch += 1
+        if progress is not None:
+            progress.close()
+        self.logger.close()
+        plot = None
+        if self.acc.is_main_process:
+            plot = plot_loss_curves(read_metrics(self.logger.jsonl_path),
+                                    self.stage_dir / "loss_curves.png",
+                                    title=f"stage {self.stage.name}")
+        return StageResult(self.stage.name, step, skipped, last, time.perf_counter() - start,
+                           self.logger.jsonl_path, plot)

@@ -1,0 +1,96 @@
+"""Per-step metrics to JSONL and CSV (TensorBoard when installed) and loss-curve plots."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Appends one record per logged step to ``metrics.jsonl`` and ``metrics.csv``.
+
+    The CSV header is the union of keys seen in the first record; later keys are kept in
+    the JSONL (the complete record) and left out of the CSV rather than rewriting it.
+    """
+
+    def __init__(self, directory: str | Path, enabled: bool = True):
+        self.directory = Path(directory)
+        self.enabled = enabled
+        self._csv_fields: list[str] | None = None
+        self._tb = None
+        if enabled:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            try:  # optional dependency
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.directory / "tensorboard"))
+            except Exception:
+                self._tb = None
+
+    @property
+    def jsonl_path(self) -> Path:
+        return self.directory / "metrics.jsonl"
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        csv_path = self.directory / "metrics.csv"
+        if self._csv_fields is None:
+            self._csv_fields = (_read_header(csv_path) if csv_path.exists()
+                                else list(record.keys()))
+            if not csv_path.exists():
+                with open(csv_path, "w", newline="") as f:
+                    csv.writer(f).writerow(self._csv_fields)
+        with open(csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([record.get(k, "") for k in self._csv_fields])
+        if self._tb is not None:
+            step = record.get("global_step", 0)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "global_step":
+                    self._tb.add_scalar(f"{record.get('stage', 'train')}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _read_header(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curves(records: list[dict], out_png: str | Path, title: str = "") -> Path | None:
+    """Plot every ``loss*`` series against the step; returns the PNG path (None if no data)."""
+    keys = sorted({k for r in records for k, v in r.items()
+                   if k.startswith("loss") and isinstance(v, (int, float))})
+    if not records or not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
