@@ -1,0 +1,222 @@
+"""Benchmark: one distillation training step on Qwen2-shaped models (LM + logit KD + VAT).
+
+Student: Qwen2-1.5B shape (hidden 1536, 28 layers, 12 heads, 2 kv heads, intermediate 8960,
+vocab 151,936). Teacher: Qwen2.5-3B shape (hidden 2048, 36 layers, 16 heads, 2 kv heads,
+intermediate 11,008). Random weights from configs (no download), text-only language models
+with a fake image span of 576 tokens per sample, bf16, no padding. VAT on the
+"intermediate" preset (student 9–15, teacher 12–23, group windows of 6), cosine flat, all
+query rows.
+
+Providers (one step = teacher forward without grad, student forward, losses, backward;
+no optimizer step):
+- ``eager_attn_kd``: ``attn_implementation="eager"`` + ``output_attentions=True`` for both
+  models, VAT from the returned attention probabilities (the usual way; OOM at long N);
+- ``sdpa_logit_kd``: SDPA, LM + logit KD only (the cost floor VAT is measured against);
+- ``compodistill``: :class:`compodistill.hf.AttentionDistiller` (fused Triton on CUDA, chunked
+  PyTorch on CPU), LM + logit KD + VAT.
+
+Tokens per step (B×N): 4×1024, 4×2048, 2×4096, 1×8192 on CUDA; tiny models and 2×128,
+1×256 on CPU (float32). Time (ms), tokens/s and peak memory (MiB, CUDA) are appended to
+``bench/results/model_step.csv`` through ``bench/_common.py``; ``--plot`` draws a PNG.
+
+Usage: ``python bench/model_step.py [--device cuda|cpu] [--shapes 1x8192 ...] [--plot]``
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from bench._common import RESULTS_DIR, measure, provenance, read_rows, write_rows  # noqa: E402
+from compodistill import visual_layout, visual_map_loss  # noqa: E402
+from compodistill.hf import AttentionDistiller, enable_attention  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+BENCH = "model_step"
+IMAGE_TOKEN = 151_655  # Qwen2-VL's <|image_pad|>; any id works for a text-only LM
+SETUPS = {
+    "cuda": dict(
+        student=dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                     num_key_value_heads=2, intermediate_size=8960, vocab_size=151_936),
+        teacher=dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+                     num_key_value_heads=2, intermediate_size=11_008, vocab_size=151_936),
+        shapes=[(4, 1024), (4, 2048), (2, 4096), (1, 8192)], image=(32, 576),
+        dtype=torch.bfloat16),
+    "cpu": dict(
+        student=dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=128, vocab_size=1024),
+        teacher=dict(hidden_size=96, num_hidden_layers=9, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=192, vocab_size=1024),
+        shapes=[(2, 128), (1, 256)], image=(8, 64), dtype=torch.float32),
+}
+
+
+def _kd_loss():
+    """Logit KD: the library's chunked loss when available, else plain torch KL."""
+    try:
+        from compodistill.logit_losses import logit_distillation_loss, shift_labels
+    except ImportError:
+        logit_distillation_loss = None
+
+    def kd(student_logits, teacher_logits, input_ids):
+        if logit_distillation_loss is not None:
+            return logit_distillation_loss(student_logits, teacher_logits,
+                                           shift_labels(input_ids), positions="response")
+        zs = student_logits[:, :-1].float().flatten(0, 1)
+        zt = teacher_logits[:, :-1, :zs.shape[-1]].float().flatten(0, 1)
+        return F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1), log_target=True,
+                        reduction="batchmean")
+    return kd
+
+
+def _model(cfg: dict, dtype, device, seed: int):
+    torch.manual_seed(seed)
+    config = Qwen2Config(**cfg, max_position_embeddings=32_768, tie_word_embeddings=False)
+    with torch.device(device):
+        return Qwen2ForCausalLM._from_config(config, dtype=dtype)
+
+
+def _inputs(b: int, n: int, image: tuple[int, int], vocab: int, device):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(vocab, IMAGE_TOKEN), (b, n), generator=g)
+    start, length = image
+    ids[:, start:start + length] = IMAGE_TOKEN if vocab > IMAGE_TOKEN else vocab - 1
+    return ids.to(device), ids.to(device) == int(ids[0, start])
+
+
+PROVIDERS = ("eager_attn_kd", "sdpa_logit_kd", "compodistill")
+
+
+def _step(name, student, teacher, ids, visual, kd, distiller):
+    """One training step of provider ``name`` (models already switched to its attention)."""
+    eager = name == "eager_attn_kd"
+    b, n = ids.shape
+    layout = visual_layout(visual, b, n, device=ids.device)
+
+    def run():
+        student.zero_grad(set_to_none=True)
+        cap = distiller.capture(visual_mask=visual) if name == "compodistill" else None
+        with cap if cap is not None else contextlib.nullcontext():
+            with torch.no_grad():
+                t_out = teacher(input_ids=ids, output_attentions=eager)
+            s_out = student(input_ids=ids, labels=ids, output_attentions=eager)
+        loss = s_out.loss + kd(s_out.logits, t_out.logits, ids)
+        if cap is not None:
+            loss = loss + cap.loss()
+        if eager:
+            loss = loss + _eager_vat(s_out.attentions, t_out.attentions, distiller.matches,
+                                     layout, visual)
+        loss.backward()
+    return run
+
+
+def _eager_vat(s_att, t_att, matches, layout, visual):
+    """VAT from full attention probabilities (B, H, N, N): the materialising baseline."""
+    cols = visual[0].nonzero().squeeze(1)  # same span in every sample
+    maps = lambda p: p.float().mean(1)[:, :, cols]  # noqa: E731 (rows: all, no padding)
+    terms = []
+    for m in matches:
+        with torch.no_grad():
+            target = sum(maps(t_att[t]) for t in m.teacher_layers) / len(m.teacher_layers)
+        terms.append(visual_map_loss(maps(s_att[m.student_layer]), target, layout))
+    return torch.stack(terms).mean()
+
+
+def run(device: torch.device, csv_path: Path, shapes=None, repeat: int = 3) -> list[dict]:
+    setup = SETUPS["cuda" if device.type == "cuda" else "cpu"]
+    dtype = setup["dtype"]
+    student = _model(setup["student"], dtype, device, seed=0).train()
+    teacher = _model(setup["teacher"], dtype, device, seed=1).eval().requires_grad_(False)
+    kd = _kd_loss()
+    prov = provenance(device)
+    rows = []
+    distiller = AttentionDistiller(student, teacher, enable=False)  # intermediate preset
+    for b, n in shapes or setup["shapes"]:
+        ids, visual = _inputs(b, n, setup["image"], setup["student"]["vocab_size"], device)
+        for name in PROVIDERS:
+            if name == "compodistill":
+                enable_attention(student)
+                enable_attention(teacher)
+            else:
+                attn = "eager" if name == "eager_attn_kd" else "sdpa"
+                student.set_attn_implementation(attn)
+                teacher.set_attn_implementation(attn)
+            fn = _step(name, student, teacher, ids, visual, kd, distiller)
+            extra = f"B={b} N={n} Nv={setup['image'][1]} {dtype}"
+            try:
+                ms, mib = measure(fn, device, warmup=1, repeat=repeat)
+            except torch.cuda.OutOfMemoryError:
+                ms = mib = float("nan")
+                extra += " OOM"
+            student.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            tps = b * n / (ms / 1e3) if ms == ms else float("nan")
+            for metric, value, unit in (("time", ms, "ms"), ("tokens_per_s", tps, "tok/s"),
+                                        ("peak_memory", mib, "MiB")):
+                rows.append(dict(benchmark=BENCH, provider=name, x_name="BxN", x=f"{b}x{n}",
+                                 metric=metric, value=f"{value:.4g}", unit=unit, extra=extra,
+                                 **prov))
+            print(f"{name:>14} {b}x{n:<6} {ms:9.1f} ms {tps:10.0f} tok/s {mib:9.1f} MiB  {extra}")
+    write_rows(csv_path, rows)
+    return rows
+
+
+def plot(csv_path: Path, device_name: str, png_path: Path) -> Path:
+    """Time, tokens/s and peak memory per B×N for each provider (rows of ``device_name``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_rows(csv_path) if r["benchmark"] == BENCH
+            and r["device"] == device_name]
+    xs = list(dict.fromkeys(r["x"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, metric in zip(axes, ("time", "tokens_per_s", "peak_memory")):
+        provs = sorted({r["provider"] for r in rows})
+        for i, prov in enumerate(provs):
+            pts = {r["x"]: float(r["value"]) for r in rows  # the latest row per x wins
+                   if r["provider"] == prov and r["metric"] == metric}
+            pos = [j + (i - len(provs) / 2 + 0.5) * 0.25 for j in range(len(xs))]
+            ax.bar(pos, [pts.get(x, float("nan")) for x in xs], width=0.25, label=prov)
+        unit = {"time": "ms", "tokens_per_s": "tok/s", "peak_memory": "MiB"}[metric]
+        ax.set_xticks(range(len(xs)), xs)
+        ax.set(xlabel="B×N", ylabel=f"{metric} ({unit})", title=f"{BENCH}: {metric}")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{device_name} (missing bar = OOM)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def _shape(text: str) -> tuple[int, int]:
+    b, n = text.lower().split("x")
+    return int(b), int(n)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{BENCH}.csv")
+    parser.add_argument("--plot", action="store_true", help="also write <out>.png")
+    parser.add_argument("--shapes", type=_shape, nargs="*", help="override B×N, e.g. 1x8192")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = run(device, args.out, args.shapes, args.repeat)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    if args.plot:
+        png = plot(args.out, rows[0]["device"], args.out.with_suffix(".png"))
+        print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    main()
