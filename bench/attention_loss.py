@@ -1,0 +1,265 @@
+"""Benchmark: student attention fwd+bwd with the visual-attention loss against a teacher target.
+
+Providers (x = sequence length N; ``[mha]``/``[gqa]`` suffix = head layout):
+- ``flash``: our Triton flash attention, student fwd + bwd only (no maps, no teacher): the floor.
+- ``fused``: our fused path: teacher fwd with its visual map (no grad), student
+  :func:`attention_with_visual_maps` fwd + bwd, flat-cosine loss on the maps.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` student fwd + bwd and teacher
+  fwd, no maps (what attention costs without the loss).
+- ``chunked``: SDPA for the outputs + the chunked PyTorch maps of ``compodistill.losses``
+  (``backend="torch"``) for both models, flat-cosine loss.
+- ``eager``: materialised softmax of both models (``P`` in full), maps from ``P``, loss.
+
+Student gradient = dO on the output (random) + the loss on the maps. TFLOP/s counts only the
+attention matmuls of student fwd+bwd and teacher fwd (4·B·H·N²·d/2 causal per forward, 2.5×
+that for a backward), the same numerator for every provider that runs the teacher, so the
+column compares wall time on a common scale. An OOM is a row with value ``oom``.
+
+Usage: ``python bench/attention_loss.py [--device cuda|cpu] [--sizes N ...] [--out CSV] [--plot]``
+CUDA: N 1k..16k, B=2, student 16 heads, teacher 32 heads, d=128, Nv=576 image tokens from
+position 32, causal, bf16; GQA variant student kv 4, teacher kv 8.
+CPU: N 128/256, 2 and 4 heads, d=32, 32 image tokens, float32; the Triton providers run only
+under TRITON_INTERPRET=1 (slow), otherwise the torch providers alone.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from bench._common import RESULTS_DIR, measure, provenance, read_rows, write_rows  # noqa: E402
+from compodistill.layout import visual_layout  # noqa: E402
+from compodistill.losses import visual_attention_maps  # noqa: E402
+
+try:
+    from compodistill.losses import visual_map_loss
+except ImportError:  # older checkout: a plain flat cosine over the maps
+    visual_map_loss = None
+
+try:
+    from compodistill import kernels as K
+except ImportError:
+    K = None
+
+BENCH = "attention_loss"
+SHAPES = {
+    "cuda": dict(sizes=[1024, 2048, 4096, 8192, 16384], batch=2, hs=16, ht=32, d=128,
+                 nv=576, image_start=32, dtype=torch.bfloat16,
+                 variants={"mha": (16, 32), "gqa": (4, 8)}),
+    "cpu": dict(sizes=[128, 256], batch=2, hs=2, ht=4, d=32, nv=32, image_start=8,
+                dtype=torch.float32, variants={"mha": (2, 4), "gqa": (1, 2)}),
+}
+
+
+def _map_loss(a_s: torch.Tensor, a_t: torch.Tensor, layout) -> torch.Tensor:
+    if visual_map_loss is not None:
+        return visual_map_loss(a_s, a_t, layout, loss="cosine", cosine="flat")
+    return 1.0 - F.cosine_similarity(a_s.flatten(1), a_t.flatten(1), dim=1, eps=1e-12).mean()
+
+
+def _repeat(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _eager_attention(q, k, v, layout):
+    """Materialised causal softmax: output and gathered head-mean maps."""
+    n = q.shape[2]
+    s = (q @ _repeat(k, q.shape[1]).transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    out = p.to(q.dtype) @ _repeat(v, q.shape[1])
+    head_mean = p.mean(1)
+    rows = torch.gather(head_mean, 1, layout.query_index[:, :, None].expand(-1, -1, n))
+    maps = torch.gather(rows, 2, layout.visual_index[:, None, :].expand(-1, rows.shape[1], -1))
+    return out, maps * layout.allowed()
+
+
+def _inputs(n, batch, hs, ht, d, hkv_s, hkv_t, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, grad=False):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    student = [rnd(batch, hs, n, d, grad=True), rnd(batch, hkv_s, n, d, grad=True),
+               rnd(batch, hkv_s, n, d, grad=True)]
+    teacher = [rnd(batch, ht, n, d), rnd(batch, hkv_t, n, d), rnd(batch, hkv_t, n, d)]
+    d_out = rnd(batch, hs, n, d)
+    return student, teacher, d_out
+
+
+def _providers(student, teacher, d_out, layout, device, use_triton):
+    qs, ks, vs = student
+    qt, kt, vt = teacher
+
+    def grads(outputs, grad_outputs):
+        return torch.autograd.grad(outputs, student, grad_outputs)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+    def flash():
+        out = K.flash_attention(qs, ks, vs, causal=True)
+        return grads([out], [d_out])
+
+    def fused():
+        _, target = K.teacher_attention_with_visual_maps(qt, kt, vt, layout)
+        out, maps = K.attention_with_visual_maps(qs, ks, vs, layout)
+        return grads([out, _map_loss(maps, target, layout)], [d_out, None])
+
+    def sdpa_only():
+        with torch.no_grad():
+            sdpa(qt, kt, vt)
+        return grads([sdpa(qs, ks, vs)], [d_out])
+
+    def chunked():
+        with torch.no_grad():
+            sdpa(qt, kt, vt)
+            target = visual_attention_maps(qt, kt, layout, backend="torch")
+        out = sdpa(qs, ks, vs)
+        maps = visual_attention_maps(qs, ks, layout, backend="torch")
+        return grads([out, _map_loss(maps, target, layout)], [d_out, None])
+
+    def eager():
+        with torch.no_grad():
+            _, target = _eager_attention(qt, kt, vt, layout)
+        out, maps = _eager_attention(qs, ks, vs, layout)
+        return grads([out, _map_loss(maps, target, layout)], [d_out, None])
+
+    providers = {}
+    if use_triton:
+        providers.update(flash=flash, fused=fused)
+    providers.update(sdpa=sdpa_only, chunked=chunked, eager=eager)
+    return providers
+
+
+def _flops(name, batch, hs, ht, n, d):
+    fwd = lambda heads: 4 * batch * heads * n * n * d / 2  # noqa: E731  (causal)
+    student = fwd(hs) * 3.5  # forward + backward (2.5x)
+    return student if name == "flash" else student + fwd(ht)
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def run(device: torch.device, csv_path: Path, sizes=None, repeat: int = 5) -> list[dict]:
+    shape = SHAPES["cuda" if device.type == "cuda" else "cpu"]
+    sizes = sizes or shape["sizes"]
+    use_triton = K is not None and K.HAS_TRITON and (device.type == "cuda" or K.interpreting())
+    prov = provenance(device)
+    batch, hs, ht, d = shape["batch"], shape["hs"], shape["ht"], shape["d"]
+    rows = []
+    for variant, (hkv_s, hkv_t) in shape["variants"].items():
+        for n in sizes:
+            start = min(shape["image_start"], max(0, n - shape["nv"]))
+            nv = min(shape["nv"], n - start)
+            layout = visual_layout([[(start, start + nv)]] * batch, batch, n, query="all",
+                                   causal=True, device=device)
+            inputs = _inputs(n, batch, hs, ht, d, hkv_s, hkv_t, shape["dtype"], device)
+            extra = (f"B={batch} Hs={hs}/{hkv_s} Ht={ht}/{hkv_t} d={d} Nv={nv} "
+                     f"{str(shape['dtype']).replace('torch.', '')} causal")
+            for name, fn in _providers(*inputs, layout, device, use_triton).items():
+                try:
+                    ms, mib = measure(fn, device, repeat=repeat)
+                    values = (f"{ms:.4g}", f"{mib:.4g}",
+                              f"{_flops(name, batch, hs, ht, n, d) / (ms * 1e-3) / 1e12:.4g}")
+                except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+                    if not _is_oom(err):
+                        raise
+                    values = ("oom",) * 3
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                label = f"{name}[{variant}]"
+                for metric, value, unit in zip(("time", "peak_memory", "tflops"), values,
+                                               ("ms", "MiB", "TFLOP/s")):
+                    rows.append(dict(benchmark=BENCH, provider=label, x_name="N", x=n,
+                                     metric=metric, value=value, unit=unit, extra=extra, **prov))
+                print(f"{label:>14} N={n:>6}  {values[0]:>9} ms  {values[1]:>9} MiB  "
+                      f"{values[2]:>7} TFLOP/s")
+            del inputs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    write_rows(csv_path, rows)
+    return rows
+
+
+def plot(csv_path: Path, device_name: str, png_path: Path) -> Path:
+    """Time, peak memory and TFLOP/s against N per provider (rows of ``device_name``).
+
+    OOM rows are drawn as an 'x' on the axis floor of their panel.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_rows(csv_path)
+            if r["benchmark"] == BENCH and r["device"] == device_name]
+    metrics = (("time", "ms"), ("peak_memory", "MiB"), ("tflops", "TFLOP/s"))
+    providers = sorted({r["provider"] for r in rows})
+    bases = sorted({p.split("[")[0] for p in providers})
+    colors = {b: f"C{i}" for i, b in enumerate(bases)}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (metric, unit) in zip(axes, metrics):
+        ooms, positive = [], False
+        for provider in providers:
+            points = {}
+            for r in rows:  # the latest row per x wins
+                if r["provider"] == provider and r["metric"] == metric:
+                    if r["value"] == "oom":
+                        ooms.append((provider, int(r["x"])))
+                    elif r["value"] not in ("", "nan"):
+                        points[int(r["x"])] = float(r["value"])
+            xs = sorted(points)
+            positive = positive or any(v > 0 for v in points.values())
+            style = "--" if provider.endswith("[gqa]") else "-"
+            ax.plot(xs, [points[x] for x in xs], style, marker="o", label=provider,
+                    color=colors[provider.split("[")[0]])
+        ax.set(xlabel="sequence length N", ylabel=f"{metric} ({unit})", title=metric)
+        ax.grid(alpha=0.3)
+        if not positive:  # e.g. peak memory on CPU (not measured)
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+            continue
+        ax.set_xscale("log", base=2)
+        if metric != "tflops":
+            ax.set_yscale("log")
+        floor = ax.get_ylim()[0]
+        for provider, x in ooms:
+            ax.plot([x], [floor], "x", color=colors[provider.split("[")[0]], markersize=10,
+                    clip_on=False)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{BENCH} on {device_name} (x on the floor = OOM)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=["cuda", "cpu"])
+    parser.add_argument("--sizes", type=int, nargs="*", help="override the sequence lengths")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{BENCH}.csv")
+    parser.add_argument("--plot", action="store_true", help="also write <out>.png")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("cpu: Triton providers skipped (set TRITON_INTERPRET=1 to run them, slowly)")
+    rows = run(device, args.out, args.sizes, args.repeat)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    if args.plot:
+        png = plot(args.out, rows[0]["device"], args.out.with_suffix(".png"))
+        print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,548 @@
+"""Flash attention forward and backward in Triton, with the visual-loss terms of SPEC §3.
+
+Layout: ``q`` (B, Hq, N, d), ``k``/``v`` (B, Hkv, N, d), any strides as long as the head dim
+is dense; query head ``h`` reads kv head ``h // (Hq // Hkv)`` (no repeated k/v is built).
+``key_mask`` (B, N) bool (True = real token) or None. A key j is allowed for query i iff
+``key_mask[b, j]`` and (not causal or ``j <= i``); a row with no allowed key gets output 0
+and ``lse = -inf`` (docs/CONVENTIONS.md).
+
+Forward (``flash_forward``): the usual online softmax, one program per (block of query rows,
+batch·head). Scores live in log2 units (``exp2``); the saved ``lse`` is in natural units,
+(B, Hq, N) float32. With ``v=None`` only ``lse`` is computed (what the visual-map pass needs
+when the attention output itself is not wanted).
+
+Backward (``flash_backward``), per SPEC §3 "Gradient"::
+
+    dS_h[i, j] = P_h[i, j] * (dP_h[i, j] + [j in V] * G[i, j] / Hq - D_i - c_h[i])
+
+with ``dP = dO Vᵀ`` and ``D_i = rowsum(dO ∘ O)`` (both absent when there is no ``dO``),
+``G = dL/dA`` in the gathered map layout (B, Qmax, Vmax) and ``c`` (B, Hq, N) the row terms
+written by :func:`kernels.visual_maps.visual_row_terms`. ``G`` is read through two inverse
+index maps, ``query_row`` (B, N) (gathered row of a position, -1 if not a query row) and
+``visual_col`` (B, N) (gathered column of a position, -1 if not an image token), so no
+(N × N) or (N × Nv) buffer exists. Two kernels: one program per (key block, batch·kv head)
+accumulates dk/dv over every query head of its GQA group (deterministic, no atomics), and
+one program per (query block, batch·head) accumulates dq.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------- helpers
+
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_input(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel reads: head dim made dense; bf16 upcast under the interpreter.
+
+    The Triton interpreter computes bf16 ``tl.dot`` and bf16 arithmetic wrongly, so bf16
+    inputs are upcast to float32 there. On a GPU the tensor passes through unchanged.
+    """
+    if t.dtype == torch.bfloat16 and interpreting():
+        t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two, at least 16 (the smallest ``tl.dot`` size)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact for float32 inputs (no TF32), native otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def _configs(configs):
+    """All configs on a GPU; the first only under the interpreter (no benchmarking there)."""
+    return configs[:1] if interpreting() else configs
+
+
+def _key_mask_arg(key_mask: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
+    """(B, N) int8 for the kernels, or a dummy pointer (``HAS_MASK=False``)."""
+    return ref if key_mask is None else key_mask.to(torch.int8).contiguous()
+
+
+if triton is not None:
+
+    # ----------------------------------------------------------------------- forward
+
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KeyMask_row, stride_kn, stride_vn,
+                   offs_m, lo, hi, N, qk_scale,
+                   HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, DIAG: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+        """Online softmax over the key blocks [lo, hi); ``DIAG`` applies the causal mask."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            kT = tl.load(K_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+            key_ok = n_ok
+            if HAS_MASK:
+                km = tl.load(KeyMask_row + offs_n, mask=n_ok, other=0)
+                key_ok = key_ok & (km != 0)
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            if DIAG:
+                s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no allowed key keeps m = -inf: shift by 0 instead of -inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_V:
+                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+                            mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    _FWD_CONFIGS = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+    ]
+
+    @triton.autotune(configs=_configs(_FWD_CONFIGS),
+                     key=["HEAD_DIM", "CAUSAL", "HAS_V", "HAS_MASK", "N_BUCKET"])
+    @triton.jit
+    def _fwd_kernel(Q, K, V, Out, Lse, KeyMask,
+                    stride_qb, stride_qh, stride_qn,
+                    stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn,
+                    stride_ob, stride_oh, stride_on,
+                    N, Hq, GROUP, scale, N_BUCKET,
+                    HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // Hq).to(tl.int64)
+        h = (pid_bh % Hq).to(tl.int64)
+        hk = h // GROUP
+        qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < N
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+                    + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        K_base = K + b * stride_kb + hk * stride_kh
+        V_base = V + b * stride_vb + hk * stride_vh
+        KeyMask_row = KeyMask + b * N
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if CAUSAL:
+            # Blocks strictly below the diagonal need no causal mask (BLOCK_M % BLOCK_N == 0);
+            # the diagonal blocks do; blocks above it are skipped.
+            diag_lo = pid_m * BLOCK_M
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KeyMask_row,
+                                       stride_kn, stride_vn, offs_m, 0, diag_lo, N, qk_scale,
+                                       HAS_V, HAS_MASK, False, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                       DOT_PREC)
+            diag_hi = tl.minimum(diag_lo + BLOCK_M, N)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KeyMask_row,
+                                       stride_kn, stride_vn, offs_m, diag_lo, diag_hi, N,
+                                       qk_scale, HAS_V, HAS_MASK, True, HEAD_DIM, BLOCK_D,
+                                       BLOCK_N, DOT_PREC)
+        else:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KeyMask_row,
+                                       stride_kn, stride_vn, offs_m, 0, N, N, qk_scale,
+                                       HAS_V, HAS_MASK, False, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                       DOT_PREC)
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        # m_i is in log2 units: lse = ln(2) * (m + log2(l)); -inf on rows with no key.
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        bh = b * Hq + h
+        tl.store(Lse + bh * N + offs_m, lse, mask=m_ok)
+        if HAS_V:
+            out = acc / l_safe[:, None]
+            tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
+                     + offs_d[None, :], out.to(Out.dtype.element_ty),
+                     mask=m_ok[:, None] & d_ok[None, :])
+
+    # ----------------------------------------------------------------------- backward
+
+    @triton.jit
+    def _bwd_delta_kernel(Out, DO, Delta,
+                          stride_ob, stride_oh, stride_on,
+                          stride_db, stride_dh, stride_dn,
+                          N, Hq,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+        """D_i = rowsum(dO ∘ O) in float32, (B, Hq, N)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // Hq).to(tl.int64)
+        h = (pid_bh % Hq).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+        o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
+                    + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
+                     + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(Delta + (b * Hq + h) * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+
+    @triton.jit
+    def _load_lse(Lse_row, offs_m, m_ok):
+        """lse of a block of rows in log2 units; +inf where a row has no key (so P = 0)."""
+        lse = tl.load(Lse_row + offs_m, mask=m_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        return lse * 1.4426950408889634
+
+    _BWD_CONFIGS = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    ]
+    _BWD_DQ_CONFIGS = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    ]
+    _BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_DO", "HAS_G", "HAS_MASK", "N_BUCKET"]
+
+    @triton.autotune(configs=_configs(_BWD_CONFIGS), key=_BWD_KEY)
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, KeyMask, G, QueryRow, VisualCol,
+                         DK, DV,
+                         stride_qb, stride_qh, stride_qn,
+                         stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn,
+                         stride_db, stride_dh, stride_dn,
+                         stride_dkb, stride_dkh, stride_dkn,
+                         stride_dvb, stride_dvh, stride_dvn,
+                         N, Hq, Hkv, GROUP, QMAX, VMAX, scale, N_BUCKET,
+                         HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
+                         CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // Hkv).to(tl.int64)
+        hk = (pid_bh % Hkv).to(tl.int64)
+        scale = tl.cast(scale, tl.float32)
+        qk_scale = scale * 1.4426950408889634
+        inv_h = 1.0 / tl.cast(Hq, tl.float32)
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok = offs_n < N
+        d_ok = offs_d < HEAD_DIM
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        key_ok = n_ok
+        if HAS_MASK:
+            km = tl.load(KeyMask + b * N + offs_n, mask=n_ok, other=0)
+            key_ok = key_ok & (km != 0)
+        if HAS_DO:
+            v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
+                        + offs_d[None, :], mask=kv_mask, other=0.0)
+        if HAS_G:
+            vcol = tl.load(VisualCol + b * N + offs_n, mask=n_ok, other=-1)
+            block_has_visual = tl.max(vcol, 0) >= 0
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        lo = 0
+        if CAUSAL:
+            lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            bh = b * Hq + h
+            for start_m in range(lo, N, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < N
+                q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+                            + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                lse = _load_lse(Lse + bh * N, offs_m, m_ok)
+                sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+                pT = tl.math.exp2(sT * qk_scale - lse[None, :])
+                allowed = key_ok[:, None] & m_ok[None, :]
+                if CAUSAL:
+                    allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
+                pT = tl.where(allowed, pT, 0.0)
+                delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
+                dpT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                if HAS_DO:
+                    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
+                                 + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                                 other=0.0)
+                    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+                    dpT += tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                if HAS_G:
+                    if block_has_visual:
+                        qrow = tl.load(QueryRow + b * N + offs_m, mask=m_ok, other=-1)
+                        g_ok = (qrow[None, :] >= 0) & (vcol[:, None] >= 0)
+                        gT = tl.load(G + b * QMAX * VMAX + qrow[None, :].to(tl.int64) * VMAX
+                                     + vcol[:, None], mask=g_ok, other=0.0)
+                        dpT += gT * inv_h
+                dsT = pT * (dpT - delta[None, :])
+                dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+        dk = dk * scale
+        tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn
+                 + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+        if HAS_DO:
+            tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn
+                     + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY)
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, KeyMask, G, QueryRow, VisualCol, DQ,
+                       stride_qb, stride_qh, stride_qn,
+                       stride_kb, stride_kh, stride_kn,
+                       stride_vb, stride_vh, stride_vn,
+                       stride_db, stride_dh, stride_dn,
+                       stride_dqb, stride_dqh, stride_dqn,
+                       N, Hq, GROUP, QMAX, VMAX, scale, N_BUCKET,
+                       HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
+                       CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // Hq).to(tl.int64)
+        h = (pid_bh % Hq).to(tl.int64)
+        hk = h // GROUP
+        bh = b * Hq + h
+        scale = tl.cast(scale, tl.float32)
+        qk_scale = scale * 1.4426950408889634
+        inv_h = 1.0 / tl.cast(Hq, tl.float32)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < N
+        d_ok = offs_d < HEAD_DIM
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+                    + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = _load_lse(Lse + bh * N, offs_m, m_ok)
+        delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
+        if HAS_DO:
+            do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
+                         + offs_d[None, :], mask=q_mask, other=0.0)
+        if HAS_G:
+            qrow = tl.load(QueryRow + b * N + offs_m, mask=m_ok, other=-1)
+            block_has_rows = tl.max(qrow, 0) >= 0
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        hi = N
+        if CAUSAL:
+            hi = tl.minimum((pid_m + 1) * BLOCK_M, N)
+        K_base = K + b * stride_kb + hk * stride_kh
+        V_base = V + b * stride_vb + hk * stride_vh
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            p = tl.math.exp2(s * qk_scale - lse[:, None])
+            key_ok = n_ok
+            if HAS_MASK:
+                km = tl.load(KeyMask + b * N + offs_n, mask=n_ok, other=0)
+                key_ok = key_ok & (km != 0)
+            allowed = m_ok[:, None] & key_ok[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(allowed, p, 0.0)
+            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_DO:
+                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+                            mask=kv_mask, other=0.0)
+                dp += tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            if HAS_G:
+                vcol = tl.load(VisualCol + b * N + offs_n, mask=n_ok, other=-1)
+                if block_has_rows & (tl.max(vcol, 0) >= 0):
+                    g_ok = (qrow[:, None] >= 0) & (vcol[None, :] >= 0)
+                    g = tl.load(G + b * QMAX * VMAX + qrow[:, None].to(tl.int64) * VMAX
+                                + vcol[None, :], mask=g_ok, other=0.0)
+                    dp += g * inv_h
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        dq = dq * scale
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn
+                 + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# --------------------------------------------------------------------------- launchers
+
+def _n_bucket(n: int) -> int:
+    """Autotuning key for the sequence length: its power-of-two bucket (few re-tunes)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("compodistill.kernels needs triton (pip install 'triton>=3.6')")
+
+
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
+                  key_mask: torch.Tensor | None, causal: bool,
+                  scale: float | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Flash attention forward: ``(out, lse)``.
+
+    ``out`` has q's shape and dtype (None when ``v`` is None: only ``lse`` is computed);
+    ``lse`` is (B, Hq, N) float32, natural log, ``-inf`` on rows with no allowed key.
+    Inputs are assumed checked (see :mod:`kernels.autograd`); only the head dim must be dense.
+    """
+    _require_triton()
+    out_dtype = q.dtype
+    q, k = kernel_input(q), kernel_input(k)
+    v = None if v is None else kernel_input(v)
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    lse = torch.empty((B, Hq, N), device=q.device, dtype=torch.float32)
+    out = torch.empty((B, Hq, N, D), device=q.device, dtype=q.dtype) if v is not None else None
+    if q.numel() == 0:
+        return (None if out is None else out.to(out_dtype)), lse.fill_(float("-inf"))
+    v_arg = v if v is not None else k
+    o_arg = out if out is not None else q
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    _fwd_kernel[grid](
+        q, k, v_arg, o_arg, lse, _key_mask_arg(key_mask, q),
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
+        o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
+        N, Hq, Hq // Hkv, default_scale(D, scale), _n_bucket(N),
+        HAS_V=v is not None, HAS_MASK=key_mask is not None, CAUSAL=bool(causal),
+        HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype),
+    )
+    if out is not None and out.dtype != out_dtype:
+        out = out.to(out_dtype)
+    return out, lse
+
+
+def attention_delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """``D_i = rowsum(dO ∘ O)`` as (B, Hq, N) float32."""
+    _require_triton()
+    out, do = kernel_input(out), kernel_input(do)
+    B, Hq, N, D = out.shape
+    delta = torch.empty((B, Hq, N), device=out.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return delta.zero_()
+    block_m = 64
+    _bwd_delta_kernel[(triton.cdiv(N, block_m), B * Hq)](
+        out, do, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        N, Hq, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=block_m, num_warps=4,
+    )
+    return delta
+
+
+def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
+                   key_mask: torch.Tensor | None, causal: bool, scale: float | None, *,
+                   grad_maps: torch.Tensor | None = None,
+                   query_row: torch.Tensor | None = None,
+                   visual_col: torch.Tensor | None = None,
+                   row_terms: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Flash attention backward with the optional visual terms: ``(dq, dk, dv)``.
+
+    Args:
+        do: dL/d out (B, Hq, N, d), or None when the output carries no gradient (then
+            ``v``/``out`` are not read and ``dv`` is None).
+        lse: the forward's (B, Hq, N) float32 log-sum-exp.
+        grad_maps: ``G = dL/dA`` (B, Qmax, Vmax) float32, or None for plain attention.
+        query_row, visual_col: (B, N) int32 inverse index maps (see module docstring).
+        row_terms: ``c`` (B, Hq, N) float32 from :func:`kernels.visual_maps.visual_row_terms`.
+
+    dq/dk/dv have the dtypes of q/k/v; dk/dv of a kv head sum over its query heads.
+    """
+    _require_triton()
+    dtypes = (q.dtype, k.dtype, None if v is None else v.dtype)
+    has_do = do is not None
+    has_g = grad_maps is not None
+    if not has_do and not has_g:
+        raise ValueError("flash_backward: nothing to differentiate (do and grad_maps are None)")
+    q, k = kernel_input(q), kernel_input(k)
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    if has_do:
+        do, v = kernel_input(do), kernel_input(v)
+        delta = attention_delta(out, do)
+    else:
+        delta = torch.zeros((B, Hq, N), device=q.device, dtype=torch.float32)
+    if has_g:
+        delta = delta + row_terms
+        grad_maps = grad_maps.float().contiguous()
+        qmax, vmax = grad_maps.shape[1], grad_maps.shape[2]
+        query_row = query_row.to(torch.int32).contiguous()
+        visual_col = visual_col.to(torch.int32).contiguous()
+    else:
+        grad_maps, query_row, visual_col, qmax, vmax = q, q, q, 0, 0
+    lse = lse.float().contiguous()
+    dq = torch.empty((B, Hq, N, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, Hkv, N, D), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, Hkv, N, D), device=q.device, dtype=v.dtype) if has_do else None
+    if q.numel() == 0:
+        dq.zero_(), dk.zero_()
+        return dq, dk, (dv.zero_() if dv is not None else None)
+    do_arg = do if has_do else q
+    v_arg = v if has_do else k
+    dv_arg = dv if has_do else dk
+    km = _key_mask_arg(key_mask, q)
+    scale = default_scale(D, scale)
+    flags = dict(HAS_DO=has_do, HAS_G=has_g, HAS_MASK=key_mask is not None, CAUSAL=bool(causal),
+                 HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
+    grid_kv = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+    _bwd_dkdv_kernel[grid_kv](
+        q, k, v_arg, do_arg, lse, delta, km, grad_maps, query_row, visual_col, dk, dv_arg,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
+        do_arg.stride(0), do_arg.stride(1), do_arg.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv_arg.stride(0), dv_arg.stride(1), dv_arg.stride(2),
+        N, Hq, Hkv, Hq // Hkv, qmax, vmax, scale, _n_bucket(N), **flags,
+    )
+    grid_q = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    _bwd_dq_kernel[grid_q](
+        q, k, v_arg, do_arg, lse, delta, km, grad_maps, query_row, visual_col, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
+        do_arg.stride(0), do_arg.stride(1), do_arg.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        N, Hq, Hq // Hkv, qmax, vmax, scale, _n_bucket(N), **flags,
+    )
+    dq = dq.to(dtypes[0])
+    dk = dk.to(dtypes[1])
+    dv = dv.to(dtypes[2]) if dv is not None else None
+    return dq, dk, dv

@@ -1,0 +1,376 @@
+"""Differentiable entry points over the Triton kernels, as ``torch.library`` custom ops.
+
+Public functions (argument checks happen here, at the Python boundary):
+
+- :func:`flash_attention` ``(q, k, v, key_mask, causal, scale) -> out``
+- :func:`attention_with_visual_maps` ``(q, k, v, layout, scale, want_maps) -> (out, A or
+  None)``: the student layer; ``A`` (B, Qmax, Vmax) float32 carries gradient to q and k,
+  folded into the flash backward.
+- :func:`visual_maps` ``(q, k, layout, scale) -> A``: maps only (no v); its backward is the
+  flash backward without dO (only the visual terms).
+- :func:`teacher_attention_with_visual_maps` / :func:`teacher_visual_maps`: no gradient;
+  optionally accumulate ``maps_out += weight * A`` in place (group-matching windows).
+
+Each is one ``compodistill::...`` custom op with a fake (meta) implementation and a
+registered autograd formula, so ``torch.compile`` sees a single node per call. ``layout``
+is a ``compodistill.layout.VisualLayout`` (duck-typed: its ``query_index``, ``query_count``,
+``visual_index``, ``visual_count``, ``key_mask`` and ``causal`` are read); every function
+taking a layout also accepts it spelled out as ``query_index, query_count, visual_index,
+visual_count[, key_mask[, causal]]`` in its place.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .attention import default_scale, flash_backward, flash_forward, interpreting
+from .visual_maps import inverse_index, visual_maps_from_lse, visual_row_terms
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("compodistill::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optional[Tensor],
+                   query_index: Optional[Tensor], query_count: Optional[Tensor],
+                   visual_index: Optional[Tensor], visual_count: Optional[Tensor],
+                   causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(out or empty, lse, maps or empty)."""
+    out, lse = flash_forward(q, k, v, key_mask, causal, scale)
+    if out is None:
+        out = q.new_empty(0)
+    if query_index is None:
+        maps = q.new_empty(0, dtype=torch.float32)
+    else:
+        maps = visual_maps_from_lse(q, k, lse, query_index, query_count, visual_index,
+                                    visual_count, causal, scale)
+    return out, lse, maps
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, key_mask, query_index, query_count, visual_index,
+                        visual_count, causal, scale):
+    B, Hq, N, _ = q.shape
+    out = q.new_empty(q.shape) if v is not None else q.new_empty(0)
+    lse = q.new_empty((B, Hq, N), dtype=torch.float32)
+    if query_index is None:
+        maps = q.new_empty(0, dtype=torch.float32)
+    else:
+        maps = q.new_empty((B, query_index.shape[1], visual_index.shape[1]), dtype=torch.float32)
+    return out, lse, maps
+
+
+@torch.library.custom_op("compodistill::attention_bwd", mutates_args=())
+def _attention_bwd(dout: Optional[Tensor], dmaps: Optional[Tensor], q: Tensor, k: Tensor,
+                   v: Optional[Tensor], out: Optional[Tensor], lse: Tensor,
+                   key_mask: Optional[Tensor], query_index: Optional[Tensor],
+                   query_count: Optional[Tensor], visual_index: Optional[Tensor],
+                   visual_count: Optional[Tensor], causal: bool,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv or empty); ``dout``/``dmaps`` None when that output has no gradient."""
+    if dout is None and dmaps is None:
+        return torch.zeros_like(q), torch.zeros_like(k), q.new_empty(0)
+    visual = {}
+    if dmaps is not None:
+        dmaps = dmaps.float().contiguous()
+        n = q.shape[2]
+        visual = dict(
+            grad_maps=dmaps,
+            row_terms=visual_row_terms(q, k, lse, query_index, query_count, visual_index,
+                                       visual_count, dmaps, causal, scale),
+            query_row=inverse_index(query_index, query_count, n),
+            visual_col=inverse_index(visual_index, visual_count, n),
+        )
+    dq, dk, dv = flash_backward(dout, q, k, v if dout is not None else None, out, lse,
+                                key_mask, causal, scale, **visual)
+    return dq, dk, dv if dv is not None else q.new_empty(0)
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(dout, dmaps, q, k, v, out, lse, key_mask, query_index, query_count,
+                        visual_index, visual_count, causal, scale):
+    dv = torch.empty_like(k, dtype=v.dtype) if (dout is not None and v is not None) \
+        else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), dv
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, key_mask, qi, qc, vi, vc, causal, scale = inputs
+    out, lse, maps = output
+    ctx.has_v = v is not None
+    ctx.has_maps = qi is not None
+    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, out if ctx.has_v else None, lse, key_mask, qi, qc, vi, vc)
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, dout, dlse, dmaps):
+    q, k, v, out, lse, key_mask, qi, qc, vi, vc = ctx.saved_tensors
+    dout = dout if ctx.has_v else None
+    dmaps = dmaps if ctx.has_maps else None
+    dq, dk, dv = torch.ops.compodistill.attention_bwd(
+        dout, dmaps, q, k, v, out, lse, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale)
+    return dq, dk, (dv if ctx.has_v else None), None, None, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+@torch.library.custom_op("compodistill::visual_maps_accumulate_", mutates_args=("maps_out",))
+def _visual_maps_accumulate_(maps_out: Tensor, q: Tensor, k: Tensor, lse: Tensor,
+                             query_index: Tensor, query_count: Tensor, visual_index: Tensor,
+                             visual_count: Tensor, causal: bool, scale: float,
+                             weight: float) -> None:
+    """``maps_out += weight * A`` in place (no gradient: teacher targets)."""
+    visual_maps_from_lse(q, k, lse, query_index, query_count, visual_index, visual_count,
+                         causal, scale, out=maps_out, weight=weight)
+
+
+@_visual_maps_accumulate_.register_fake
+def _visual_maps_accumulate_fake(maps_out, q, k, lse, query_index, query_count, visual_index,
+                                 visual_count, causal, scale, weight):
+    return None
+
+
+# --------------------------------------------------------------------------- argument checks
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t is None and name == "v":
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, d), got shape {_shape(t)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"q and {name} must have the same dtype, got {q.dtype} and {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"q and {name} must be on the same device, got {q.device} and "
+                             f"{t.device}")
+    B, Hq, N, D = q.shape
+    if k.shape[0] != B or k.shape[2] != N or k.shape[3] != D:
+        raise ValueError(f"k must have shape (B, Hkv, N, d) = ({B}, Hkv, {N}, {D}) to match "
+                         f"q {_shape(q)}, got {_shape(k)}")
+    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
+        raise ValueError(f"the number of query heads ({Hq}, q {_shape(q)}) must be a multiple "
+                         f"of the number of kv heads ({k.shape[1]}, k {_shape(k)})")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {_shape(k)}, got {_shape(v)}")
+    if not 0 < D <= _MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {_MAX_HEAD_DIM}], got {D} (q {_shape(q)})")
+    if q.device.type == "cpu" and not interpreting():
+        raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the "
+                         "slow CPU interpreter); got tensors on the CPU")
+
+
+def _check_key_mask(key_mask: Tensor | None, q: Tensor) -> Tensor | None:
+    if key_mask is None:
+        return None
+    B, _, N, _ = q.shape
+    if not isinstance(key_mask, Tensor):
+        raise TypeError(f"key_mask must be a torch.Tensor or None, got {type(key_mask).__name__}")
+    if tuple(key_mask.shape) != (B, N):
+        raise ValueError(f"key_mask must have shape (B, N) = ({B}, {N}) to match q "
+                         f"{_shape(q)}, got {_shape(key_mask)}")
+    if key_mask.dtype.is_floating_point or key_mask.dtype.is_complex:
+        raise TypeError(f"key_mask must be bool or integer (1 = real token), got {key_mask.dtype}")
+    return key_mask.to(device=q.device, dtype=torch.bool).contiguous()
+
+
+_LAYOUT_FIELDS = ("query_index", "query_count", "visual_index", "visual_count", "key_mask",
+                  "causal")
+
+
+def _check_layout(q: Tensor, layout):
+    """Index tensors, key mask and causal flag of a ``compodistill.layout.VisualLayout``.
+
+    Duck-typed (this package imports nothing from compodistill): any object with the
+    attributes ``query_index`` (B, Qmax), ``query_count`` (B,), ``visual_index`` (B, Vmax),
+    ``visual_count`` (B,), ``key_mask`` ((B, N) bool or None) and ``causal`` works.
+    """
+    missing = [f for f in _LAYOUT_FIELDS if not hasattr(layout, f)]
+    if missing:
+        raise TypeError(f"layout must be a compodistill.layout.VisualLayout (missing "
+                        f"{', '.join(missing)}), got {type(layout).__name__}")
+    B, _, N, _ = q.shape
+    seq_len = getattr(layout, "seq_len", N)
+    if seq_len != N:
+        raise ValueError(f"layout is for sequence length {seq_len} but q has shape {_shape(q)}")
+    checked = []
+    for name, dim in (("query_index", 2), ("query_count", 1), ("visual_index", 2),
+                      ("visual_count", 1)):
+        t = getattr(layout, name)
+        if not isinstance(t, Tensor):
+            raise TypeError(f"layout.{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != dim or t.shape[0] != B:
+            want = "(B, width)" if dim == 2 else "(B,)"
+            raise ValueError(f"layout.{name} must have shape {want} with B = {B} "
+                             f"(q {_shape(q)}), got {_shape(t)}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"layout.{name} must be an integer tensor, got {t.dtype}")
+        checked.append(t.to(device=q.device, dtype=torch.int64).contiguous())
+    key_mask = _check_key_mask(layout.key_mask, q)
+    return checked, key_mask, bool(layout.causal)
+
+
+def _layout_args(fn: str, layout, args: tuple, kwargs: dict) -> tuple[object, dict]:
+    """Accept ``layout`` as a VisualLayout or as explicit tensors spread over the positionals.
+
+    Layout form: ``f(q, k[, v], layout, *rest)``. Tensor form: ``f(q, k[, v], query_index,
+    query_count, visual_index, visual_count[, key_mask[, causal]], *rest)``. ``rest`` are the
+    trailing parameters named by ``kwargs`` (in order), which also holds their defaults.
+    """
+    if isinstance(layout, Tensor):
+        if len(args) < 3:
+            raise TypeError(f"{fn}: with index tensors pass query_index, query_count, "
+                            f"visual_index, visual_count (then key_mask, causal), got "
+                            f"{1 + len(args)} of them")
+        fields = dict(query_index=layout, query_count=args[0], visual_index=args[1],
+                      visual_count=args[2], key_mask=args[3] if len(args) > 3 else None,
+                      causal=args[4] if len(args) > 4 else True)
+        layout, args = SimpleNamespace(**fields), args[5:]
+    if len(args) > len(kwargs):
+        raise TypeError(f"{fn}: too many positional arguments after the layout "
+                        f"(expected at most {', '.join(kwargs)})")
+    return layout, {**kwargs, **dict(zip(kwargs, args))}
+
+
+def _scale(q: Tensor, scale: float | None) -> float:
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return default_scale(q.shape[-1], scale)
+
+
+# --------------------------------------------------------------------------- public API
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None,
+                    causal: bool = True, scale: float | None = None) -> Tensor:
+    """Flash attention ``softmax(q kᵀ · scale) v`` (GQA by head mapping), differentiable.
+
+    Args:
+        q: (B, Hq, N, d); k, v: (B, Hkv, N, d), ``Hq % Hkv == 0``; fp16, bf16 or fp32.
+        key_mask: (B, N) bool/int, True = real token; None = no padding.
+        causal: key j allowed for query i only if ``j <= i``.
+        scale: default ``1 / sqrt(d)``.
+
+    Returns: (B, Hq, N, d) in q's dtype; rows with no allowed key are 0.
+    """
+    _check_qkv(q, k, v)
+    key_mask = _check_key_mask(key_mask, q)
+    out, _, _ = torch.ops.compodistill.attention_fwd(q, k, v, key_mask, None, None, None, None,
+                                                     bool(causal), _scale(q, scale))
+    return out
+
+
+def attention_with_visual_maps(q: Tensor, k: Tensor, v: Tensor, layout, *args,
+                               scale: float | None = None, want_maps: bool = True,
+                               ) -> tuple[Tensor, Tensor | None]:
+    """Flash attention plus the head-mean visual map of this layer, both differentiable.
+
+    Call as ``(q, k, v, layout, scale=None, want_maps=True)`` or with the layout spelled
+    out: ``(q, k, v, query_index, query_count, visual_index, visual_count, key_mask=None,
+    causal=True, scale=None, want_maps=True)``.
+
+    Args:
+        q, k, v: as :func:`flash_attention`.
+        layout: a ``compodistill.layout.VisualLayout`` (its index tensors, ``key_mask`` and
+            ``causal`` are used; the padding and causal masks of the attention are the
+            layout's).
+        scale: default ``1 / sqrt(d)``.
+        want_maps: False skips the visual pass (then this is :func:`flash_attention`).
+
+    Returns: ``(out, A)``: ``A`` (B, Qmax, Vmax) float32 (docs/CONVENTIONS.md), whose
+        gradient flows to q and k through the fused backward; ``A`` is None without maps.
+    """
+    layout, opts = _layout_args("attention_with_visual_maps", layout, args,
+                                dict(scale=scale, want_maps=want_maps))
+    _check_qkv(q, k, v)
+    index, key_mask, causal = _check_layout(q, layout)
+    if not opts["want_maps"]:
+        return flash_attention(q, k, v, key_mask, causal, opts["scale"]), None
+    out, _, maps = torch.ops.compodistill.attention_fwd(q, k, v, key_mask, *index, causal,
+                                                        _scale(q, opts["scale"]))
+    return out, maps
+
+
+def visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None = None) -> Tensor:
+    """The head-mean visual map ``A`` (B, Qmax, Vmax) float32 alone (no v), differentiable.
+
+    ``(q, k, layout, scale=None)`` or ``(q, k, query_index, query_count, visual_index,
+    visual_count, key_mask=None, causal=True, scale=None)``. The forward computes ``lse``
+    with a flash pass that skips the value product; the backward is the flash backward
+    with only the visual terms.
+    """
+    layout, opts = _layout_args("visual_maps", layout, args, dict(scale=scale))
+    _check_qkv(q, k, None)
+    index, key_mask, causal = _check_layout(q, layout)
+    _, _, maps = torch.ops.compodistill.attention_fwd(q, k, None, key_mask, *index, causal,
+                                                      _scale(q, opts["scale"]))
+    return maps
+
+
+def _check_maps_out(maps_out: Tensor, q: Tensor, query_index: Tensor, visual_index: Tensor):
+    shape = (q.shape[0], query_index.shape[1], visual_index.shape[1])
+    if not isinstance(maps_out, Tensor):
+        raise TypeError(f"maps_out must be a torch.Tensor, got {type(maps_out).__name__}")
+    if tuple(maps_out.shape) != shape or maps_out.dtype != torch.float32:
+        raise ValueError(f"maps_out must be a float32 tensor of shape (B, Qmax, Vmax) = {shape}, "
+                         f"got {maps_out.dtype} {_shape(maps_out)}")
+    if not maps_out.is_contiguous() or maps_out.device != q.device:
+        raise ValueError(f"maps_out must be contiguous and on {q.device}")
+
+
+@torch.no_grad()
+def teacher_attention_with_visual_maps(q: Tensor, k: Tensor, v: Tensor, layout, *args,
+                                       scale: float | None = None,
+                                       maps_out: Tensor | None = None, weight: float = 1.0,
+                                       ) -> tuple[Tensor, Tensor]:
+    """Teacher layer: attention output and visual map without gradient.
+
+    Layout arguments as :func:`attention_with_visual_maps` (``scale`` may follow them
+    positionally). Without ``maps_out`` returns ``(out, weight * A)`` (a fresh buffer); with
+    ``maps_out`` (float32, contiguous, (B, Qmax, Vmax)) adds ``weight * A`` into it in place
+    and returns ``(out, maps_out)``, so a window of teacher layers is averaged without
+    extra buffers.
+    """
+    layout, opts = _layout_args("teacher_attention_with_visual_maps", layout, args,
+                                dict(scale=scale))
+    _check_qkv(q, k, v)
+    return _teacher(q, k, v, layout, opts["scale"], maps_out, weight)
+
+
+@torch.no_grad()
+def teacher_visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None = None,
+                        maps_out: Tensor | None = None, weight: float = 1.0) -> Tensor:
+    """:func:`teacher_attention_with_visual_maps` without v: only the (accumulated) map."""
+    layout, opts = _layout_args("teacher_visual_maps", layout, args, dict(scale=scale))
+    _check_qkv(q, k, None)
+    return _teacher(q, k, None, layout, opts["scale"], maps_out, weight)[1]
+
+
+def _teacher(q, k, v, layout, scale, maps_out, weight):
+    index, key_mask, causal = _check_layout(q, layout)
+    scale = _scale(q, scale)
+    if not isinstance(weight, (int, float)):
+        raise TypeError(f"weight must be a float, got {type(weight).__name__}")
+    out, lse, _ = torch.ops.compodistill.attention_fwd(q, k, v, key_mask, None, None, None, None,
+                                                       causal, scale)
+    if maps_out is None:
+        maps_out = q.new_zeros((q.shape[0], index[0].shape[1], index[2].shape[1]),
+                               dtype=torch.float32)
+    else:
+        _check_maps_out(maps_out, q, index[0], index[2])
+    torch.ops.compodistill.visual_maps_accumulate_(maps_out, q, k, lse, *index, causal, scale,
+                                                   float(weight))
+    return out, maps_out

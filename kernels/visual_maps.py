@@ -1,0 +1,209 @@
+"""Visual-map passes: the head-mean attention on visual columns, rebuilt from ``lse``.
+
+``A[b, r, c] = (1/Hq) Σ_h exp(s_h[i, j] - lse_h[i])`` with ``i = query_index[b, r]`` and
+``j = visual_index[b, c]`` (the gathered layout of ``compodistill.layout``), 0 on padding
+rows/columns and on causal-masked pairs. The full attention matrix never exists: one
+program per (sample, block of gathered query rows, chunk of visual columns) loops over the
+heads, accumulating the head mean in registers (SPEC §9; the column chunks are spread over
+programs instead of looped so that a small |Q| still fills the GPU).
+
+- :func:`visual_maps_from_lse`: writes ``A`` (B, Qmax, Vmax) float32, or accumulates
+  ``out += weight * A`` into an existing buffer (teacher targets averaged over a window of
+  layers in place, group matching).
+- :func:`visual_row_terms`: the backward pre-pass ``c_h[i] = Σ_v P_h[i, v] G[i, v] / Hq``,
+  scattered to (B, Hq, N) float32 at the query positions (0 elsewhere); one program per
+  (sample, head, block of rows) looping over the visual chunks.
+- :func:`inverse_index`: (B, N) int32 map position -> gathered row/column (-1 if none),
+  how the flash backward reads ``G`` without scattering it.
+
+Visual keys are real tokens by construction of the layout (``visual_layout`` rejects image
+tokens on padding), so the key mask is not consulted here; ``lse`` already accounts for it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import (block_d, default_scale, dot_precision, kernel_input, _require_triton,
+                        triton, tl)
+
+if triton is not None:
+    from .attention import _load_lse
+
+    @triton.jit
+    def _gathered_scores(Q, K, Lse, b, h, hk, qpos, vpos, r_ok, c_ok,
+                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                         N, Hq, qk_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+        """P_h on (gathered rows × gathered visual columns), before the pair mask."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qn
+                    + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        kk = tl.load(K + b * stride_kb + hk * stride_kh + vpos[:, None] * stride_kn
+                     + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = _load_lse(Lse + (b * Hq + h) * N, qpos, r_ok)
+        s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC)
+        return tl.math.exp2(s * qk_scale - lse[:, None])
+
+    @triton.jit
+    def _visual_maps_kernel(Q, K, Lse, QIdx, QCnt, VIdx, VCnt, Out,
+                            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                            N, Hq, GROUP, QMAX, VMAX, scale, weight,
+                            ACCUMULATE: tl.constexpr, CAUSAL: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                            DOT_PREC: tl.constexpr, BLOCK_Q: tl.constexpr,
+                            BLOCK_V: tl.constexpr):
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        qcnt = tl.load(QCnt + b).to(tl.int32)
+        vcnt = tl.load(VCnt + b).to(tl.int32)
+        if (pid_r * BLOCK_Q < qcnt) & (pid_c * BLOCK_V < vcnt):
+            qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
+            inv_h = 1.0 / tl.cast(Hq, tl.float32)
+            offs_r = pid_r * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            r_ok = offs_r < qcnt
+            qpos = tl.load(QIdx + b * QMAX + offs_r, mask=r_ok, other=0)
+            offs_c = pid_c * BLOCK_V + tl.arange(0, BLOCK_V)
+            c_ok = offs_c < vcnt
+            vpos = tl.load(VIdx + b * VMAX + offs_c, mask=c_ok, other=0)
+            allowed = r_ok[:, None] & c_ok[None, :]
+            if CAUSAL:
+                allowed = allowed & (vpos[None, :] <= qpos[:, None])
+            acc = tl.zeros([BLOCK_Q, BLOCK_V], dtype=tl.float32)
+            # Causal tiles entirely after every row of the block are all zeros: skip the heads.
+            if tl.max(tl.where(allowed, 1, 0)) > 0:
+                for h in range(Hq):
+                    acc += _gathered_scores(Q, K, Lse, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
+                                            stride_qb, stride_qh, stride_qn, stride_kb,
+                                            stride_kh, stride_kn, N, Hq, qk_scale, HEAD_DIM,
+                                            BLOCK_D, DOT_PREC)
+            a = tl.where(allowed, acc * inv_h, 0.0)
+            ptrs = Out + b * QMAX * VMAX + offs_r[:, None] * VMAX + offs_c[None, :]
+            st_mask = r_ok[:, None] & c_ok[None, :]
+            if ACCUMULATE:
+                a = tl.load(ptrs, mask=st_mask, other=0.0) + tl.cast(weight, tl.float32) * a
+            tl.store(ptrs, a, mask=st_mask)
+
+    @triton.jit
+    def _visual_row_terms_kernel(Q, K, Lse, QIdx, QCnt, VIdx, VCnt, G, C,
+                                 stride_qb, stride_qh, stride_qn,
+                                 stride_kb, stride_kh, stride_kn,
+                                 N, Hq, GROUP, QMAX, VMAX, scale,
+                                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                 BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                                 BLOCK_Q: tl.constexpr, BLOCK_V: tl.constexpr):
+        pid_r = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        qcnt = tl.load(QCnt + b).to(tl.int32)
+        vcnt = tl.load(VCnt + b).to(tl.int32)
+        if pid_r * BLOCK_Q < qcnt:
+            qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
+            inv_h = 1.0 / tl.cast(Hq, tl.float32)
+            offs_r = pid_r * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            r_ok = offs_r < qcnt
+            qpos = tl.load(QIdx + b * QMAX + offs_r, mask=r_ok, other=0)
+            c_row = tl.zeros([BLOCK_Q], dtype=tl.float32)
+            for c0 in range(0, vcnt, BLOCK_V):
+                offs_c = c0 + tl.arange(0, BLOCK_V)
+                c_ok = offs_c < vcnt
+                vpos = tl.load(VIdx + b * VMAX + offs_c, mask=c_ok, other=0)
+                allowed = r_ok[:, None] & c_ok[None, :]
+                if CAUSAL:
+                    allowed = allowed & (vpos[None, :] <= qpos[:, None])
+                if tl.max(tl.where(allowed, 1, 0)) > 0:
+                    g = tl.load(G + b * QMAX * VMAX + offs_r[:, None] * VMAX + offs_c[None, :],
+                                mask=allowed, other=0.0)
+                    p = _gathered_scores(Q, K, Lse, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
+                                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                                         stride_kn, N, Hq, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
+                    c_row += tl.sum(tl.where(allowed, p * g, 0.0), 1)
+            tl.store(C + (b * Hq + h) * N + qpos, c_row * inv_h, mask=r_ok)
+
+
+_BLOCK_Q = 64
+_BLOCK_V = 64
+
+
+def _launch_args(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+                 query_index: torch.Tensor, query_count: torch.Tensor,
+                 visual_index: torch.Tensor, visual_count: torch.Tensor):
+    q, k = kernel_input(q), kernel_input(k)
+    B, Hq, N, D = q.shape
+    index = [t.contiguous() for t in (query_index, query_count, visual_index, visual_count)]
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype),
+                  BLOCK_Q=_BLOCK_Q, BLOCK_V=_BLOCK_V, num_warps=4 if D <= 64 else 8,
+                  num_stages=2)
+    rows = triton.cdiv(query_index.shape[1], _BLOCK_Q)
+    return q, k, lse.float().contiguous(), index, strides, common, rows
+
+
+def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+                         query_index: torch.Tensor, query_count: torch.Tensor,
+                         visual_index: torch.Tensor, visual_count: torch.Tensor,
+                         causal: bool, scale: float | None, *,
+                         out: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
+    """Head-mean visual map ``A`` (B, Qmax, Vmax) float32 from q, k and the forward's lse.
+
+    With ``out`` (a contiguous float32 (B, Qmax, Vmax) buffer) the map is not returned fresh
+    but accumulated: ``out += weight * A`` on the real entries, and ``out`` is returned.
+    No autograd here (see :mod:`kernels.autograd`).
+    """
+    _require_triton()
+    B, Hq, N, D = q.shape
+    shape = (B, query_index.shape[1], visual_index.shape[1])
+    accumulate = out is not None
+    if out is None:
+        out = torch.zeros(shape, device=q.device, dtype=torch.float32)
+    if out.numel() == 0 or q.numel() == 0:
+        return out
+    q, k, lse, index, strides, common, rows = _launch_args(
+        q, k, lse, query_index, query_count, visual_index, visual_count)
+    _visual_maps_kernel[(rows, triton.cdiv(shape[2], _BLOCK_V), B)](
+        q, k, lse, *index, out, *strides, N, Hq, Hq // k.shape[1], shape[1], shape[2],
+        default_scale(D, scale), float(weight), ACCUMULATE=accumulate, CAUSAL=bool(causal),
+        **common,
+    )
+    return out
+
+
+def visual_row_terms(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+                     query_index: torch.Tensor, query_count: torch.Tensor,
+                     visual_index: torch.Tensor, visual_count: torch.Tensor,
+                     grad_maps: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor:
+    """Backward pre-pass: ``c`` (B, Hq, N) float32, ``c[b, h, i] = Σ_v P_h[i, v] G[r, v] / Hq``.
+
+    ``G = grad_maps`` (B, Qmax, Vmax) in the gathered layout; ``i = query_index[b, r]``.
+    Positions that are not query rows hold 0.
+    """
+    _require_triton()
+    B, Hq, N, D = q.shape
+    c = torch.zeros((B, Hq, N), device=q.device, dtype=torch.float32)
+    if grad_maps.numel() == 0 or q.numel() == 0:
+        return c
+    q, k, lse, index, strides, common, rows = _launch_args(
+        q, k, lse, query_index, query_count, visual_index, visual_count)
+    _visual_row_terms_kernel[(rows, Hq, B)](
+        q, k, lse, *index, grad_maps.float().contiguous(), c, *strides, N, Hq,
+        Hq // k.shape[1], grad_maps.shape[1], grad_maps.shape[2], default_scale(D, scale),
+        CAUSAL=bool(causal), **common,
+    )
+    return c
+
+
+def inverse_index(index: torch.Tensor, count: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B, N) int32: the gathered slot of each position, -1 where the position is not gathered.
+
+    ``index`` (B, W) ascending positions padded with 0 beyond ``count`` (B,).
+    """
+    B, W = index.shape
+    inv = torch.full((B, seq_len + 1), -1, device=index.device, dtype=torch.int32)
+    slot = torch.arange(W, device=index.device, dtype=torch.int32).expand(B, W)
+    real = slot < count[:, None]
+    # Padding slots write to the spare column seq_len, dropped below.
+    target = torch.where(real, index.to(torch.int64),
+                         torch.full_like(index, seq_len, dtype=torch.int64))
+    inv.scatter_(1, target, torch.where(real, slot, torch.full_like(slot, -1)))
+    return inv[:, :seq_len].contiguous()

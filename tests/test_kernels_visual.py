@@ -1,0 +1,221 @@
+"""Visual-map kernels (kernels/visual_maps.py) and the fused backward, against the fp32 reference.
+
+Runs through the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
+Gradients come from loss = (out * dO).sum() + (A * G).sum() with random dO and G (G random
+on padding entries too: the kernels must ignore them), compared with autograd through the
+materialising reference. Helpers and the accuracy rule live in test_kernels_attention.py.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from test_kernels_attention import (  # noqa: E402
+    K, assert_close_rule, dense_ref_maps, layout_index, make_layout, make_qkv, padding_mask,
+    run_reference)
+from compodistill.testing.reference import ref_visual_maps  # noqa: E402
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def check_maps(maps, ref_maps, lowp_maps, layout, dtype):
+    assert maps.dtype == torch.float32 and maps.shape == layout.map_shape
+    assert_close_rule("A", maps, ref_maps, lowp_maps, dtype)
+    assert (maps[~layout.allowed()] == 0).all(), "padding / masked pairs must hold 0"
+
+
+# --------------------------------------------------------------------------- forward maps
+
+@pytest.mark.parametrize("n,hq,hkv,d,pad,kinds,query,causal", [
+    (1, 2, 1, 64, None, ("one",), "all", True),
+    (7, 2, 2, 64, None, ("two", "none"), "all", True),
+    (37, 4, 2, 80, "left", ("two", "one"), "visual", True),
+    (37, 4, 1, 64, "right", ("one", "none"), "text", False),
+    (129, 4, 2, 64, "left", ("two", "one"), "all", True),
+    (200, 2, 1, 64, "right", ("one", "two"), "visual", False),
+])
+def test_visual_maps_forward(n, hq, hkv, d, pad, kinds, query, causal):
+    q, k, v = make_qkv(2, hq, hkv, n, d, F32, seed=n + d)
+    mask = padding_mask(2, n, pad)
+    layout, vis = make_layout(2, n, mask, kinds, query, causal)
+    out, maps = K.attention_with_visual_maps(q, k, v, layout)
+    ref, lowp = run_reference(q, k, v, mask, causal, layout, vis, query)
+    assert_close_rule("out", out, ref["out"], lowp["out"], F32)
+    check_maps(maps, ref["maps"], lowp["maps"], layout, F32)
+    torch.testing.assert_close(K.visual_maps(q, k, layout), maps, atol=1e-6, rtol=1e-5)
+
+
+def test_visual_maps_explicit_query_mask():
+    n = 40
+    q, k, _ = make_qkv(2, 2, 2, n, 64, F32, seed=1)
+    rows = torch.zeros(2, n, dtype=torch.bool)
+    rows[:, ::3] = True
+    layout, vis = make_layout(2, n, None, ("two",), rows, True)
+    maps = K.visual_maps(q, k, layout)
+    ref = dense_ref_maps(ref_visual_maps(q, k, vis, rows, None, True, None), layout)
+    torch.testing.assert_close(maps, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_no_images_anywhere_gives_empty_maps_and_zero_grads():
+    q, k, v = make_qkv(2, 2, 1, 16, 64, F32, seed=2)
+    layout, _ = make_layout(2, 16, None, ("none",), "all", True)
+    leaves = [t.clone().requires_grad_() for t in (q, k)]
+    maps = K.visual_maps(*leaves, layout)
+    assert maps.shape == (2, 16, 0)
+    grads = torch.autograd.grad(maps.sum(), leaves, allow_unused=True)
+    assert all(g is None or (g == 0).all() for g in grads)
+
+
+# --------------------------------------------------------------------------- fused backward
+
+@pytest.mark.parametrize("n,hq,hkv,d,dtype,pad,kinds,query,causal", [
+    (7, 2, 1, 64, F32, None, ("two", "none"), "all", True),
+    (37, 4, 2, 64, F32, "left", ("two", "one"), "all", True),
+    (37, 4, 1, 80, F32, "right", ("one", "two"), "visual", False),
+    (37, 4, 4, 64, F16, "left", ("one", "none"), "text", True),
+    (37, 4, 2, 64, BF16, None, ("two", "one"), "all", True),
+    (129, 4, 2, 64, F32, "right", ("two", "one"), "visual", True),
+    (70, 2, 1, 80, F16, None, ("one", "two"), "all", False),
+])
+def test_fused_backward_with_visual_terms(n, hq, hkv, d, dtype, pad, kinds, query, causal):
+    q, k, v = make_qkv(2, hq, hkv, n, d, dtype, seed=3 * n + hkv)
+    mask = padding_mask(2, n, pad)
+    layout, vis = make_layout(2, n, mask, kinds, query, causal)
+    gen = torch.Generator().manual_seed(n)
+    d_out = torch.randn(q.shape, generator=gen).to(dtype)
+    g = torch.randn(layout.map_shape, generator=gen) * n  # maps are ~1/n: keep both terms alive
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, maps = K.attention_with_visual_maps(*leaves, layout)
+    loss = (out.float() * d_out.float()).sum() + (maps * g).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    ref, lowp = run_reference(q, k, v, mask, causal, layout, vis, query, d_out=d_out, g=g)
+    assert_close_rule("out", out.detach(), ref["out"], lowp["out"], dtype)
+    check_maps(maps.detach(), ref["maps"], lowp["maps"], layout, dtype)
+    for name, got, r, lo in zip("qkv", grads, ref["grads"], lowp["grads"]):
+        assert got.dtype == dtype
+        assert_close_rule(f"d{name}", got, r, lo, dtype)
+
+
+@pytest.mark.parametrize("n,hkv,dtype,pad,causal", [
+    (37, 2, F32, "left", True),
+    (50, 1, F16, "right", False),
+])
+def test_maps_only_backward(n, hkv, dtype, pad, causal):
+    """visual_maps (no v): the backward has only the visual terms (dO = 0)."""
+    q, k, v = make_qkv(2, 4, hkv, n, 64, dtype, seed=n)
+    mask = padding_mask(2, n, pad)
+    layout, vis = make_layout(2, n, mask, ("two", "one"), "all", causal)
+    g = torch.randn(layout.map_shape, generator=torch.Generator().manual_seed(1)) * n
+    leaves = [t.clone().requires_grad_() for t in (q, k)]
+    maps = K.visual_maps(*leaves, layout)
+    grads = torch.autograd.grad((maps * g).sum(), leaves)
+    ref, lowp = run_reference(q, k, v, mask, causal, layout, vis, "all", g=g)
+    check_maps(maps.detach(), ref["maps"], lowp["maps"], layout, dtype)
+    for name, got, r, lo in zip("qk", grads, ref["grads"], lowp["grads"]):
+        assert_close_rule(f"d{name}", got, r, lo, dtype)
+
+
+def test_maps_gradient_only_through_maps_output():
+    """attention_with_visual_maps where only A enters the loss (out unused)."""
+    q, k, v = make_qkv(1, 2, 1, 30, 64, F32, seed=9)
+    layout, vis = make_layout(1, 30, None, ("two",), "all", True)
+    g = torch.randn(layout.map_shape)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    _, maps = K.attention_with_visual_maps(*leaves, layout)
+    grads = torch.autograd.grad((maps * g).sum(), leaves[:2])
+    ref, _ = run_reference(q, k, v, None, True, layout, vis, "all", g=g)
+    for got, r in zip(grads, ref["grads"]):
+        torch.testing.assert_close(got, r, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- teacher mode
+
+def test_teacher_accumulates_window_mean_in_place():
+    n = 33
+    mask = padding_mask(2, n, "left")
+    layout, vis = make_layout(2, n, mask, ("two", "one"), "visual", True)
+    buf = torch.zeros(layout.map_shape)
+    expected = torch.zeros(layout.map_shape)
+    for layer in range(3):
+        q, k, v = make_qkv(2, 4, 2, n, 64, F32, seed=100 + layer)
+        q.requires_grad_()
+        out, same = K.teacher_attention_with_visual_maps(q, k, v, layout, maps_out=buf,
+                                                         weight=1 / 3)
+        assert same is buf and not out.requires_grad and not buf.requires_grad
+        expected += dense_ref_maps(ref_visual_maps(q.detach(), k, vis, "visual", mask, True,
+                                                   None), layout) / 3
+    torch.testing.assert_close(buf, expected, atol=1e-6, rtol=1e-5)
+    fresh = K.teacher_visual_maps(q.detach(), k, layout, weight=2.0)
+    torch.testing.assert_close(fresh, 2 * dense_ref_maps(
+        ref_visual_maps(q.detach(), k, vis, "visual", mask, True, None), layout),
+        atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="maps_out must be a float32"):
+        K.teacher_visual_maps(q.detach(), k, layout, maps_out=torch.zeros(1, 2, 3))
+
+
+# --------------------------------------------------------------------------- API surface
+
+def test_compile_fused_student_and_teacher():
+    n = 24
+    q, k, v = make_qkv(1, 2, 1, n, 64, F32, seed=4)
+    layout, _ = make_layout(1, n, None, ("two",), "all", True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def f(q, k, v):
+        target = K.teacher_visual_maps(q.detach() * 0.5, k.detach(), layout)
+        out, maps = K.attention_with_visual_maps(q, k, v, layout)
+        return (out ** 2).sum() + ((maps - target) ** 2).sum() * 100
+
+    eager = torch.autograd.grad(f(*leaves), leaves)
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves),
+                              leaves)
+    for a, b in zip(eager, got):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_layout_as_index_tensors():
+    """The spelled-out form (index tensors, key_mask, causal, scale) equals the layout form."""
+    n = 26
+    q, k, v = make_qkv(2, 2, 1, n, 64, F32, seed=6)
+    mask = padding_mask(2, n, "right")
+    layout, _ = make_layout(2, n, mask, ("one", "two"), "all", False)
+    spelled = (*layout_index(layout), layout.key_mask, layout.causal, 0.2)
+    out, maps = K.attention_with_visual_maps(q, k, v, layout, 0.2)
+    out2, maps2 = K.attention_with_visual_maps(q, k, v, *spelled)
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+    torch.testing.assert_close(maps2, maps, atol=0, rtol=0)
+    torch.testing.assert_close(K.visual_maps(q, k, *spelled), maps, atol=0, rtol=0)
+    torch.testing.assert_close(K.teacher_attention_with_visual_maps(q, k, v, *spelled)[1], maps,
+                               atol=0, rtol=0)
+    with pytest.raises(TypeError, match="too many positional"):
+        K.visual_maps(q, k, layout, 0.2, 0.3)
+
+
+def test_layout_errors():
+    q, k, v = make_qkv(2, 2, 1, 10, 16, F32)
+    layout, _ = make_layout(2, 12, None, ("one",), "all", True)
+    with pytest.raises(ValueError, match="sequence length 12"):
+        K.visual_maps(q, k, layout)
+    with pytest.raises(TypeError, match="VisualLayout"):
+        K.visual_maps(q, k, layout_index(layout))
+
+
+@pytest.mark.slow
+def test_fused_backward_longer_sequence():
+    n, dtype = 320, F16
+    q, k, v = make_qkv(2, 4, 2, n, 64, dtype, seed=7)
+    mask = padding_mask(2, n, "left")
+    layout, vis = make_layout(2, n, mask, ("two", "one"), "all", True)
+    d_out = torch.randn(q.shape).to(dtype)
+    g = torch.randn(layout.map_shape) * n
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, maps = K.attention_with_visual_maps(*leaves, layout)
+    grads = torch.autograd.grad((out.float() * d_out.float()).sum() + (maps * g).sum(), leaves)
+    ref, lowp = run_reference(q, k, v, mask, True, layout, vis, "all", d_out=d_out, g=g)
+    check_maps(maps.detach(), ref["maps"], lowp["maps"], layout, dtype)
+    for name, got, r, lo in zip("qkv", grads, ref["grads"], lowp["grads"]):
+        assert_close_rule(f"d{name}", got, r, lo, dtype)
