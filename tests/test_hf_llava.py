@@ -92,6 +92,20 @@ def test_taf_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded.eval()(**x).logits, logits)
 
 
+def test_taf_round_trip_of_a_student_loaded_from_disk(tmp_path):
+    # transformers 5 remembers the checkpoint layout a model was loaded with and saves in
+    # it; the TAF model type must load that layout back (lm_head included).
+    student, teacher = tiny_llava_pair()
+    student.save_pretrained(tmp_path / "init")
+    student = apply_taf(load_student(tmp_path / "init"), teacher)
+    student.save_pretrained(tmp_path / "taf")
+    expected = student.state_dict()
+    loaded = load_student(tmp_path / "taf").state_dict()
+    assert sorted(loaded) == sorted(expected)
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), name
+
+
 def test_taf_errors():
     student, teacher = tiny_llava_pair()
     _, other = tiny_llava_pair(image_size=48)  # 36 image tokens instead of 16

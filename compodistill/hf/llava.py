@@ -198,6 +198,26 @@ class TAFLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
 
 AutoConfig.register(TAFLlavaConfig.model_type, TAFLlavaConfig, exist_ok=True)
+
+
+def _register_checkpoint_layout() -> None:
+    """Load TAF checkpoints with LLaVA's key renaming.
+
+    transformers 5 saves LLaVA weights in the original checkpoint layout
+    (``language_model.lm_head.weight``, ...) and renames them on load by ``model_type``;
+    without this our model type would load with a missing ``lm_head``.
+    """
+    try:
+        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                     register_checkpoint_conversion_mapping)
+    except ImportError:  # older transformers: keys are saved as the modules name them
+        return
+    mapping = get_checkpoint_conversion_mapping("llava")
+    if mapping:
+        register_checkpoint_conversion_mapping(TAFLlavaConfig.model_type, mapping, overwrite=True)
+
+
+_register_checkpoint_layout()
 AutoModelForImageTextToText.register(TAFLlavaConfig, TAFLlavaForConditionalGeneration,
                                      exist_ok=True)
 
