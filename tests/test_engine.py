@@ -29,11 +29,11 @@ def run_loop(tmp, max_steps, *, save_every=0, nan_calls=(), crash_call=None, max
                           grad_accum=grad_accum)
     calls = {"n": 0}
 
-    def loss_terms(batch):
+    def loss_terms(prepared, batch):
         calls["n"] += 1
         if calls["n"] == crash_call:
             raise KeyboardInterrupt  # stands in for a killed process
-        loss = torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+        loss = torch.nn.functional.mse_loss(prepared(batch["x"]), batch["y"])
         return {"lm": loss * float("nan") if calls["n"] in nan_calls else loss}
 
     loop = StageLoop(acc, model, list(model.parameters()), loader, stage, loss_terms, tmp,

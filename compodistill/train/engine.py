@@ -1,7 +1,8 @@
 """The optimisation loop of one stage, on accelerate.
 
 The loop knows nothing about distillation: a stage hands it the model, the trainable
-parameters, a data loader and ``loss_terms(batch) -> {name: scalar}``; the loop weights
+parameters, a data loader and ``loss_terms(model, batch) -> {name: scalar}`` (``model`` is the
+accelerate-prepared module, so the forward goes through DDP/FSDP wrappers); the loop weights
 and sums the terms, steps the optimiser with gradient accumulation and clipping, skips
 non-finite steps, logs metrics, and saves/resumes crash-safe checkpoints.
 """
@@ -52,7 +53,7 @@ class StageLoop:
     """Run one stage to completion (or resume it from its latest checkpoint)."""
 
     def __init__(self, accelerator, model: torch.nn.Module, params: list[torch.nn.Parameter],
-                 loader, stage: StageConfig, loss_terms: Callable[[dict], dict],
+                 loader, stage: StageConfig, loss_terms: Callable[[torch.nn.Module, dict], dict],
                  stage_dir: str | Path, *, save_every: int = 0, log_every: int = 1,
                  max_bad_steps: int = 5, show_progress: bool = True):
         from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
@@ -150,7 +151,7 @@ class StageLoop:
                 loader = self.acc.skip_first_batches(self.loader, skip)
             for batch in loader:
                 with self.acc.accumulate(self.model):
-                    terms = self.loss_terms(batch)
+                    terms = self.loss_terms(self.model, batch)
                     total = self._weighted(terms)
                     finite = self._all_finite(total.detach())
                     window_bad = window_bad or not finite
