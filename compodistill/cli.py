@@ -23,17 +23,68 @@ def _demo_losses(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DEFAULTS, format_summary, run_demo
+
+    overrides = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
+    summary = run_demo(args.out, progress=not args.quiet, **overrides)
+    print(format_summary(summary))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.config import load_config
+    from .train.trainer import DistillationTrainer
+
+    config = load_config(args.config)
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    results = DistillationTrainer(config, show_progress=not args.quiet).run(args.stages)
+    for r in results:
+        print(f"{r.name}: {r.steps} steps in {r.seconds:.1f} s, skipped {r.skipped_steps}, "
+              f"final {r.final_losses}; metrics in {r.metrics_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEFAULTS
+
     parser = argparse.ArgumentParser(prog="compodistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("demo", "demo-losses"):
-        demo = sub.add_parser(name, help="compute every visual-attention loss variant and "
-                                         "compare with the reference (values, time, memory)")
-        demo.add_argument("--batch", type=int, default=3)
-        demo.add_argument("--seq-len", type=int, default=512)
-        demo.add_argument("--head-dim", type=int, default=64)
-        demo.add_argument("--seed", type=int, default=0)
-        demo.set_defaults(func=_demo_losses)
+    demo = sub.add_parser("demo", help="tiny end-to-end run: synthetic data, teacher, "
+                                       "DPT -> DFT -> SFT, evaluation (CPU, a few minutes)")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quiet", action="store_true")
+    for key, value in DEFAULTS.items():
+        demo.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(value), default=None,
+                          help=f"default {value}")
+    demo.set_defaults(func=_demo)
+
+    train = sub.add_parser("train", help="run the stages of a config file")
+    train.add_argument("--config", required=True, help="YAML or JSON (see configs/)")
+    train.add_argument("--stages", nargs="*", default=None, help="only these stages")
+    train.add_argument("--output-dir", default=None)
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(func=_train)
+
+    losses = sub.add_parser("demo-losses", help="every visual-attention loss variant vs the "
+                                                "materialising reference (values, time, memory)")
+    losses.add_argument("--batch", type=int, default=3)
+    losses.add_argument("--seq-len", type=int, default=512)
+    losses.add_argument("--head-dim", type=int, default=64)
+    losses.add_argument("--seed", type=int, default=0)
+    losses.set_defaults(func=_demo_losses)
+
+    data = sub.add_parser("data", help="data tools: `compodistill data synth --out DIR`")
+    data.add_argument("tool", choices=["synth"])
+    data.add_argument("rest", nargs=argparse.REMAINDER)
+    data.set_defaults(func=lambda a: __import__("compodistill.data.synthetic",
+                                                fromlist=["main"]).main(a.rest))
+
+    evaluate = sub.add_parser("eval", help="evaluation: `compodistill eval cr|vqa ...`")
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
+    evaluate.set_defaults(func=lambda a: __import__("compodistill.eval.cli",
+                                                    fromlist=["main"]).main(a.rest))
     return parser
 
 
