@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 STAGE_KINDS = ("dpt", "dft", "sft")
+# What a stage trains: the TAF post-connector, the (trainable part of the) connector, LoRA on
+# the language model (optionally with the post-connector), or every weight.
 TRAINABLE = ("post_connector", "connector", "lora", "lora+post_connector", "all")
 
 

@@ -1,0 +1,172 @@
+"""What each stage trains and which losses it computes (SPEC §7).
+
+- DPT: the post-connector (TAF) or connector; LM + logit KD.
+- DFT: LoRA on the language model + post-connector; LM + KD + VAT.
+- SFT: the DFT LoRA merged, a fresh LoRA; LM only.
+
+LoRA comes from peft and is merged into the weights at the end of each stage, so every
+stage's output is a plain (TAF) LLaVA model that the next stage, evaluation or
+``from_pretrained`` can load directly.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..hf.distiller import AttentionDistiller
+from ..linear_kd import linear_distillation_loss
+from ..logit_losses import shift_labels
+from .config import DistillConfig, StageConfig
+
+# Linear layers of a Llama/Qwen2 decoder that LoRA adapts (attention and MLP), in the
+# language model only: the vision tower and the connector stay untouched.
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def llava_core(model: nn.Module) -> nn.Module:
+    """The LlavaForConditionalGeneration inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _connector(model: nn.Module) -> nn.Module:
+    return llava_core(model).model.multi_modal_projector
+
+
+def _post_connector(model: nn.Module) -> nn.Module:
+    projector = _connector(model)
+    if not hasattr(projector, "post"):
+        raise ValueError("trainable='post_connector' needs a TAF student (apply_taf / taf: true); "
+                         "use trainable='connector' for a student with its own connector")
+    return projector.post
+
+
+def prepare_trainable(model: nn.Module, stage: StageConfig) -> tuple[nn.Module, list]:
+    """Freeze everything, then unfreeze (or add LoRA to) what ``stage.trainable`` names.
+
+    Returns the model to train (a peft model when LoRA is used) and its trainable parameters.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kind = stage.trainable
+    if "lora" in kind:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha,
+                            lora_dropout=stage.lora_dropout, target_modules=LORA_TARGETS,
+                            bias="none")
+        model = get_peft_model(model, config)
+    if kind in ("post_connector", "lora+post_connector"):
+        for p in _post_connector(model).parameters():
+            p.requires_grad_(True)
+    elif kind == "connector":
+        for name, p in _connector(model).named_parameters():
+            # A TAF connector's teacher half stays frozen (SPEC §6).
+            p.requires_grad_(not name.startswith(("linear_1", "linear_2"))
+                             or not hasattr(_connector(model), "post"))
+    elif kind == "all":  # every weight, vision tower included (e.g. a teacher from scratch)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        projector = _connector(model)
+        if hasattr(projector, "freeze_teacher_part"):
+            projector.freeze_teacher_part()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params
+
+
+def finish_stage(model: nn.Module) -> nn.Module:
+    """Merge LoRA into the weights (no-op without peft) and unfreeze nothing."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model
+
+
+class HiddenStates(nn.Module):
+    """``forward(batch) -> last hidden state`` of a LLaVA model, for DDP/FSDP wrapping.
+
+    Logits are never built here: the losses read ``lm_head`` weights directly
+    (fused linear KD / CE), so (tokens × vocab) logits do not exist for either model.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, pixel_values=None):
+        core = llava_core(self.model)
+        out = core.model(input_ids=input_ids, attention_mask=attention_mask,
+                         pixel_values=pixel_values, use_cache=False)
+        return out.last_hidden_state
+
+
+def _lm_head(model: nn.Module) -> nn.Linear:
+    return llava_core(model).lm_head
+
+
+class StageLosses:
+    """``(prepared_student, batch) -> {"lm", "kd", "vat"}`` for one stage.
+
+    Terms with weight 0 are not computed at all (no teacher forward when neither KD nor
+    VAT is on). The teacher runs without gradients, in eval mode.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, stage: StageConfig,
+                 config: DistillConfig, accelerator):
+        self.student, self.teacher, self.stage, self.config = student, teacher, stage, config
+        self.acc = accelerator
+        w = stage.weights
+        self.need_teacher = bool(w.kd or w.vat)
+        if self.need_teacher and teacher is None:
+            raise ValueError(f"stage {stage.name}: KD/VAT weights need a teacher model")
+        self.distiller = None
+        if w.vat:
+            v = config.vat
+            self.distiller = AttentionDistiller(
+                llava_core(student), teacher,
+                image_token_id=llava_core(student).config.image_token_id,
+                student_layers=v.student_layers, teacher_layers=v.teacher_layers,
+                preset=v.preset, matching=v.matching, query=v.query, loss=v.loss,
+                cosine=v.cosine, distribution=v.distribution, layer_reduction=v.layer_reduction)
+
+    def _teacher_hidden(self, batch) -> torch.Tensor:
+        core = self.teacher
+        device = next(core.parameters()).device
+        with torch.no_grad():
+            out = core.model(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device),
+                             pixel_values=(batch["pixel_values"].to(device)
+                                           if "pixel_values" in batch else None),
+                             use_cache=False)
+        return out.last_hidden_state.to(batch["input_ids"].device)
+
+    def __call__(self, prepared: nn.Module, batch: dict) -> dict:
+        w, kd = self.stage.weights, self.config.kd
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        labels = shift_labels(batch["labels"])  # position i predicts token i + 1
+        capture = (self.distiller.capture(ids, attention_mask=mask) if self.distiller
+                   else contextlib.nullcontext())
+        with self.acc.autocast(), capture as cap:
+            h_t = self._teacher_hidden(batch) if self.need_teacher else None
+            h_s = prepared(ids, mask, batch.get("pixel_values"))
+        head_s = _lm_head(self.student)
+        terms = {}
+        if not self.need_teacher:
+            logits = head_s(h_s).float()
+            terms["lm"] = nn.functional.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            return terms
+        head_t = _lm_head(self.teacher)
+        common = dict(b_s=head_s.bias, b_t=head_t.bias, loss=kd.loss, beta=kd.beta,
+                      temperature=kd.temperature, positions=kd.positions, attention_mask=mask,
+                      visual_mask=ids == llava_core(self.student).config.image_token_id)
+        if w.lm:
+            terms["lm"] = linear_distillation_loss(h_s, head_s.weight, h_t, head_t.weight,
+                                                   labels, ce_weight=1.0, kd_weight=0.0,
+                                                   **common)
+        if w.kd:
+            terms["kd"] = linear_distillation_loss(h_s, head_s.weight, h_t, head_t.weight,
+                                                   labels, **common)
+        if w.vat:
+            terms["vat"] = cap.loss()
+        return terms

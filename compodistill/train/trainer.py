@@ -1,0 +1,162 @@
+"""DistillationTrainer: the CompoDistill stage chain (DPT → DFT → SFT) on accelerate.
+
+>>> trainer = DistillationTrainer(load_config("configs/compodistill.yaml"))
+>>> results = trainer.run()            # every stage, each from the previous one's output
+
+Each stage writes ``<output_dir>/<stage>/`` with metrics (JSONL/CSV), a loss-curve PNG,
+checkpoints while it runs, and the final model in ``model/`` (LoRA merged). A finished
+stage is skipped when the run is started again; an interrupted one resumes from its last
+checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..hf.llava import TAFLlavaForConditionalGeneration, apply_taf, load_student
+from .checkpoint import atomic_directory_write, is_complete
+from .config import DistillConfig, StageConfig, config_to_dict
+from .engine import StageLoop, StageResult
+from .stages import HiddenStates, StageLosses, finish_stage, llava_core, prepare_trainable
+
+
+def _load_llava(path: str, dtype=None):
+    return load_student(path, dtype=dtype) if dtype is not None else load_student(path)
+
+
+class DistillationTrainer:
+    """Run the stages of a :class:`~compodistill.train.config.DistillConfig`.
+
+    Args:
+        config: the run's configuration.
+        student, teacher: models to use instead of loading ``config.student`` /
+            ``config.teacher`` from disk.
+        tokenizer: defaults to the one saved next to the student.
+        train_dataset: defaults to ``LlavaDataset(config.data.train_json, ...)``.
+        accelerator: an ``accelerate.Accelerator``; default: one built from the config.
+        show_progress: tqdm bars per stage.
+    """
+
+    def __init__(self, config: DistillConfig, *, student=None, teacher=None, tokenizer=None,
+                 train_dataset=None, accelerator=None, show_progress: bool = True):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, set_seed
+
+        self.config = config
+        self.acc = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        set_seed(config.seed)
+        self.output_dir = Path(config.output_dir)
+        self.show_progress = show_progress
+        self.student = student if student is not None else _load_llava(config.student)
+        self.teacher = teacher if teacher is not None else (
+            _load_llava(config.teacher) if config.teacher else None)
+        if self.teacher is not None:
+            self.teacher.eval().requires_grad_(False)
+            self.teacher.to(config.teacher_device or self.acc.device)
+        self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
+        self.dataset = train_dataset if train_dataset is not None else self._load_dataset()
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if not self.config.student:
+            raise ValueError("pass tokenizer= or set config.student to a folder with a tokenizer")
+        return AutoTokenizer.from_pretrained(self.config.student, local_files_only=True)
+
+    def _load_dataset(self):
+        from ..data import LlavaDataset
+
+        data = self.config.data
+        if not data.train_json:
+            raise ValueError("config.data.train_json is empty: nothing to train on")
+        cfg = self.student.config
+        return LlavaDataset(data.train_json, data.image_folder or None, self.tokenizer,
+                            cfg.vision_config.image_size, num_image_tokens=cfg.image_seq_length,
+                            image_token_id=cfg.image_token_id, max_length=data.max_length,
+                            on_error=data.on_error)
+
+    # ------------------------------------------------------------------ pieces
+    def _loader(self, stage: StageConfig) -> DataLoader:
+        from ..data import LlavaCollator
+
+        per_step = stage.grad_accum * self.acc.num_processes
+        if stage.batch_size % per_step:
+            raise ValueError(f"stage {stage.name}: batch_size {stage.batch_size} must be a "
+                             f"multiple of grad_accum x processes = {per_step}")
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id or 0
+        return DataLoader(self.dataset, batch_size=stage.batch_size // per_step, shuffle=True,
+                          collate_fn=LlavaCollator(pad),
+                          num_workers=self.config.data.num_workers,
+                          generator=torch.Generator().manual_seed(self.config.seed))
+
+    def _stage_dir(self, stage: StageConfig) -> Path:
+        index = [s.name for s in self.config.stages].index(stage.name)
+        return self.output_dir / f"{index + 1}-{stage.name}"
+
+    def _save_model(self, model, folder: Path) -> None:
+        def write(tmp: Path) -> None:
+            self.acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+
+        if self.acc.is_main_process:
+            atomic_directory_write(folder, write)
+        self.acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------ stages
+    def run_stage(self, stage: StageConfig) -> StageResult | None:
+        """Train one stage on ``self.student``; returns None when it had already finished."""
+        stage_dir = self._stage_dir(stage)
+        final = stage_dir / "model"
+        if is_complete(final):
+            self.student = _load_llava(str(final)).to(self.acc.device)
+            self.acc.print(f"stage {stage.name}: already finished, loaded {final}")
+            return None
+        if self.config.taf and self.teacher is not None and not isinstance(
+                self.student, TAFLlavaForConditionalGeneration):
+            apply_taf(self.student, self.teacher)
+        student, params = prepare_trainable(self.student, stage)
+        if self.config.gradient_checkpointing:
+            llava_core(student).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(student, "enable_input_require_grads"):
+                student.enable_input_require_grads()
+        losses = StageLosses(student, self.teacher, stage, self.config, self.acc)
+        loop = StageLoop(self.acc, HiddenStates(student), params, self._loader(stage), stage,
+                         losses, stage_dir, save_every=self.config.save_every,
+                         log_every=self.config.log_every, max_bad_steps=self.config.max_bad_steps,
+                         show_progress=self.show_progress)
+        result = loop.run()
+        self.student = finish_stage(student)
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        self._save_model(self.student, final)
+        return result
+
+    def run(self, stages: list[str] | None = None) -> list[StageResult]:
+        """Run the named stages (default: all) in config order; returns their results."""
+        names = [s.name for s in self.config.stages]
+        wanted = names if stages is None else list(stages)
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise ValueError(f"unknown stages {unknown}; the config has {names}")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.acc.is_main_process:
+            (self.output_dir / "config.json").write_text(
+                json.dumps(config_to_dict(self.config), indent=2))
+        results = []
+        for stage in self.config.stages:
+            final = self._stage_dir(stage) / "model"
+            if stage.name in wanted:
+                result = self.run_stage(stage)
+                if result is not None:
+                    results.append(result)
+            elif is_complete(final):  # the chain: a later stage starts from this output
+                self.student = _load_llava(str(final)).to(self.acc.device)
+        return results

@@ -1,0 +1,113 @@
+"""The three-stage trainer on tiny LLaVA models (CPU): trainable sets, loss terms, LoRA merge."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from compodistill.data import LlavaDataset, build_tiny_tokenizer, generate_synthetic  # noqa: E402
+from compodistill.hf.llava import (TAFLlavaForConditionalGeneration, load_student,  # noqa: E402
+                                   tiny_llava_pair)
+from compodistill.train.config import config_from_dict, default_stage  # noqa: E402
+from compodistill.train.stages import prepare_trainable  # noqa: E402
+from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    generate_synthetic(str(root / "data"), num=6, num_eval=2, image_size=16, progress=False)
+    records = json.loads((root / "data" / "train.json").read_text())
+    tok = build_tiny_tokenizer(texts=[t["value"] for r in records for t in r["conversations"]])
+    student, teacher = tiny_llava_pair(vocab_size=len(tok), image_size=16, patch_size=8,
+                                       student_layers=3, teacher_layers=4)
+    student.save_pretrained(root / "student")
+    tok.save_pretrained(root / "student")
+    teacher.save_pretrained(root / "teacher")
+    return root, tok
+
+
+def make_config(root, stages, **extra):
+    return config_from_dict({
+        "student": str(root / "student"), "teacher": str(root / "teacher"),
+        "output_dir": str(root / extra.pop("out", "run")),
+        "data": {"train_json": str(root / "data" / "train.json"),
+                 "image_folder": str(root / "data"), "max_length": 128},
+        "vat": {"student_layers": [1, 2], "teacher_layers": [1, 2, 3]},
+        "stages": stages, **extra})
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_trainable_sets_per_stage(setup):
+    root, _ = setup
+    student, teacher = load_student(root / "student"), load_student(root / "teacher")
+    from compodistill.hf.llava import apply_taf
+
+    apply_taf(student, teacher)
+    _, params = prepare_trainable(student, default_stage("dpt"))
+    names = trainable_names(student)
+    assert names == {"model.multi_modal_projector.post.weight",
+                     "model.multi_modal_projector.post.bias"}
+    assert len(params) == 2
+    peft_model, _ = prepare_trainable(student, default_stage("dft", lora_r=4, lora_alpha=8))
+    names = trainable_names(peft_model)
+    assert any("lora_A" in n for n in names) and any("post" in n for n in names)
+    assert all("vision_tower" not in n and "linear_1" not in n for n in names)
+    assert all("lora" in n or "post" in n for n in names)
+
+
+def test_chain_trains_each_stage_with_its_losses_and_merges_lora(setup):
+    root, tok = setup
+    stages = [dict(kind="dpt", max_steps=2, batch_size=2, lr=1e-3),
+              dict(kind="dft", max_steps=2, batch_size=2, lora_r=4, lora_alpha=8),
+              dict(kind="sft", max_steps=2, batch_size=2, lora_r=4, lora_alpha=8)]
+    trainer = DistillationTrainer(make_config(root, stages), show_progress=False)
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    results = trainer.run()
+    assert [r.name for r in results] == ["dpt", "dft", "sft"]
+    terms = [set(r.final_losses) for r in results]
+    assert terms == [{"loss", "loss_lm", "loss_kd"}, {"loss", "loss_lm", "loss_kd", "loss_vat"},
+                     {"loss", "loss_lm"}]
+    for r in results:
+        assert all(torch.isfinite(torch.tensor(v)) for v in r.final_losses.values())
+        assert r.plot_path is not None and r.plot_path.exists()
+    final = load_student(root / "run" / "3-sft" / "model")
+    assert isinstance(final, TAFLlavaForConditionalGeneration)
+    state = final.state_dict()
+    assert not any("lora" in k for k in state)  # merged, plain weights
+    q_proj = "model.language_model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(state[q_proj], before[q_proj])  # LoRA updates were merged in
+    vision = "model.vision_tower.embeddings.patch_embedding.weight"
+    assert torch.equal(state[vision], before[vision])  # never trained
+    # Running again skips finished stages and loads the last output.
+    again = DistillationTrainer(make_config(root, stages), show_progress=False)
+    assert again.run() == []
+
+
+def test_single_stage_starts_from_previous_output(setup):
+    root, _ = setup
+    stages = [dict(kind="dpt", max_steps=1, batch_size=2), dict(kind="sft", max_steps=1,
+                                                                 batch_size=2, lora_r=2)]
+    DistillationTrainer(make_config(root, stages, out="single"), show_progress=False).run(["dpt"])
+    trainer = DistillationTrainer(make_config(root, stages, out="single"), show_progress=False)
+    results = trainer.run(["sft"])
+    assert [r.name for r in results] == ["sft"]
+    assert isinstance(trainer.student, TAFLlavaForConditionalGeneration)  # from dpt's output
+
+
+def test_dataset_and_batch_errors(setup):
+    root, tok = setup
+    stages = [dict(kind="dpt", max_steps=1, batch_size=3, grad_accum=2)]
+    trainer = DistillationTrainer(make_config(root, stages, out="bad"), show_progress=False)
+    with pytest.raises(ValueError, match="batch_size 3 must be a multiple"):
+        trainer.run()
+    with pytest.raises(ValueError, match="unknown stages"):
+        trainer.run(["dtp"])
+    assert isinstance(trainer.dataset, LlavaDataset)
