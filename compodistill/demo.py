@@ -3,7 +3,8 @@
 1. synthetic compositional data (coloured shapes in spatial relations, hard negatives);
 2. a word-level tokenizer and tiny random LLaVA-style teacher and student built from
    configs, saved to disk and loaded back with ``from_pretrained``;
-3. the teacher is trained briefly (LM loss) so it has something to distil;
+3. the teacher is trained briefly (LM loss) so it has something to distil, and the student
+   gets a shorter warm-up (standing in for its pretrained LLM);
 4. DPT → DFT → SFT on the student with TAF, fused logit KD and visual-attention distillation;
 5. compositional-reasoning and VQA evaluation of teacher and student, and a summary.
 
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-DEFAULTS = dict(num_images=160, image_size=32, teacher_steps=60, dpt_steps=15, dft_steps=30,
-                sft_steps=15, batch_size=8, seed=0)
+DEFAULTS = dict(num_images=300, image_size=32, teacher_steps=600, student_warmup_steps=150,
+                dpt_steps=30, dft_steps=120, sft_steps=60, batch_size=8, seed=0)
 
 
 def _save_pair(out: Path, tokenizer, **sizes):
@@ -73,27 +74,32 @@ def run_demo(out: str | Path = "runs/demo", *, progress: bool = True, **override
     common = dict(data=dict(train_json=data["train"], image_folder=data["image_folder"],
                             max_length=256), seed=opts["seed"], log_every=5)
 
-    # 3. the teacher, trained on the LM loss alone (no teacher of its own).
-    teacher_cfg = config_from_dict({**common, "student": str(paths["teacher"]), "taf": False,
-                                    "output_dir": str(out / "teacher"), "stages": [
-        _stage_config("sft", opts["teacher_steps"], bs, name="teacher", trainable="all")]})
-    DistillationTrainer(teacher_cfg, show_progress=progress).run()
-    teacher_path = out / "teacher" / "1-teacher" / "model"
+    # 3. the teacher, trained on the LM loss alone (no teacher of its own); the student gets a
+    #    shorter warm-up the same way, standing in for the pretrained small LLM that real
+    #    CompoDistill starts from (LoRA on a random network would learn next to nothing).
+    for name, steps in (("teacher", opts["teacher_steps"]),
+                        ("student", opts["student_warmup_steps"])):
+        warmup_cfg = config_from_dict({**common, "student": str(paths[name]), "taf": False,
+                                       "output_dir": str(out / f"{name}-warmup"), "stages": [
+            _stage_config("sft", steps, bs, name=name, trainable="all", lr=3e-3)]})
+        DistillationTrainer(warmup_cfg, show_progress=progress).run()
+        paths[name] = out / f"{name}-warmup" / f"1-{name}" / "model"
+    teacher_path = paths["teacher"]
 
     # 4. the student: DPT -> DFT -> SFT with TAF, KD and VAT (SPEC §7, shortened).
     student_cfg = config_from_dict({**common, "student": str(paths["student"]),
                                     "teacher": str(teacher_path),
                                     "output_dir": str(out / "student"), "stages": [
         _stage_config("dpt", opts["dpt_steps"], bs),
-        _stage_config("dft", opts["dft_steps"], bs, lora_r=8, lora_alpha=16),
-        _stage_config("sft", opts["sft_steps"], bs, lora_r=8, lora_alpha=16)]})
+        _stage_config("dft", opts["dft_steps"], bs, lora_r=16, lora_alpha=32, lr=3e-3),
+        _stage_config("sft", opts["sft_steps"], bs, lora_r=16, lora_alpha=32, lr=3e-3)]})
     trainer = DistillationTrainer(student_cfg, show_progress=progress)
     results = trainer.run()
     train_seconds = time.perf_counter() - start
 
     # 5. evaluation, every model loaded back from disk.
     scores = {}
-    for name, path in (("teacher", teacher_path), ("student (untrained)", paths["student"]),
+    for name, path in (("teacher", teacher_path), ("student (warm-up only)", paths["student"]),
                        ("student (CompoDistill)", out / "student" / "3-sft" / "model")):
         model = load_student(str(path)).eval()
         cfg = model.config
