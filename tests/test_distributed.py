@@ -1,0 +1,48 @@
+"""Two CPU processes under `accelerate launch` train the same model as one process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+pytest.importorskip("peft")
+
+from compodistill.data import build_tiny_tokenizer, generate_synthetic  # noqa: E402
+from compodistill.hf.llava import load_student, tiny_llava_pair  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def test_two_process_run_matches_single_process(tmp_path):
+    generate_synthetic(str(tmp_path / "data"), num=4, num_eval=1, image_size=16, progress=False)
+    records = json.loads((tmp_path / "data" / "train.json").read_text())
+    tok = build_tiny_tokenizer(texts=[t["value"] for r in records for t in r["conversations"]])
+    student, teacher = tiny_llava_pair(vocab_size=len(tok), image_size=16, patch_size=8,
+                                       student_layers=3, teacher_layers=4)
+    student.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    teacher.save_pretrained(tmp_path / "teacher")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    script = str(HERE / "distributed_run.py")
+    subprocess.run([sys.executable, script, str(tmp_path), str(tmp_path / "one")], env=env,
+                   check=True, capture_output=True, timeout=600)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), script, str(tmp_path),
+              str(tmp_path / "two")]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = load_student(tmp_path / "one" / "1-dpt" / "model").state_dict()
+    two = load_student(tmp_path / "two" / "1-dpt" / "model").state_dict()
+    steps = [json.loads(line)["step"]
+             for line in (tmp_path / "two" / "1-dpt" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
