@@ -60,30 +60,37 @@ def provenance(device: torch.device) -> dict:
 
 def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
             repeat: int = 5) -> tuple[float, float]:
-    """Median wall time (ms) and peak memory (MiB, CUDA only; NaN on CPU) of ``fn()``.
+    """Median wall time (ms) and peak extra memory (MiB) of ``fn()``.
 
+    CUDA: the allocator's peak above what was allocated before. CPU: the peak of live
+    tensor bytes created inside ``fn`` (``compodistill._memory``), measured in one extra
+    untimed call because the tracking slows the call down.
     Raises torch.cuda.OutOfMemoryError unchanged so the caller can record an OOM.
     """
+    from compodistill._memory import peak_memory
+
     cuda = device.type == "cuda"
     for _ in range(warmup):
         fn()
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    times = []
-    for _ in range(repeat):
-        if cuda:
+    with peak_memory(device) as mem:
+        times = []
+        for _ in range(repeat if cuda else 0):
             torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+        if not cuda:
+            fn()
+    for _ in range(0 if cuda else repeat):
         t0 = time.perf_counter()
         fn()
-        if cuda:
-            torch.cuda.synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else float("nan")
-    return times[len(times) // 2], peak
+    return times[len(times) // 2], mem.mib
 
 
 def write_rows(csv_path: Path, rows: Iterable[dict]) -> Path:

@@ -12,7 +12,7 @@ in MiB on CUDA) are appended to ``bench/results/logit_kd.csv`` through ``bench/_
 
 Usage: ``python bench/logit_kd.py [--device cuda|cpu] [--out CSV] [--plot]``
 CUDA: tokens 2k/8k/16k, vocab 151,936, d_s 1536, d_t 2048, bf16.
-CPU: tokens 256, vocab 4096, d_s 64, d_t 96, float32.
+CPU: tokens 256/1024/2048, vocab 32,000, d_s 64, d_t 96, float32 (peak = live tensor bytes).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ BENCH = "logit_kd"
 SHAPES = {
     "cuda": dict(tokens=[2048, 8192, 16384], vocab=151_936, d_s=1536, d_t=2048,
                  dtype=torch.bfloat16),
-    "cpu": dict(tokens=[256], vocab=4096, d_s=64, d_t=96, dtype=torch.float32),
+    "cpu": dict(tokens=[256, 1024, 2048], vocab=32000, d_s=64, d_t=96, dtype=torch.float32),
 }
 
 
