@@ -109,3 +109,54 @@ def write_rows(csv_path: Path, rows: Iterable[dict]) -> Path:
 def read_rows(csv_path: Path) -> list[dict]:
     with open(csv_path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def plot_lines(csv_path: Path, benchmark: str, device_name: str, png_path: Path,
+               metrics: list[tuple[str, str]], x_label: str) -> Path:
+    """One panel per (metric, unit): value against x for each provider, log-log.
+
+    Only rows of ``benchmark`` on ``device_name`` are drawn (the latest row per x wins);
+    ``provider[variant]`` names share a colour, ``[gqa]`` variants are dashed, and OOM rows
+    are an 'x' on the floor of their panel.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_rows(csv_path)
+            if r["benchmark"] == benchmark and r["device"] == device_name]
+    providers = sorted({r["provider"] for r in rows})
+    colors = {b: f"C{i}" for i, b in enumerate(sorted({p.split("[")[0] for p in providers}))}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.5), squeeze=False)
+    for ax, (metric, unit) in zip(axes[0], metrics):
+        ooms, positive = [], False
+        for provider in providers:
+            points = {}
+            for r in rows:
+                if r["provider"] == provider and r["metric"] == metric:
+                    if r["value"] == "oom":
+                        ooms.append((provider, float(r["x"])))
+                    elif r["value"] not in ("", "nan"):
+                        points[float(r["x"])] = float(r["value"])
+            xs = sorted(points)
+            positive = positive or any(v > 0 for v in points.values())
+            style = "--" if provider.endswith("[gqa]") else "-"
+            ax.plot(xs, [points[x] for x in xs], style, marker="o", label=provider,
+                    color=colors[provider.split("[")[0]])
+        ax.set(xlabel=x_label, ylabel=f"{metric} ({unit})", title=metric)
+        ax.grid(alpha=0.3)
+        if not positive:
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+            continue
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        floor = ax.get_ylim()[0]
+        for provider, x in ooms:
+            ax.plot([x], [floor], "x", color=colors[provider.split("[")[0]], markersize=10,
+                    clip_on=False)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{benchmark} on {device_name} (x on the floor = OOM)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from bench._common import RESULTS_DIR, measure, provenance, read_rows, write_rows  # noqa: E402
+from bench._common import RESULTS_DIR, measure, plot_lines, provenance, write_rows  # noqa: E402
 from compodistill.layout import visual_layout  # noqa: E402
 from compodistill.losses import visual_attention_maps  # noqa: E402
 
@@ -192,55 +192,9 @@ def run(device: torch.device, csv_path: Path, sizes=None, repeat: int = 5) -> li
 
 
 def plot(csv_path: Path, device_name: str, png_path: Path) -> Path:
-    """Time, peak memory and TFLOP/s against N per provider (rows of ``device_name``).
-
-    OOM rows are drawn as an 'x' on the axis floor of their panel.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in read_rows(csv_path)
-            if r["benchmark"] == BENCH and r["device"] == device_name]
-    metrics = (("time", "ms"), ("peak_memory", "MiB"), ("tflops", "TFLOP/s"))
-    providers = sorted({r["provider"] for r in rows})
-    bases = sorted({p.split("[")[0] for p in providers})
-    colors = {b: f"C{i}" for i, b in enumerate(bases)}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (metric, unit) in zip(axes, metrics):
-        ooms, positive = [], False
-        for provider in providers:
-            points = {}
-            for r in rows:  # the latest row per x wins
-                if r["provider"] == provider and r["metric"] == metric:
-                    if r["value"] == "oom":
-                        ooms.append((provider, int(r["x"])))
-                    elif r["value"] not in ("", "nan"):
-                        points[int(r["x"])] = float(r["value"])
-            xs = sorted(points)
-            positive = positive or any(v > 0 for v in points.values())
-            style = "--" if provider.endswith("[gqa]") else "-"
-            ax.plot(xs, [points[x] for x in xs], style, marker="o", label=provider,
-                    color=colors[provider.split("[")[0]])
-        ax.set(xlabel="sequence length N", ylabel=f"{metric} ({unit})", title=metric)
-        ax.grid(alpha=0.3)
-        if not positive:  # e.g. peak memory on CPU (not measured)
-            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
-            continue
-        ax.set_xscale("log", base=2)
-        if metric != "tflops":
-            ax.set_yscale("log")
-        floor = ax.get_ylim()[0]
-        for provider, x in ooms:
-            ax.plot([x], [floor], "x", color=colors[provider.split("[")[0]], markersize=10,
-                    clip_on=False)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{BENCH} on {device_name} (x on the floor = OOM)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
-
+    """Time, peak memory and TFLOP/s against N per provider (rows of ``device_name``)."""
+    metrics = [("time", "ms"), ("peak_memory", "MiB"), ("tflops", "TFLOP/s")]
+    return plot_lines(csv_path, BENCH, device_name, png_path, metrics, "sequence length N")
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

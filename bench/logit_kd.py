@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from bench._common import RESULTS_DIR, measure, provenance, read_rows, write_rows  # noqa: E402
+from bench._common import RESULTS_DIR, measure, plot_lines, provenance, write_rows  # noqa: E402
 from compodistill.linear_kd import linear_distillation_loss  # noqa: E402
 
 BENCH = "logit_kd"
@@ -107,31 +107,8 @@ def run(device: torch.device, csv_path: Path, tokens=None, repeat: int = 5) -> l
 
 def plot(csv_path: Path, device_name: str, png_path: Path) -> Path:
     """Time and peak memory against tokens for each provider (rows of ``device_name``)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in read_rows(csv_path) if r["benchmark"] == BENCH
-            and r["device"] == device_name]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("time", "peak_memory")):
-        for prov in sorted({r["provider"] for r in rows}):
-            pts = {}
-            for r in rows:  # the latest row per x wins
-                if r["provider"] == prov and r["metric"] == metric:
-                    pts[int(r["x"])] = float(r["value"])
-            xs = sorted(pts)
-            ax.plot(xs, [pts[x] for x in xs], marker="o", label=prov)
-        unit = "ms" if metric == "time" else "MiB"
-        ax.set(xlabel="tokens", ylabel=f"{metric} ({unit})", title=f"{BENCH}: {metric}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(device_name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
-
+    metrics = [("time", "ms"), ("peak_memory", "MiB")]
+    return plot_lines(csv_path, BENCH, device_name, png_path, metrics, "tokens")
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
