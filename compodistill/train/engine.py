@@ -194,7 +194,11 @@ class StageLoop:
                         self.logger.log(record)
                         tokens, window_start = 0, time.perf_counter()
                         if progress is not None:
-                            progress.set_postfix({k: f"{v:.3g}" for k, v in last.items()})
+                            shown = {k.removeprefix("loss_"): f"{v:.3g}" for k, v in last.items()}
+                            shown["tok/s"] = f"{record['tokens_per_s']:.0f}"
+                            if record["peak_mem_mib"] == record["peak_mem_mib"]:  # not NaN
+                                shown["mem"] = f"{record['peak_mem_mib'] / 1024:.1f}G"
+                            progress.set_postfix(shown)
                     if progress is not None:
                         progress.update(1)
                     if self.save_every and step % self.save_every == 0:
