@@ -111,6 +111,35 @@ def read_rows(csv_path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def benchmark_main(argv, *, doc: str, bench: str, run, plot, sweep: tuple[str, dict],
+                   repeat: int = 5, before_run=None) -> list[dict]:
+    """The shared command line of the benchmarks: device, sweep override, CSV, plot.
+
+    ``sweep`` is ``(flag, argparse kwargs)`` for the benchmark's own sweep (sizes, tokens,
+    shapes); ``run(device, out, sweep_values, repeat)`` returns the rows it wrote and
+    ``plot(csv, device_name, png)`` draws them.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=["cuda", "cpu"])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{bench}.csv")
+    parser.add_argument("--plot", action="store_true", help="also write <out>.png")
+    parser.add_argument("--repeat", type=int, default=repeat)
+    flag, kwargs = sweep
+    parser.add_argument(flag, dest="sweep", nargs="*", **kwargs)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if before_run is not None:
+        before_run(device)
+    rows = run(device, args.out, args.sweep, args.repeat)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    if args.plot:
+        print(f"plot: {plot(args.out, rows[0]['device'], args.out.with_suffix('.png'))}")
+    return rows
+
+
 def plot_lines(csv_path: Path, benchmark: str, device_name: str, png_path: Path,
                metrics: list[tuple[str, str]], x_label: str) -> Path:
     """One panel per (metric, unit): value against x for each provider, log-log.

@@ -23,7 +23,6 @@ under TRITON_INTERPRET=1 (slow), otherwise the torch providers alone.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from bench._common import RESULTS_DIR, measure, plot_lines, provenance, write_rows  # noqa: E402
+from bench._common import benchmark_main, measure, plot_lines, provenance, write_rows  # noqa: E402
 from compodistill.layout import visual_layout  # noqa: E402
 from compodistill.losses import visual_attention_maps  # noqa: E402
 
@@ -196,24 +195,15 @@ def plot(csv_path: Path, device_name: str, png_path: Path) -> Path:
     metrics = [("time", "ms"), ("peak_memory", "MiB"), ("tflops", "TFLOP/s")]
     return plot_lines(csv_path, BENCH, device_name, png_path, metrics, "sequence length N")
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=["cuda", "cpu"])
-    parser.add_argument("--sizes", type=int, nargs="*", help="override the sequence lengths")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{BENCH}.csv")
-    parser.add_argument("--plot", action="store_true", help="also write <out>.png")
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+def _note_skipped_providers(device: torch.device) -> None:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         print("cpu: Triton providers skipped (set TRITON_INTERPRET=1 to run them, slowly)")
-    rows = run(device, args.out, args.sizes, args.repeat)
-    print(f"wrote {len(rows)} rows to {args.out}")
-    if args.plot:
-        png = plot(args.out, rows[0]["device"], args.out.with_suffix(".png"))
-        print(f"plot: {png}")
 
+
+def main(argv=None) -> None:
+    benchmark_main(argv, doc=__doc__, bench=BENCH, run=run, plot=plot,
+                   sweep=("--sizes", dict(type=int, help="override the sequence lengths")),
+                   before_run=_note_skipped_providers)
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,6 @@ CPU: tokens 256/1024/2048, vocab 32,000, d_s 64, d_t 96, float32 (peak = live te
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from bench._common import RESULTS_DIR, measure, plot_lines, provenance, write_rows  # noqa: E402
+from bench._common import benchmark_main, measure, plot_lines, provenance, write_rows  # noqa: E402
 from compodistill.linear_kd import linear_distillation_loss  # noqa: E402
 
 BENCH = "logit_kd"
@@ -111,20 +110,8 @@ def plot(csv_path: Path, device_name: str, png_path: Path) -> Path:
     return plot_lines(csv_path, BENCH, device_name, png_path, metrics, "tokens")
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{BENCH}.csv")
-    parser.add_argument("--plot", action="store_true", help="also write <out>.png")
-    parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts")
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    rows = run(device, args.out, args.tokens, args.repeat)
-    print(f"wrote {len(rows)} rows to {args.out}")
-    if args.plot:
-        png = plot(args.out, rows[0]["device"], args.out.with_suffix(".png"))
-        print(f"plot: {png}")
-
+    benchmark_main(argv, doc=__doc__, bench=BENCH, run=run, plot=plot,
+                   sweep=("--tokens", dict(type=int, help="override the token counts")))
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,6 @@ Usage: ``python bench/model_step.py [--device cuda|cpu] [--shapes 1x8192 ...] [-
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from bench._common import RESULTS_DIR, measure, provenance, read_rows, write_rows  # noqa: E402
+from bench._common import benchmark_main, measure, provenance, read_rows, write_rows  # noqa: E402
 from compodistill import visual_layout, visual_map_loss  # noqa: E402
 from compodistill.hf import AttentionDistiller, enable_attention  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
@@ -203,20 +202,8 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{BENCH}.csv")
-    parser.add_argument("--plot", action="store_true", help="also write <out>.png")
-    parser.add_argument("--shapes", type=_shape, nargs="*", help="override B×N, e.g. 1x8192")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    rows = run(device, args.out, args.shapes, args.repeat)
-    print(f"wrote {len(rows)} rows to {args.out}")
-    if args.plot:
-        png = plot(args.out, rows[0]["device"], args.out.with_suffix(".png"))
-        print(f"plot: {png}")
-
+    benchmark_main(argv, doc=__doc__, bench=BENCH, run=run, plot=plot, repeat=3,
+                   sweep=("--shapes", dict(type=_shape, help="override B×N, e.g. 1x8192")))
 
 if __name__ == "__main__":
     main()
