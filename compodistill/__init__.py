@@ -9,6 +9,8 @@ Public API (everything else is private):
 - :func:`logit_distillation_loss`, :func:`shift_labels`, :func:`rdist_loss` (from logits)
 - :func:`linear_distillation_loss`, :class:`LinearDistillationLoss` (fused with ``lm_head``:
   the tokens × vocab logits of neither model ever exist)
+- :class:`AttentionDistiller` (Hugging Face models), :class:`DistillationTrainer`,
+  :class:`DistillConfig`, :func:`load_config` (the DPT → DFT → SFT trainer; ``train`` extra)
 """
 from .layout import VisualLayout, spans_to_mask, visual_layout
 from .linear_kd import LinearDistillationLoss, linear_distillation_loss
@@ -19,12 +21,33 @@ from .matching import LayerMatch, layer_preset, match_layers
 
 __version__ = "0.1.0"
 
+# Training-side entry points need the `train` extra (transformers, accelerate, peft); they are
+# imported on first use so `import compodistill` needs only torch.
+_LAZY = {
+    "AttentionDistiller": "compodistill.hf",
+    "DistillationTrainer": "compodistill.train.trainer",
+    "DistillConfig": "compodistill.train.config",
+    "load_config": "compodistill.train.config",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'compodistill' has no attribute {name!r}")
+
 __all__ = [
+    "AttentionDistiller",
+    "DistillConfig",
+    "DistillationTrainer",
     "LayerMatch",
     "LinearDistillationLoss",
     "VisualLayout",
     "layer_preset",
     "linear_distillation_loss",
+    "load_config",
     "logit_distillation_loss",
     "match_layers",
     "rdist_loss",

@@ -81,7 +81,9 @@ def visual_attention_maps(q: torch.Tensor, k: torch.Tensor, visual: VisualArg | 
         q: (B, Hq, N, d) queries of one layer. k: (B, Hkv, N, d) keys, ``Hq % Hkv == 0``.
         visual: image-token positions: a (B, N) bool mask, per-sample spans
             ``[[(start, end), ...], ...]`` (end exclusive; ``[]`` for a sample without
-            images), or a prebuilt :class:`~compodistill.layout.VisualLayout`.
+            images), or a prebuilt :class:`~compodistill.layout.VisualLayout` (which then
+            also fixes the query rows, padding and causality: ``query``,
+            ``attention_mask`` and ``causal`` are not used).
         query: rows entering the loss: ``"all"``, ``"visual"``, ``"text"`` or a (B, N) mask.
         attention_mask: (B, N) 1 for real tokens, 0 for padding.
         causal: apply the causal mask. scale: defaults to ``1/sqrt(d)``.

@@ -37,3 +37,12 @@ def test_public_api_is_small_and_documented():
     for name in compodistill.__all__:
         obj = getattr(compodistill, name)
         assert obj.__doc__, f"compodistill.{name} has no docstring"
+
+
+def test_core_import_needs_only_torch(tmp_path):
+    # The trainer and HF layer are lazy: `import compodistill` must not pull transformers.
+    code = "import sys, compodistill; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "False"
+    assert compodistill.DistillationTrainer.__name__ == "DistillationTrainer"
