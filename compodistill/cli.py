@@ -39,10 +39,14 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.output_dir:
         config.output_dir = args.output_dir
+    # The recipe (config.recipe) decides what run() does: a stage chain, or CoMD's rounds.
     results = DistillationTrainer(config, show_progress=not args.quiet).run(args.stages)
     for r in results:
         print(f"{r.name}: {r.steps} steps in {r.seconds:.1f} s, skipped {r.skipped_steps}, "
               f"final {r.final_losses}; metrics in {r.metrics_path}")
+    if config.recipe == "comd":
+        print(f"comd: round files in {config.output_dir}/round-*/, final student in "
+              f"{config.output_dir}/model")
     return 0
 
 
@@ -60,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"default {value}")
     demo.set_defaults(func=_demo)
 
-    train = sub.add_parser("train", help="run the stages of a config file")
+    train = sub.add_parser("train", help="run a config file's recipe (compodistill, llava_kd, "
+                                         "llavadi, comd)")
     train.add_argument("--config", required=True, help="YAML or JSON (see configs/)")
-    train.add_argument("--stages", nargs="*", default=None, help="only these stages")
+    train.add_argument("--stages", nargs="*", default=None,
+                       help="only these stages (not for comd)")
     train.add_argument("--output-dir", default=None)
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=_train)

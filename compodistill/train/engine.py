@@ -8,6 +8,7 @@ non-finite steps, logs metrics, and saves/resumes crash-safe checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -17,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import atomic_directory_write, latest_checkpoint, write_json
+from .checkpoint import (atomic_directory_write, latest_checkpoint, prune_checkpoints,
+                         recover_checkpoints, write_json)
 from .config import StageConfig
 from .metrics import MetricsLogger, plot_loss_curves, read_metrics
 
@@ -55,7 +57,7 @@ class StageLoop:
     def __init__(self, accelerator, model: torch.nn.Module, params: list[torch.nn.Parameter],
                  loader, stage: StageConfig, loss_terms: Callable[[torch.nn.Module, dict], dict],
                  stage_dir: str | Path, *, save_every: int = 0, log_every: int = 1,
-                 max_bad_steps: int = 5, show_progress: bool = True):
+                 max_bad_steps: int = 5, show_progress: bool = True, keep_last: int = 0):
         from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
         if not params:
@@ -66,6 +68,7 @@ class StageLoop:
         self.stage_dir = Path(stage_dir)
         self.save_every, self.log_every, self.max_bad_steps = save_every, log_every, max_bad_steps
         self.show_progress = show_progress
+        self.keep_last = int(keep_last)  # newest complete checkpoints kept (0: all)
         self.params = params
         self.total_steps = total_optimizer_steps(stage, len(loader))
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
@@ -76,7 +79,7 @@ class StageLoop:
         self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
             model, optimizer, loader, scheduler)
         self.logger = MetricsLogger(self.stage_dir, enabled=accelerator.is_main_process)
-        self.weights = {"lm": stage.weights.lm, "kd": stage.weights.kd, "vat": stage.weights.vat}
+        self.weights = dataclasses.asdict(stage.weights)  # every term's weight, by name
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, step: int, skipped: int) -> None:
@@ -87,11 +90,16 @@ class StageLoop:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             atomic_directory_write(self.stage_dir / f"checkpoint-{step}", write)
+            prune_checkpoints(self.stage_dir, self.keep_last)
         self.acc.wait_for_everyone()
 
     def _resume(self) -> tuple[int, int]:
+        if self.acc.is_main_process:
+            recover_checkpoints(self.stage_dir)
+        self.acc.wait_for_everyone()
         ckpt = latest_checkpoint(self.stage_dir)
         if ckpt is None:
+            self._truncate_metrics(0)  # records of a run killed before its first checkpoint
             return 0, 0
         import json
 

@@ -60,7 +60,7 @@ def prepare_trainable(model: nn.Module, stage: StageConfig) -> tuple[nn.Module, 
     if kind in ("post_connector", "lora+post_connector"):
         for p in _post_connector(model).parameters():
             p.requires_grad_(True)
-    elif kind == "connector":
+    elif kind in ("connector", "lora+connector"):
         for name, p in _connector(model).named_parameters():
             # A TAF connector's teacher half stays frozen (SPEC §6).
             p.requires_grad_(not name.startswith(("linear_1", "linear_2"))
@@ -104,21 +104,31 @@ def _lm_head(model: nn.Module) -> nn.Linear:
     return llava_core(model).lm_head
 
 
+def lm_loss(h_s: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+    """Plain cross-entropy of the student (aligned labels), for stages without a teacher."""
+    logits = head(h_s).float()
+    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
 class StageLosses:
     """``(prepared_student, batch) -> {"lm", "kd", "vat"}`` for one stage.
 
     Terms with weight 0 are not computed at all (no teacher forward when neither KD nor
-    VAT is on). The teacher runs without gradients, in eval mode.
+    VAT is on). The teacher runs without gradients, in eval mode. Recipes subclass this and
+    name the terms that need the teacher in ``TEACHER_TERMS``.
     """
+
+    TEACHER_TERMS = ("kd", "vat")
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, stage: StageConfig,
                  config: DistillConfig, accelerator):
         self.student, self.teacher, self.stage, self.config = student, teacher, stage, config
         self.acc = accelerator
         w = stage.weights
-        self.need_teacher = bool(w.kd or w.vat)
+        self.need_teacher = any(getattr(w, term) for term in self.TEACHER_TERMS)
         if self.need_teacher and teacher is None:
-            raise ValueError(f"stage {stage.name}: KD/VAT weights need a teacher model")
+            raise ValueError(f"stage {stage.name}: the {'/'.join(self.TEACHER_TERMS)} weights "
+                             f"need a teacher model")
         self.distiller = None
         if w.vat:
             v = config.vat
@@ -140,8 +150,19 @@ class StageLosses:
                              use_cache=False)
         return out.last_hidden_state.to(batch["input_ids"].device)
 
+    def kd_options(self, batch: dict, head_s: nn.Linear, head_t: nn.Linear, **overrides) -> dict:
+        """Keyword arguments of :func:`linear_distillation_loss` from ``config.kd`` and the batch
+        (biases, masks; image positions = the student's image token id)."""
+        kd = self.config.kd
+        ids = batch["input_ids"]
+        options = dict(b_s=head_s.bias, b_t=head_t.bias, loss=kd.loss, beta=kd.beta,
+                       temperature=kd.temperature, positions=kd.positions,
+                       attention_mask=batch["attention_mask"],
+                       visual_mask=ids == llava_core(self.student).config.image_token_id)
+        return {**options, **overrides}
+
     def __call__(self, prepared: nn.Module, batch: dict) -> dict:
-        w, kd = self.stage.weights, self.config.kd
+        w = self.stage.weights
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = shift_labels(batch["labels"])  # position i predicts token i + 1
         capture = (self.distiller.capture(ids, attention_mask=mask) if self.distiller
@@ -152,14 +173,10 @@ class StageLosses:
         head_s = _lm_head(self.student)
         terms = {}
         if not self.need_teacher:
-            logits = head_s(h_s).float()
-            terms["lm"] = nn.functional.cross_entropy(
-                logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            terms["lm"] = lm_loss(h_s, head_s, labels)
             return terms
         head_t = _lm_head(self.teacher)
-        common = dict(b_s=head_s.bias, b_t=head_t.bias, loss=kd.loss, beta=kd.beta,
-                      temperature=kd.temperature, positions=kd.positions, attention_mask=mask,
-                      visual_mask=ids == llava_core(self.student).config.image_token_id)
+        common = self.kd_options(batch, head_s, head_t)
         if w.lm:
             terms["lm"] = linear_distillation_loss(h_s, head_s.weight, h_t, head_t.weight,
                                                    labels, ce_weight=1.0, kd_weight=0.0,

@@ -6,7 +6,8 @@
 Each stage writes ``<output_dir>/<stage>/`` with metrics (JSONL/CSV), a loss-curve PNG,
 checkpoints while it runs, and the final model in ``model/`` (LoRA merged). A finished
 stage is skipped when the run is started again; an interrupted one resumes from its last
-checkpoint.
+checkpoint. ``config.recipe`` picks the method (:mod:`compodistill.train.recipes`): the
+recipe supplies each stage's losses, or (CoMD) the whole run.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ..hf.llava import TAFLlavaForConditionalGeneration, apply_taf, load_student
 from .checkpoint import atomic_directory_write, is_complete
 from .config import DistillConfig, StageConfig, config_to_dict
 from .engine import StageLoop, StageResult
-from .stages import HiddenStates, StageLosses, finish_stage, llava_core, prepare_trainable
+from .stages import finish_stage, llava_core, prepare_trainable
 
 
 def _load_llava(path: str, dtype=None):
@@ -38,14 +39,19 @@ class DistillationTrainer:
         train_dataset: defaults to ``LlavaDataset(config.data.train_json, ...)``.
         accelerator: an ``accelerate.Accelerator``; default: one built from the config.
         show_progress: tqdm bars per stage.
+        recipe: a :class:`~compodistill.train.recipes.Recipe` instance (e.g. CoMD with a custom
+            judge); default: the one ``config.recipe`` names.
     """
 
     def __init__(self, config: DistillConfig, *, student=None, teacher=None, tokenizer=None,
-                 train_dataset=None, accelerator=None, show_progress: bool = True):
+                 train_dataset=None, accelerator=None, show_progress: bool = True, recipe=None):
+        from .recipes import get_recipe
+
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, set_seed
 
         self.config = config
+        self.recipe = recipe if recipe is not None else get_recipe(config.recipe)
         self.acc = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
@@ -68,14 +74,16 @@ class DistillationTrainer:
             raise ValueError("pass tokenizer= or set config.student to a folder with a tokenizer")
         return AutoTokenizer.from_pretrained(self.config.student, local_files_only=True)
 
-    def _load_dataset(self):
+    def _load_dataset(self, source=None):
+        """``LlavaDataset`` of ``source`` (a path or a list of records; default the config's)."""
         from ..data import LlavaDataset
 
         data = self.config.data
-        if not data.train_json:
+        source = source if source is not None else data.train_json
+        if not source and not isinstance(source, list):
             raise ValueError("config.data.train_json is empty: nothing to train on")
         cfg = self.student.config
-        return LlavaDataset(data.train_json, data.image_folder or None, self.tokenizer,
+        return LlavaDataset(source, data.image_folder or None, self.tokenizer,
                             cfg.vision_config.image_size, num_image_tokens=cfg.image_seq_length,
                             image_token_id=cfg.image_token_id, max_length=data.max_length,
                             on_error=data.on_error)
@@ -99,6 +107,10 @@ class DistillationTrainer:
     def _stage_dir(self, stage: StageConfig) -> Path:
         index = [s.name for s in self.config.stages].index(stage.name)
         return self.output_dir / f"{index + 1}-{stage.name}"
+
+    def _reload(self, folder) -> torch.nn.Module:
+        """A saved stage output, on this process's device."""
+        return _load_llava(str(folder)).to(self.acc.device)
 
     def _save_model(self, model, folder: Path) -> None:
         def write(tmp: Path) -> None:
@@ -127,12 +139,13 @@ class DistillationTrainer:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(student, "enable_input_require_grads"):
                 student.enable_input_require_grads()
-        losses = StageLosses(student, self.teacher, stage, self.config, self.acc)
-        loop = StageLoop(self.acc, HiddenStates(student), params, self._loader(stage), stage,
-                         losses, stage_dir, save_every=self.config.save_every,
+        parts = self.recipe.stage_parts(self, student, params, stage, stage_dir)
+        loop = StageLoop(self.acc, parts.module, parts.params, self._loader(stage), stage,
+                         parts.losses, stage_dir, save_every=self.config.save_every,
                          log_every=self.config.log_every, max_bad_steps=self.config.max_bad_steps,
                          show_progress=self.show_progress)
         result = loop.run()
+        self.recipe.after_stage(self, parts, stage, stage_dir)
         self.student = finish_stage(student)
         for p in self.student.parameters():
             p.requires_grad_(False)
@@ -140,6 +153,13 @@ class DistillationTrainer:
         return result
 
     def run(self, stages: list[str] | None = None) -> list[StageResult]:
+        """Run the recipe: for all but CoMD, the named stages (default: all) in config order.
+
+        Returns the results of the stages trained in this call.
+        """
+        return self.recipe.run(self, stages)
+
+    def run_chain(self, stages: list[str] | None = None) -> list[StageResult]:
         """Run the named stages (default: all) in config order; returns their results."""
         names = [s.name for s in self.config.stages]
         wanted = names if stages is None else list(stages)
