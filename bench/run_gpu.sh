@@ -10,4 +10,5 @@ python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider; tests=$?
 python bench/attention_loss.py --device cuda --plot
 python bench/logit_kd.py --device cuda --plot
 python bench/model_step.py --device cuda --plot
+python bench/determinism.py
 exit $tests

@@ -79,6 +79,14 @@ class _Plan:
         self.row_chunk = max(1, min(self.q_rows, _BLOCK_BUDGET // max(1, b * hq * widest)))
         self.key_mask = (layout.key_mask if layout.key_mask is not None
                          else torch.ones(b, n, dtype=torch.bool, device=q.device))
+        # Visual keys are scored once, through the gathered k_vis product, both inside the
+        # log-sum-exp and for their probabilities; the key chunks skip them. Scoring a key
+        # twice with differently shaped matmuls rounds differently, and with large scores
+        # (|s| ~ 1e3 and up) exp(s - lse) then drifts far from the softmax, even past 1.
+        is_visual = torch.zeros(b, n + 1, dtype=torch.bool, device=q.device)
+        slots = torch.where(layout.visual_valid, layout.visual_index, n)  # padding -> spare
+        is_visual.scatter_(1, slots, True)
+        self.nonvisual = self.key_mask & ~is_visual[:, :n]
 
     def row_chunks(self):
         for start in range(0, self.q_rows, self.row_chunk):
@@ -90,42 +98,66 @@ class _Plan:
             yield start, stop, torch.arange(start, stop, device=device)
 
 
-def _visual_probs(qc, k_vis, lse_c, layout, q_pos, q_ok, scale):
-    """Probabilities (B, Hq, R, Vmax) of a row chunk on the visual columns (0 where masked)."""
+def _visual_scores(qc, k_vis, layout, q_pos, q_ok, scale):
+    """Scores (B, Hq, R, Vmax) of a row chunk on the visual columns, -inf where masked."""
     vis_ok = layout.visual_valid
     if layout.key_mask is not None:  # visual tokens are never padding; kept for safety
         vis_ok = vis_ok & torch.gather(layout.key_mask, 1, layout.visual_index)
     allowed = _key_allowed(layout, q_pos, q_ok, layout.visual_index, vis_ok)
-    s = _grouped_scores(qc, k_vis, scale)
-    return torch.where(allowed, torch.exp(s - lse_c[..., None]), 0.0)
+    return _grouped_scores(qc, k_vis, scale).masked_fill(~allowed, float("-inf"))
+
+
+def _visual_probs(qc, k_vis, lse_c, layout, q_pos, q_ok, scale):
+    """Probabilities (B, Hq, R, Vmax) of a row chunk on the visual columns (0 where masked)."""
+    s = _visual_scores(qc, k_vis, layout, q_pos, q_ok, scale)
+    return torch.where(s > float("-inf"), _exp_minus_lse(s, lse_c), 0.0)
 
 
 def _chunk_probs(qc, kf, start, stop, arange, lse_c, plan, layout, q_pos, q_ok, scale):
-    """Probabilities (B, Hq, R, K) of a row chunk on keys [start, stop)."""
+    """Probabilities (B, Hq, R, K) of a row chunk on the non-visual keys in [start, stop)."""
     b = qc.shape[0]
     k_pos = arange[None, :].expand(b, -1)
-    allowed = _key_allowed(layout, q_pos, q_ok, k_pos, plan.key_mask[:, start:stop])
+    allowed = _key_allowed(layout, q_pos, q_ok, k_pos, plan.nonvisual[:, start:stop])
     s = _grouped_scores(qc, kf[:, :, start:stop], scale)
-    return torch.where(allowed, torch.exp(s - lse_c[..., None]), 0.0)
+    return torch.where(allowed, _exp_minus_lse(s, lse_c), 0.0)
 
 
-def _row_lse(qc, kf, plan, layout, q_pos, q_ok, scale):
-    """Log-sum-exp (B, Hq, R) of a row chunk over all allowed keys, by key chunks."""
+def _row_lse(qc, kf, k_vis, plan, layout, q_pos, q_ok, scale):
+    """Log-sum-exp (B, Hq, R, 2) of a row chunk over all allowed keys (as row max and log of
+    the shifted sum, see :func:`_exp_minus_lse`): the visual keys through
+    the gathered product (scored exactly as :func:`_visual_probs` scores them), the other
+    keys by key chunks."""
     b, hq, r, _ = qc.shape
+
+    def score_blocks():
+        if k_vis.shape[2]:
+            yield _visual_scores(qc, k_vis, layout, q_pos, q_ok, scale)
+        for start, stop, arange in plan.key_chunks(qc.device):
+            k_pos = arange[None, :].expand(b, -1)
+            allowed = _key_allowed(layout, q_pos, q_ok, k_pos, plan.nonvisual[:, start:stop])
+            s = _grouped_scores(qc, kf[:, :, start:stop], scale)
+            yield s.masked_fill(~allowed, float("-inf"))
+
     running_max = torch.full((b, hq, r), float("-inf"), device=qc.device, dtype=qc.dtype)
     running_sum = torch.zeros((b, hq, r), device=qc.device, dtype=qc.dtype)
-    for start, stop, arange in plan.key_chunks(qc.device):
-        k_pos = arange[None, :].expand(b, -1)
-        allowed = _key_allowed(layout, q_pos, q_ok, k_pos, plan.key_mask[:, start:stop])
-        s = _grouped_scores(qc, kf[:, :, start:stop], scale).masked_fill(~allowed, float("-inf"))
+    for s in score_blocks():
         new_max = torch.maximum(running_max, s.amax(-1))
         safe_max = torch.where(torch.isfinite(new_max), new_max, 0.0)
         running_sum = (running_sum * torch.exp(running_max - safe_max)
                        + torch.exp(s - safe_max[..., None]).sum(-1))
         running_max = new_max
     safe_max = torch.where(torch.isfinite(running_max), running_max, 0.0)
-    lse = safe_max + torch.log(running_sum)  # log(0) = -inf for rows with no allowed key
-    return lse
+    # log(0) = -inf for rows with no allowed key (their probabilities are masked to 0).
+    return torch.stack([safe_max, torch.log(running_sum)], dim=-1)
+
+
+def _exp_minus_lse(s, lse_c):
+    """exp(s − lse) with lse kept as (row max, log of the shifted sum), (B, Hq, R, 2).
+
+    Folding the two into one number rounds it to the ulp of the max (1e-3 at |s| ~ 1e4),
+    a relative error the probabilities would inherit; s − max is exact instead.
+    """
+    return torch.exp((s - lse_c[..., 0, None]) - lse_c[..., 1, None])
 
 
 class ChunkedVisualMaps(torch.autograd.Function):
@@ -139,11 +171,11 @@ class ChunkedVisualMaps(torch.autograd.Function):
         k_vis = _gather_rows(kf, layout.visual_index)
         hq = q.shape[1]
         maps = torch.zeros(layout.map_shape, dtype=qf.dtype, device=q.device)
-        lse = torch.empty(q.shape[0], hq, plan.q_rows, dtype=qf.dtype, device=q.device)
+        lse = torch.empty(q.shape[0], hq, plan.q_rows, 2, dtype=qf.dtype, device=q.device)
         q_valid = layout.query_valid
         for rows in plan.row_chunks():
             qc, q_pos, q_ok = q_rows[:, :, rows], layout.query_index[:, rows], q_valid[:, rows]
-            lse_c = _row_lse(qc, kf, plan, layout, q_pos, q_ok, scale)
+            lse_c = _row_lse(qc, kf, k_vis, plan, layout, q_pos, q_ok, scale)
             lse[:, :, rows] = lse_c
             p = _visual_probs(qc, k_vis, lse_c, layout, q_pos, q_ok, scale)
             maps[:, rows] = p.sum(1) / hq
@@ -169,13 +201,14 @@ class ChunkedVisualMaps(torch.autograd.Function):
         for rows in plan.row_chunks():
             qc, q_pos, q_ok = q_rows[:, :, rows], layout.query_index[:, rows], q_valid[:, rows]
             lse_c = lse[:, :, rows]
-            # Visual-column term: dS = P·G/Hq on visual columns.
+            # Visual columns: dS = P·(G/Hq − c).
             p_vis = _visual_probs(qc, k_vis, lse_c, layout, q_pos, q_ok, scale)
             w = p_vis * g_scaled[:, None, rows]
             c = w.sum(-1)  # c_h[i] = Σ_v P·G/Hq, the softmax row term
+            w = w - p_vis * c[..., None]
             dq_rows[:, :, rows] += scale * _grouped_matmul(w, k_vis)
             dk_vis += scale * _grouped_key_grad(w, qc, hkv)
-            # Row term over every allowed key: dS = -P·c.
+            # Every other allowed key: dS = -P·c.
             for start, stop, arange in plan.key_chunks(q.device):
                 p = _chunk_probs(qc, kf, start, stop, arange, lse_c, plan, layout, q_pos, q_ok,
                                  scale)

@@ -51,10 +51,12 @@ def _pooled_cosine(a_s, a_t, real, allowed):
 
 
 def _row_distribution(a, allowed, distribution):
-    a = torch.where(allowed, a, 0.0)
+    # Subnormal probabilities count as 0: their reciprocals, which the KL gradient
+    # −p_t/a carries, would overflow float32 (NaN gradients once |scores| reach ~1e2).
+    a = torch.where(allowed & (a >= torch.finfo(torch.float32).tiny), a, 0.0)
     total = a.sum(-1, keepdim=True)
     if distribution == "renorm":
-        return a / torch.where(total > 0, total, 1.0)
+        return a / torch.clamp_min(total, _LOG_EPS)
     rest = torch.clamp_min(1.0 - total, 0.0)
     return torch.cat([a, rest], dim=-1)
 

@@ -69,6 +69,30 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def deterministic() -> bool:
+    """Whether autotuned kernels run pinned to their first config.
+
+    True under ``COMPODISTILL_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``.
+    No kernel here uses atomics, so every launch is already bitwise reproducible for a given
+    config; what can differ from one process to the next is the config the autotuner picks
+    (block sizes set the reduction order of dk, dv, dq and the softmax). Pinning fixes it,
+    so a resumed run or another machine reproduces the same bits, at the cost of the tuning.
+    """
+    flag = os.environ.get("COMPODISTILL_DETERMINISTIC", "0")
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"COMPODISTILL_DETERMINISTIC must be 0 or 1, got {flag!r}")
+    return flag == "1" or torch.are_deterministic_algorithms_enabled()
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; an autotuned kernel is pinned to its first config
+    when :func:`deterministic` says so."""
+    if deterministic() and hasattr(kernel, "configs") and hasattr(kernel, "fn"):
+        kwargs = {**kwargs, **kernel.configs[0].all_kwargs()}
+        kernel = kernel.fn
+    kernel[grid](*args, **kwargs)
+
+
 def default_scale(head_dim: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
@@ -432,7 +456,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
     v_arg = v if v is not None else k
     o_arg = out if out is not None else q
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    _fwd_kernel[grid](
+    launch(_fwd_kernel, grid,
         q, k, v_arg, o_arg, lse, _key_mask_arg(key_mask, q),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -522,7 +546,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     flags = dict(HAS_DO=has_do, HAS_G=has_g, HAS_MASK=key_mask is not None, CAUSAL=bool(causal),
                  HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
     grid_kv = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-    _bwd_dkdv_kernel[grid_kv](
+    launch(_bwd_dkdv_kernel, grid_kv,
         q, k, v_arg, do_arg, lse, delta, km, grad_maps, query_row, visual_col, dk, dv_arg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -533,7 +557,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
         N, Hq, Hkv, Hq // Hkv, qmax, vmax, scale, _n_bucket(N), **flags,
     )
     grid_q = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    _bwd_dq_kernel[grid_q](
+    launch(_bwd_dq_kernel, grid_q,
         q, k, v_arg, do_arg, lse, delta, km, grad_maps, query_row, visual_col, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

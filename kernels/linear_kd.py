@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import launch
+
 LOSS_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
@@ -194,7 +196,7 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kd_scale
     has_ce = labels is not None and ce_scale is not None
     dummy = kd_scale  # any tensor: never read when HAS_CE is False
     if n > 0:
-        _kd_rows_kernel[(n,)](
+        launch(_kd_rows_kernel, (n,),
             zs, zs.stride(0), zt, zt.stride(0), g, g.stride(0), row_loss,
             kd_scale.float().contiguous(),
             ce_scale.float().contiguous() if has_ce else dummy,

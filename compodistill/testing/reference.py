@@ -248,8 +248,10 @@ def _sample_loss(a_s: torch.Tensor, a_t: torch.Tensor, allowed: torch.Tensor, va
         return _pooled_cosine(a_s, a_t, allowed)
     # kl family: per valid row, over allowed columns (forbidden entries are 0 in A anyway,
     # masking makes it independent of what a backend stores there).
-    rows_s = (a_s * allowed)[valid]
-    rows_t = (a_t * allowed)[valid]
+    # CONVENTIONS: probabilities below float32's smallest normal number count as 0.
+    tiny = torch.finfo(torch.float32).tiny
+    rows_s = (a_s * (allowed & (a_s >= tiny)))[valid]
+    rows_t = (a_t * (allowed & (a_t >= tiny)))[valid]
     to_dist = ref_renormalized if distribution == "renorm" else ref_rest_bucket
     return _row_divergence(loss, to_dist(rows_s), to_dist(rows_t), beta).mean()
 
