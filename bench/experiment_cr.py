@@ -64,6 +64,9 @@ VARIANTS: dict[str, dict] = {
     "layers=all": dict(taf=True, kd=1.0, vat=1.0, group="layers", preset="all"),
     "loss=kl": dict(taf=True, kd=1.0, vat=1.0, group="loss", loss="kl"),
     "loss=mse": dict(taf=True, kd=1.0, vat=1.0, group="loss", loss="mse"),
+    # The other seed methods (SPEC §5) as recipes of the same trainer, same step budget.
+    "recipe=llava_kd": dict(taf=False, kd=1.0, vat=0.0, group="recipe", recipe="llava_kd"),
+    "recipe=llavadi": dict(taf=False, kd=1.0, vat=0.0, group="recipe", recipe="llavadi"),
 }
 
 
@@ -249,6 +252,8 @@ def student_config(variant: str, seed: int, student: Path, teacher: Path, data: 
     taf, kd, vat = spec["taf"], spec["kd"], spec["vat"]
     bs, lr = opts["batch_size"], opts["student_lr"]
     lora = dict(lora_r=opts["lora_r"], lora_alpha=2 * opts["lora_r"], lora_dropout=0.0)
+    if "recipe" in spec:
+        return recipe_config(spec["recipe"], seed, student, teacher, data, out, opts, lora)
     return {**_common(data["train"], data, seed), "student": str(student),
             "teacher": str(teacher) if (kd or vat or taf) else "", "taf": taf,
             "output_dir": str(out), "vat": vat_options(variant), "stages": [
@@ -260,6 +265,25 @@ def student_config(variant: str, seed: int, student: Path, teacher: Path, data: 
                      weights=dict(lm=1.0, kd=kd, vat=vat), **lora),
                 dict(kind="sft", trainable="lora", lr=lr, max_steps=opts["sft_steps"],
                      batch_size=bs, weights=dict(lm=1.0, kd=0.0, vat=0.0), **lora)]}
+
+
+def recipe_config(recipe: str, seed: int, student: Path, teacher: Path, data: dict, out: Path,
+                  opts: dict, lora: dict) -> dict:
+    """LLaVA-KD (DPT → SFT → DFT) or LLAVADI (DPT → DFT) with the CompoDistill step budget."""
+    bs, lr = opts["batch_size"], opts["student_lr"]
+    step = dict(lr=lr, batch_size=bs)
+    if recipe == "llava_kd":
+        all_terms = dict(lm=1.0, kd=1.0, kd_vis=1.0, rdist=1.0)
+        stages = [dict(kind="dpt", max_steps=opts["dpt_steps"], weights=all_terms, **step),
+                  dict(kind="sft", max_steps=opts["sft_steps"], **step, **lora),
+                  dict(kind="dft", max_steps=opts["dft_steps"], weights=all_terms, **step,
+                       **lora)]
+    else:
+        stages = [dict(kind="dpt", max_steps=opts["dpt_steps"], **step),
+                  dict(kind="dft", max_steps=opts["dft_steps"] + opts["sft_steps"],
+                       weights=dict(lm=1.0, kd=1.0, feat=1.0), **step, **lora)]
+    return {**_common(data["train"], data, seed), "recipe": recipe, "student": str(student),
+            "teacher": str(teacher), "output_dir": str(out), "stages": stages}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -397,7 +421,7 @@ def plot(summary: list[dict], png: Path, title: str) -> Path:
         means = [100 * s[key][0] for s in summary]
         stds = [100 * s[key][1] for s in summary]
         colors = ["0.4" if n in ("teacher", "student (warm-up)") else
-                  f"C{['method', 'matching', 'layers', 'loss'].index(VARIANTS[n]['group'])}"
+                  f"C{['method', 'matching', 'layers', 'loss', 'recipe'].index(VARIANTS[n]['group'])}"
                   for n in names]
         ax.bar(range(len(names)), means, yerr=stds, capsize=3, color=colors)
         if key.startswith("cr"):
@@ -460,14 +484,16 @@ def run(opts: dict, argv: list[str]) -> dict:
                 continue
             t0 = time.perf_counter()
             torch.manual_seed(seed)
-            results = _train(student_config(variant, seed, warm, teacher_path, data, run_dir,
-                                             opts), opts["progress"])
+            config = student_config(variant, seed, warm, teacher_path, data, run_dir, opts)
+            results = _train(config, opts["progress"])
+            stages = config["stages"]  # the last stage's output is the final student
+            final = run_dir / f"{len(stages)}-{stages[-1].get('name', stages[-1]['kind'])}"
             train_s = time.perf_counter() - t0
             row = {**base, "variant": variant, "group": VARIANTS[variant]["group"],
                    "seed": seed, "train_seconds": round(train_s, 1),
                    "final_losses": {r.name: {k: round(v, 4) for k, v in r.final_losses.items()}
                                     for r in results},
-                   **evaluate(run_dir / "3-sft" / "model", tokenizer, data, opts)}
+                   **evaluate(final / "model", tokenizer, data, opts)}
             row["wall_seconds"] = round(time.perf_counter() - t0, 1)
             done.write_text(json.dumps(row))
             rows.append(row)

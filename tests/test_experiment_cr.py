@@ -21,6 +21,7 @@ def test_variant_table_covers_the_paper():
     assert {"sft", "kd", "kd+vat", "kd+vat+taf"} <= names
     assert {"match=simple", "match=adaptive", "layers=early", "layers=late", "layers=all",
             "loss=kl", "loss=mse"} <= names
+    assert {"recipe=llava_kd", "recipe=llavadi"} <= names  # the other seed methods
     # Ablations change one VAT option of CompoDistill (group / intermediate / cosine, TAF on).
     assert ex.vat_options("kd+vat+taf") == ex.BASE_VAT
     assert ex.vat_options("match=adaptive") == {**ex.BASE_VAT, "matching": "adaptive"}
@@ -45,9 +46,16 @@ def test_arguments(tmp_path):
 def test_every_variant_config_is_valid(tmp_path):
     opts = ex.resolve(ex.build_parser().parse_args(["--quick"]))
     data = {"train": "t.json", "image_folder": "img"}
+    budget = opts["dpt_steps"] + opts["dft_steps"] + opts["sft_steps"]
     for name, spec in ex.VARIANTS.items():
         cfg = config_from_dict(ex.student_config(name, 0, tmp_path / "s", tmp_path / "t", data,
                                                  tmp_path / name, opts))
+        assert sum(s.max_steps for s in cfg.stages) == budget  # same budget for every method
+        if "recipe" in spec:
+            assert cfg.recipe == spec["recipe"] and cfg.teacher
+            kinds = {"llava_kd": ["dpt", "sft", "dft"], "llavadi": ["dpt", "dft"]}
+            assert [s.kind for s in cfg.stages] == kinds[spec["recipe"]]
+            continue
         assert [s.kind for s in cfg.stages] == ["dpt", "dft", "sft"]
         assert cfg.taf == spec["taf"] and cfg.stages[1].weights.vat == spec["vat"]
         assert cfg.stages[0].weights.kd == spec["kd"] and cfg.stages[2].weights.kd == 0
