@@ -161,15 +161,24 @@ class StageLosses:
                        visual_mask=ids == llava_core(self.student).config.image_token_id)
         return {**options, **overrides}
 
+    def forwards(self, prepared: nn.Module, batch: dict, capture=None):
+        """Teacher (no grad, when needed) and student forwards under autocast.
+
+        Returns ``(labels, h_t, student_output, capture)`` with the labels aligned to the
+        logits (position i predicts token i + 1); every recipe's losses start here.
+        """
+        with self.acc.autocast(), (capture or contextlib.nullcontext()) as cap:
+            h_t = self._teacher_hidden(batch) if self.need_teacher else None
+            out = prepared(batch["input_ids"], batch["attention_mask"],
+                           batch.get("pixel_values"))
+        return shift_labels(batch["labels"]), h_t, out, cap
+
     def __call__(self, prepared: nn.Module, batch: dict) -> dict:
         w = self.stage.weights
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        labels = shift_labels(batch["labels"])  # position i predicts token i + 1
-        capture = (self.distiller.capture(ids, attention_mask=mask) if self.distiller
-                   else contextlib.nullcontext())
-        with self.acc.autocast(), capture as cap:
-            h_t = self._teacher_hidden(batch) if self.need_teacher else None
-            h_s = prepared(ids, mask, batch.get("pixel_values"))
+        capture = (self.distiller.capture(batch["input_ids"],
+                                          attention_mask=batch["attention_mask"])
+                   if self.distiller else None)
+        labels, h_t, h_s, cap = self.forwards(prepared, batch, capture)
         head_s = _lm_head(self.student)
         terms = {}
         if not self.need_teacher:

@@ -1,6 +1,7 @@
 """The recipe interface the trainer calls (see :mod:`compodistill.train.recipes`)."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -32,7 +33,7 @@ class StageParts:
     extras: dict = field(default_factory=dict)
 
 
-class Recipe:
+class Recipe(ABC):
     """One distillation method as a variant of :class:`DistillationTrainer`.
 
     Subclasses override :meth:`stage_parts` (losses, extra trainable modules),
@@ -42,6 +43,7 @@ class Recipe:
 
     name = "base"
 
+    @abstractmethod
     def stage_parts(self, trainer: "DistillationTrainer", student: nn.Module, params: list,
                     stage: "StageConfig", stage_dir: Path) -> StageParts:
         """Build the module, parameters and loss function of one stage.
@@ -49,7 +51,6 @@ class Recipe:
         ``student`` is the model after ``prepare_trainable`` (a peft model when LoRA is on) and
         ``params`` its trainable parameters.
         """
-        raise NotImplementedError
 
     def after_stage(self, trainer: "DistillationTrainer", parts: StageParts,
                     stage: "StageConfig", stage_dir: Path) -> None:

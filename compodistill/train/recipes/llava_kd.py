@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ...linear_kd import linear_distillation_loss
-from ...logit_losses import shift_labels
 from ..stages import HiddenStates, StageLosses, _lm_head, lm_loss
 from .base import Recipe, StageParts
 
@@ -131,11 +130,7 @@ class LlavaKDLosses(StageLosses):
 
     def __call__(self, prepared: nn.Module, batch: dict) -> dict:
         w = self.stage.weights
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        labels = shift_labels(batch["labels"])  # position i predicts token i + 1
-        with self.acc.autocast():
-            h_t = self._teacher_hidden(batch) if self.need_teacher else None
-            h_s = prepared(ids, mask, batch.get("pixel_values"))
+        labels, h_t, h_s, _ = self.forwards(prepared, batch)
         head_s = _lm_head(self.student)
         if not self.need_teacher:  # SFT: CE only
             return {"lm": lm_loss(h_s, head_s, labels)}
@@ -153,7 +148,7 @@ class LlavaKDLosses(StageLosses):
             vs = head_s.weight.shape[0]
             terms["rdist"] = linear_rdist_loss(
                 h_s, head_s.weight, h_t, head_t.weight, common["visual_mask"],
-                attention_mask=mask, gram_s=self._gram(head_s.weight, head_s.bias),
+                attention_mask=batch["attention_mask"], gram_s=self._gram(head_s.weight, head_s.bias),
                 gram_t=self._gram(head_t.weight, head_t.bias, truncate=vs))
         return terms
 

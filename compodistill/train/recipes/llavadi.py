@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ...linear_kd import linear_distillation_loss
-from ...logit_losses import shift_labels
 from ..stages import HiddenStates, StageLosses, _lm_head, llava_core, lm_loss
 from .base import Recipe, StageParts
 
@@ -71,11 +70,7 @@ class LlavaDILosses(StageLosses):
 
     def __call__(self, prepared: nn.Module, batch: dict) -> dict:
         w = self.stage.weights
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        labels = shift_labels(batch["labels"])  # position i predicts token i + 1
-        with self.acc.autocast():
-            h_t = self._teacher_hidden(batch) if self.need_teacher else None
-            out = prepared(ids, mask, batch.get("pixel_values"))
+        labels, h_t, out, _ = self.forwards(prepared, batch)
         h_s, projected = out if isinstance(out, tuple) else (out, None)
         head_s = _lm_head(self.student)
         if not self.need_teacher:
@@ -89,7 +84,7 @@ class LlavaDILosses(StageLosses):
         if w.kd:
             terms["kd"] = linear_distillation_loss(*args, **common)
         if w.feat:
-            terms["feat"] = feature_mse(projected, h_t, mask)
+            terms["feat"] = feature_mse(projected, h_t, batch["attention_mask"])
         return terms
 
 
