@@ -1,8 +1,36 @@
-"""Command line: ``compodistill demo`` (and more subcommands as capabilities land)."""
+"""The ``compodistill`` command line.
+
+User errors (a missing file, a bad config key or value, a missing checkpoint) are printed as one
+line and exit with status 2; ``--debug`` shows their traceback. Anything else is a bug and keeps
+its traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+
+DESCRIPTION = """\
+Fused visual-attention distillation of vision-language models.
+
+  compodistill demo                       a whole distillation on a tiny model pair (CPU)
+  compodistill train --config FILE        run a config's recipe (see configs/)
+  compodistill eval cr|vqa --model DIR    evaluate a saved model
+  compodistill data synth --out DIR       write the synthetic compositional data set
+  compodistill demo-losses                every visual-attention loss against the reference
+"""
+
+
+def _quiet_libraries() -> None:
+    """No loading bars or info logs from transformers / the hub (``--quiet``)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # the core install has no transformers
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _demo_losses(args: argparse.Namespace) -> int:
@@ -50,53 +78,106 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .demo import DEFAULTS
+def _data(args: argparse.Namespace) -> int:
+    from .data import synthetic
 
-    parser = argparse.ArgumentParser(prog="compodistill", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="tiny end-to-end run: synthetic data, teacher, "
-                                       "DPT -> DFT -> SFT, evaluation (CPU, a few minutes)")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--quiet", action="store_true")
+    return synthetic.run(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .eval import cli
+
+    return cli.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data.synthetic import add_arguments as add_synth_arguments
+    from .demo import DEFAULTS, HELP
+    from .eval.cli import TASKS, add_task_arguments
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true",
+                        help="no progress bars or library logs, only the results")
+    common.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error")
+
+    parser = argparse.ArgumentParser(prog="compodistill", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="a whole CompoDistill run on a tiny model pair (CPU, about 2 "
+                               "minutes on 2 cores)",
+                          description="Synthetic data, a tiny teacher and student, teacher "
+                                      "training, DPT -> DFT -> SFT with TAF, KD and VAT, then "
+                                      "evaluation. Prints each phase and the total time.")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     for key, value in DEFAULTS.items():
         demo.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(value), default=None,
-                          help=f"default {value}")
+                          help=f"{HELP[key]} (default {value})")
     demo.set_defaults(func=_demo)
 
-    train = sub.add_parser("train", help="run a config file's recipe (compodistill, llava_kd, "
-                                         "llavadi, comd)")
-    train.add_argument("--config", required=True, help="YAML or JSON (see configs/)")
+    train = sub.add_parser("train", parents=[common],
+                           help="run a config file's recipe (compodistill, llava_kd, llavadi, "
+                                "comd)",
+                           description="Run the recipe of a YAML/JSON config. teacher and "
+                                       "student must be local folders written by "
+                                       "save_pretrained; `compodistill demo` writes a usable "
+                                       "pair under runs/demo/.")
+    train.add_argument("--config", required=True, help="YAML or JSON config (see configs/)")
     train.add_argument("--stages", nargs="*", default=None,
-                       help="only these stages (not for comd)")
-    train.add_argument("--output-dir", default=None)
-    train.add_argument("--quiet", action="store_true")
+                       help="only these stages, by name (not for comd)")
+    train.add_argument("--output-dir", default=None, help="override the config's output_dir")
     train.set_defaults(func=_train)
 
-    losses = sub.add_parser("demo-losses", help="every visual-attention loss variant vs the "
-                                                "materialising reference (values, time, memory)")
-    losses.add_argument("--batch", type=int, default=3)
-    losses.add_argument("--seq-len", type=int, default=512)
-    losses.add_argument("--head-dim", type=int, default=64)
-    losses.add_argument("--seed", type=int, default=0)
+    evaluate = sub.add_parser("eval", help="evaluate a saved model: cr or vqa",
+                              description="Evaluate a saved model on local files.")
+    tasks = evaluate.add_subparsers(dest="task", required=True, metavar="TASK")
+    for task, text in TASKS.items():
+        add_task_arguments(tasks.add_parser(task, parents=[common], help=text, description=text),
+                           task)
+    evaluate.set_defaults(func=_eval)
+
+    data = sub.add_parser("data", help="data tools: synth", description="Data tools.")
+    tools = data.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    synth = tools.add_parser("synth", parents=[common],
+                             help="write the synthetic compositional data set (coloured shapes)",
+                             description="Write the synthetic compositional data set.")
+    add_synth_arguments(synth)
+    data.set_defaults(func=_data)
+
+    losses = sub.add_parser("demo-losses", parents=[common],
+                            help="every visual-attention loss variant vs the materialising "
+                                 "reference (values, time, memory)")
+    losses.add_argument("--batch", type=int, default=3, help="batch size (default 3)")
+    losses.add_argument("--seq-len", type=int, default=512, help="tokens (default 512)")
+    losses.add_argument("--head-dim", type=int, default=64, help="head dim (default 64)")
+    losses.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     losses.set_defaults(func=_demo_losses)
-
-    data = sub.add_parser("data", help="data tools: `compodistill data synth --out DIR`")
-    data.add_argument("tool", choices=["synth"])
-    data.add_argument("rest", nargs=argparse.REMAINDER)
-    data.set_defaults(func=lambda a: __import__("compodistill.data.synthetic",
-                                                fromlist=["main"]).main(a.rest))
-
-    evaluate = sub.add_parser("eval", help="evaluation: `compodistill eval cr|vqa ...`")
-    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
-    evaluate.set_defaults(func=lambda a: __import__("compodistill.eval.cli",
-                                                    fromlist=["main"]).main(a.rest))
     return parser
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, FileNotFoundError) and error.filename and str(error.filename) not in text:
+        text = f"{text}: {error.filename}"
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if getattr(args, "quiet", False):
+        _quiet_libraries()
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as error:  # bad input: the message says what to change
+        if getattr(args, "debug", False):
+            raise
+        print(f"compodistill {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        print("(run again with --debug for the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"compodistill {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

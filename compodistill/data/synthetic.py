@@ -190,27 +190,37 @@ def generate_synthetic(out: str, num: int = 1000, num_eval: int | None = None,
     return {**paths, "image_folder": out, "counts": meta["counts"]}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="compodistill data synth", description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``compodistill data synth`` (shared with this module's own CLI)."""
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num", type=int, default=1000, help="training images")
+    p.add_argument("--num", type=int, default=1000, help="training images (default 1000)")
     p.add_argument("--num-eval", type=int, default=None, help="eval images (default num // 5)")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--multi-turn", action="store_true", help="one 3-turn record per image")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = add_arguments(argparse.ArgumentParser(prog="compodistill data synth",
+                                              description=__doc__.split("\n")[0]))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry: ``compodistill data synth --out DIR [--num N] [--image-size S] [--seed K]``."""
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Generate the data set that ``args`` (from :func:`add_arguments`) describes."""
     res = generate_synthetic(args.out, args.num, args.num_eval, args.image_size, args.seed,
                              args.multi_turn, progress=not args.quiet)
     counts = res["counts"]
     print(f"wrote {counts['train']} training records, {counts['cr_eval']} CR items and "
           f"{counts['vqa_eval']} VQA items to {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: ``compodistill data synth --out DIR [--num N] [--image-size S] [--seed K]``."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

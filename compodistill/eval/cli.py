@@ -42,31 +42,48 @@ def load_model_and_encoder(path: str, num_image_tokens: int | None = None):
     return model, encoder
 
 
+TASKS = {"cr": "compositional reasoning: which of two captions fits the image",
+         "vqa": "short-answer visual question answering, exact match after normalisation"}
+
+
+def add_task_arguments(s: argparse.ArgumentParser, task: str) -> argparse.ArgumentParser:
+    """The options of ``compodistill eval cr`` / ``eval vqa``."""
+    s.add_argument("--model", required=True, help="saved model folder (save_pretrained output)")
+    s.add_argument("--data", required=True, help="eval file (or SugarCrepe folder)")
+    s.add_argument("--image-folder", default=None, help="default: the data file's folder")
+    s.add_argument("--batch-size", type=int, default=8, help="default 8")
+    s.add_argument("--max-new-tokens", type=int, default=3 if task == "cr" else 8,
+                   help="generation length for the generate scorer / the answer")
+    s.add_argument("--num-image-tokens", type=int, default=None,
+                   help="image tokens per image (default: the model config's image_seq_length)")
+    s.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
+    s.add_argument("--out", default=None, help="write the results (with details) as JSON")
+    if task == "cr":
+        s.add_argument("--format", choices=FORMATS, default="synthetic",
+                       help="data format (default synthetic)")
+        s.add_argument("--scorers", nargs="+", default=["loglik", "generate"],
+                       choices=["loglik", "generate", "caption"],
+                       help="A/B by log-likelihood, A/B by generation, or caption likelihood")
+    s.set_defaults(task=task)
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compodistill eval", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="task", required=True)
-    for task in ("cr", "vqa"):
-        s = sub.add_parser(task, help=f"{task.upper()} evaluation")
-        s.add_argument("--model", required=True, help="saved model folder")
-        s.add_argument("--data", required=True, help="eval file (or SugarCrepe folder)")
-        s.add_argument("--image-folder", default=None, help="default: the data file's folder")
-        s.add_argument("--batch-size", type=int, default=8)
-        s.add_argument("--max-new-tokens", type=int, default=3 if task == "cr" else 8)
-        s.add_argument("--num-image-tokens", type=int, default=None)
-        s.add_argument("--device", default=None)
-        s.add_argument("--out", default=None, help="write the results (with details) as JSON")
-        if task == "cr":
-            s.add_argument("--format", choices=FORMATS, default="synthetic")
-            s.add_argument("--scorers", nargs="+", default=["loglik", "generate"],
-                           choices=["loglik", "generate", "caption"])
+    for task, text in TASKS.items():
+        add_task_arguments(sub.add_parser(task, help=text, description=text), task)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``cr`` or ``vqa``; print a table and optionally write ``--out`` JSON."""
     from . import cr, vqa
 
-    args = build_parser().parse_args(argv)
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model: model folder not found: {args.model}")
+    if not os.path.exists(args.data):
+        raise FileNotFoundError(f"--data: eval data not found: {args.data}")
     model, encoder = load_model_and_encoder(args.model, args.num_image_tokens)
     if args.device:
         model.to(args.device)
@@ -89,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

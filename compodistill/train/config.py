@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,106 @@ RECIPES = ("compodistill", "llava_kd", "llavadi", "comd")
 # Loss terms each recipe computes; a stage giving another term a weight is a config error.
 RECIPE_TERMS = {"compodistill": ("lm", "kd", "vat"), "llava_kd": ("lm", "kd", "kd_vis", "rdist"),
                 "llavadi": ("lm", "kd", "feat"), "comd": ("lm", "kd")}
+# The values each option accepts, copied from the losses they configure so that a typo fails
+# when the file loads, not after both models have loaded (tests check the two stay equal).
+KD_LOSSES = ("kl", "reverse_kl", "jsd")
+KD_POSITIONS = ("response", "all", "visual")
+VAT_MATCHING = ("group", "simple", "adaptive")
+VAT_PRESETS = ("all", "early", "intermediate", "late")
+VAT_QUERIES = ("all", "visual", "text")
+VAT_LOSSES = ("cosine", "kl", "reverse_kl", "jsd", "mse")
+VAT_COSINE = ("flat", "row", "pooled")
+VAT_DISTRIBUTIONS = ("renorm", "rest")
+LAYER_REDUCTIONS = ("mean", "sum")
+SCHEDULERS = ("cosine", "linear")
+ON_ERROR = ("skip", "raise")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A bad config value. ``key`` is its path in the file (``stages[1].lr``, ``kd.loss``)."""
+
+    def __init__(self, key: str, message: str):
+        self.key, self.message = key, message
+        super().__init__(f"{key}: {message}" if key else message)
+
+    def within(self, prefix: str) -> "ConfigError":
+        """The same error, with its key placed under ``prefix``."""
+        return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.message)
+
+
+def choice(default, choices: tuple, **kwargs):
+    """A dataclass field that only accepts one of ``choices``."""
+    return field(default=default, metadata={"choices": choices}, **kwargs)
+
+
+def _type_name(hint) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        name = " or ".join(_type_name(a) for a in args)
+        return name + " or null" if len(args) < len(typing.get_args(hint)) else name
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(args[0])}"
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _coerce(value, hint):
+    """``value`` as ``hint``, or raise TypeError. YAML reads ``2e-4`` as a string: accept it."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return [_coerce(v, typing.get_args(hint)[0]) for v in value]
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise TypeError from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if hint in (bool, str):
+        if isinstance(value, hint):
+            return value
+        raise TypeError
+    return value  # nested dataclasses are checked by their own __post_init__
+
+
+def check_fields(obj) -> None:
+    """Check (and normalise) every field of a config dataclass: type, then allowed values.
+
+    Raises :class:`ConfigError` naming the field, the value and what is allowed.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        try:
+            value = _coerce(value, hints[f.name])
+        except TypeError:
+            raise ConfigError(f.name, f"expected {_type_name(hints[f.name])}, got {value!r} "
+                                      f"({type(value).__name__})") from None
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f.name, f"{value!r} is not one of "
+                                      f"{', '.join(repr(c) for c in choices)}")
+        setattr(obj, f.name, value)
 
 
 @dataclass
@@ -41,30 +143,51 @@ class LossWeights:
     rdist: float = 0.0
     feat: float = 0.0
 
+    def __post_init__(self):
+        check_fields(self)
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 0:
+                raise ConfigError(f.name, f"a loss weight must be >= 0, got {getattr(self, f.name)}")
+
 
 @dataclass
 class KDOptions:
     """Logit distillation (SPEC §4)."""
 
-    loss: str = "kl"
+    loss: str = choice("kl", KD_LOSSES)
     temperature: float = 1.0
-    positions: str = "response"
+    positions: str = choice("response", KD_POSITIONS)
     beta: float = 0.5
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.temperature <= 0:
+            raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError("beta", f"must be in [0, 1], got {self.beta}")
 
 
 @dataclass
 class VATOptions:
     """Visual-attention alignment (SPEC §2–§3); defaults are the paper's."""
 
-    matching: str = "group"
-    preset: str = "intermediate"
+    matching: str = choice("group", VAT_MATCHING)
+    preset: str = choice("intermediate", VAT_PRESETS)
     student_layers: list[int] | None = None
     teacher_layers: list[int] | None = None
-    query: str = "all"
-    loss: str = "cosine"
-    cosine: str = "flat"
-    distribution: str = "renorm"
-    layer_reduction: str = "mean"
+    query: str = choice("all", VAT_QUERIES)
+    loss: str = choice("cosine", VAT_LOSSES)
+    cosine: str = choice("flat", VAT_COSINE)
+    distribution: str = choice("renorm", VAT_DISTRIBUTIONS)
+    layer_reduction: str = choice("mean", LAYER_REDUCTIONS)
+
+    def __post_init__(self):
+        check_fields(self)
+        for key in ("student_layers", "teacher_layers"):
+            layers = getattr(self, key)
+            if layers is not None and (not layers or min(layers) < 0):
+                raise ConfigError(key, f"must be a non-empty list of layer indices >= 0, "
+                                       f"got {layers}")
 
 
 @dataclass
@@ -74,8 +197,9 @@ class LlavaKDOptions:
     vocab_chunk: int = 8192
 
     def __post_init__(self):
+        check_fields(self)
         if self.vocab_chunk < 1:
-            raise ValueError(f"llava_kd.vocab_chunk must be >= 1, got {self.vocab_chunk}")
+            raise ConfigError("vocab_chunk", f"must be >= 1, got {self.vocab_chunk}")
 
 
 @dataclass
@@ -85,8 +209,9 @@ class LlavaDIOptions:
     proj_hidden: int = 5120
 
     def __post_init__(self):
+        check_fields(self)
         if self.proj_hidden < 1:
-            raise ValueError(f"llavadi.proj_hidden must be >= 1, got {self.proj_hidden}")
+            raise ConfigError("proj_hidden", f"must be >= 1, got {self.proj_hidden}")
 
 
 @dataclass
@@ -103,7 +228,7 @@ class CoMDOptions:
 
     rounds: int = 4
     threshold: float = 1.0
-    judge: str = "model"
+    judge: str = choice("model", ("model", "overlap"))
     judge_model: str = ""
     judge_prompt: str = ""
     augment_prompt: str = ""
@@ -115,21 +240,20 @@ class CoMDOptions:
     generation_batch_size: int = 8
 
     def __post_init__(self):
-        if self.judge not in ("model", "overlap"):
-            raise ValueError(f"comd.judge must be 'model' or 'overlap', got {self.judge!r}")
+        check_fields(self)
         for key in ("rounds", "max_new_tokens", "instruction_max_new_tokens",
                     "judge_max_new_tokens", "generation_batch_size"):
             if getattr(self, key) < 1:
-                raise ValueError(f"comd.{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if self.assess_samples is not None and self.assess_samples < 1:
-            raise ValueError(f"comd.assess_samples must be >= 1 or null, got {self.assess_samples}")
+            raise ConfigError("assess_samples", f"must be >= 1 or null, got {self.assess_samples}")
 
 
 @dataclass
 class StageConfig:
     """One stage of the chain. ``kind`` picks the defaults of SPEC §7."""
 
-    kind: str
+    kind: str = choice(None, STAGE_KINDS)
     name: str = ""
     trainable: str = ""
     weights: LossWeights = field(default_factory=LossWeights)
@@ -139,30 +263,36 @@ class StageConfig:
     batch_size: int = 8
     grad_accum: int = 1
     warmup_ratio: float = 0.03
-    scheduler: str = "cosine"
+    scheduler: str = choice("cosine", SCHEDULERS)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
-    merge_previous_lora: bool = False
 
     def __post_init__(self):
-        if self.kind not in STAGE_KINDS:
-            raise ValueError(f"stage kind must be one of {STAGE_KINDS}, got {self.kind!r}")
-        defaults = STAGE_DEFAULTS[self.kind]
+        if isinstance(self.weights, dict):
+            self.weights = LossWeights(**self.weights)
+        if self.kind not in STAGE_KINDS:  # first: the defaults below depend on it
+            raise ConfigError("kind", f"{self.kind!r} is not a stage kind; "
+                                      f"stage kind must be one of {STAGE_KINDS}")
         self.name = self.name or self.kind
-        self.trainable = self.trainable or defaults["trainable"]
+        self.trainable = self.trainable or STAGE_DEFAULTS[self.kind]["trainable"]
+        check_fields(self)
         if self.trainable not in TRAINABLE:
-            raise ValueError(f"stage {self.name}: trainable must be one of {TRAINABLE}, "
-                             f"got {self.trainable!r}")
-        for key in ("lr", "epochs", "batch_size", "grad_accum"):
+            raise ConfigError("trainable", f"{self.trainable!r} is not one of "
+                                           f"{', '.join(map(repr, TRAINABLE))}")
+        for key in ("lr", "epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"stage {self.name}: {key} must be positive, "
-                                 f"got {getattr(self, key)}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"stage {self.name}: warmup_ratio must be in [0, 1), "
-                             f"got {self.warmup_ratio}")
+                raise ConfigError(key, f"must be positive, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("max_steps", f"must be >= 1 or null, got {self.max_steps}")
+        for key in ("warmup_ratio", "lora_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(key, f"must be in [0, 1), got {getattr(self, key)}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError("weight_decay" if self.weight_decay < 0 else "max_grad_norm",
+                              "must be >= 0")
 
 
 # SPEC §7: DPT trains the post-connector with LM + KD; DFT adds LoRA and VAT; SFT merges the
@@ -171,8 +301,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpt": dict(trainable="post_connector", weights=dict(lm=1.0, kd=1.0, vat=0.0), batch_size=256),
     "dft": dict(trainable="lora+post_connector", weights=dict(lm=1.0, kd=1.0, vat=1.0),
                 batch_size=128),
-    "sft": dict(trainable="lora", weights=dict(lm=1.0, kd=0.0, vat=0.0), batch_size=192,
-                merge_previous_lora=True),
+    "sft": dict(trainable="lora", weights=dict(lm=1.0, kd=0.0, vat=0.0), batch_size=192),
 }
 
 # SPEC §5 stage defaults of the other recipes (no TAF, so the connector itself trains).
@@ -205,12 +334,19 @@ def default_stage(kind: str, recipe: str = "compodistill", **overrides) -> Stage
 
     Weights not named by the recipe's defaults or ``overrides`` are 0, except ``lm`` (1).
     """
-    if kind not in STAGE_DEFAULTS:
-        raise ValueError(f"stage kind must be one of {STAGE_KINDS}, got {kind!r}")
+    if kind not in STAGE_KINDS:
+        raise ConfigError("kind", f"{kind!r} is not a stage kind; "
+                                  f"stage kind must be one of {STAGE_KINDS}")
     if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        raise ConfigError("recipe", f"{recipe!r} is not a recipe; recipe must be one of {RECIPES}")
     base = dict(RECIPE_STAGE_DEFAULTS[recipe][kind])
-    weights = LossWeights(**{**base.pop("weights"), **overrides.pop("weights", {})})
+    weights = overrides.pop("weights", {})
+    if isinstance(weights, LossWeights):  # explicit weights: every field is taken as given
+        weights = dataclasses.asdict(weights)
+    try:
+        weights = LossWeights(**{**base.pop("weights"), **weights})
+    except ConfigError as e:
+        raise e.within("weights") from None
     return StageConfig(kind=kind, weights=weights, **{**base, **overrides})
 
 
@@ -221,8 +357,14 @@ class DataConfig:
     train_json: str = ""
     image_folder: str = ""
     max_length: int = 1536
-    on_error: str = "skip"
+    on_error: str = choice("skip", ON_ERROR)
     num_workers: int = 0
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.max_length < 1 or self.num_workers < 0:
+            raise ConfigError("max_length" if self.max_length < 1 else "num_workers",
+                              f"must be {'>= 1' if self.max_length < 1 else '>= 0'}")
 
 
 @dataclass
@@ -237,14 +379,14 @@ class DistillConfig:
     stages: list[StageConfig] | None = None
     kd: KDOptions = field(default_factory=KDOptions)
     vat: VATOptions = field(default_factory=VATOptions)
-    recipe: str = "compodistill"
+    recipe: str = choice("compodistill", RECIPES)
     llava_kd: LlavaKDOptions = field(default_factory=LlavaKDOptions)
     llavadi: LlavaDIOptions = field(default_factory=LlavaDIOptions)
     comd: CoMDOptions = field(default_factory=CoMDOptions)
     # None: the recipe's default (TAF is CompoDistill's; the other recipes have none).
     taf: bool | None = None
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str = choice("no", MIXED_PRECISION)
     gradient_checkpointing: bool = False
     log_every: int = 1
     save_every: int = 0
@@ -252,71 +394,110 @@ class DistillConfig:
     teacher_device: str | None = None
 
     def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.recipe not in RECIPES:  # first: the stage defaults depend on it
+            raise ConfigError("recipe", f"{self.recipe!r} is not a recipe; "
+                                        f"recipe must be one of {RECIPES}")
+        check_fields(self)
+        for key in ("log_every", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.save_every < 0:
+            raise ConfigError("save_every", f"must be >= 0 (0: only at the end), "
+                                            f"got {self.save_every}")
         if self.taf is None:
             self.taf = self.recipe == "compodistill"
         if self.stages is None:
             self.stages = [default_stage(k, self.recipe)
                            for k in RECIPE_DEFAULT_STAGES[self.recipe]]
         allowed = RECIPE_TERMS[self.recipe]
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             extra = [f.name for f in dataclasses.fields(stage.weights)
                      if f.name not in allowed and getattr(stage.weights, f.name)]
             if extra:
-                raise ValueError(f"stage {stage.name}: recipe {self.recipe!r} has no loss terms "
-                                 f"{extra}; it computes {list(allowed)}")
+                raise ConfigError(f"stages[{i}].weights",
+                                  f"recipe {self.recipe!r} has no loss terms {extra}; "
+                                  f"it computes {list(allowed)}")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique, got {names}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', "
-                             f"got {self.mixed_precision!r}")
+            raise ConfigError("stages", f"stage names must be unique, got {names}")
 
 
-def _build(cls, data: dict | None, where: str):
-    """Dataclass from a dict, rejecting unknown keys by name (typos must not pass silently)."""
-    data = dict(data or {})
+def _build(cls, data, where: str) -> dict:
+    """The keys of a config section, rejecting unknown keys by name (typos must not pass)."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"expected a mapping of keys to values, got {data!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
-    return data
+        raise ConfigError(where, f"unknown keys {unknown}; expected some of {sorted(known)}")
+    return dict(data)
+
+
+def _section(cls, data, where: str):
+    try:
+        return cls(**_build(cls, data, where))
+    except ConfigError as e:
+        raise e.within(where) from None
 
 
 def config_from_dict(raw: dict) -> DistillConfig:
-    """Build a :class:`DistillConfig` from plain data (as read from YAML/JSON)."""
+    """Build a :class:`DistillConfig` from plain data (as read from YAML/JSON).
+
+    Every value is checked here, so a bad one raises :class:`ConfigError` (a ``ValueError``)
+    naming its key path, the value and the choices before any model is loaded.
+    """
     raw = _build(DistillConfig, raw, "config")
     recipe = raw.get("recipe", "compodistill")
     if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        raise ConfigError("recipe", f"{recipe!r} is not a recipe; recipe must be one of {RECIPES}")
+    stage_list = raw.pop("stages", None) or [{"kind": k} for k in RECIPE_DEFAULT_STAGES[recipe]]
+    if not isinstance(stage_list, list):
+        raise ConfigError("stages", f"expected a list of stages, got {stage_list!r}")
     stages = []
-    for i, stage in enumerate(raw.pop("stages", None) or [
-            {"kind": k} for k in RECIPE_DEFAULT_STAGES[recipe]]):
-        stage = _build(StageConfig, stage, f"stages[{i}]")
+    for i, stage in enumerate(stage_list):
+        where = f"stages[{i}]"
+        stage = _build(StageConfig, stage, where)
         if "kind" not in stage:
-            raise ValueError(f"stages[{i}]: 'kind' is required (one of {STAGE_KINDS})")
-        weights = _build(LossWeights, stage.pop("weights", None), f"stages[{i}].weights")
-        stages.append(default_stage(stage.pop("kind"), recipe, weights=weights, **stage))
-    sections = {name: cls(**_build(cls, raw.pop(name, None), name)) for name, cls in (
+            raise ConfigError(f"{where}.kind", f"is required (one of {STAGE_KINDS})")
+        try:
+            weights = _build(LossWeights, stage.pop("weights", None), "weights")
+            stages.append(default_stage(stage.pop("kind"), recipe, weights=weights, **stage))
+        except ConfigError as e:
+            raise e.within(where) from None
+    sections = {name: _section(cls, raw.pop(name, None), name) for name, cls in (
         ("data", DataConfig), ("kd", KDOptions), ("vat", VATOptions),
         ("llava_kd", LlavaKDOptions), ("llavadi", LlavaDIOptions), ("comd", CoMDOptions))}
     return DistillConfig(stages=stages, **sections, **raw)
 
 
 def load_config(path: str | Path) -> DistillConfig:
-    """Read a YAML (``.yaml``/``.yml``) or JSON config file."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    """Read and check a YAML (``.yaml``/``.yml``) or JSON config file.
 
-        raw = yaml.safe_load(text) or {}
-    else:
-        raw = json.loads(text)
+    Raises ``FileNotFoundError`` for a missing file and :class:`ConfigError` (naming the file
+    and the key) for anything wrong inside it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+    except Exception as e:  # a syntax error: say where, in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(str(path), f"cannot be parsed: {first}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the config must be a mapping, got {type(raw).__name__}")
-    return config_from_dict(raw)
+        raise ConfigError(str(path), f"the config must be a mapping, got {type(raw).__name__}")
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e.key}" if e.key else str(path), e.message) from None
 
 
 def config_to_dict(config: DistillConfig) -> dict:

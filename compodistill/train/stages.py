@@ -11,6 +11,7 @@ stage's output is a plain (TAF) LLaVA model that the next stage, evaluation or
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -56,7 +57,11 @@ def prepare_trainable(model: nn.Module, stage: StageConfig) -> tuple[nn.Module, 
         config = LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha,
                             lora_dropout=stage.lora_dropout, target_modules=LORA_TARGETS,
                             bias="none")
-        model = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing`: not ours to fix.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                    category=FutureWarning)
+            model = get_peft_model(model, config)
     if kind in ("post_connector", "lora+post_connector"):
         for p in _post_connector(model).parameters():
             p.requires_grad_(True)

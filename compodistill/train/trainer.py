@@ -28,6 +28,23 @@ def _load_llava(path: str, dtype=None):
     return load_student(path, dtype=dtype) if dtype is not None else load_student(path)
 
 
+def check_checkpoint(path: str, key: str) -> None:
+    """A model folder named by config ``key`` exists and holds a ``config.json``.
+
+    Runs before anything is loaded or written, so a wrong path costs nothing and is named.
+    """
+    if not path:
+        raise ValueError(f"{key}: not set; give the path of a model folder in the config")
+    where = Path(path)
+    hint = ("a local folder written by save_pretrained (download hub models first, e.g. with "
+            "`hf download ORG/NAME --local-dir DIR`; `compodistill demo` writes a usable pair: "
+            "runs/demo/teacher-warmup/1-teacher/model and runs/demo/student-warmup/1-student/model)")
+    if not where.is_dir():
+        raise FileNotFoundError(f"{key}: checkpoint folder not found: {path}; expected {hint}")
+    if not (where / "config.json").is_file():
+        raise FileNotFoundError(f"{key}: {path} has no config.json; expected {hint}")
+
+
 class DistillationTrainer:
     """Run the stages of a :class:`~compodistill.train.config.DistillConfig`.
 
@@ -50,6 +67,14 @@ class DistillationTrainer:
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, set_seed
 
+        if student is None:
+            check_checkpoint(config.student, "student")
+        if teacher is None and config.teacher:
+            check_checkpoint(config.teacher, "teacher")
+        if train_dataset is None and config.data.train_json and not Path(
+                config.data.train_json).is_file():
+            raise FileNotFoundError(f"data.train_json: training data not found: "
+                                    f"{config.data.train_json}")
         self.config = config
         self.recipe = recipe if recipe is not None else get_recipe(config.recipe)
         self.acc = accelerator or Accelerator(
