@@ -14,7 +14,7 @@ Not run in CI (a smoke version is: ``tests/test_experiment_cr.py``). One invocat
    (LM loss), + logit KD, + KD + VAT, + KD + VAT + TAF (CompoDistill), and the paper's
    ablations on top of CompoDistill: layer matching (group / simple / adaptive), layer range
    (early / intermediate / late / all) and VAT loss (cosine / KL / MSE);
-5. evaluates the teacher and every student: CR asked as A/B in both orders (SPEC §8, scored by
+5. evaluates the teacher and every student: CR asked as A/B in both orders (docs/evaluation.md, scored by
    the A/B letter log-likelihoods) and CR by caption log-likelihood (positive vs negative
    caption; a more sensitive diagnostic), both per category, and VQA exact match; and measures
    how much attention mass each model's text tokens put on the image tokens per layer;
@@ -64,7 +64,7 @@ VARIANTS: dict[str, dict] = {
     "layers=all": dict(taf=True, kd=1.0, vat=1.0, group="layers", preset="all"),
     "loss=kl": dict(taf=True, kd=1.0, vat=1.0, group="loss", loss="kl"),
     "loss=mse": dict(taf=True, kd=1.0, vat=1.0, group="loss", loss="mse"),
-    # The other seed methods (SPEC §5) as recipes of the same trainer, same step budget.
+    # The other seed methods (docs/stages.md) as recipes of the same trainer, same step budget.
     "recipe=llava_kd": dict(taf=False, kd=1.0, vat=0.0, group="recipe", recipe="llava_kd"),
     "recipe=llavadi": dict(taf=False, kd=1.0, vat=0.0, group="recipe", recipe="llavadi"),
 }

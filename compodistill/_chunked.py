@@ -1,9 +1,9 @@
 """Chunked pure-PyTorch visual maps: the CPU backend.
 
-Computes the head-mean visual map of SPEC §1 without ever holding an N×N score matrix:
+Computes the head-mean visual map of docs/visual_attention.md without ever holding an N×N score matrix:
 the log-sum-exp of each gathered query row is accumulated over key chunks, then the
 probabilities on the visual columns are rebuilt from it, one query chunk at a time.
-The backward is written out (SPEC §3, "Gradient") and re-walks the same chunks, so
+The backward is written out (docs/visual_attention.md, "Gradient") and re-walks the same chunks, so
 autograd never stores per-chunk score blocks either.
 
 GQA without copying k: query heads ``h = kv * group + g`` share kv head ``kv``, so
@@ -196,7 +196,7 @@ class ChunkedVisualMaps(torch.autograd.Function):
         dq_rows = torch.zeros_like(q_rows)
         dk = torch.zeros_like(kf)
         dk_vis = torch.zeros_like(k_vis)
-        g_scaled = grad_maps.to(qf.dtype) / hq  # ∂L/∂P_h on visual columns (SPEC §3)
+        g_scaled = grad_maps.to(qf.dtype) / hq  # ∂L/∂P_h on visual columns (docs/visual_attention.md)
         q_valid = layout.query_valid
         for rows in plan.row_chunks():
             qc, q_pos, q_ok = q_rows[:, :, rows], layout.query_index[:, rows], q_valid[:, rows]

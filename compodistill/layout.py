@@ -12,6 +12,8 @@ share this layout, so a target computed by one backend is a valid target for ano
 """
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -80,6 +82,12 @@ def _count_mask(count: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width, device=count.device)[None, :] < count[:, None]
 
 
+def _is_int(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.ndim == 0 and not x.is_floating_point()
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def spans_to_mask(spans: Spans, batch_size: int, seq_len: int,
                   device: torch.device | str | None = None) -> torch.Tensor:
     """Turn per-sample ``[(start, end), ...]`` spans (end exclusive) into a (B, N) bool mask.
@@ -98,10 +106,17 @@ def spans_to_mask(spans: Spans, batch_size: int, seq_len: int,
         if isinstance(sample, (str, bytes)) or not isinstance(sample, Sequence):
             raise TypeError(f"visual spans[{b}] must be a list of (start, end) pairs, "
                             f"got {type(sample).__name__}")
+        if len(sample) == 2 and all(_is_int(x) for x in sample):
+            # The common slip: one level of nesting too few, [(s, e), ...] for [[(s, e)], ...].
+            raise TypeError(f"visual spans[{b}] is {tuple(sample)!r}, a single (start, end) pair; "
+                            f"each sample needs a list of pairs, e.g. "
+                            f"[[(5, 21)], [(3, 19), (40, 56)], []] for three samples")
         intervals = []
         for span in sample:
-            if len(span) != 2:
-                raise ValueError(f"visual spans[{b}]: each span must be (start, end), got {span!r}")
+            if (isinstance(span, (str, bytes)) or not isinstance(span, Sequence) or len(span) != 2
+                    or not all(_is_int(x) for x in span)):
+                raise TypeError(f"visual spans[{b}]: each span must be a (start, end) pair of "
+                                f"ints, got {span!r}")
             start, end = int(span[0]), int(span[1])
             if not 0 <= start < end <= seq_len:
                 raise ValueError(f"visual spans[{b}]: span ({start}, {end}) is empty or outside "
@@ -141,7 +156,7 @@ def _gather_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def visual_layout(visual: VisualArg, batch_size: int, seq_len: int, *,
                   query: QueryArg = "all", attention_mask: torch.Tensor | None = None,
                   causal: bool = True, device: torch.device | str = "cpu") -> VisualLayout:
-    """Resolve the visual keys and query rows of SPEC §1 into a :class:`VisualLayout`.
+    """Resolve the visual keys and query rows of docs/visual_attention.md into a :class:`VisualLayout`.
 
     Args:
         visual: image-token positions, a (B, N) bool mask or per-sample spans

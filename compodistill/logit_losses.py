@@ -1,4 +1,4 @@
-"""Logit distillation losses computed from logits (SPEC §4–§5, CONVENTIONS.md).
+"""Logit distillation losses computed from logits (docs/logit_kd.md, docs/stages.md, CONVENTIONS.md).
 
 :func:`logit_distillation_loss` (KD: kl / reverse_kl / jsd, temperature, z-scoring, response /
 all / visual positions) and :func:`rdist_loss` (LLaVA-KD relation distillation).
@@ -203,7 +203,7 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
                             visual_mask: torch.Tensor | None = None, zscore: bool = False,
                             chunk_size: int | None = None,
                             backend: str = "auto") -> torch.Tensor:
-    """Token-level logit distillation loss (SPEC §4), a float32 scalar.
+    """Token-level logit distillation loss (docs/logit_kd.md), a float32 scalar.
 
     Args:
         student_logits: (B, N, Vs) (or (T, Vs)), any float dtype; receives the gradient.

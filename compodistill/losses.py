@@ -1,4 +1,4 @@
-"""Public functional API for visual-attention distillation (SPEC §1, §3).
+"""Public functional API for visual-attention distillation (docs/visual_attention.md).
 
 >>> target = visual_attention_maps(q_t, k_t, visual=image_mask)          # teacher, no grad
 >>> loss = visual_attention_loss(q_s, k_s, target, visual=image_mask)    # student
@@ -75,7 +75,7 @@ def visual_attention_maps(q: torch.Tensor, k: torch.Tensor, visual: VisualArg | 
 
     ``A[b, r, c] = (1/Hq) Σ_h softmax_j(q_h·k_j·scale)[query_index[b, r], visual_index[b, c]]``
     with the causal and padding masks applied, a full-softmax probability restricted to
-    visual columns (SPEC §1). Differentiable w.r.t. ``q`` and ``k``.
+    visual columns (docs/visual_attention.md). Differentiable w.r.t. ``q`` and ``k``.
 
     Args:
         q: (B, Hq, N, d) queries of one layer. k: (B, Hkv, N, d) keys, ``Hq % Hkv == 0``.
@@ -108,7 +108,9 @@ def visual_attention_loss(q: torch.Tensor, k: torch.Tensor, target: torch.Tensor
                           cosine: str = "flat", distribution: str = "renorm",
                           beta: float = 0.5, reduction: str = "mean",
                           backend: str = "auto") -> torch.Tensor:
-    """Visual-attention alignment loss (VAT) of one student layer against a target, SPEC §3.
+    """Visual-attention alignment loss (VAT) of one student layer against a target.
+
+    Definitions: docs/visual_attention.md.
 
     ``target`` is a (B, Qmax, Vmax) teacher map from :func:`visual_attention_maps` computed
     with the same ``visual``, ``query`` and ``attention_mask`` (for group matching, the mean

@@ -1,4 +1,4 @@
-"""Distances between student and teacher visual maps (SPEC §3, docs/CONVENTIONS.md).
+"""Distances between student and teacher visual maps (docs/visual_attention.md, docs/CONVENTIONS.md).
 
 Every function here works on the small gathered maps (B, Qmax, Vmax), never on attention
 itself, so one implementation serves all backends: autograd turns the loss into
@@ -131,7 +131,7 @@ def visual_map_loss(student_maps: torch.Tensor, target_maps: torch.Tensor,
                     layout: VisualLayout, *, loss: str = "cosine", cosine: str = "flat",
                     distribution: str = "renorm", beta: float = 0.5,
                     reduction: str = "mean") -> torch.Tensor:
-    """Distance between a student's visual maps and a (teacher) target, SPEC §3.
+    """Distance between a student's visual maps and a (teacher) target, docs/visual_attention.md.
 
     Args:
         student_maps: (B, Qmax, Vmax) maps from :func:`compodistill.visual_attention_maps`.

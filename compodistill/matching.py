@@ -1,4 +1,4 @@
-"""Which student layers are aligned with which teacher layers (SPEC §2).
+"""Which student layers are aligned with which teacher layers (docs/layer_matching.md).
 
 Three matching modes pair the chosen student layers ``l_1..l_k`` with the chosen teacher
 layers ``t_1..t_m``:
@@ -135,7 +135,7 @@ def _windows(students: list[int], teachers: list[int]) -> list[LayerMatch]:
 def match_layers(num_student_layers: int, num_teacher_layers: int, *, mode: str = "group",
                  preset: str = "intermediate", student_layers: Sequence[int] | None = None,
                  teacher_layers: Sequence[int] | None = None) -> list[LayerMatch]:
-    """Pair student layers with teacher layers (SPEC §2).
+    """Pair student layers with teacher layers (docs/layer_matching.md).
 
     Args:
         num_student_layers, num_teacher_layers: depths of the two models.
@@ -154,12 +154,20 @@ def match_layers(num_student_layers: int, num_teacher_layers: int, *, mode: str 
 
     Raises:
         TypeError / ValueError: bad depths, mode, preset or layer lists; fewer teacher than
-            student layers in group/adaptive mode.
+            student layers in group/adaptive mode; a student deeper than its teacher
+            without explicit layer lists.
     """
     _check_depth("num_student_layers", num_student_layers)
     _check_depth("num_teacher_layers", num_teacher_layers)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if num_student_layers > num_teacher_layers and (student_layers is None
+                                                    or teacher_layers is None):
+        # Almost always swapped arguments; a deliberate deeper student names its layers.
+        raise ValueError(f"num_student_layers={num_student_layers} is deeper than "
+                         f"num_teacher_layers={num_teacher_layers}: the arguments are "
+                         f"(student depth, teacher depth); for a student deeper than its "
+                         f"teacher, pass student_layers and teacher_layers explicitly")
     if student_layers is None:
         students = layer_preset(preset, num_student_layers, "student")
     else:

@@ -233,11 +233,27 @@ def test_llama_matches_eager_reference():
     assert_grads_close(grads(loss, student), grads(want, student_eager))
 
 
-def test_group_keeps_only_window_targets(models):
+@pytest.mark.parametrize("mode", ["group", "adaptive"])
+def test_group_keeps_only_window_targets(models, mode):
+    # Checked after the teacher forward and before loss(), which frees the targets.
     student, teacher = (copy.deepcopy(m) for m in models)
     ids, mask = batch()
-    _, cap, d = hook_vat(student, teacher, ids, mask, "group", {})
-    assert len(cap._windows) == len(d.matches) and not cap._teacher_maps
+    d = AttentionDistiller(student, teacher, image_token_id=IMG, student_layers=STUDENT_LAYERS,
+                           teacher_layers=TEACHER_LAYERS, matching=mode)
+    with d.capture(ids, attention_mask=mask) as cap:
+        with torch.no_grad():
+            teacher(input_ids=ids, attention_mask=mask)
+        held = cap.held_targets()
+        student(input_ids=ids, attention_mask=mask)
+    one_map = 4 * cap.layout.query_index.shape[1] * cap.layout.visual_index.shape[1] * 3
+    if mode == "group":
+        assert held == {"windows": len(d.matches), "layers": 0,
+                        "bytes": len(d.matches) * one_map}
+    else:
+        assert held == {"windows": 0, "layers": len(TEACHER_LAYERS),
+                        "bytes": len(TEACHER_LAYERS) * one_map}
+    cap.loss()
+    assert cap.held_targets() == {"windows": 0, "layers": 0, "bytes": 0}
 
 
 def test_batch_without_images_gives_attached_zero(models):

@@ -1,4 +1,4 @@
-"""LLaVA assembly from configs, save/load from a local path, and TAF (SPEC §6)."""
+"""LLaVA assembly from configs, save/load from a local path, and TAF (docs/taf.md)."""
 import pytest
 import torch
 

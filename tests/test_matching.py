@@ -1,4 +1,4 @@
-"""Layer presets and student/teacher layer matching (compodistill.matching, SPEC §2)."""
+"""Layer presets and student/teacher layer matching (compodistill.matching, docs/layer_matching.md)."""
 import pytest
 import torch
 
@@ -183,3 +183,13 @@ def test_layer_match_is_frozen():
     m = LayerMatch(1, (2, 3))
     with pytest.raises(Exception):
         m.student_layer = 3
+
+
+def test_a_student_deeper_than_its_teacher_is_refused_unless_layers_are_explicit():
+    with pytest.raises(ValueError, match=r"num_student_layers=40 is deeper than "
+                                         r"num_teacher_layers=24"):
+        match_layers(40, 24)
+    with pytest.raises(ValueError, match="deeper"):
+        match_layers(6, 4, mode="simple")
+    pairs = match_layers(6, 4, student_layers=[2, 3], teacher_layers=[1, 2, 3])
+    assert [(m.student_layer, m.teacher_layers) for m in pairs] == [(2, (1, 2)), (3, (2, 3))]

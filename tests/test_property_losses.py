@@ -20,12 +20,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import assume, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from compodistill import (linear_distillation_loss, logit_distillation_loss,  # noqa: E402
                           visual_attention_loss, visual_attention_maps, visual_layout)
-from compodistill.testing.accuracy import pad_maps  # noqa: E402
+from compodistill.testing.accuracy import assert_accuracy, pad_maps  # noqa: E402
 from compodistill.testing.reference import (ref_visual_allowed, ref_visual_loss,  # noqa: E402
                                             ref_visual_maps)
 from compodistill.testing.reference_logits import ref_logit_kd  # noqa: E402
@@ -294,6 +294,20 @@ def logit_inputs(case):
     return zs, zt, labels, attn, vis
 
 
+def reference_grad(zs, zt, labels, compute_dtype, **opts):
+    r = zs.detach().to(compute_dtype).requires_grad_()
+    ref = ref_logit_kd(r, zt, labels, compute_dtype=compute_dtype, **opts)
+    (grad,) = torch.autograd.grad(ref, r, allow_unused=True)
+    return ref, torch.zeros_like(r) if grad is None else grad
+
+
+# Found by the long profile: z-scoring two nearly equal logits (vocab 2) is ill-conditioned,
+# so every float32 implementation, the reference included, is ~5e-4 off the float64 truth.
+ZSCORE_VOCAB2 = dict(batch=2, n=5, vs=2, vt=2, dtype=F32, loss="kl", beta=0.0, temperature=2.0,
+                     positions="all", zscore=True, masked=True, magnitude=0.5, chunk=None, seed=5)
+
+
+@example(case=ZSCORE_VOCAB2)
 @given(case=logit_case())
 def test_logit_distillation_matches_reference(case):
     zs, zt, labels, attn, vis = logit_inputs(case)
@@ -304,14 +318,15 @@ def test_logit_distillation_matches_reference(case):
     loss = logit_distillation_loss(s, zt, labels, chunk_size=case["chunk"], backend="torch",
                                    **opts)
     loss.backward()
-    r = zs.detach().clone().requires_grad_()
-    ref = ref_logit_kd(r, zt, labels, **opts)
-    (ref_grad,) = torch.autograd.grad(ref, r, allow_unused=True)
-    ref_grad = torch.zeros_like(r) if ref_grad is None else ref_grad
+    ref, ref_grad = reference_grad(zs, zt, labels, F32, **opts)
     assert loss.dtype == F32
     assert_close("kd", loss.detach(), ref.detach().float(), F32, extra=1e-5)
     assert s.grad.dtype == zs.dtype
-    assert_close("kd grad", s.grad, ref_grad, case["dtype"])
+    # The accuracy rule with a float64 yardstick: error <= 2 x the float32 reference's own
+    # error, plus the rounding of the gradient to its dtype.
+    _, truth = reference_grad(zs, zt, labels, torch.float64, **opts)
+    atol = REL[case["dtype"]] * float(truth.abs().max()) + 1e-6
+    assert_accuracy(s.grad, truth, ref_grad, atol=atol, name="kd grad")
 
 
 @given(case=logit_case(), n_hidden=st.sampled_from((4, 16)),

@@ -127,15 +127,33 @@ def test_rows_before_the_image_contribute_nothing():
 
 
 def test_fully_masked_rows_are_finite():
-    # A custom query mask on padding rows is dropped; non-causal + padding keeps rows finite.
-    q = torch.randn(2, 2, 12, 8, requires_grad=True)
-    k = torch.randn(2, 2, 12, 8, requires_grad=True)
+    # A custom query mask that also marks padding rows, non-causal attention and a fully
+    # padded tail: the padding rows are dropped from the query set, every real row is exact
+    # against the reference, and the gradients are too.
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 12, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 12, 8, generator=g, requires_grad=True)
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[1, 6:] = False
-    maps = cd.visual_attention_maps(q, k, [[(2, 5)], [(0, 3)]], attention_mask=mask)
+    query = torch.zeros(2, 12, dtype=torch.bool)
+    query[0, ::2] = True
+    query[1, 4:10] = True  # rows 6..9 are padding: they must not enter the query set
+    spans = [[(2, 5)], [(0, 3)]]
+    layout = cd.visual_layout(spans, 2, 12, query=query, attention_mask=mask, causal=False)
+    assert layout.query_count.tolist() == [6, 2]
+    maps = cd.visual_attention_maps(q, k, spans, query=query, attention_mask=mask, causal=False)
     assert torch.isfinite(maps).all()
-    maps.sum().backward()
-    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    vis = cd.spans_to_mask(spans, 2, 12)
+    ref = ref_visual_maps(q, k, vis, query, mask, causal=False)
+    assert_accuracy(maps, pad_maps(ref, layout.query_count, layout.visual_count), name="maps")
+    # Non-causal: the first query row of sample 0 sees the image after it.
+    assert float(maps[0, 0, :3].detach().sum()) > 0
+    weights = torch.randn(maps.shape, generator=g)
+    dq, dk = torch.autograd.grad((maps * weights).sum(), (q, k))
+    ref_dq, ref_dk = torch.autograd.grad(
+        (pad_maps(ref, layout.query_count, layout.visual_count) * weights).sum(), (q, k))
+    assert_accuracy(dq, ref_dq, name="dq")
+    assert_accuracy(dk, ref_dk, name="dk")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

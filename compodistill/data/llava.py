@@ -356,7 +356,7 @@ class LlavaDataset(Dataset):
         image_processor_or_size: see :class:`ConversationEncoder`.
         num_image_tokens: visual features per image.
         image_token: the placeholder string; ``image_token_id`` defaults to its tokenizer id.
-        max_length: maximum tokens per sample (SPEC §7: 1536).
+        max_length: maximum tokens per sample (docs/stages.md: 1536).
         on_error: ``"skip"`` (count, keep in :attr:`problems`, warn once) or ``"raise"``.
         truncation: ``"truncate"`` (cut before the first image that does not fit) or ``"drop"``.
         preprocess: tokenize everything up front (exact :attr:`lengths`, problems found at

@@ -1,4 +1,4 @@
-"""Evaluation: compositional reasoning (A/B caption choice, SPEC §8) and short-answer VQA.
+"""Evaluation: compositional reasoning (A/B caption choice, docs/evaluation.md) and short-answer VQA.
 
 - :func:`evaluate_cr` with :func:`load_sugarcrepe`, :func:`load_winoground`,
   :func:`load_synthetic_cr`; :func:`cr_prompt` is the exact prompt (also used in the

@@ -1,4 +1,4 @@
-"""Compositional-reasoning evaluation (SPEC §8): which caption, A or B, fits the image?
+"""Compositional-reasoning evaluation (docs/evaluation.md): which caption, A or B, fits the image?
 
 Every example (image, positive caption, negative caption) is asked twice, the positive caption
 as option A and then as option B; the example scores the mean of the two answers, so a model
@@ -8,7 +8,7 @@ that always says "A" (or answers at random) scores 50%. Scorers:
   or ``B``. Anything else is wrong and counted in ``unparsed``.
 - ``"loglik"``: the next-token logits after the prompt; the option whose letter token scores
   higher is the answer (a tie counts as "B").
-- ``"caption"`` (diagnostic, not the SPEC §8 protocol): no A/B question; the summed
+- ``"caption"`` (diagnostic, not the docs/evaluation.md protocol): no A/B question; the summed
   log-probability of each caption as the reply to :data:`CAPTION_PROMPT` (the synthetic data's
   captioning question); right when the positive caption scores higher. It shows whether a
   model's captions are grounded before it has learnt the harder A/B format.

@@ -13,7 +13,7 @@ Select it for the language model only, the vision tower keeps ``sdpa``::
 
 Outside a capture (see :class:`compodistill.hf.AttentionDistiller`) every layer runs plain
 SDPA, bit for bit what ``attn_implementation="sdpa"`` computes. Inside a capture, the layers
-the capture asks for also return their head-mean visual map (SPEC §1): in one fused Triton
+the capture asks for also return their head-mean visual map (docs/visual_attention.md): in one fused Triton
 call on CUDA when the kernels are available (:func:`_fused_attention`, the only CUDA-specific
 place), otherwise SDPA for the output plus the chunked visual-map path. Neither ever builds
 the attention matrix, so ``output_attentions`` and eager attention are never needed.

@@ -1,4 +1,6 @@
-"""Visual-attention distillation (VAT, SPEC §2–§3) between two Hugging Face models.
+"""Visual-attention distillation (VAT) between two Hugging Face models.
+
+Definitions: docs/layer_matching.md and docs/visual_attention.md.
 
 >>> distiller = AttentionDistiller(student, teacher, image_token_id=cfg.image_token_id)
 >>> with distiller.capture(input_ids, attention_mask=mask) as cap:
@@ -46,7 +48,7 @@ def _image_token_id(model: nn.Module, given: int | None) -> int | None:
 
 
 class AttentionDistiller:
-    """Aligns the student's visual attention with the teacher's (SPEC §2–§3).
+    """Aligns the student's visual attention with the teacher's (docs/layer_matching.md).
 
     Args:
         student, teacher: Hugging Face models (causal LM, ``LlavaForConditionalGeneration``
@@ -235,6 +237,18 @@ class Capture:
         for j in self._windows_of[layer]:  # running window sums, no per-layer storage
             acc = self._windows[j]
             self._windows[j] = maps.clone() if acc is None else acc.add_(maps)
+
+    def held_targets(self) -> dict[str, int]:
+        """What the capture holds for the teacher right now, before :meth:`loss` frees it.
+
+        ``{"windows": running window sums, "layers": per-layer teacher maps, "bytes": total}``.
+        Group matching keeps one window sum per student layer and no per-layer map; simple and
+        adaptive keep one map per teacher layer.
+        """
+        windows = [w for w in self._windows if w is not None]
+        layers = list(self._teacher_maps.values())
+        return {"windows": len(windows), "layers": len(layers),
+                "bytes": sum(t.numel() * t.element_size() for t in windows + layers)}
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "Capture":

@@ -1,4 +1,4 @@
-"""LLaVA-style student/teacher models from configs, and TAF (SPEC §6).
+"""LLaVA-style student/teacher models from configs, and TAF (docs/taf.md).
 
 * :func:`build_llava`: ``LlavaForConditionalGeneration`` from a vision-tower config (SigLIP
   or CLIP) and a language-model config (Qwen2 or Llama), connector ``mlp2x_gelu``
@@ -152,7 +152,7 @@ class TAFProjector(nn.Module):
         self.freeze_teacher_part()
 
     def freeze_teacher_part(self) -> None:
-        """Only ``post`` trains (SPEC §6)."""
+        """Only ``post`` trains (docs/taf.md)."""
         for p in (*self.linear_1.parameters(), *self.linear_2.parameters()):
             p.requires_grad_(False)
 
@@ -224,7 +224,7 @@ AutoModelForImageTextToText.register(TAFLlavaConfig, TAFLlavaForConditionalGener
 
 def apply_taf(student: LlavaForConditionalGeneration,
               teacher: LlavaForConditionalGeneration) -> TAFLlavaForConditionalGeneration:
-    """Replace the student's connector by TAF (SPEC §6), in place; returns the student.
+    """Replace the student's connector by TAF (docs/taf.md), in place; returns the student.
 
     The new connector is a frozen copy of the teacher's (``linear_1``/``linear_2``, in the
     student's dtype and device) followed by a trainable ``Linear(d_t, d_s)``; every other

@@ -1,11 +1,12 @@
-"""Reference implementation of SPEC.md §1–§3, in plain float32 PyTorch.
+"""Reference implementation of the visual-attention maps, losses and layer matching
+(docs/visual_attention.md, docs/layer_matching.md), in plain float32 PyTorch.
 
 This module is the yardstick for the chunked PyTorch path and the Triton kernels. It is
 written to be *obviously right*, not fast: it materialises the full attention matrix
 ``P`` (B, Hq, N, N), loops over samples in Python and keeps visual maps as one
 ``(|Q_b|, Nv_b)`` tensor per sample, so it has no padding conventions of its own.
 It imports nothing from the rest of the library (only ``torch`` and ``math``), so a bug
-elsewhere cannot leak into it. Every choice SPEC leaves open follows
+elsewhere cannot leak into it. Every convention follows
 ``docs/CONVENTIONS.md``.
 
 Autograd flows through everything that depends on the student (``q``, ``k``,
@@ -237,7 +238,7 @@ def _pooled_cosine(a_s: torch.Tensor, a_t: torch.Tensor, allowed: torch.Tensor) 
 
 def _sample_loss(a_s: torch.Tensor, a_t: torch.Tensor, allowed: torch.Tensor, valid: torch.Tensor,
                  loss: str, cosine: str, distribution: str, beta: float) -> torch.Tensor:
-    """D(A_s, A_t) for one contributing sample (SPEC §3 / CONVENTIONS)."""
+    """D(A_s, A_t) for one contributing sample (docs/visual_attention.md / CONVENTIONS)."""
     if loss == "mse":
         return ((a_s - a_t) ** 2).sum() / a_s.numel()
     if loss == "cosine":
@@ -265,7 +266,7 @@ def ref_visual_loss(maps_s: Sequence[torch.Tensor], maps_t: Sequence[torch.Tenso
                     allowed: Sequence[torch.Tensor], loss: str = "cosine",
                     cosine: str = "flat", distribution: str = "renorm", beta: float = 0.5,
                     reduction: str = "mean") -> torch.Tensor:
-    """Visual attention alignment loss of one matched layer pair (SPEC §3, CONVENTIONS).
+    """Visual attention alignment loss of one matched layer pair (docs/visual_attention.md, CONVENTIONS).
 
     Args:
         maps_s: student maps, one ``(|Q_b|, Nv_b)`` tensor per sample (gradients flow).
@@ -306,7 +307,9 @@ def ref_visual_loss(maps_s: Sequence[torch.Tensor], maps_t: Sequence[torch.Tenso
 # --------------------------------------------------------------------------- layer matching
 
 def ref_group_targets(teacher_maps: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Group matching targets (SPEC §2): ``n = m − k + 1``, target j = mean of maps j..j+n−1.
+    """Group matching targets (docs/layer_matching.md).
+
+    ``n = m − k + 1``; target j = mean of maps j..j+n−1.
 
     ``teacher_maps`` are the maps of teacher layers ``t_1..t_m`` in order (any tensors of
     equal shape); returns ``k`` targets.
@@ -320,7 +323,9 @@ def ref_group_targets(teacher_maps: Sequence[torch.Tensor], k: int) -> list[torc
 
 
 def ref_simple_teacher_layer(l: int, num_student_layers: int, num_teacher_layers: int) -> int:
-    """Simple matching (SPEC §2): teacher layer ``round((l+1)·Lt/Ls) − 1`` for student layer l.
+    """Simple matching (docs/layer_matching.md).
+
+    Teacher layer ``round((l+1)·Lt/Ls) − 1`` for student layer l.
 
     Rounds halves *up* (Python's ``round`` would round them to even) and clamps at 0,
     which only matters for a teacher less than half as deep as the student.

@@ -1,4 +1,6 @@
-"""Plain float32 references for the logit-distillation losses (SPEC §4–§5, CONVENTIONS.md).
+"""Plain float32 references for the logit-distillation losses.
+
+Definitions: docs/logit_kd.md, docs/stages.md and docs/CONVENTIONS.md.
 
 Everything here materialises the full (B, N, V) probabilities in float32 and follows the
 conventions line by line, so it is slow but obviously right. It imports only torch and is
@@ -35,18 +37,20 @@ def _zscore(z: torch.Tensor) -> torch.Tensor:
 
 def ref_logit_kd(student_logits, teacher_logits, labels=None, *, loss="kl", beta=0.5,
                  temperature=1.0, positions="response", attention_mask=None, visual_mask=None,
-                 zscore=False) -> torch.Tensor:
+                 zscore=False, compute_dtype=torch.float32) -> torch.Tensor:
     """Token-level logit distillation loss, float32, on the device of ``student_logits``.
 
     student_logits (B, N, Vs), teacher_logits (B, N, Vt >= Vs, truncated to Vs), labels (B, N)
     aligned with the logits (-100 ignored). ``loss``: ``kl`` = KL(p_t‖p_s), ``reverse_kl`` =
     KL(p_s‖p_t), ``jsd`` = β·KL(p_t‖m) + (1−β)·KL(p_s‖m) with m = β·p_t + (1−β)·p_s. The loss
     is multiplied by T² and averaged over the selected tokens; 0 (attached) when none.
-    Gradients flow to the student logits only.
+    Gradients flow to the student logits only. ``compute_dtype=torch.float64`` gives the
+    yardstick for ill-conditioned inputs (z-scoring nearly equal logits), where float32
+    itself loses digits; the result is then float64.
     """
     Vs = student_logits.shape[-1]
-    zs = student_logits.float()
-    zt = teacher_logits[..., :Vs].detach().float()
+    zs = student_logits.to(compute_dtype)
+    zt = teacher_logits[..., :Vs].detach().to(compute_dtype)
     if zscore:
         zs, zt = _zscore(zs), _zscore(zt)
     lp_s = torch.log_softmax(zs / temperature, dim=-1)

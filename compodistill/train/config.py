@@ -1,4 +1,4 @@
-"""Configuration of a distillation run: one file, every stage (SPEC §7 defaults).
+"""Configuration of a distillation run: one file, every stage (docs/stages.md defaults).
 
 A run is a chain of stages; each stage names what it trains, which losses it adds with
 which weights, and its optimisation schedule. Load from YAML/JSON with :func:`load_config`
@@ -19,7 +19,7 @@ STAGE_KINDS = ("dpt", "dft", "sft")
 # the language model (optionally with the post-connector or the connector), or every weight.
 TRAINABLE = ("post_connector", "connector", "lora", "lora+post_connector", "lora+connector",
              "all")
-# The methods a run can follow (SPEC §5, §7); behaviour lives in compodistill.train.recipes.
+# The methods a run can follow (docs/stages.md); behaviour lives in compodistill.train.recipes.
 RECIPES = ("compodistill", "llava_kd", "llavadi", "comd")
 # Loss terms each recipe computes; a stage giving another term a weight is a config error.
 RECIPE_TERMS = {"compodistill": ("lm", "kd", "vat"), "llava_kd": ("lm", "kd", "kd_vis", "rdist"),
@@ -152,7 +152,7 @@ class LossWeights:
 
 @dataclass
 class KDOptions:
-    """Logit distillation (SPEC §4)."""
+    """Logit distillation (docs/logit_kd.md)."""
 
     loss: str = choice("kl", KD_LOSSES)
     temperature: float = 1.0
@@ -169,7 +169,7 @@ class KDOptions:
 
 @dataclass
 class VATOptions:
-    """Visual-attention alignment (SPEC §2–§3); defaults are the paper's."""
+    """Visual-attention alignment (docs/visual_attention.md); defaults are the paper's."""
 
     matching: str = choice("group", VAT_MATCHING)
     preset: str = choice("intermediate", VAT_PRESETS)
@@ -192,7 +192,7 @@ class VATOptions:
 
 @dataclass
 class LlavaKDOptions:
-    """LLaVA-KD (SPEC §5): RDist works on ``vocab_chunk`` lm_head rows at a time."""
+    """LLaVA-KD (docs/stages.md): RDist works on ``vocab_chunk`` lm_head rows at a time."""
 
     vocab_chunk: int = 8192
 
@@ -204,7 +204,7 @@ class LlavaKDOptions:
 
 @dataclass
 class LlavaDIOptions:
-    """LLAVADI (SPEC §5): width of the feature projector MLP d_s → proj_hidden → d_t."""
+    """LLAVADI (docs/stages.md): width of the feature projector MLP d_s → proj_hidden → d_t."""
 
     proj_hidden: int = 5120
 
@@ -216,7 +216,7 @@ class LlavaDIOptions:
 
 @dataclass
 class CoMDOptions:
-    """CoMD competitive loop (SPEC §5); see :mod:`compodistill.train.recipes.comd`.
+    """CoMD competitive loop (docs/stages.md); see :mod:`compodistill.train.recipes.comd`.
 
     ``judge``: ``"model"`` (a judge model scores both answers 1–10 in both orders; the model at
     ``judge_model``, default the teacher) or ``"overlap"`` (token F1 with the reference answer,
@@ -251,7 +251,7 @@ class CoMDOptions:
 
 @dataclass
 class StageConfig:
-    """One stage of the chain. ``kind`` picks the defaults of SPEC §7."""
+    """One stage of the chain. ``kind`` picks the defaults of docs/stages.md."""
 
     kind: str = choice(None, STAGE_KINDS)
     name: str = ""
@@ -295,7 +295,7 @@ class StageConfig:
                               "must be >= 0")
 
 
-# SPEC §7: DPT trains the post-connector with LM + KD; DFT adds LoRA and VAT; SFT merges the
+# docs/stages.md: DPT trains the post-connector with LM + KD; DFT adds LoRA and VAT; SFT merges the
 # DFT LoRA and trains a fresh one on the LM loss alone.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpt": dict(trainable="post_connector", weights=dict(lm=1.0, kd=1.0, vat=0.0), batch_size=256),
@@ -304,7 +304,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": dict(trainable="lora", weights=dict(lm=1.0, kd=0.0, vat=0.0), batch_size=192),
 }
 
-# SPEC §5 stage defaults of the other recipes (no TAF, so the connector itself trains).
+# docs/stages.md stage defaults of the other recipes (no TAF, so the connector itself trains).
 # LLaVA-KD: DPT (connector, lr 1e-3) -> SFT (CE) -> DFT (CE + KL_res + KL_vis + RDist).
 _LLAVA_KD_ALL = dict(lm=1.0, kd=1.0, kd_vis=1.0, rdist=1.0)
 RECIPE_STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -330,7 +330,7 @@ RECIPE_DEFAULT_STAGES = {"compodistill": ("dpt", "dft", "sft"), "llava_kd": ("dp
 
 
 def default_stage(kind: str, recipe: str = "compodistill", **overrides) -> StageConfig:
-    """A stage with the recipe's defaults (SPEC §5/§7), ``overrides`` applied on top.
+    """A stage with the recipe's defaults (docs/stages.md), ``overrides`` applied on top.
 
     Weights not named by the recipe's defaults or ``overrides`` are 0, except ``lm`` (1).
     """

@@ -110,14 +110,8 @@ class StageLoop:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric records logged after the checkpoint we resume from."""
-        if not self.acc.is_main_process:
-            return
-        records = [r for r in read_metrics(self.logger.jsonl_path) if r["step"] <= step]
-        for name in ("metrics.jsonl", "metrics.csv"):
-            (self.stage_dir / name).unlink(missing_ok=True)
-        self.logger._csv_fields = None
-        for record in records:
-            self.logger.log(record)
+        if self.acc.is_main_process:
+            self.logger.truncate(step)
 
     # ------------------------------------------------------------------ loop
     def _weighted(self, terms: dict) -> torch.Tensor:

@@ -6,20 +6,27 @@ import json
 from pathlib import Path
 
 
+STEP_KEY = "step"  # the optimizer step of a record: the x axis of every plot and TensorBoard
+
+
 class MetricsLogger:
     """Appends one record per logged step to ``metrics.jsonl`` and ``metrics.csv``.
 
     The CSV header is the union of keys seen in the first record; later keys are kept in
     the JSONL (the complete record) and left out of the CSV rather than rewriting it.
+    TensorBoard scalars (when installed) are written at the record's ``step``.
     """
 
-    def __init__(self, directory: str | Path, enabled: bool = True):
+    def __init__(self, directory: str | Path, enabled: bool = True, tensorboard=None):
+        """``tensorboard``: a ``SummaryWriter``-like object (``add_scalar``, ``close``);
+        default: one under ``directory/tensorboard`` when TensorBoard is installed."""
         self.directory = Path(directory)
         self.enabled = enabled
         self._csv_fields: list[str] | None = None
-        self._tb = None
+        self._tb = tensorboard
         if enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
+        if enabled and tensorboard is None:
             try:  # optional dependency
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -31,9 +38,22 @@ class MetricsLogger:
     def jsonl_path(self) -> Path:
         return self.directory / "metrics.jsonl"
 
-    def log(self, record: dict) -> None:
+    def truncate(self, step: int) -> None:
+        """Keep only the records logged at or before ``step`` (a resumed run redoes the rest)."""
         if not self.enabled:
             return
+        records = [r for r in read_metrics(self.jsonl_path) if r[STEP_KEY] <= step]
+        for name in ("metrics.jsonl", "metrics.csv"):
+            (self.directory / name).unlink(missing_ok=True)
+        self._csv_fields = None
+        for record in records:
+            self._write(record, tensorboard=False)  # TensorBoard already has these
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            self._write(record, tensorboard=True)
+
+    def _write(self, record: dict, tensorboard: bool) -> None:
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         csv_path = self.directory / "metrics.csv"
@@ -45,10 +65,10 @@ class MetricsLogger:
                     csv.writer(f).writerow(self._csv_fields)
         with open(csv_path, "a", newline="") as f:
             csv.writer(f).writerow([record.get(k, "") for k in self._csv_fields])
-        if self._tb is not None:
-            step = record.get("global_step", 0)
+        if tensorboard and self._tb is not None:
+            step = record[STEP_KEY]
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "global_step":
+                if isinstance(value, (int, float)) and key != STEP_KEY:
                     self._tb.add_scalar(f"{record.get('stage', 'train')}/{key}", value, step)
 
     def close(self) -> None:

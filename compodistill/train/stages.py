@@ -1,4 +1,4 @@
-"""What each stage trains and which losses it computes (SPEC §7).
+"""What each stage trains and which losses it computes (docs/stages.md).
 
 - DPT: the post-connector (TAF) or connector; LM + logit KD.
 - DFT: LoRA on the language model + post-connector; LM + KD + VAT.
@@ -67,7 +67,7 @@ def prepare_trainable(model: nn.Module, stage: StageConfig) -> tuple[nn.Module, 
             p.requires_grad_(True)
     elif kind in ("connector", "lora+connector"):
         for name, p in _connector(model).named_parameters():
-            # A TAF connector's teacher half stays frozen (SPEC §6).
+            # A TAF connector's teacher half stays frozen (docs/taf.md).
             p.requires_grad_(not name.startswith(("linear_1", "linear_2"))
                              or not hasattr(_connector(model), "post"))
     elif kind == "all":  # every weight, vision tower included (e.g. a teacher from scratch)

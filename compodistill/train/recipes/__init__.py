@@ -1,4 +1,4 @@
-"""Recipes: the seed methods as variants of one trainer (SPEC §5, §7).
+"""Recipes: the seed methods as variants of one trainer (docs/stages.md).
 
 A recipe decides, per stage, which module the engine wraps, which extra parameters it trains
 and which loss terms it computes (:class:`~.base.Recipe`); CoMD replaces the stage chain by

@@ -1,4 +1,4 @@
-"""CoMD competitive distillation loop (SPEC §5), ``config.recipe: comd``.
+"""CoMD competitive distillation loop (docs/stages.md), ``config.recipe: comd``.
 
 Each round k (``config.comd.rounds``, default 4) under ``<output_dir>/round-<k>/``:
 

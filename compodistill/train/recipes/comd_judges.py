@@ -1,4 +1,4 @@
-"""CoMD's pluggable parts: the text generator and the judges (SPEC §5).
+"""CoMD's pluggable parts: the text generator and the judges (docs/stages.md).
 
 - A **generator** is ``generate(prompts, images) -> texts``: one user turn per prompt (images:
   a list of image paths per prompt), greedy answers as text. :class:`GreedyGenerator` wraps a

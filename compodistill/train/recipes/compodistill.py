@@ -1,4 +1,4 @@
-"""CompoDistill (SPEC §7): LM + fused logit KD + visual-attention alignment, TAF student."""
+"""CompoDistill (docs/stages.md): LM + fused logit KD + visual-attention alignment, TAF student."""
 from __future__ import annotations
 
 from ..stages import HiddenStates, StageLosses

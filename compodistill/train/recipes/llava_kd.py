@@ -1,4 +1,4 @@
-"""LLaVA-KD (SPEC §5): ``CE + KL_res + KL_vis + RDist``, stages DPT → SFT → DFT.
+"""LLaVA-KD (docs/stages.md): ``CE + KL_res + KL_vis + RDist``, stages DPT → SFT → DFT.
 
 - CE and KL_res (KD on the response tokens) and KL_vis (KD on the image positions) come from the
   fused :func:`~compodistill.linear_kd.linear_distillation_loss`, so no (tokens × vocab) logits.
@@ -59,7 +59,7 @@ def linear_rdist_loss(h_s: torch.Tensor, W_s: torch.Tensor, h_t: torch.Tensor,
                       gram_s: torch.Tensor | None = None,
                       gram_t: torch.Tensor | None = None) -> torch.Tensor:
     """RDist from hidden states and lm_head weights; equals :func:`~compodistill.logit_losses.
-    rdist_loss` on the full logits (SPEC §5, CONVENTIONS.md), a float32 scalar.
+    rdist_loss` on the full logits (docs/stages.md, CONVENTIONS.md), a float32 scalar.
 
     Per sample with visual tokens: ``R = Z Zᵀ`` with Z the raw logits of the visual positions
     (teacher vocab truncated to the student's), loss ``1 − cos(vec(R_s), vec(R_t))`` (norm

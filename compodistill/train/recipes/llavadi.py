@@ -1,4 +1,4 @@
-"""LLAVADI (SPEC §5): z-scored logit KL on all tokens + MSE between ``proj(h_s)`` and ``h_t``.
+"""LLAVADI (docs/stages.md): z-scored logit KL on all tokens + MSE between ``proj(h_s)`` and ``h_t``.
 
 ``proj`` is an MLP d_s → ``llavadi.proj_hidden`` (default 5120) → d_t with GELU, trained with
 the student. It lives inside the module the engine wraps (so DDP syncs it and accelerate's
