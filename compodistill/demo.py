@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -75,11 +76,6 @@ class _Phases:
 
 def run_demo(out: str | Path = "runs/demo", *, progress: bool = True, **overrides) -> dict:
     """Run the whole demo into ``out``; returns the summary it prints."""
-    from .data import ConversationEncoder
-    from .hf.llava import load_student
-    from .train.config import config_from_dict
-    from .train.trainer import DistillationTrainer
-
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"run_demo: unknown options {unknown}; expected some of {sorted(DEFAULTS)}")
@@ -89,6 +85,23 @@ def run_demo(out: str | Path = "runs/demo", *, progress: bool = True, **override
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
     out = Path(out)
     _quiet_loading()
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The demo's models are tiny: one thread is as fast as two on an idle machine, and
+        # several threads spin-wait each other to a crawl when other jobs share the cores.
+        torch.set_num_threads(1)
+    try:
+        return _run(out, opts, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: Path, opts: dict, progress: bool) -> dict:
+    from .data import ConversationEncoder
+    from .hf.llava import load_student
+    from .train.config import config_from_dict
+    from .train.trainer import DistillationTrainer
+
     phase = _Phases(progress)
     start = phase.start
     torch.manual_seed(opts["seed"])

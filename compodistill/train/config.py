@@ -392,6 +392,9 @@ class DistillConfig:
     save_every: int = 0
     max_bad_steps: int = 5
     teacher_device: str | None = None
+    # torch's CPU threads for this run (None: torch's default). Tiny models on a shared CPU
+    # run fastest with 1: more threads spin-wait each other when other jobs take the cores.
+    cpu_threads: int | None = None
 
     def __post_init__(self):
         if self.recipe not in RECIPES:  # first: the stage defaults depend on it
@@ -401,6 +404,8 @@ class DistillConfig:
         for key in ("log_every", "max_bad_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError("cpu_threads", f"must be >= 1 or null, got {self.cpu_threads}")
         if self.save_every < 0:
             raise ConfigError("save_every", f"must be >= 0 (0: only at the end), "
                                             f"got {self.save_every}")

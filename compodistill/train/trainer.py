@@ -75,6 +75,8 @@ class DistillationTrainer:
                 config.data.train_json).is_file():
             raise FileNotFoundError(f"data.train_json: training data not found: "
                                     f"{config.data.train_json}")
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         self.config = config
         self.recipe = recipe if recipe is not None else get_recipe(config.recipe)
         self.acc = accelerator or Accelerator(
