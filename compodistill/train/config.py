@@ -19,11 +19,45 @@ STAGE_KINDS = ("dpt", "dft", "sft")
 # the language model (optionally with the post-connector or the connector), or every weight.
 TRAINABLE = ("post_connector", "connector", "lora", "lora+post_connector", "lora+connector",
              "all")
-# The methods a run can follow (docs/stages.md); behaviour lives in compodistill.train.recipes.
-RECIPES = ("compodistill", "llava_kd", "llavadi", "comd")
-# Loss terms each recipe computes; a stage giving another term a weight is a config error.
-RECIPE_TERMS = {"compodistill": ("lm", "kd", "vat"), "llava_kd": ("lm", "kd", "kd_vis", "rdist"),
-                "llavadi": ("lm", "kd", "feat"), "comd": ("lm", "kd")}
+
+
+def _facts(recipe: str):
+    """The recipe's own facts (terms, stage defaults, chain); imported on first use, since
+    the recipe modules import the stage code, which imports this module."""
+    from .recipes import recipe_facts
+
+    try:
+        return recipe_facts(recipe)
+    except ValueError:
+        from .recipes import recipe_names
+
+        raise ConfigError("recipe", f"{recipe!r} is not a recipe; recipe must be one of "
+                                    f"{tuple(recipe_names())}") from None
+
+
+def __getattr__(name: str):
+    # Old module-level tables, now owned by each recipe (compodistill.train.recipes).
+    import warnings
+
+    from .recipes import recipe_facts, recipe_names
+
+    tables = {
+        "RECIPES": lambda: tuple(recipe_names()),
+        "RECIPE_TERMS": lambda: {r: recipe_facts(r).terms for r in recipe_names()},
+        "RECIPE_DEFAULT_STAGES": lambda: {r: recipe_facts(r).default_stages
+                                          for r in recipe_names()},
+        "RECIPE_STAGE_DEFAULTS": lambda: {r: recipe_facts(r).stage_defaults
+                                          for r in recipe_names()},
+        "STAGE_DEFAULTS": lambda: recipe_facts("compodistill").stage_defaults,
+    }
+    if name in tables:
+        warnings.warn(f"compodistill.train.config.{name} is deprecated; use "
+                      f"compodistill.train.recipes.recipe_facts(name)", DeprecationWarning,
+                      stacklevel=2)
+        return tables[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # The values each option accepts, copied from the losses they configure so that a typo fails
 # when the file loads, not after both models have loaded (tests check the two stay equal).
 KD_LOSSES = ("kl", "reverse_kl", "jsd")
@@ -133,7 +167,7 @@ class LossWeights:
     ``lm``, ``kd`` (logit KD on ``kd.positions``; the response tokens in LLaVA-KD) and ``vat``
     are CompoDistill's; ``kd_vis`` (KD on the visual positions) and ``rdist`` are LLaVA-KD's,
     ``feat`` (projected last-hidden-state MSE) is LLAVADI's. Which terms a stage may use
-    depends on the recipe (:data:`RECIPE_TERMS`).
+    depends on the recipe (its ``facts.terms``, :mod:`compodistill.train.recipes`).
     """
 
     lm: float = 1.0
@@ -142,12 +176,32 @@ class LossWeights:
     kd_vis: float = 0.0
     rdist: float = 0.0
     feat: float = 0.0
+    # Terms of recipes registered outside the package, by name (see register_recipe).
+    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         check_fields(self)
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 0:
-                raise ConfigError(f.name, f"a loss weight must be >= 0, got {getattr(self, f.name)}")
+        for name, value in self.extra.items():
+            try:
+                self.extra[name] = _coerce(value, float)
+            except TypeError:
+                raise ConfigError(name, f"expected a number, got {value!r}") from None
+        for name, value in self.as_dict().items():
+            if value < 0:
+                raise ConfigError(name, f"a loss weight must be >= 0, got {value}")
+
+    @classmethod
+    def from_dict(cls, weights: dict) -> "LossWeights":
+        """Built-in terms go to their fields, any other name to ``extra``."""
+        named = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in weights.items() if k in named},
+                   extra={k: v for k, v in weights.items() if k not in named})
+
+    def as_dict(self) -> dict:
+        """Every term's weight by name, built-in and extra."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name != "extra"}
+        return {**out, **self.extra}
 
 
 @dataclass
@@ -272,12 +326,13 @@ class StageConfig:
 
     def __post_init__(self):
         if isinstance(self.weights, dict):
-            self.weights = LossWeights(**self.weights)
+            self.weights = LossWeights.from_dict(self.weights)
         if self.kind not in STAGE_KINDS:  # first: the defaults below depend on it
             raise ConfigError("kind", f"{self.kind!r} is not a stage kind; "
                                       f"stage kind must be one of {STAGE_KINDS}")
         self.name = self.name or self.kind
-        self.trainable = self.trainable or STAGE_DEFAULTS[self.kind]["trainable"]
+        self.trainable = self.trainable or _facts("compodistill").stage_default(
+            self.kind)["trainable"]
         check_fields(self)
         if self.trainable not in TRAINABLE:
             raise ConfigError("trainable", f"{self.trainable!r} is not one of "
@@ -295,40 +350,6 @@ class StageConfig:
                               "must be >= 0")
 
 
-# docs/stages.md: DPT trains the post-connector with LM + KD; DFT adds LoRA and VAT; SFT merges the
-# DFT LoRA and trains a fresh one on the LM loss alone.
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dpt": dict(trainable="post_connector", weights=dict(lm=1.0, kd=1.0, vat=0.0), batch_size=256),
-    "dft": dict(trainable="lora+post_connector", weights=dict(lm=1.0, kd=1.0, vat=1.0),
-                batch_size=128),
-    "sft": dict(trainable="lora", weights=dict(lm=1.0, kd=0.0, vat=0.0), batch_size=192),
-}
-
-# docs/stages.md stage defaults of the other recipes (no TAF, so the connector itself trains).
-# LLaVA-KD: DPT (connector, lr 1e-3) -> SFT (CE) -> DFT (CE + KL_res + KL_vis + RDist).
-_LLAVA_KD_ALL = dict(lm=1.0, kd=1.0, kd_vis=1.0, rdist=1.0)
-RECIPE_STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "compodistill": STAGE_DEFAULTS,
-    "llava_kd": {
-        "dpt": dict(trainable="connector", weights=_LLAVA_KD_ALL, lr=1e-3, batch_size=256),
-        "sft": dict(trainable="lora+connector", weights=dict(lm=1.0), batch_size=128),
-        "dft": dict(trainable="lora+connector", weights=_LLAVA_KD_ALL, batch_size=128),
-    },
-    # LLAVADI distils in fine-tuning; pre-training aligns the connector on the LM loss.
-    "llavadi": {
-        "dpt": dict(trainable="connector", weights=dict(lm=1.0), lr=1e-3, batch_size=256),
-        "sft": dict(trainable="lora+connector", weights=dict(lm=1.0), batch_size=128),
-        "dft": dict(trainable="lora+connector", weights=dict(lm=1.0, kd=1.0, feat=1.0),
-                    batch_size=128),
-    },
-    # CoMD: every training step of every round runs the configured stages (instruction tuning).
-    "comd": {kind: dict(trainable="lora", weights=dict(lm=1.0), batch_size=128)
-             for kind in STAGE_KINDS},
-}
-RECIPE_DEFAULT_STAGES = {"compodistill": ("dpt", "dft", "sft"), "llava_kd": ("dpt", "sft", "dft"),
-                         "llavadi": ("dpt", "dft"), "comd": ("sft",)}
-
-
 def default_stage(kind: str, recipe: str = "compodistill", **overrides) -> StageConfig:
     """A stage with the recipe's defaults (docs/stages.md), ``overrides`` applied on top.
 
@@ -337,14 +358,12 @@ def default_stage(kind: str, recipe: str = "compodistill", **overrides) -> Stage
     if kind not in STAGE_KINDS:
         raise ConfigError("kind", f"{kind!r} is not a stage kind; "
                                   f"stage kind must be one of {STAGE_KINDS}")
-    if recipe not in RECIPES:
-        raise ConfigError("recipe", f"{recipe!r} is not a recipe; recipe must be one of {RECIPES}")
-    base = dict(RECIPE_STAGE_DEFAULTS[recipe][kind])
+    base = _facts(recipe).stage_default(kind)
     weights = overrides.pop("weights", {})
     if isinstance(weights, LossWeights):  # explicit weights: every field is taken as given
-        weights = dataclasses.asdict(weights)
+        weights = weights.as_dict()
     try:
-        weights = LossWeights(**{**base.pop("weights"), **weights})
+        weights = LossWeights.from_dict({**base.pop("weights"), **weights})
     except ConfigError as e:
         raise e.within("weights") from None
     return StageConfig(kind=kind, weights=weights, **{**base, **overrides})
@@ -379,7 +398,7 @@ class DistillConfig:
     stages: list[StageConfig] | None = None
     kd: KDOptions = field(default_factory=KDOptions)
     vat: VATOptions = field(default_factory=VATOptions)
-    recipe: str = choice("compodistill", RECIPES)
+    recipe: str = "compodistill"  # a name registered in compodistill.train.recipes
     llava_kd: LlavaKDOptions = field(default_factory=LlavaKDOptions)
     llavadi: LlavaDIOptions = field(default_factory=LlavaDIOptions)
     comd: CoMDOptions = field(default_factory=CoMDOptions)
@@ -397,9 +416,7 @@ class DistillConfig:
     cpu_threads: int | None = None
 
     def __post_init__(self):
-        if self.recipe not in RECIPES:  # first: the stage defaults depend on it
-            raise ConfigError("recipe", f"{self.recipe!r} is not a recipe; "
-                                        f"recipe must be one of {RECIPES}")
+        facts = _facts(self.recipe)  # first: the stage defaults depend on it
         check_fields(self)
         for key in ("log_every", "max_bad_steps"):
             if getattr(self, key) < 1:
@@ -410,14 +427,13 @@ class DistillConfig:
             raise ConfigError("save_every", f"must be >= 0 (0: only at the end), "
                                             f"got {self.save_every}")
         if self.taf is None:
-            self.taf = self.recipe == "compodistill"
+            self.taf = facts.taf
         if self.stages is None:
-            self.stages = [default_stage(k, self.recipe)
-                           for k in RECIPE_DEFAULT_STAGES[self.recipe]]
-        allowed = RECIPE_TERMS[self.recipe]
+            self.stages = [default_stage(k, self.recipe) for k in facts.default_stages]
+        allowed = facts.terms
         for i, stage in enumerate(self.stages):
-            extra = [f.name for f in dataclasses.fields(stage.weights)
-                     if f.name not in allowed and getattr(stage.weights, f.name)]
+            extra = [name for name, value in stage.weights.as_dict().items()
+                     if name not in allowed and value]
             if extra:
                 raise ConfigError(f"stages[{i}].weights",
                                   f"recipe {self.recipe!r} has no loss terms {extra}; "
@@ -455,9 +471,10 @@ def config_from_dict(raw: dict) -> DistillConfig:
     """
     raw = _build(DistillConfig, raw, "config")
     recipe = raw.get("recipe", "compodistill")
-    if recipe not in RECIPES:
-        raise ConfigError("recipe", f"{recipe!r} is not a recipe; recipe must be one of {RECIPES}")
-    stage_list = raw.pop("stages", None) or [{"kind": k} for k in RECIPE_DEFAULT_STAGES[recipe]]
+    if not isinstance(recipe, str):
+        raise ConfigError("recipe", f"expected a string, got {recipe!r}")
+    stage_list = raw.pop("stages", None) or [{"kind": k}
+                                             for k in _facts(recipe).default_stages]
     if not isinstance(stage_list, list):
         raise ConfigError("stages", f"expected a list of stages, got {stage_list!r}")
     stages = []
@@ -467,7 +484,10 @@ def config_from_dict(raw: dict) -> DistillConfig:
         if "kind" not in stage:
             raise ConfigError(f"{where}.kind", f"is required (one of {STAGE_KINDS})")
         try:
-            weights = _build(LossWeights, stage.pop("weights", None), "weights")
+            weights = stage.pop("weights", None) or {}
+            if not isinstance(weights, dict):
+                raise ConfigError("weights", f"expected a mapping of term names to weights, "
+                                             f"got {weights!r}")
             stages.append(default_stage(stage.pop("kind"), recipe, weights=weights, **stage))
         except ConfigError as e:
             raise e.within(where) from None

@@ -8,7 +8,6 @@ non-finite steps, logs metrics, and saves/resumes crash-safe checkpoints.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import warnings
@@ -79,7 +78,7 @@ class StageLoop:
         self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
             model, optimizer, loader, scheduler)
         self.logger = MetricsLogger(self.stage_dir, enabled=accelerator.is_main_process)
-        self.weights = dataclasses.asdict(stage.weights)  # every term's weight, by name
+        self.weights = stage.weights.as_dict()  # every term's weight, by name
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, step: int, skipped: int) -> None:

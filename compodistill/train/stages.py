@@ -105,7 +105,8 @@ class HiddenStates(nn.Module):
         return out.last_hidden_state
 
 
-def _lm_head(model: nn.Module) -> nn.Linear:
+def lm_head(model: nn.Module) -> nn.Linear:
+    """The output projection of a LLaVA model (through a peft wrapper)."""
     return llava_core(model).lm_head
 
 
@@ -184,12 +185,12 @@ class StageLosses:
                                           attention_mask=batch["attention_mask"])
                    if self.distiller else None)
         labels, h_t, h_s, cap = self.forwards(prepared, batch, capture)
-        head_s = _lm_head(self.student)
+        head_s = lm_head(self.student)
         terms = {}
         if not self.need_teacher:
             terms["lm"] = lm_loss(h_s, head_s, labels)
             return terms
-        head_t = _lm_head(self.teacher)
+        head_t = lm_head(self.teacher)
         common = self.kd_options(batch, head_s, head_t)
         if w.lm:
             terms["lm"] = linear_distillation_loss(h_s, head_s.weight, h_t, head_t.weight,

@@ -92,7 +92,7 @@ class DistillationTrainer:
             self.teacher.eval().requires_grad_(False)
             self.teacher.to(config.teacher_device or self.acc.device)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
-        self.dataset = train_dataset if train_dataset is not None else self._load_dataset()
+        self.dataset = train_dataset if train_dataset is not None else self.load_dataset()
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -101,7 +101,7 @@ class DistillationTrainer:
             raise ValueError("pass tokenizer= or set config.student to a folder with a tokenizer")
         return AutoTokenizer.from_pretrained(self.config.student, local_files_only=True)
 
-    def _load_dataset(self, source=None):
+    def load_dataset(self, source=None):
         """``LlavaDataset`` of ``source`` (a path or a list of records; default the config's)."""
         from ..data import LlavaDataset
 
@@ -131,15 +131,17 @@ class DistillationTrainer:
                           num_workers=self.config.data.num_workers,
                           generator=torch.Generator().manual_seed(self.config.seed))
 
-    def _stage_dir(self, stage: StageConfig) -> Path:
+    def stage_dir(self, stage: StageConfig) -> Path:
+        """``<output_dir>/<i>-<name>``: where a stage of the chain writes everything."""
         index = [s.name for s in self.config.stages].index(stage.name)
         return self.output_dir / f"{index + 1}-{stage.name}"
 
-    def _reload(self, folder) -> torch.nn.Module:
+    def reload(self, folder) -> torch.nn.Module:
         """A saved stage output, on this process's device."""
         return _load_llava(str(folder)).to(self.acc.device)
 
-    def _save_model(self, model, folder: Path) -> None:
+    def save_model(self, model, folder: Path) -> None:
+        """``save_pretrained`` of the (unwrapped) model and the tokenizer, written atomically."""
         def write(tmp: Path) -> None:
             self.acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
@@ -151,7 +153,7 @@ class DistillationTrainer:
     # ------------------------------------------------------------------ stages
     def run_stage(self, stage: StageConfig) -> StageResult | None:
         """Train one stage on ``self.student``; returns None when it had already finished."""
-        stage_dir = self._stage_dir(stage)
+        stage_dir = self.stage_dir(stage)
         final = stage_dir / "model"
         if is_complete(final):
             self.student = _load_llava(str(final)).to(self.acc.device)
@@ -176,7 +178,7 @@ class DistillationTrainer:
         self.student = finish_stage(student)
         for p in self.student.parameters():
             p.requires_grad_(False)
-        self._save_model(self.student, final)
+        self.save_model(self.student, final)
         return result
 
     def run(self, stages: list[str] | None = None) -> list[StageResult]:
@@ -199,7 +201,7 @@ class DistillationTrainer:
                 json.dumps(config_to_dict(self.config), indent=2))
         results = []
         for stage in self.config.stages:
-            final = self._stage_dir(stage) / "model"
+            final = self.stage_dir(stage) / "model"
             if stage.name in wanted:
                 result = self.run_stage(stage)
                 if result is not None:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from .base import Recipe, StageParts
+from .base import Recipe, RecipeFacts, StageParts
 
-__all__ = ["Recipe", "StageParts", "get_recipe", "register_recipe", "recipe_names"]
+__all__ = ["Recipe", "RecipeFacts", "StageParts", "get_recipe", "register_recipe",
+           "recipe_names", "recipe_facts"]
 
 # name -> "module:factory"; imported on first use so the config can be read without torch
 # models, and recipe modules may import the trainer without an import cycle.
@@ -38,16 +39,38 @@ def recipe_names() -> list[str]:
 
 
 def register_recipe(name: str, factory: Callable[[], Recipe]) -> None:
-    """Make ``get_recipe(name)`` return ``factory()`` (e.g. a subclass with another judge)."""
+    """Make ``config.recipe: name`` and ``get_recipe(name)`` use ``factory()``.
+
+    ``factory`` is a :class:`Recipe` subclass (or a callable returning an instance); its
+    ``facts`` (:class:`RecipeFacts`) tell the config which terms, stage defaults and chain the
+    recipe has, so nothing else needs registering.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a recipe name must be a non-empty string, got {name!r}")
     _REGISTRY[name] = factory
 
 
-def get_recipe(name: str) -> Recipe:
-    """A fresh instance of the recipe called ``name``."""
+def _factory(name: str) -> Callable[[], Recipe]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown recipe {name!r}; known: {recipe_names()}")
     factory = _REGISTRY[name]
     if isinstance(factory, str):
         module, attr = factory.split(":")
         factory = getattr(importlib.import_module(module), attr)
-    return factory()
+    return factory
+
+
+def get_recipe(name: str) -> Recipe:
+    """A fresh instance of the recipe called ``name``."""
+    return _factory(name)()
+
+
+def recipe_facts(name: str) -> RecipeFacts:
+    """The :class:`RecipeFacts` of the recipe called ``name``."""
+    factory = _factory(name)
+    facts = getattr(factory, "facts", None)
+    if facts is None:  # a plain callable: ask an instance
+        facts = getattr(factory(), "facts", None)
+    if not isinstance(facts, RecipeFacts):
+        raise TypeError(f"recipe {name!r} has no RecipeFacts in its `facts` attribute")
+    return facts

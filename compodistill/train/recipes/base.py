@@ -14,6 +14,29 @@ if TYPE_CHECKING:  # the trainer imports the recipes, not the other way round at
     from ..trainer import DistillationTrainer
 
 
+@dataclass(frozen=True)
+class RecipeFacts:
+    """What a recipe is, as the config sees it (read before any model loads).
+
+    Attributes:
+        terms: the loss terms it computes; a stage giving another term a weight is an error.
+        stage_defaults: per stage kind (``dpt``/``dft``/``sft``), the :class:`StageConfig`
+            fields it sets (``trainable``, ``weights``, ``lr``, ``batch_size``...); a kind it
+            leaves out falls back to ``{"trainable": "lora", "weights": {"lm": 1.0}}``.
+        default_stages: the stage chain when the config names none.
+        taf: whether the student gets TAF when the config does not say.
+    """
+
+    terms: tuple
+    stage_defaults: dict
+    default_stages: tuple
+    taf: bool = False
+
+    def stage_default(self, kind: str) -> dict:
+        base = self.stage_defaults.get(kind, {"trainable": "lora", "weights": {"lm": 1.0}})
+        return {**base, "weights": dict(base.get("weights", {"lm": 1.0}))}
+
+
 @dataclass
 class StageParts:
     """What one stage hands the engine.
@@ -42,6 +65,7 @@ class Recipe(ABC):
     """
 
     name = "base"
+    facts: RecipeFacts  # every concrete recipe sets it (the config reads it by name)
 
     @abstractmethod
     def stage_parts(self, trainer: "DistillationTrainer", student: nn.Module, params: list,

@@ -32,6 +32,7 @@ from ...data.llava import MalformedRecordError, parse_record, read_records
 from ..checkpoint import is_complete
 from .comd_judges import (GreedyGenerator, JudgeRequest, ModelJudge, ReferenceOverlapJudge,
                           strip_image_tags)
+from .base import RecipeFacts
 from .compodistill import CompoDistillRecipe
 
 __all__ = ["CoMDRecipe", "DEFAULT_AUGMENT_PROMPT", "ROUND_FILES"]
@@ -55,6 +56,14 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+# Every training step of every round runs the configured stages (instruction tuning).
+FACTS = RecipeFacts(
+    terms=("lm", "kd"),
+    stage_defaults={kind: dict(trainable="lora", weights=dict(lm=1.0), batch_size=128)
+                    for kind in ("dpt", "dft", "sft")},
+    default_stages=("sft",))
+
+
 class CoMDRecipe(CompoDistillRecipe):
     """The CoMD loop; tuning steps use the :class:`StageLosses` terms (``lm``, ``kd``).
 
@@ -68,6 +77,7 @@ class CoMDRecipe(CompoDistillRecipe):
     """
 
     name = "comd"
+    facts = FACTS
 
     def __init__(self, judge=None, generator_factory: Callable | None = None):
         self.judge, self.generator_factory = judge, generator_factory
@@ -119,7 +129,7 @@ class CoMDRecipe(CompoDistillRecipe):
         """Run ``config.stages`` on ``records`` into ``folder``; returns results, model path."""
         from ..trainer import DistillationTrainer
 
-        dataset = trainer._load_dataset(records)
+        dataset = trainer.load_dataset(records)
         if len(dataset) == 0:
             trainer.acc.print(f"comd: nothing to train on in {folder}, step skipped")
             return [], None
@@ -130,7 +140,7 @@ class CoMDRecipe(CompoDistillRecipe):
                                   recipe=self)
         results = sub.run_chain()
         trainer.student = sub.student
-        return results, sub._stage_dir(config.stages[-1]) / "model"
+        return results, sub.stage_dir(config.stages[-1]) / "model"
 
     # ------------------------------------------------------------------ the round's steps
     def _instructions(self, trainer, k: int, out: Path) -> list:
@@ -263,13 +273,13 @@ class CoMDRecipe(CompoDistillRecipe):
                 resume_from = json.loads(done.read_text())["model"] or resume_from
                 continue
             if resume_from is not None:  # the student as the last finished round left it
-                trainer.student = trainer._reload(resume_from)
+                trainer.student = trainer.reload(resume_from)
                 resume_from = None
             results += self._round(trainer, k, out)
             ran = True
         final = out / "model"
         if ran or not is_complete(final):  # e.g. more rounds asked for than the last run had
             if resume_from is not None:
-                trainer.student = trainer._reload(resume_from)
-            trainer._save_model(trainer.student, final)
+                trainer.student = trainer.reload(resume_from)
+            trainer.save_model(trainer.student, final)
         return results

@@ -14,8 +14,20 @@ import torch
 from torch import nn
 
 from ...linear_kd import linear_distillation_loss
-from ..stages import HiddenStates, StageLosses, _lm_head, lm_loss
-from .base import Recipe, StageParts
+from ..stages import HiddenStates, StageLosses, lm_head, lm_loss
+from .base import Recipe, RecipeFacts, StageParts
+
+# DPT (connector, lr 1e-3) -> SFT (CE) -> DFT (CE + KL_res + KL_vis + RDist); no TAF, so the
+# connector itself trains.
+_ALL_TERMS = dict(lm=1.0, kd=1.0, kd_vis=1.0, rdist=1.0)
+FACTS = RecipeFacts(
+    terms=("lm", "kd", "kd_vis", "rdist"),
+    stage_defaults={
+        "dpt": dict(trainable="connector", weights=_ALL_TERMS, lr=1e-3, batch_size=256),
+        "sft": dict(trainable="lora+connector", weights=dict(lm=1.0), batch_size=128),
+        "dft": dict(trainable="lora+connector", weights=_ALL_TERMS, batch_size=128),
+    },
+    default_stages=("dpt", "sft", "dft"))
 
 __all__ = ["LlavaKDRecipe", "LlavaKDLosses", "linear_rdist_loss", "lm_head_gram"]
 
@@ -131,10 +143,10 @@ class LlavaKDLosses(StageLosses):
     def __call__(self, prepared: nn.Module, batch: dict) -> dict:
         w = self.stage.weights
         labels, h_t, h_s, _ = self.forwards(prepared, batch)
-        head_s = _lm_head(self.student)
+        head_s = lm_head(self.student)
         if not self.need_teacher:  # SFT: CE only
             return {"lm": lm_loss(h_s, head_s, labels)}
-        head_t = _lm_head(self.teacher)
+        head_t = lm_head(self.teacher)
         common = self.kd_options(batch, head_s, head_t)
         args = (h_s, head_s.weight, h_t, head_t.weight, labels)
         terms = {}
@@ -157,6 +169,7 @@ class LlavaKDRecipe(Recipe):
     """LLaVA-KD: :class:`LlavaKDLosses` on the plain student (no TAF)."""
 
     name = "llava_kd"
+    facts = FACTS
 
     def stage_parts(self, trainer, student, params, stage, stage_dir) -> StageParts:
         losses = LlavaKDLosses(student, trainer.teacher, stage, trainer.config, trainer.acc)

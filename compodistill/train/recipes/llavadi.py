@@ -15,8 +15,20 @@ import torch
 from torch import nn
 
 from ...linear_kd import linear_distillation_loss
-from ..stages import HiddenStates, StageLosses, _lm_head, llava_core, lm_loss
-from .base import Recipe, StageParts
+from ..stages import HiddenStates, StageLosses, lm_head, llava_core, lm_loss
+from .base import Recipe, RecipeFacts, StageParts
+
+# LLAVADI distils in fine-tuning; pre-training aligns the connector on the LM loss (the chain
+# is ours: the paper gives none).
+FACTS = RecipeFacts(
+    terms=("lm", "kd", "feat"),
+    stage_defaults={
+        "dpt": dict(trainable="connector", weights=dict(lm=1.0), lr=1e-3, batch_size=256),
+        "sft": dict(trainable="lora+connector", weights=dict(lm=1.0), batch_size=128),
+        "dft": dict(trainable="lora+connector", weights=dict(lm=1.0, kd=1.0, feat=1.0),
+                    batch_size=128),
+    },
+    default_stages=("dpt", "dft"))
 
 __all__ = ["FeatureProjector", "ProjectedHiddenStates", "LlavaDILosses", "LlavaDIRecipe",
            "PROJECTOR_FILE", "feature_mse"]
@@ -72,10 +84,10 @@ class LlavaDILosses(StageLosses):
         w = self.stage.weights
         labels, h_t, out, _ = self.forwards(prepared, batch)
         h_s, projected = out if isinstance(out, tuple) else (out, None)
-        head_s = _lm_head(self.student)
+        head_s = lm_head(self.student)
         if not self.need_teacher:
             return {"lm": lm_loss(h_s, head_s, labels)}
-        head_t = _lm_head(self.teacher)
+        head_t = lm_head(self.teacher)
         common = self.kd_options(batch, head_s, head_t, positions="all", zscore=True)
         args = (h_s, head_s.weight, h_t, head_t.weight, labels)
         terms = {}
@@ -92,11 +104,12 @@ class LlavaDIRecipe(Recipe):
     """LLAVADI: :class:`LlavaDILosses`; stages with ``feat`` train a :class:`FeatureProjector`."""
 
     name = "llavadi"
+    facts = FACTS
 
     def _previous_projector(self, trainer, stage) -> Path | None:
         names = [s.name for s in trainer.config.stages]
         for earlier in reversed(trainer.config.stages[:names.index(stage.name)]):
-            path = trainer._stage_dir(earlier) / PROJECTOR_FILE
+            path = trainer.stage_dir(earlier) / PROJECTOR_FILE
             if path.exists():
                 return path
         return None
