@@ -18,7 +18,7 @@ setup(
         "triton": ["triton>=3.6,<3.10"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
         "train": [
-            "transformers>=4.56,<6",
+            "transformers>=5.0,<6",  # AttentionInterface per sub-config, set_attn_implementation
             "accelerate>=1.0",
             "peft>=0.13",
             "safetensors>=0.4",

@@ -303,8 +303,8 @@ def image_attention(model, encoder, examples, items: int) -> list[float]:
     """Per layer: mean attention mass that text tokens after the image put on image tokens.
 
     Head mean, over every text query row after the image of ``items`` CR prompts (both
-    orders); eager attention with ``output_attentions`` (the models are tiny). Compare with
-    :func:`uniform_image_share`, the mass of attention spread evenly over the visible keys.
+    orders); eager attention with ``output_attentions`` (the models are tiny). The last entry
+    is the baseline: the share that attention spread evenly over the visible keys would give.
     """
     from compodistill.eval.cr import cr_prompt
 

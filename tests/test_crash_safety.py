@@ -208,7 +208,7 @@ def test_resume_recovers_a_checkpoint_left_as_old_between_the_two_renames(tmp_pa
     """The state a kill between ``target -> target.old`` and ``tmp -> target`` leaves behind:
     only ``checkpoint-N.old`` (complete) and a finished ``checkpoint-N.tmp``. Before the fix,
     resume ignored both and restarted the stage from step 0."""
-    from test_engine import losses, run_loop
+    from _helpers import losses, run_loop
 
     straight = tmp_path / "straight"
     _, w_straight = run_loop(straight, 8)
@@ -229,7 +229,7 @@ def test_resume_recovers_a_checkpoint_left_as_old_between_the_two_renames(tmp_pa
 def test_kill_before_the_first_checkpoint_leaves_no_duplicate_metrics(tmp_path):
     """A run killed after logging step 1 but before any checkpoint restarts from step 0; its
     stale records must go (before the fix, metrics.jsonl held step 1 twice)."""
-    from test_engine import losses, run_loop
+    from _helpers import losses, run_loop
 
     straight = tmp_path / "straight"
     run_loop(straight, 6)
@@ -245,7 +245,7 @@ def test_kill_before_the_first_checkpoint_leaves_no_duplicate_metrics(tmp_path):
 
 
 def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
-    from test_engine import run_loop
+    from _helpers import run_loop
 
     from compodistill.train.checkpoint import prune_checkpoints
 

@@ -6,43 +6,13 @@ import warnings
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
-
-from compodistill.train.config import config_from_dict, default_stage
-from compodistill.train.engine import StageLoop, TooManyBadSteps
+from compodistill.train.config import config_from_dict
+from compodistill.train.engine import TooManyBadSteps
 from compodistill.train.metrics import read_metrics
 
+from _helpers import losses, run_loop
+
 accelerate = pytest.importorskip("accelerate")
-
-
-def run_loop(tmp, max_steps, *, save_every=0, nan_calls=(), crash_call=None, max_bad=5,
-             grad_accum=1):
-    torch.manual_seed(0)
-    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
-    model = torch.nn.Linear(4, 1)
-    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
-    data = [{"x": x[i], "y": x[i].sum(0, keepdim=True), "attention_mask": torch.ones(3)}
-            for i in range(64)]
-    loader = DataLoader(data, batch_size=8, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
-    stage = default_stage("sft", max_steps=max_steps, batch_size=8, lr=0.1,
-                          grad_accum=grad_accum)
-    calls = {"n": 0}
-
-    def loss_terms(prepared, batch):
-        calls["n"] += 1
-        if calls["n"] == crash_call:
-            raise KeyboardInterrupt  # stands in for a killed process
-        loss = torch.nn.functional.mse_loss(prepared(batch["x"]), batch["y"])
-        return {"lm": loss * float("nan") if calls["n"] in nan_calls else loss}
-
-    loop = StageLoop(acc, model, list(model.parameters()), loader, stage, loss_terms, tmp,
-                     save_every=save_every, max_bad_steps=max_bad, show_progress=False)
-    return loop.run(), model.weight.detach().clone()
-
-
-def losses(folder):
-    return [r["loss"] for r in read_metrics(folder / "metrics.jsonl")]
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path):

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():  # run the Triton kernels in the interpreter o
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from compodistill.linear_kd import LinearDistillationLoss, linear_distillation_loss  # noqa: E402
+from compodistill.testing.accuracy import assert_accuracy  # noqa: E402
 from compodistill.testing.reference_logits import ref_logit_kd  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -142,12 +143,10 @@ def test_low_precision_accuracy(backend, dtype):
     grads = torch.autograd.grad(out, _params(t))
     plain = _plain(t, dtype)
     grads_plain = torch.autograd.grad(plain, _params(t))
-    assert (out - ref).abs().item() <= 2 * (plain.float() - ref).abs().item() + 1e-4
-    for g, gp, gr in zip(grads, grads_plain, grads_ref):
+    assert_accuracy(out, ref, plain.float(), atol=1e-4, name="loss")
+    for name, g, gp, gr in zip(("dh_s", "dW_s", "db_s"), grads, grads_plain, grads_ref):
         assert g.dtype == dtype
-        err = (g.float() - gr).abs().max().item()
-        err_plain = (gp.float() - gr).abs().max().item()
-        assert err <= 2 * err_plain + 1e-5, (err, err_plain)
+        assert_accuracy(g.float(), gr, gp.float(), atol=1e-5, name=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

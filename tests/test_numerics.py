@@ -321,7 +321,7 @@ def test_rdist_huge_logits_finite():
 def test_trainer_skips_non_finite_gradient_with_finite_loss(tmp_path, monkeypatch):
     """A finite loss whose gradient is NaN (an overflow in backward) is skipped too."""
     pytest.importorskip("accelerate")
-    from test_engine import run_loop
+    from _helpers import run_loop
 
     class NanGrad(torch.autograd.Function):
         @staticmethod

@@ -25,7 +25,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from compodistill import (linear_distillation_loss, logit_distillation_loss,  # noqa: E402
                           visual_attention_loss, visual_attention_maps, visual_layout)
-from compodistill.testing.accuracy import assert_accuracy, pad_maps  # noqa: E402
+from compodistill.testing.accuracy import (assert_accuracy, max_error, pad_maps,  # noqa: E402
+                                           rounding_atol)
 from compodistill.testing.reference import (ref_visual_allowed, ref_visual_loss,  # noqa: E402
                                             ref_visual_maps)
 from compodistill.testing.reference_logits import ref_logit_kd  # noqa: E402
@@ -34,7 +35,6 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 FUZZ = os.environ.get("COMPODISTILL_FUZZ", "0") not in ("", "0")
 # Relative tolerance (to the largest reference magnitude) of results returned in each dtype:
 # the chunked path computes in fp32 whatever the input, only its gradients are rounded back.
-REL = {F32: 2e-5, F16: 2e-3, BF16: 1.6e-2}
 LOSS_OPTIONS = st.fixed_dictionaries(dict(
     loss=st.sampled_from(("cosine", "kl", "reverse_kl", "jsd", "mse")),
     cosine=st.sampled_from(("flat", "row", "pooled")),
@@ -127,14 +127,8 @@ def ref_maps(q, k, case):
 
 
 def assert_close(name, got, ref, dtype, extra=0.0):
-    """Finite, and |got - ref| <= REL[dtype] * max|ref| + 1e-6 (+ extra) in the max norm."""
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    if got.numel() == 0:
-        return
-    err = (got.double() - ref.double()).abs().max().item()
-    tol = REL[dtype] * ref.abs().max().item() + 1e-6 + extra
-    assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+    """The accuracy rule with no lower-precision baseline: rounding to ``dtype`` + 1e-6 (+ extra)."""
+    assert_accuracy(got, ref, atol=rounding_atol(ref, dtype) + 1e-6 + extra, name=name)
 
 
 def check_maps_and_loss(case, options, backend):
@@ -176,9 +170,9 @@ def check_maps_and_loss(case, options, backend):
     truth = visual_attention_loss(q64, k64, target.double(), case["spans"], backend="torch",
                                   **options, **kwargs)
     truth_grads = torch.autograd.grad(truth.sum(), (q64, k64), allow_unused=True)
-    slack = [3 * max_err(r, t) if t is not None else 0.0 for r, t in zip(grads, truth_grads)]
+    slack = [3 * max_error(r, t) if t is not None else 0.0 for r, t in zip(grads, truth_grads)]
     assert_close("loss", loss.detach(), ref_loss.detach(), F32,
-                 extra=1e-5 + 3 * max_err(ref_loss.detach(), truth.detach()))
+                 extra=1e-5 + 3 * max_error(ref_loss.detach(), truth.detach()))
     assert_close("dq", qs.grad, grads[0], case["dtype"], extra=slack[0])
     assert_close("dk", ks.grad, grads[1], case["dtype"], extra=slack[1])
 
@@ -325,7 +319,7 @@ def test_logit_distillation_matches_reference(case):
     # The accuracy rule with a float64 yardstick: error <= 2 x the float32 reference's own
     # error, plus the rounding of the gradient to its dtype.
     _, truth = reference_grad(zs, zt, labels, torch.float64, **opts)
-    atol = REL[case["dtype"]] * float(truth.abs().max()) + 1e-6
+    atol = rounding_atol(truth, case["dtype"]) + 1e-6
     assert_accuracy(s.grad, truth, ref_grad, atol=atol, name="kd grad")
 
 
@@ -379,14 +373,12 @@ def test_linear_distillation_matches_reference(case, n_hidden, weights, bias):
     assert loss.dtype == F32
     ref, ref_grads = results[0]
     base, base_grads = results[-1]
-    assert_close("loss", loss.detach(), ref, dt, extra=1e-5 + 2 * max_err(base, ref))
+    # The accuracy rule, plus the rounding of each output to its dtype.
+    assert_accuracy(loss.detach(), ref, base, atol=rounding_atol(ref, dt) + 1e-5 + 1e-6,
+                    name="loss")
     for name, gr, rg, bg in zip(("dh_s", "dW_s", "db_s"), got, ref_grads, base_grads):
         assert gr is not None and gr.dtype == dt
-        assert_close(name, gr, rg, dt, extra=2 * max_err(bg, rg))
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        assert_accuracy(gr, rg, bg, atol=rounding_atol(rg, dt) + 1e-6, name=name)
 
 
 LOGIT_CORRUPTIONS = ("vocab", "temperature", "beta", "loss", "positions", "no_labels",
