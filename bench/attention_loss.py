@@ -6,7 +6,7 @@ Providers (x = sequence length N; ``[mha]``/``[gqa]`` suffix = head layout):
   :func:`attention_with_visual_maps` fwd + bwd, flat-cosine loss on the maps.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` student fwd + bwd and teacher
   fwd, no maps (what attention costs without the loss).
-- ``chunked``: SDPA for the outputs + the chunked PyTorch maps of ``compodistill.losses``
+- ``chunked``: SDPA for the outputs + the chunked PyTorch maps of ``compodistill.visual_attention.api``
   (``backend="torch"``) for both models, flat-cosine loss.
 - ``eager``: materialised softmax of both models (``P`` in full), maps from ``P``, loss.
 
@@ -34,11 +34,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from bench._common import benchmark_main, measure, plot_lines, provenance, write_rows  # noqa: E402
-from compodistill.layout import visual_layout  # noqa: E402
-from compodistill.losses import visual_attention_maps  # noqa: E402
+from compodistill.visual_attention.layout import visual_layout  # noqa: E402
+from compodistill.visual_attention.api import visual_attention_maps  # noqa: E402
 
 try:
-    from compodistill.losses import visual_map_loss
+    from compodistill.visual_attention.api import visual_map_loss
 except ImportError:  # older checkout: a plain flat cosine over the maps
     visual_map_loss = None
 

@@ -2,7 +2,7 @@
 
 Providers:
 - ``torch_naive``: materialised logits of both models + ``F.kl_div`` on float32 log-probs;
-- ``compodistill``: :func:`compodistill.linear_kd.linear_distillation_loss` (fused, chunked);
+- ``compodistill``: :func:`compodistill.logit_kd.linear.linear_distillation_loss` (fused, chunked);
 - ``liger``: Liger-Kernel's ``LigerFusedLinearJSD`` (jsd_beta=0, Liger's forward-KL setting),
   when ``liger_kernel`` imports and the device is CUDA.
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from bench._common import benchmark_main, measure, plot_lines, provenance, write_rows  # noqa: E402
-from compodistill.linear_kd import linear_distillation_loss  # noqa: E402
+from compodistill.logit_kd.linear import linear_distillation_loss  # noqa: E402
 
 BENCH = "logit_kd"
 SHAPES = {

@@ -59,7 +59,7 @@ SETUPS = {
 def _kd_loss():
     """Logit KD: the library's chunked loss when available, else plain torch KL."""
     try:
-        from compodistill.logit_losses import logit_distillation_loss, shift_labels
+        from compodistill.logit_kd.from_logits import logit_distillation_loss, shift_labels
     except ImportError:
         logit_distillation_loss = None
 

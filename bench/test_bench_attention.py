@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.attention_loss import K, _inputs, _providers
-from compodistill.layout import visual_layout
+from compodistill.visual_attention.layout import visual_layout
 
 pytest.importorskip("pytest_benchmark")
 

@@ -4,8 +4,10 @@ import json
 
 import pytest
 
-from compodistill import logit_losses, map_losses, matching
-from compodistill.layout import QUERY_MODES
+from compodistill import matching
+from compodistill.logit_kd import from_logits as logit_losses
+from compodistill.visual_attention import map_losses
+from compodistill.visual_attention.layout import QUERY_MODES
 from compodistill.train import config as cfg
 from compodistill.train.config import ConfigError, config_from_dict, load_config
 

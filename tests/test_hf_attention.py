@@ -151,7 +151,7 @@ def test_fused_branch_wiring(monkeypatch):
 
     from compodistill import visual_attention_maps
     from compodistill.hf import attention
-    from compodistill.testing.reference import ref_attention_output
+    from compodistill.testing.visual_attention import ref_attention_output
 
     calls = []
 

@@ -3,7 +3,7 @@
 For every matching mode and loss option: the loss and its gradients w.r.t. all student
 parameters, computed by :class:`AttentionDistiller` (SDPA + chunked visual maps, no N×N
 matrix) match those computed from ``attn_implementation="eager"`` attention probabilities
-with :mod:`compodistill.testing.reference`. Also gradient checkpointing, LLaVA models,
+with :mod:`compodistill.testing.visual_attention`. Also gradient checkpointing, LLaVA models,
 query modes, memory of the targets and error cases.
 """
 import copy
@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from compodistill.hf import AttentionDistiller, attention, tiny_llava_pair  # noqa: E402
 from compodistill.matching import match_layers  # noqa: E402
-from compodistill.testing.reference import (ref_adaptive_choice, ref_group_targets,  # noqa: E402
+from compodistill.testing.visual_attention import (ref_adaptive_choice, ref_group_targets,  # noqa: E402
                                             ref_query_rows, ref_visual_allowed,
                                             ref_visual_loss)
 

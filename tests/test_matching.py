@@ -4,7 +4,7 @@ import torch
 
 from compodistill.matching import (LayerMatch, adaptive_select, group_target, layer_preset,
                                    match_layers)
-from compodistill.testing.reference import (ref_adaptive_choice, ref_group_targets,
+from compodistill.testing.visual_attention import (ref_adaptive_choice, ref_group_targets,
                                             ref_simple_teacher_layer)
 
 

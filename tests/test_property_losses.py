@@ -4,7 +4,7 @@ Each example draws a whole problem: batch size, sequence length, GQA head layout
 padding side and amount per sample, image spans per sample (none, one, several, at the start
 or the end of the real tokens, or covering all of them), the query rows, causality, dtype and
 the loss options. Every result must be finite and match the materialising reference
-(:mod:`compodistill.testing.reference`) within the accuracy rule; invalid arguments must raise
+(:mod:`compodistill.testing.visual_attention`) within the accuracy rule; invalid arguments must raise
 the documented ValueError / TypeError.
 
 Bounded in CI (hypothesis profile "ci", tests/conftest.py); ``COMPODISTILL_FUZZ=1`` selects
@@ -27,9 +27,9 @@ from compodistill import (linear_distillation_loss, logit_distillation_loss,  # 
                           visual_attention_loss, visual_attention_maps, visual_layout)
 from compodistill.testing.accuracy import (assert_accuracy, max_error, pad_maps,  # noqa: E402
                                            rounding_atol)
-from compodistill.testing.reference import (ref_visual_allowed, ref_visual_loss,  # noqa: E402
+from compodistill.testing.visual_attention import (ref_visual_allowed, ref_visual_loss,  # noqa: E402
                                             ref_visual_maps)
-from compodistill.testing.reference_logits import ref_logit_kd  # noqa: E402
+from compodistill.testing.logit_kd import ref_logit_kd  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 FUZZ = os.environ.get("COMPODISTILL_FUZZ", "0") not in ("", "0")

@@ -13,8 +13,8 @@ pytest.importorskip("accelerate")
 from compodistill.data import LlavaCollator, build_tiny_tokenizer, generate_synthetic  # noqa: E402
 from compodistill.hf.llava import (TAFLlavaForConditionalGeneration, load_student,  # noqa: E402
                                    tiny_llava_pair)
-from compodistill.logit_losses import rdist_loss, shift_labels  # noqa: E402
-from compodistill.testing.reference_logits import (ref_llavadi_feature_mse,  # noqa: E402
+from compodistill.logit_kd.from_logits import rdist_loss, shift_labels  # noqa: E402
+from compodistill.testing.logit_kd import (ref_llavadi_feature_mse,  # noqa: E402
                                                    ref_logit_kd, ref_rdist)
 from compodistill.train.config import config_from_dict, load_config  # noqa: E402
 from compodistill.train.recipes import get_recipe, recipe_names  # noqa: E402

@@ -38,8 +38,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .._backend import kernels_module, resolve_backend
-from ..layout import VisualLayout
-from ..losses import visual_attention_maps
+from ..visual_attention.layout import VisualLayout
+from ..visual_attention.api import visual_attention_maps
 
 __all__ = ["ATTN_IMPLEMENTATION", "register", "enable_attention", "decoder_attention_modules",
            "compodistill_attention_forward", "activate", "install_checkpoint_context"]

@@ -25,8 +25,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..layout import QueryArg, VisualLayout, visual_layout
-from ..map_losses import check_map_loss_options, visual_map_loss
+from ..visual_attention.layout import QueryArg, VisualLayout, visual_layout
+from ..visual_attention.map_losses import check_map_loss_options, visual_map_loss
 from ..matching import LayerMatch, adaptive_select, match_layers
 from .attention import (ATTN_IMPLEMENTATION, activate, decoder_attention_modules,
                         enable_attention, install_checkpoint_context)
@@ -188,7 +188,7 @@ class Capture:
     """One step's captured maps; a context manager made by :meth:`AttentionDistiller.capture`.
 
     Attributes:
-        layout: the :class:`~compodistill.layout.VisualLayout` of the batch.
+        layout: the :class:`~compodistill.visual_attention.layout.VisualLayout` of the batch.
         choices: for adaptive matching, after :meth:`loss`, the chosen teacher layer per
             student layer.
     """

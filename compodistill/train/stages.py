@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..hf.distiller import AttentionDistiller
-from ..linear_kd import linear_distillation_loss
-from ..logit_losses import shift_labels
+from ..logit_kd.linear import linear_distillation_loss
+from ..logit_kd.from_logits import shift_labels
 from .config import DistillConfig, StageConfig
 
 # Linear layers of a Llama/Qwen2 decoder that LoRA adapts (attention and MLP), in the

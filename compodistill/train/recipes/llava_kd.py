@@ -1,7 +1,7 @@
 """LLaVA-KD (docs/stages.md): ``CE + KL_res + KL_vis + RDist``, stages DPT → SFT → DFT.
 
 - CE and KL_res (KD on the response tokens) and KL_vis (KD on the image positions) come from the
-  fused :func:`~compodistill.linear_kd.linear_distillation_loss`, so no (tokens × vocab) logits.
+  fused :func:`~compodistill.logit_kd.linear.linear_distillation_loss`, so no (tokens × vocab) logits.
 - RDist (:func:`linear_rdist_loss`) needs ``R = Z Zᵀ`` for the logits Z of the visual positions.
   With ``Z = H Wᵀ + b`` that is ``R = [H 1] Gram [H 1]ᵀ`` where ``Gram = [W b]ᵀ [W b]`` is a
   (d+1) × (d+1) matrix summed over vocab chunks of the lm_head. So only the visual hidden
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...linear_kd import linear_distillation_loss
+from ...logit_kd.linear import linear_distillation_loss
 from ..stages import HiddenStates, StageLosses, lm_head, lm_loss
 from .base import Recipe, RecipeFacts, StageParts
 
@@ -70,7 +70,7 @@ def linear_rdist_loss(h_s: torch.Tensor, W_s: torch.Tensor, h_t: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, vocab_chunk: int = 8192,
                       gram_s: torch.Tensor | None = None,
                       gram_t: torch.Tensor | None = None) -> torch.Tensor:
-    """RDist from hidden states and lm_head weights; equals :func:`~compodistill.logit_losses.
+    """RDist from hidden states and lm_head weights; equals :func:`~compodistill.logit_kd.from_logits.
     rdist_loss` on the full logits (docs/stages.md, CONVENTIONS.md), a float32 scalar.
 
     Per sample with visual tokens: ``R = Z Zᵀ`` with Z the raw logits of the visual positions

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...linear_kd import linear_distillation_loss
+from ...logit_kd.linear import linear_distillation_loss
 from ..stages import HiddenStates, StageLosses, lm_head, llava_core, lm_loss
 from .base import Recipe, RecipeFacts, StageParts
 

@@ -8,10 +8,10 @@ import torch
 if not torch.cuda.is_available():  # run the Triton kernels in the interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from compodistill.logit_losses import (logit_distillation_loss, rdist_loss,  # noqa: E402
+from compodistill.logit_kd.from_logits import (logit_distillation_loss, rdist_loss,  # noqa: E402
                                         shift_labels)
 from compodistill.testing.accuracy import assert_accuracy  # noqa: E402
-from compodistill.testing.reference_logits import ref_logit_kd, ref_rdist  # noqa: E402
+from compodistill.testing.logit_kd import ref_logit_kd, ref_rdist  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from compodistill.testing.reference_logits import (ref_llavadi_feature_mse, ref_logit_kd,
+from compodistill.testing.logit_kd import (ref_llavadi_feature_mse, ref_logit_kd,
                                                    ref_rdist)
 
 LN3 = math.log(3.0)

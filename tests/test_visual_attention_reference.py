@@ -1,4 +1,4 @@
-"""Hand-checked tiny cases for compodistill.testing.reference.
+"""Hand-checked tiny cases for compodistill.testing.visual_attention.
 
 Every expected number is worked out by hand in the test (fractions, math.log, math.sqrt),
 never by calling the formula under test: the reference is the yardstick for the fast
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from compodistill.layout import spans_to_mask
+from compodistill.visual_attention.layout import spans_to_mask
 from compodistill.testing import reference as R
 
 

@@ -10,9 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 if not torch.cuda.is_available():  # run the Triton kernels in the interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from compodistill.linear_kd import LinearDistillationLoss, linear_distillation_loss  # noqa: E402
+from compodistill.logit_kd.linear import LinearDistillationLoss, linear_distillation_loss  # noqa: E402
 from compodistill.testing.accuracy import assert_accuracy  # noqa: E402
-from compodistill.testing.reference_logits import ref_logit_kd  # noqa: E402
+from compodistill.testing.logit_kd import ref_logit_kd  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(

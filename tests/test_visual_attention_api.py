@@ -6,7 +6,7 @@ import torch
 
 import compodistill as cd
 from compodistill.testing.accuracy import assert_accuracy, pad_maps
-from compodistill.testing.reference import ref_visual_allowed, ref_visual_loss, ref_visual_maps
+from compodistill.testing.visual_attention import ref_visual_allowed, ref_visual_loss, ref_visual_maps
 
 # (name, B, Hq, Hkv, N, visual spans, left/right padding per sample, query mode, causal)
 CASES = [

@@ -1,0 +1,12 @@
+"""Logit distillation (definitions: docs/logit_kd.md).
+
+- :mod:`.from_logits`: :func:`logit_distillation_loss` and :func:`rdist_loss` on logits you have.
+- :mod:`.linear`: :func:`linear_distillation_loss` from hidden states and lm_head weights, so
+  neither model's (tokens × vocab) logits exist.
+"""
+from .from_logits import (IGNORE_INDEX, LOSSES, POSITIONS, logit_distillation_loss, rdist_loss,
+                          shift_labels)
+from .linear import LinearDistillationLoss, linear_distillation_loss
+
+__all__ = ["logit_distillation_loss", "rdist_loss", "shift_labels", "linear_distillation_loss",
+           "LinearDistillationLoss", "IGNORE_INDEX", "LOSSES", "POSITIONS"]

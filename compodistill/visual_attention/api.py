@@ -1,0 +1,133 @@
+"""Public functional API for visual-attention distillation (docs/visual_attention.md).
+
+>>> target = visual_attention_maps(q_t, k_t, visual=image_mask)          # teacher, no grad
+>>> loss = visual_attention_loss(q_s, k_s, target, visual=image_mask)    # student
+
+Both calls dispatch to the Triton kernels for CUDA tensors and to a chunked PyTorch path
+on CPU; neither ever builds the N×N attention matrix.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._backend import kernels_module, resolve_backend
+from .chunked import chunked_visual_maps
+from .layout import QueryArg, VisualArg, VisualLayout, visual_layout
+from .map_losses import check_map_loss_options, visual_map_loss
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qk(q: torch.Tensor, k: torch.Tensor, q_name: str = "q", k_name: str = "k") -> None:
+    """Validate query/key tensors of one attention layer (shapes, GQA, dtype, device)."""
+    for name, t in ((q_name, q), (k_name, k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, N, d), got {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    (b, hq, n, d), (bk, hkv, nk, dk) = q.shape, k.shape
+    if (b, n) != (bk, nk):
+        raise ValueError(f"{q_name} {tuple(q.shape)} and {k_name} {tuple(k.shape)} must agree on "
+                         f"batch size B and sequence length N")
+    if d != dk:
+        raise ValueError(f"{q_name} {tuple(q.shape)} and {k_name} {tuple(k.shape)} must have the "
+                         f"same head dim d")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}, {q_name} {tuple(q.shape)}) must be a multiple of "
+                         f"key heads ({hkv}, {k_name} {tuple(k.shape)})")
+    if q.dtype != k.dtype:
+        raise TypeError(f"{q_name} ({q.dtype}) and {k_name} ({k.dtype}) must share a dtype")
+    if q.device != k.device:
+        raise ValueError(f"{q_name} ({q.device}) and {k_name} ({k.device}) are on different "
+                         f"devices")
+    if n == 0 or b == 0:
+        raise ValueError(f"{q_name} {tuple(q.shape)} is empty")
+
+
+def _scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
+def _layout_for(q: torch.Tensor, visual, query, attention_mask, causal) -> VisualLayout:
+    b, _, n, _ = q.shape
+    if isinstance(visual, VisualLayout):
+        if (visual.batch_size, visual.seq_len) != (b, n):
+            raise ValueError(f"visual layout is for (B, N) = ({visual.batch_size}, "
+                             f"{visual.seq_len}) but q has shape {tuple(q.shape)}")
+        return visual.to(q.device)
+    return visual_layout(visual, b, n, query=query, attention_mask=attention_mask,
+                         causal=causal, device=q.device)
+
+
+def visual_attention_maps(q: torch.Tensor, k: torch.Tensor, visual: VisualArg | VisualLayout, *,
+                          query: QueryArg = "all", attention_mask: torch.Tensor | None = None,
+                          causal: bool = True, scale: float | None = None,
+                          backend: str = "auto") -> torch.Tensor:
+    """Head-mean attention of the query rows on the visual keys, without the attention matrix.
+
+    ``A[b, r, c] = (1/Hq) Σ_h softmax_j(q_h·k_j·scale)[query_index[b, r], visual_index[b, c]]``
+    with the causal and padding masks applied, a full-softmax probability restricted to
+    visual columns (docs/visual_attention.md). Differentiable w.r.t. ``q`` and ``k``.
+
+    Args:
+        q: (B, Hq, N, d) queries of one layer. k: (B, Hkv, N, d) keys, ``Hq % Hkv == 0``.
+        visual: image-token positions: a (B, N) bool mask, per-sample spans
+            ``[[(start, end), ...], ...]`` (end exclusive; ``[]`` for a sample without
+            images), or a prebuilt :class:`~compodistill.visual_attention.layout.VisualLayout` (which then
+            also fixes the query rows, padding and causality: ``query``,
+            ``attention_mask`` and ``causal`` are not used).
+        query: rows entering the loss: ``"all"``, ``"visual"``, ``"text"`` or a (B, N) mask.
+        attention_mask: (B, N) 1 for real tokens, 0 for padding.
+        causal: apply the causal mask. scale: defaults to ``1/sqrt(d)``.
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"``, ``"torch"``.
+
+    Returns:
+        float32 tensor (B, Qmax, Vmax); see :mod:`compodistill.visual_attention.layout` for its layout.
+        Rows before the first image (causal) and samples without images hold zeros.
+    """
+    check_qk(q, k)
+    layout = _layout_for(q, visual, query, attention_mask, causal)
+    scale = _scale(scale, q.shape[-1])
+    if resolve_backend(backend, q.device, "autograd") == "triton":
+        return kernels_module("autograd").visual_maps(q, k, layout, scale)
+    return chunked_visual_maps(q, k, layout, scale)
+
+
+def visual_attention_loss(q: torch.Tensor, k: torch.Tensor, target: torch.Tensor,
+                          visual: VisualArg | VisualLayout, *, query: QueryArg = "all",
+                          attention_mask: torch.Tensor | None = None, causal: bool = True,
+                          scale: float | None = None, loss: str = "cosine",
+                          cosine: str = "flat", distribution: str = "renorm",
+                          beta: float = 0.5, reduction: str = "mean",
+                          backend: str = "auto") -> torch.Tensor:
+    """Visual-attention alignment loss (VAT) of one student layer against a target.
+
+    Definitions: docs/visual_attention.md.
+
+    ``target`` is a (B, Qmax, Vmax) teacher map from :func:`visual_attention_maps` computed
+    with the same ``visual``, ``query`` and ``attention_mask`` (for group matching, the mean
+    of a window of teacher layers; see :func:`compodistill.match_layers`). The teacher gets
+    no gradient. Loss options are those of :func:`compodistill.visual_map_loss`; for the
+    official code's numbers use ``query="visual", cosine="pooled"`` and sum the layers.
+
+    Samples whose query rows see no image token (no image, or every query row before it)
+    contribute nothing; with none in the batch the loss is 0 and gradients are zero.
+    """
+    check_map_loss_options(loss, cosine, distribution, beta, reduction)
+    check_qk(q, k)
+    layout = _layout_for(q, visual, query, attention_mask, causal)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != q.device:
+        raise ValueError(f"target is on {target.device} but q is on {q.device}")
+    maps = visual_attention_maps(q, k, layout, scale=scale, backend=backend)
+    return visual_map_loss(maps, target, layout, loss=loss, cosine=cosine,
+                           distribution=distribution, beta=beta, reduction=reduction)
