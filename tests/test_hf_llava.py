@@ -5,8 +5,8 @@ import torch
 pytest.importorskip("transformers")
 from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration  # noqa: E402
 
-from compodistill.hf import (TAFLlavaForConditionalGeneration, apply_taf, build_llava,  # noqa: E402
-                             load_student, tiny_llava_pair)
+from compodistill.hf import (TAFLlavaConfig, TAFLlavaForConditionalGeneration,  # noqa: E402
+                             apply_taf, build_llava, load_student, tiny_llava_pair)
 
 
 def inputs(model, batch=2, extra=6):
@@ -57,8 +57,8 @@ def test_taf_trainable_set_and_forward():
     student, teacher = tiny_llava_pair()
     d_t, d_s = teacher.config.text_config.hidden_size, student.config.text_config.hidden_size
     before = {n for n, p in student.named_parameters() if p.requires_grad}
-    out = apply_taf(student, teacher)
-    assert out is student and isinstance(student, TAFLlavaForConditionalGeneration)
+    student = apply_taf(student, teacher)
+    assert isinstance(student, TAFLlavaForConditionalGeneration)
     proj = student.model.multi_modal_projector
     assert (proj.post.in_features, proj.post.out_features) == (d_t, d_s)
     t_proj = teacher.model.multi_modal_projector
@@ -74,9 +74,40 @@ def test_taf_trainable_set_and_forward():
     assert proj.post.weight.grad is not None and proj.linear_1.weight.grad is None
 
 
+def test_taf_builds_a_new_model_that_shares_the_students_weights():
+    # No __class__ swap: the student keeps its class, config and connector; the TAF model
+    # holds the student's parameter objects (requires_grad kept) under a TAF config.
+    student, teacher = tiny_llava_pair(attn_implementation={"text_config": "compodistill",
+                                                            "vision_config": "sdpa"})
+    student.model.vision_tower.requires_grad_(False)
+    old_projector = student.model.multi_modal_projector
+    taf = apply_taf(student, teacher)
+    assert taf is not student and type(student) is LlavaForConditionalGeneration
+    assert type(student.config).__name__ == "LlavaConfig"
+    assert student.model.multi_modal_projector is old_projector
+    assert type(taf.config) is TAFLlavaConfig and taf.config is not student.config
+    s_cfg, t_cfg = student.config.to_dict(), taf.config.to_dict()
+    assert t_cfg.pop("taf_hidden_size") == teacher.config.text_config.hidden_size
+    assert t_cfg.pop("model_type") == TAFLlavaConfig.model_type
+    s_cfg.pop("model_type")
+    assert t_cfg == s_cfg
+    assert taf.config.text_config._attn_implementation == "compodistill"
+    assert taf.config.vision_config._attn_implementation == "sdpa"
+    s_params = dict(student.named_parameters())
+    for name, p in taf.named_parameters():
+        assert not p.is_meta, name
+        if "multi_modal_projector" not in name:
+            assert p is s_params[name], name
+    assert not any(p.requires_grad for p in taf.model.vision_tower.parameters())
+    s_buffers = dict(student.named_buffers())
+    assert all(b is s_buffers[n] for n, b in taf.named_buffers())  # rotary inv_freq, ...
+    assert set(taf.state_dict()) - set(student.state_dict()) == {
+        "model.multi_modal_projector.post.weight", "model.multi_modal_projector.post.bias"}
+
+
 def test_taf_save_load_round_trip(tmp_path):
     student, teacher = tiny_llava_pair()
-    apply_taf(student, teacher)
+    student = apply_taf(student, teacher)
     student.eval()
     x = inputs(student)
     logits = student(**x).logits
@@ -100,10 +131,14 @@ def test_taf_round_trip_of_a_student_loaded_from_disk(tmp_path):
     student = apply_taf(load_student(tmp_path / "init"), teacher)
     student.save_pretrained(tmp_path / "taf")
     expected = student.state_dict()
-    loaded = load_student(tmp_path / "taf").state_dict()
-    assert sorted(loaded) == sorted(expected)
-    for name, value in expected.items():
-        assert torch.equal(loaded[name], value), name
+    assert "lm_head.weight" in expected
+    for loaded in (load_student(tmp_path / "taf"),
+                   AutoModelForImageTextToText.from_pretrained(tmp_path / "taf")):
+        assert isinstance(loaded, TAFLlavaForConditionalGeneration)
+        state = loaded.state_dict()
+        assert sorted(state) == sorted(expected)
+        for name, value in expected.items():
+            assert torch.equal(state[name], value), name
 
 
 def test_taf_errors():
@@ -117,6 +152,8 @@ def test_taf_errors():
                        teacher.config.text_config)
     with pytest.raises(ValueError, match="student connector input 32"):
         apply_taf(student, wide)
-    apply_taf(student, teacher)
+    taf = apply_taf(student, teacher)
     with pytest.raises(ValueError, match="already"):
-        apply_taf(student, teacher)
+        apply_taf(taf, teacher)
+    with pytest.raises(ValueError, match="itself a TAF connector"):
+        apply_taf(student, taf)

@@ -50,7 +50,7 @@ def test_trainable_sets_per_stage(setup):
     student, teacher = load_student(root / "student"), load_student(root / "teacher")
     from compodistill.hf.llava import apply_taf
 
-    apply_taf(student, teacher)
+    student = apply_taf(student, teacher)
     _, params = prepare_trainable(student, default_stage("dpt"))
     names = trainable_names(student)
     assert names == {"model.multi_modal_projector.post.weight",
@@ -141,3 +141,23 @@ def test_interrupted_stage_resumes_with_the_same_losses(setup, monkeypatch):
     resumed = [r["loss"] for r in read_metrics(root / "crashed" / "1-dft" / "metrics.jsonl")]
     assert len(straight) == 4
     assert resumed == pytest.approx(straight, rel=1e-5)
+
+
+def test_group_by_length_batches_similar_lengths(setup):
+    from compodistill.data import LengthGroupedSampler
+
+    root, _ = setup
+    stage = {"kind": "sft", "max_steps": 2, "batch_size": 2}
+    grouped = DistillationTrainer(make_config(root, [stage], out="grouped",
+                                              data={"train_json": str(root / "data" / "train.json"),
+                                                    "image_folder": str(root / "data"),
+                                                    "max_length": 128, "group_by_length": True}),
+                                  show_progress=False)
+    loader = grouped.data_loader(grouped.config.stages[0])
+    assert isinstance(loader.sampler, LengthGroupedSampler)
+    order = list(loader.sampler)
+    assert sorted(order) == list(range(len(grouped.dataset)))
+    plain = DistillationTrainer(make_config(root, [stage], out="plain"), show_progress=False)
+    assert not isinstance(plain.data_loader(plain.config.stages[0]).sampler,
+                          LengthGroupedSampler)
+    assert [r.steps for r in grouped.run()] == [2]

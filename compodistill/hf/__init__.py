@@ -13,13 +13,14 @@ transformers (needs ``transformers>=5``). A few lines enable VAT on any pair of 
     loss = out.loss + cap.loss()
 
 Public API: :class:`AttentionDistiller` (and its :class:`Capture`), :func:`enable_attention`,
-:func:`build_llava`, :func:`tiny_llava_pair`, :func:`apply_taf`, :func:`load_student`,
-:class:`TAFLlavaForConditionalGeneration`.
+:func:`build_llava`, :func:`tiny_llava_pair` (:mod:`.builders`), :func:`apply_taf`,
+:func:`load_student`, :class:`TAFLlavaForConditionalGeneration` (:mod:`.taf`).
 """
 from .attention import ATTN_IMPLEMENTATION, enable_attention, register
+from .builders import build_llava, tiny_llava_pair
 from .distiller import AttentionDistiller, Capture
-from .llava import (TAFLlavaConfig, TAFLlavaForConditionalGeneration, TAFProjector, apply_taf,
-                    build_llava, load_student, tiny_llava_pair)
+from .taf import (TAFLlavaConfig, TAFLlavaForConditionalGeneration, TAFProjector, apply_taf,
+                  load_student)
 
 __all__ = ["ATTN_IMPLEMENTATION", "AttentionDistiller", "Capture", "TAFLlavaConfig",
            "TAFLlavaForConditionalGeneration", "TAFProjector", "apply_taf", "build_llava",

@@ -378,6 +378,8 @@ class DataConfig:
     max_length: int = 1536
     on_error: str = choice("skip", ON_ERROR)
     num_workers: int = 0
+    # Batch samples of similar token counts (LengthGroupedSampler): less padding per batch.
+    group_by_length: bool = False
 
     def __post_init__(self):
         check_fields(self)

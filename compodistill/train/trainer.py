@@ -116,8 +116,10 @@ class DistillationTrainer:
                             on_error=data.on_error)
 
     # ------------------------------------------------------------------ pieces
-    def _loader(self, stage: StageConfig) -> DataLoader:
-        from ..data import LlavaCollator
+    def data_loader(self, stage: StageConfig) -> DataLoader:
+        """The stage's training batches: per-process micro-batches of ``batch_size /
+        (grad_accum x processes)``, shuffled, or length-grouped with ``data.group_by_length``."""
+        from ..data import LengthGroupedSampler, LlavaCollator
 
         per_step = stage.grad_accum * self.acc.num_processes
         if stage.batch_size % per_step:
@@ -126,8 +128,13 @@ class DistillationTrainer:
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id or 0
-        return DataLoader(self.dataset, batch_size=stage.batch_size // per_step, shuffle=True,
-                          collate_fn=LlavaCollator(pad),
+        micro = stage.batch_size // per_step
+        # Batches of similar lengths waste less compute on padding; the order is still random
+        # (seeded, reshuffled per epoch through the loader's set_epoch).
+        sampler = (LengthGroupedSampler(self.dataset, micro, seed=self.config.seed)
+                   if self.config.data.group_by_length else None)
+        return DataLoader(self.dataset, batch_size=micro, sampler=sampler,
+                          shuffle=sampler is None, collate_fn=LlavaCollator(pad),
                           num_workers=self.config.data.num_workers,
                           generator=torch.Generator().manual_seed(self.config.seed))
 
@@ -161,7 +168,7 @@ class DistillationTrainer:
             return None
         if self.config.taf and self.teacher is not None and not isinstance(
                 self.student, TAFLlavaForConditionalGeneration):
-            apply_taf(self.student, self.teacher)
+            self.student = apply_taf(self.student, self.teacher)
         student, params = prepare_trainable(self.student, stage)
         if self.config.gradient_checkpointing:
             llava_core(student).gradient_checkpointing_enable(
@@ -169,7 +176,7 @@ class DistillationTrainer:
             if hasattr(student, "enable_input_require_grads"):
                 student.enable_input_require_grads()
         parts = self.recipe.stage_parts(self, student, params, stage, stage_dir)
-        loop = StageLoop(self.acc, parts.module, parts.params, self._loader(stage), stage,
+        loop = StageLoop(self.acc, parts.module, parts.params, self.data_loader(stage), stage,
                          parts.losses, stage_dir, save_every=self.config.save_every,
                          log_every=self.config.log_every, max_bad_steps=self.config.max_bad_steps,
                          show_progress=self.show_progress)

@@ -1,0 +1,157 @@
+"""LLaVA training data: records parsed, encoded and truncated into model-ready samples.
+
+Truncation to ``max_length`` never cuts an image block in half: with ``truncation="truncate"``
+(default) the sequence is cut *before* the first image block that does not fit whole, and
+that image and all later ones are dropped from ``pixel_values``; a sample left with no
+supervised token is treated as malformed. With ``truncation="drop"`` every over-long sample is
+treated as malformed. Malformed samples are skipped (with a count and one warning summary) or
+raise :class:`MalformedRecordError`, by ``on_error``.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import torch
+from torch.utils.data import Dataset
+
+from .encoding import IGNORE_INDEX, ConversationEncoder, truncate_encoding
+from .records import MalformedRecordError, RecordProblem, parse_record, read_records
+
+__all__ = ["LlavaDataset"]
+
+
+class LlavaDataset(Dataset):
+    """LLaVA conversation data encoded for a LLaVA-style model.
+
+    Records: :mod:`.records`; encoding: :mod:`.encoding`; truncation: this module's docstring.
+
+    Args:
+        records_or_path: a ``.json``/``.jsonl`` path or a list of record dicts.
+        image_folder: folder the records' image paths are relative to (None: as given).
+        tokenizer: the student's tokenizer.
+        image_processor_or_size: see :class:`ConversationEncoder`.
+        num_image_tokens: visual features per image.
+        image_token: the placeholder string; ``image_token_id`` defaults to its tokenizer id.
+        max_length: maximum tokens per sample (docs/stages.md: 1536).
+        on_error: ``"skip"`` (count, keep in :attr:`problems`, warn once) or ``"raise"``.
+        truncation: ``"truncate"`` (cut before the first image that does not fit) or ``"drop"``.
+        preprocess: tokenize everything up front (exact :attr:`lengths`, problems found at
+            once). ``False`` tokenizes in ``__getitem__`` and estimates lengths from word counts;
+            malformed samples found then are returned as ``None`` (``"skip"``), which
+            :class:`LlavaCollator` drops.
+
+    Items are dicts: ``input_ids``, ``labels`` (LongTensor (L,)), ``pixel_values``
+    ((n_images, 3, H, W) or None).
+    """
+
+    def __init__(self, records_or_path, image_folder: str | None, tokenizer,
+                 image_processor_or_size, *, num_image_tokens: int, image_token: str = "<image>",
+                 image_token_id: int | None = None, max_length: int = 1536,
+                 on_error: str = "skip", truncation: str = "truncate", preprocess: bool = True,
+                 system_prompt: str | None = None, progress: bool = False):
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if truncation not in ("truncate", "drop"):
+            raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
+        self.encoder = ConversationEncoder(
+            tokenizer, image_processor_or_size, num_image_tokens=num_image_tokens,
+            image_token=image_token, image_token_id=image_token_id, system_prompt=system_prompt)
+        self.max_length, self.on_error, self.truncation = max_length, on_error, truncation
+        self.problems: list[RecordProblem] = []
+        records, bad_lines = read_records(records_or_path)
+        for problem in bad_lines:
+            self._report(MalformedRecordError(problem.where, problem.reason,
+                                              problem.message.split(": ", 2)[-1]))
+        self.samples: list[dict] = []
+        iterator = records
+        if progress:
+            from tqdm.auto import tqdm
+            iterator = tqdm(records, desc="encoding records")
+        for rec, where in iterator:
+            try:
+                messages, paths = parse_record(rec, where, image_folder, image_token)
+                sample = {"messages": messages, "images": paths, "where": where}
+                if preprocess:
+                    sample.update(self._encode(sample))
+                self.samples.append(sample)
+            except MalformedRecordError as exc:
+                self._report(exc)
+        self.num_records = len(records) + len(bad_lines)
+        if self.problems:
+            warnings.warn(self.summary(), stacklevel=2)
+
+    # -- errors
+    def _report(self, exc: MalformedRecordError) -> None:
+        if self.on_error == "raise":
+            raise exc
+        if any(p.where == exc.where for p in self.problems):
+            return  # a lazily found problem is met again every epoch: count it once
+        self.problems.append(RecordProblem(exc.where, exc.reason, str(exc)))
+
+    @property
+    def num_skipped(self) -> int:
+        """How many records were skipped as malformed (so far: lazily found ones included)."""
+        return len(self.problems)
+
+    def summary(self) -> str:
+        """One line: how many records were skipped, by reason, and the first few locations."""
+        counts = Counter(p.reason for p in self.problems)
+        by_reason = ", ".join(f"{n} {r}" for r, n in counts.most_common())
+        first = "; ".join(p.message for p in self.problems[:3])
+        return (f"LlavaDataset: skipped {len(self.problems)} of {self.num_records} records "
+                f"({by_reason}). First: {first}")
+
+    # -- encoding
+    def _encode(self, sample: dict) -> dict:
+        where = sample["where"]
+        try:
+            enc = self.encoder.encode(sample["messages"])
+        except ValueError as exc:
+            raise MalformedRecordError(where, "template", str(exc)) from None
+        if len(enc["input_ids"]) > self.max_length:
+            if self.truncation == "drop":
+                raise MalformedRecordError(where, "too long", f"{len(enc['input_ids'])} tokens "
+                                           f"> max_length {self.max_length}")
+            enc, _ = truncate_encoding(enc, self.max_length)
+            if all(t == IGNORE_INDEX for t in enc["labels"]):
+                raise MalformedRecordError(where, "too long", "no assistant token left after "
+                                           f"truncation to {self.max_length}")
+        return {"input_ids": enc["input_ids"], "labels": enc["labels"],
+                "num_images": len(enc["image_blocks"])}
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count per sample (exact when preprocessed, else a word-count estimate).
+
+        Opens no image, so it is cheap enough for :class:`LengthGroupedSampler`.
+        """
+        out = []
+        for s in self.samples:
+            if "input_ids" in s:
+                out.append(len(s["input_ids"]))
+            else:
+                words = sum(len(m["content"].split()) for m in s["messages"])
+                out.append(min(self.max_length, words + len(s["images"]) * (
+                    self.encoder.num_image_tokens - 1)))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.samples[index]
+        try:
+            enc = sample if "input_ids" in sample else self._encode(sample)
+            paths = sample["images"][: enc["num_images"]]
+            try:
+                pixels = self.encoder.load_images(paths)
+            except (OSError, ValueError) as exc:
+                raise MalformedRecordError(sample["where"], "unreadable image", str(exc)) from None
+        except MalformedRecordError as exc:
+            self._report(exc)
+            warnings.warn(str(exc), stacklevel=2)
+            return None
+        return {"input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
+                "labels": torch.tensor(enc["labels"], dtype=torch.long),
+                "pixel_values": pixels}
