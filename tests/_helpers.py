@@ -45,3 +45,27 @@ def run_loop(tmp, max_steps, *, save_every=0, nan_calls=(), crash_call=None, max
 def losses(folder):
     """The ``loss`` column of a stage folder's metrics."""
     return [r["loss"] for r in read_metrics(folder / "metrics.jsonl")]
+
+
+def write_tiny_pair(root, *, num: int, student_layers: int = 2, teacher_layers: int = 4,
+                    num_eval: int = 1, teacher: bool = True):
+    """Synthetic data in ``root/data`` and a tiny student (with its tokenizer) and teacher saved
+    to ``root/student`` and ``root/teacher``, as a user's checkpoints would be. Returns the
+    tokenizer."""
+    import json
+
+    from compodistill.data import build_tiny_tokenizer, generate_synthetic
+    from compodistill.hf import tiny_llava_pair
+
+    generate_synthetic(str(root / "data"), num=num, num_eval=num_eval, image_size=16,
+                       progress=False)
+    records = json.loads((root / "data" / "train.json").read_text())
+    tok = build_tiny_tokenizer(texts=[t["value"] for r in records for t in r["conversations"]])
+    student, teacher_model = tiny_llava_pair(vocab_size=len(tok), image_size=16, patch_size=8,
+                                             student_layers=student_layers,
+                                             teacher_layers=teacher_layers)
+    student.save_pretrained(root / "student")
+    tok.save_pretrained(root / "student")
+    if teacher:
+        teacher_model.save_pretrained(root / "teacher")
+    return tok

@@ -13,22 +13,16 @@ import torch
 pytest.importorskip("accelerate")
 pytest.importorskip("peft")
 
-from compodistill.data import build_tiny_tokenizer, generate_synthetic  # noqa: E402
-from compodistill.hf.llava import load_student, tiny_llava_pair  # noqa: E402
+from compodistill.hf.llava import load_student  # noqa: E402
+
+from _helpers import write_tiny_pair  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
 def test_two_process_run_matches_single_process(tmp_path):
-    generate_synthetic(str(tmp_path / "data"), num=4, num_eval=1, image_size=16, progress=False)
-    records = json.loads((tmp_path / "data" / "train.json").read_text())
-    tok = build_tiny_tokenizer(texts=[t["value"] for r in records for t in r["conversations"]])
-    student, teacher = tiny_llava_pair(vocab_size=len(tok), image_size=16, patch_size=8,
-                                       student_layers=3, teacher_layers=4)
-    student.save_pretrained(tmp_path / "student")
-    tok.save_pretrained(tmp_path / "student")
-    teacher.save_pretrained(tmp_path / "teacher")
+    write_tiny_pair(tmp_path, num=4, student_layers=3, teacher_layers=4)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("TRITON_INTERPRET", None)
     script = str(HERE / "distributed_run.py")

@@ -1,19 +1,17 @@
 """A recipe defined outside the package: `register_recipe` alone makes the config accept it
 (its terms, stage defaults and chain come from its own facts) and the trainer run it."""
-import json
-
 import pytest
 
 pytest.importorskip("transformers")
 import torch  # noqa: E402
 
-from compodistill.data import build_tiny_tokenizer, generate_synthetic  # noqa: E402
-from compodistill.hf import tiny_llava_pair  # noqa: E402
 from compodistill.train.config import ConfigError, config_from_dict  # noqa: E402
 from compodistill.train.recipes import (Recipe, RecipeFacts, StageParts,  # noqa: E402
                                         recipe_facts, recipe_names, register_recipe)
 from compodistill.train.stages import HiddenStates, lm_head, lm_loss  # noqa: E402
 from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+
+from _helpers import write_tiny_pair  # noqa: E402
 
 CALLS = []
 
@@ -41,12 +39,7 @@ class ShrinkRecipe(Recipe):
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("shrink")
-    generate_synthetic(str(root / "data"), num=6, num_eval=2, image_size=16, progress=False)
-    records = json.loads((root / "data" / "train.json").read_text())
-    tok = build_tiny_tokenizer(texts=[t["value"] for r in records for t in r["conversations"]])
-    student, _ = tiny_llava_pair(vocab_size=len(tok), image_size=16, patch_size=8)
-    student.save_pretrained(root / "student")
-    tok.save_pretrained(root / "student")
+    write_tiny_pair(root, num=6, num_eval=2, teacher=False)
     return root
 
 

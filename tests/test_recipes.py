@@ -10,9 +10,8 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-from compodistill.data import LlavaCollator, build_tiny_tokenizer, generate_synthetic  # noqa: E402
-from compodistill.hf.llava import (TAFLlavaForConditionalGeneration, load_student,  # noqa: E402
-                                   tiny_llava_pair)
+from compodistill.data import LlavaCollator  # noqa: E402
+from compodistill.hf.llava import TAFLlavaForConditionalGeneration, load_student  # noqa: E402
 from compodistill.logit_kd.from_logits import rdist_loss, shift_labels  # noqa: E402
 from compodistill.testing.logit_kd import (ref_llavadi_feature_mse,  # noqa: E402
                                                    ref_logit_kd, ref_rdist)
@@ -28,20 +27,15 @@ from compodistill.train.recipes.llavadi import (PROJECTOR_FILE, FeatureProjector
 from compodistill.train.stages import HiddenStates  # noqa: E402
 from compodistill.train.trainer import DistillationTrainer  # noqa: E402
 
+from _helpers import write_tiny_pair  # noqa: E402
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes")
-    generate_synthetic(str(root / "data"), num=2, num_eval=1, image_size=16, progress=False)
-    records = json.loads((root / "data" / "train.json").read_text())
-    tok = build_tiny_tokenizer(texts=[t["value"] for r in records for t in r["conversations"]])
-    student, teacher = tiny_llava_pair(vocab_size=len(tok), image_size=16, patch_size=8,
-                                       student_layers=2, teacher_layers=2)
-    student.save_pretrained(root / "student")
-    tok.save_pretrained(root / "student")
-    teacher.save_pretrained(root / "teacher")
+    tok = write_tiny_pair(root, num=2, student_layers=2, teacher_layers=2)
     return root, tok
 
 

@@ -1,7 +1,6 @@
 """The three-stage trainer on tiny LLaVA models (CPU): trainable sets, loss terms, LoRA merge."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -9,25 +8,19 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-from compodistill.data import LlavaDataset, build_tiny_tokenizer, generate_synthetic  # noqa: E402
-from compodistill.hf.llava import (TAFLlavaForConditionalGeneration, load_student,  # noqa: E402
-                                   tiny_llava_pair)
+from compodistill.data import LlavaDataset  # noqa: E402
+from compodistill.hf.llava import TAFLlavaForConditionalGeneration, load_student  # noqa: E402
 from compodistill.train.config import config_from_dict, default_stage  # noqa: E402
 from compodistill.train.stages import prepare_trainable  # noqa: E402
 from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+
+from _helpers import write_tiny_pair  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer")
-    generate_synthetic(str(root / "data"), num=6, num_eval=2, image_size=16, progress=False)
-    records = json.loads((root / "data" / "train.json").read_text())
-    tok = build_tiny_tokenizer(texts=[t["value"] for r in records for t in r["conversations"]])
-    student, teacher = tiny_llava_pair(vocab_size=len(tok), image_size=16, patch_size=8,
-                                       student_layers=3, teacher_layers=4)
-    student.save_pretrained(root / "student")
-    tok.save_pretrained(root / "student")
-    teacher.save_pretrained(root / "teacher")
+    tok = write_tiny_pair(root, num=6, num_eval=2, student_layers=3, teacher_layers=4)
     return root, tok
 
 
