@@ -4,12 +4,13 @@ Layout: ``q`` (B, Hq, N, d), ``k``/``v`` (B, Hkv, N, d), any strides as long as 
 is dense; query head ``h`` reads kv head ``h // (Hq // Hkv)`` (no repeated k/v is built).
 ``key_mask`` (B, N) bool (True = real token) or None. A key j is allowed for query i iff
 ``key_mask[b, j]`` and (not causal or ``j <= i``); a row with no allowed key gets output 0
-and ``lse = -inf`` (docs/CONVENTIONS.md).
+and ``lse = -inf`` (docs/CONVENTIONS.md; the row max is ``-inf`` there).
 
 Forward (``flash_forward``): the usual online softmax, one program per (block of query rows,
-batch·head). Scores live in log2 units (``exp2``); the saved ``lse`` is in natural units,
-(B, Hq, N) float32. With ``v=None`` only ``lse`` is computed (what the visual-map pass needs
-when the attention output itself is not wanted).
+batch·head). Scores live in log2 units (``exp2``); the saved row statistics are the row max
+``m`` and ``log2 l`` kept apart, (2, B, Hq, N) float32 (one fp32 ``lse = m + log2 l`` loses
+~3e-4 relative accuracy in P at |s| ~ 1e4). With ``v=None`` only the statistics are computed
+(what the visual-map pass needs when the attention output itself is not wanted).
 
 Backward (``flash_backward``), per SPEC §3 "Gradient"::
 
@@ -112,12 +113,17 @@ if triton is not None:
     # ----------------------------------------------------------------------- forward
 
     @triton.jit
-    def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KeyMask_row, stride_kn, stride_vn,
-                   offs_m, lo, hi, N, qk_scale,
-                   HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, DIAG: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
-        """Online softmax over the key blocks [lo, hi); ``DIAG`` applies the causal mask."""
+    def _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base, KeyMask_row, VisualCol_row,
+                   stride_kn, stride_vn, offs_m, lo, hi, N, qk_scale,
+                   HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, HAS_VIS: tl.constexpr,
+                   DIAG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Online softmax over the key blocks [lo, hi); ``DIAG`` applies the causal mask.
+
+        With ``HAS_VIS`` also ``lt_i``, the row sum over the non-visual keys only (same
+        running max): the visual-map pass adds the visual keys scored by its own tiles, so
+        each key enters the statistics through exactly one rounding of its score.
+        """
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         for start_n in range(lo, hi, BLOCK_N):
@@ -139,12 +145,15 @@ if triton is not None:
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_VIS:
+                vcol = tl.load(VisualCol_row + offs_n, mask=n_ok, other=-1)
+                lt_i = lt_i * alpha + tl.sum(tl.where(vcol[None, :] >= 0, 0.0, p), 1)
             if HAS_V:
                 v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_d[None, :],
                             mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
-        return acc, l_i, m_i
+        return acc, l_i, lt_i, m_i
 
     _FWD_CONFIGS = [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
@@ -155,18 +164,21 @@ if triton is not None:
     ]
 
     @triton.autotune(configs=_configs(_FWD_CONFIGS),
-                     key=["HEAD_DIM", "CAUSAL", "HAS_V", "HAS_MASK", "N_BUCKET"])
+                     key=["HEAD_DIM", "CAUSAL", "HAS_V", "HAS_MASK", "HAS_VIS", "N_BUCKET"])
     @triton.jit
-    def _fwd_kernel(Q, K, V, Out, Lse, KeyMask,
+    def _fwd_kernel(Q, K, V, Out, RowMax, RowLog2Sum, RowLog2Text, KeyMask, VisualCol,
                     stride_qb, stride_qh, stride_qn,
                     stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn,
                     stride_ob, stride_oh, stride_on,
                     N, Hq, GROUP, scale, N_BUCKET,
-                    HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, HAS_VIS: tl.constexpr,
+                    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
+        if CAUSAL:
+            # Longest rows (most key blocks) first, so the short ones fill the tail.
+            pid_m = tl.num_programs(0) - 1 - pid_m
         pid_bh = tl.program_id(1)
         b = (pid_bh // Hq).to(tl.int64)
         h = (pid_bh % Hq).to(tl.int64)
@@ -182,34 +194,37 @@ if triton is not None:
         K_base = K + b * stride_kb + hk * stride_kh
         V_base = V + b * stride_vb + hk * stride_vh
         KeyMask_row = KeyMask + b * N
+        VisualCol_row = VisualCol + b * N
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        lt_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        hi = N
         if CAUSAL:
             # Blocks strictly below the diagonal need no causal mask (BLOCK_M % BLOCK_N == 0);
             # the diagonal blocks do; blocks above it are skipped.
-            diag_lo = pid_m * BLOCK_M
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KeyMask_row,
-                                       stride_kn, stride_vn, offs_m, 0, diag_lo, N, qk_scale,
-                                       HAS_V, HAS_MASK, False, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       DOT_PREC)
-            diag_hi = tl.minimum(diag_lo + BLOCK_M, N)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KeyMask_row,
-                                       stride_kn, stride_vn, offs_m, diag_lo, diag_hi, N,
-                                       qk_scale, HAS_V, HAS_MASK, True, HEAD_DIM, BLOCK_D,
-                                       BLOCK_N, DOT_PREC)
-        else:
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KeyMask_row,
-                                       stride_kn, stride_vn, offs_m, 0, N, N, qk_scale,
-                                       HAS_V, HAS_MASK, False, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       DOT_PREC)
+            hi = pid_m * BLOCK_M
+        acc, l_i, lt_i, m_i = _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base, KeyMask_row,
+                                         VisualCol_row, stride_kn, stride_vn, offs_m, 0, hi, N,
+                                         qk_scale, HAS_V, HAS_MASK, HAS_VIS, False, HEAD_DIM,
+                                         BLOCK_D, BLOCK_N, DOT_PREC)
+        if CAUSAL:
+            acc, l_i, lt_i, m_i = _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base,
+                                             KeyMask_row, VisualCol_row, stride_kn, stride_vn,
+                                             offs_m, hi, tl.minimum(hi + BLOCK_M, N), N,
+                                             qk_scale, HAS_V, HAS_MASK, HAS_VIS, True,
+                                             HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
-        # m_i is in log2 units: lse = ln(2) * (m + log2(l)); -inf on rows with no key.
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        bh = b * Hq + h
-        tl.store(Lse + bh * N + offs_m, lse, mask=m_ok)
+        # The row max and log2(l) are stored apart, not as one lse = m + log2(l): at
+        # |s| ~ 1e4 a half-ulp of that sum is ~5e-4, a 3e-4 relative error in every P that
+        # a later pass rebuilds as exp2((s - m) - log2 l). m is -inf on rows with no key.
+        rows = (b * Hq + h) * N + offs_m
+        tl.store(RowMax + rows, tl.where(empty, float("-inf"), m_i), mask=m_ok)
+        tl.store(RowLog2Sum + rows, tl.math.log2(l_safe), mask=m_ok)
+        if HAS_VIS:
+            tl.store(RowLog2Text + rows, tl.math.log2(lt_i), mask=m_ok)  # -inf: no text key
         if HAS_V:
             out = acc / l_safe[:, None]
             tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
@@ -239,11 +254,13 @@ if triton is not None:
         tl.store(Delta + (b * Hq + h) * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
 
     @triton.jit
-    def _load_lse(Lse_row, offs_m, m_ok):
-        """lse of a block of rows in log2 units; +inf where a row has no key (so P = 0)."""
-        lse = tl.load(Lse_row + offs_m, mask=m_ok, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        return lse * 1.4426950408889634
+    def _load_row_stats(RowMax_row, RowLog2Sum_row, offs_m, m_ok):
+        """(m, log2 l) of a block of rows, log2 units; m = +inf where a row has no key, so
+        ``exp2((s - m) - log2 l)`` is 0 there."""
+        m = tl.load(RowMax_row + offs_m, mask=m_ok, other=float("inf"))
+        m = tl.where(m == float("-inf"), float("inf"), m)
+        l2 = tl.load(RowLog2Sum_row + offs_m, mask=m_ok, other=0.0)
+        return m, l2
 
     _BWD_CONFIGS = [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -261,7 +278,7 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(_BWD_CONFIGS), key=_BWD_KEY)
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, KeyMask, G, QueryRow, VisualCol,
+    def _bwd_dkdv_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow, VisualCol,
                          DK, DV,
                          stride_qb, stride_qh, stride_qn,
                          stride_kb, stride_kh, stride_kn,
@@ -312,9 +329,10 @@ if triton is not None:
                 m_ok = offs_m < N
                 q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
                             + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                lse = _load_lse(Lse + bh * N, offs_m, m_ok)
+                m_row, l2_row = _load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, offs_m,
+                                                m_ok)
                 sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-                pT = tl.math.exp2(sT * qk_scale - lse[None, :])
+                pT = tl.math.exp2((sT * qk_scale - m_row[None, :]) - l2_row[None, :])
                 allowed = key_ok[:, None] & m_ok[None, :]
                 if CAUSAL:
                     allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
@@ -345,7 +363,7 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY)
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, KeyMask, G, QueryRow, VisualCol, DQ,
+    def _bwd_dq_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow, VisualCol, DQ,
                        stride_qb, stride_qh, stride_qn,
                        stride_kb, stride_kh, stride_kn,
                        stride_vb, stride_vh, stride_vn,
@@ -372,7 +390,7 @@ if triton is not None:
         q_mask = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
                     + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = _load_lse(Lse + bh * N, offs_m, m_ok)
+        m_row, l2_row = _load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, offs_m, m_ok)
         delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
         if HAS_DO:
             do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
@@ -394,7 +412,7 @@ if triton is not None:
             k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
                         other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            p = tl.math.exp2(s * qk_scale - lse[:, None])
+            p = tl.math.exp2((s * qk_scale - m_row[:, None]) - l2_row[:, None])
             key_ok = n_ok
             if HAS_MASK:
                 km = tl.load(KeyMask + b * N + offs_n, mask=n_ok, other=0)
@@ -434,13 +452,36 @@ def _require_triton() -> None:
         raise RuntimeError("compodistill.kernels needs triton (pip install 'triton>=3.6')")
 
 
-def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
-                  key_mask: torch.Tensor | None, causal: bool,
-                  scale: float | None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Flash attention forward: ``(out, lse)``.
+def lse_from_stats(stats: torch.Tensor) -> torch.Tensor:
+    """Natural-log ``lse`` (B, Hq, N) from row statistics; ``-inf`` on rows with no key."""
+    m, l2 = stats[0], stats[1]
+    lse = (m + l2) * math.log(2.0)
+    return torch.where(m == float("-inf"), m, lse)
 
-    ``out`` has q's shape and dtype (None when ``v`` is None: only ``lse`` is computed);
-    ``lse`` is (B, Hq, N) float32, natural log, ``-inf`` on rows with no allowed key.
+
+def stats_from_lse(lse: torch.Tensor) -> torch.Tensor:
+    """Row statistics (2, B, Hq, N) from an external natural-log ``lse`` (B, Hq, N):
+    ``m = lse·log2 e``, ``log2 l = 0``. Exact up to the rounding already in that one fp32
+    number (at |s| ~ 1e4 a relative error of ~3e-4 in P, which the statistics written by
+    :func:`flash_forward` avoid)."""
+    lse = lse.float()
+    return torch.stack([lse * LOG2E, torch.zeros_like(lse)]).contiguous()
+
+
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
+                  key_mask: torch.Tensor | None, causal: bool, scale: float | None,
+                  visual_col: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Flash attention forward: ``(out, stats)``.
+
+    ``out`` has q's shape and dtype (None when ``v`` is None: only ``stats`` is computed).
+    ``stats`` (P, B, Hq, N) float32 holds the softmax row statistics in log2 units of the
+    scaled scores: ``stats[0]`` the row max m (``-inf`` on rows with no allowed key),
+    ``stats[1]`` ``log2 Σ exp2(s - m)``; :func:`lse_from_stats` gives the natural lse.
+    With ``visual_col`` ((B, N) int32, -1 off image tokens, see
+    :func:`kernels.visual_maps.inverse_index`) P = 3 and ``stats[2]`` is that log-sum over
+    the non-visual keys only, which :func:`kernels.visual_maps.visual_maps_from_lse` completes
+    with its own scores of the visual keys.
     Inputs are assumed checked (see :mod:`kernels.autograd`); only the head dim must be dense.
     """
     _require_triton()
@@ -449,26 +490,29 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
     v = None if v is None else kernel_input(v)
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
-    lse = torch.empty((B, Hq, N), device=q.device, dtype=torch.float32)
+    has_vis = visual_col is not None
+    stats = torch.empty((3 if has_vis else 2, B, Hq, N), device=q.device, dtype=torch.float32)
     out = torch.empty((B, Hq, N, D), device=q.device, dtype=q.dtype) if v is not None else None
     if q.numel() == 0:
-        return (None if out is None else out.to(out_dtype)), lse.fill_(float("-inf"))
+        stats.fill_(float("-inf"))[1].zero_()
+        return (None if out is None else out.to(out_dtype)), stats
     v_arg = v if v is not None else k
     o_arg = out if out is not None else q
+    vcol = visual_col.to(torch.int32).contiguous() if has_vis else q
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     launch(_fwd_kernel, grid,
-        q, k, v_arg, o_arg, lse, _key_mask_arg(key_mask, q),
+        q, k, v_arg, o_arg, stats[0], stats[1], stats[-1], _key_mask_arg(key_mask, q), vcol,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
         o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
         N, Hq, Hq // Hkv, default_scale(D, scale), _n_bucket(N),
-        HAS_V=v is not None, HAS_MASK=key_mask is not None, CAUSAL=bool(causal),
-        HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype),
+        HAS_V=v is not None, HAS_MASK=key_mask is not None, HAS_VIS=has_vis,
+        CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype),
     )
     if out is not None and out.dtype != out_dtype:
         out = out.to(out_dtype)
-    return out, lse
+    return out, stats
 
 
 def attention_delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
@@ -490,7 +534,7 @@ def attention_delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
 
 
 def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
-                   v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
+                   v: torch.Tensor | None, out: torch.Tensor | None, stats: torch.Tensor,
                    key_mask: torch.Tensor | None, causal: bool, scale: float | None, *,
                    grad_maps: torch.Tensor | None = None,
                    query_row: torch.Tensor | None = None,
@@ -502,7 +546,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     Args:
         do: dL/d out (B, Hq, N, d), or None when the output carries no gradient (then
             ``v``/``out`` are not read and ``dv`` is None).
-        lse: the forward's (B, Hq, N) float32 log-sum-exp.
+        stats: the forward's (2, B, Hq, N) float32 row statistics (:func:`flash_forward`).
         grad_maps: ``G = dL/dA`` (B, Qmax, Vmax) float32, or None for plain attention.
         query_row, visual_col: (B, N) int32 inverse index maps (see module docstring).
         row_terms: ``c`` (B, Hq, N) float32 from :func:`kernels.visual_maps.visual_row_terms`.
@@ -531,7 +575,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
         visual_col = visual_col.to(torch.int32).contiguous()
     else:
         grad_maps, query_row, visual_col, qmax, vmax = q, q, q, 0, 0
-    lse = lse.float().contiguous()
+    stats = stats.float().contiguous()
     dq = torch.empty((B, Hq, N, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, Hkv, N, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, Hkv, N, D), device=q.device, dtype=v.dtype) if has_do else None
@@ -547,7 +591,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                  HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
     grid_kv = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     launch(_bwd_dkdv_kernel, grid_kv,
-        q, k, v_arg, do_arg, lse, delta, km, grad_maps, query_row, visual_col, dk, dv_arg,
+        q, k, v_arg, do_arg, stats[0], stats[1], delta, km, grad_maps, query_row, visual_col, dk, dv_arg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
@@ -558,7 +602,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     )
     grid_q = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     launch(_bwd_dq_kernel, grid_q,
-        q, k, v_arg, do_arg, lse, delta, km, grad_maps, query_row, visual_col, dq,
+        q, k, v_arg, do_arg, stats[0], stats[1], delta, km, grad_maps, query_row, visual_col, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),

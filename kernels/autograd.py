@@ -39,35 +39,42 @@ _MAX_HEAD_DIM = 256
 def _attention_fwd(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optional[Tensor],
                    query_index: Optional[Tensor], query_count: Optional[Tensor],
                    visual_index: Optional[Tensor], visual_count: Optional[Tensor],
-                   causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(out or empty, lse, maps or empty)."""
-    out, lse = flash_forward(q, k, v, key_mask, causal, scale)
+                   causal: bool, scale: float,
+                   want_maps: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(out or empty, row stats (P, B, Hq, N), maps or empty).
+
+    With the index tensors the stats get the non-visual plane (P = 3) that makes the maps
+    exact at large scores; ``want_maps=False`` stops there (teacher maps accumulated later).
+    """
+    visual_col = None if visual_index is None else \
+        inverse_index(visual_index, visual_count, q.shape[2])
+    out, stats = flash_forward(q, k, v, key_mask, causal, scale, visual_col)
     if out is None:
         out = q.new_empty(0)
-    if query_index is None:
+    if query_index is None or not want_maps:
         maps = q.new_empty(0, dtype=torch.float32)
     else:
-        maps = visual_maps_from_lse(q, k, lse, query_index, query_count, visual_index,
+        maps = visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index,
                                     visual_count, causal, scale)
-    return out, lse, maps
+    return out, stats, maps
 
 
 @_attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, key_mask, query_index, query_count, visual_index,
-                        visual_count, causal, scale):
+                        visual_count, causal, scale, want_maps=True):
     B, Hq, N, _ = q.shape
     out = q.new_empty(q.shape) if v is not None else q.new_empty(0)
-    lse = q.new_empty((B, Hq, N), dtype=torch.float32)
-    if query_index is None:
+    stats = q.new_empty((2 if visual_index is None else 3, B, Hq, N), dtype=torch.float32)
+    if query_index is None or not want_maps:
         maps = q.new_empty(0, dtype=torch.float32)
     else:
         maps = q.new_empty((B, query_index.shape[1], visual_index.shape[1]), dtype=torch.float32)
-    return out, lse, maps
+    return out, stats, maps
 
 
 @torch.library.custom_op("compodistill::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Optional[Tensor], dmaps: Optional[Tensor], q: Tensor, k: Tensor,
-                   v: Optional[Tensor], out: Optional[Tensor], lse: Tensor,
+                   v: Optional[Tensor], out: Optional[Tensor], stats: Tensor,
                    key_mask: Optional[Tensor], query_index: Optional[Tensor],
                    query_count: Optional[Tensor], visual_index: Optional[Tensor],
                    visual_count: Optional[Tensor], causal: bool,
@@ -81,18 +88,18 @@ def _attention_bwd(dout: Optional[Tensor], dmaps: Optional[Tensor], q: Tensor, k
         n = q.shape[2]
         visual = dict(
             grad_maps=dmaps,
-            row_terms=visual_row_terms(q, k, lse, query_index, query_count, visual_index,
+            row_terms=visual_row_terms(q, k, stats, query_index, query_count, visual_index,
                                        visual_count, dmaps, causal, scale),
             query_row=inverse_index(query_index, query_count, n),
             visual_col=inverse_index(visual_index, visual_count, n),
         )
-    dq, dk, dv = flash_backward(dout, q, k, v if dout is not None else None, out, lse,
+    dq, dk, dv = flash_backward(dout, q, k, v if dout is not None else None, out, stats,
                                 key_mask, causal, scale, **visual)
     return dq, dk, dv if dv is not None else q.new_empty(0)
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_fake(dout, dmaps, q, k, v, out, lse, key_mask, query_index, query_count,
+def _attention_bwd_fake(dout, dmaps, q, k, v, out, stats, key_mask, query_index, query_count,
                         visual_index, visual_count, causal, scale):
     dv = torch.empty_like(k, dtype=v.dtype) if (dout is not None and v is not None) \
         else q.new_empty(0)
@@ -100,39 +107,39 @@ def _attention_bwd_fake(dout, dmaps, q, k, v, out, lse, key_mask, query_index, q
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, key_mask, qi, qc, vi, vc, causal, scale = inputs
-    out, lse, maps = output
+    q, k, v, key_mask, qi, qc, vi, vc, causal, scale = inputs[:10]
+    out, stats, maps = output
     ctx.has_v = v is not None
-    ctx.has_maps = qi is not None
+    ctx.has_maps = qi is not None and (inputs[10] if len(inputs) > 10 else True)
     ctx.causal, ctx.scale = causal, scale
-    ctx.save_for_backward(q, k, v, out if ctx.has_v else None, lse, key_mask, qi, qc, vi, vc)
-    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out if ctx.has_v else None, stats, key_mask, qi, qc, vi, vc)
+    ctx.mark_non_differentiable(stats)
 
 
 def _fwd_backward(ctx, dout, dlse, dmaps):
-    q, k, v, out, lse, key_mask, qi, qc, vi, vc = ctx.saved_tensors
+    q, k, v, out, stats, key_mask, qi, qc, vi, vc = ctx.saved_tensors
     dout = dout if ctx.has_v else None
     dmaps = dmaps if ctx.has_maps else None
     dq, dk, dv = torch.ops.compodistill.attention_bwd(
-        dout, dmaps, q, k, v, out, lse, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale)
-    return dq, dk, (dv if ctx.has_v else None), None, None, None, None, None, None, None
+        dout, dmaps, q, k, v, out, stats, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale)
+    return dq, dk, (dv if ctx.has_v else None), None, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 @torch.library.custom_op("compodistill::visual_maps_accumulate_", mutates_args=("maps_out",))
-def _visual_maps_accumulate_(maps_out: Tensor, q: Tensor, k: Tensor, lse: Tensor,
+def _visual_maps_accumulate_(maps_out: Tensor, q: Tensor, k: Tensor, stats: Tensor,
                              query_index: Tensor, query_count: Tensor, visual_index: Tensor,
                              visual_count: Tensor, causal: bool, scale: float,
                              weight: float) -> None:
     """``maps_out += weight * A`` in place (no gradient: teacher targets)."""
-    visual_maps_from_lse(q, k, lse, query_index, query_count, visual_index, visual_count,
+    visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index, visual_count,
                          causal, scale, out=maps_out, weight=weight)
 
 
 @_visual_maps_accumulate_.register_fake
-def _visual_maps_accumulate_fake(maps_out, q, k, lse, query_index, query_count, visual_index,
+def _visual_maps_accumulate_fake(maps_out, q, k, stats, query_index, query_count, visual_index,
                                  visual_count, causal, scale, weight):
     return None
 
@@ -308,7 +315,7 @@ def visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None = None)
     """The head-mean visual map ``A`` (B, Qmax, Vmax) float32 alone (no v), differentiable.
 
     ``(q, k, layout, scale=None)`` or ``(q, k, query_index, query_count, visual_index,
-    visual_count, key_mask=None, causal=True, scale=None)``. The forward computes ``lse``
+    visual_count, key_mask=None, causal=True, scale=None)``. The forward computes ``stats``
     with a flash pass that skips the value product; the backward is the flash backward
     with only the visual terms.
     """
@@ -364,13 +371,13 @@ def _teacher(q, k, v, layout, scale, maps_out, weight):
     scale = _scale(q, scale)
     if not isinstance(weight, (int, float)):
         raise TypeError(f"weight must be a float, got {type(weight).__name__}")
-    out, lse, _ = torch.ops.compodistill.attention_fwd(q, k, v, key_mask, None, None, None, None,
-                                                       causal, scale)
+    out, stats, _ = torch.ops.compodistill.attention_fwd(q, k, v, key_mask, *index, causal,
+                                                         scale, False)
     if maps_out is None:
         maps_out = q.new_zeros((q.shape[0], index[0].shape[1], index[2].shape[1]),
                                dtype=torch.float32)
     else:
         _check_maps_out(maps_out, q, index[0], index[2])
-    torch.ops.compodistill.visual_maps_accumulate_(maps_out, q, k, lse, *index, causal, scale,
+    torch.ops.compodistill.visual_maps_accumulate_(maps_out, q, k, stats, *index, causal, scale,
                                                    float(weight))
     return out, maps_out
