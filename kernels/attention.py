@@ -27,6 +27,7 @@ one program per (query block, batch·head) accumulates dq.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -85,13 +86,38 @@ def deterministic() -> bool:
     return flag == "1" or torch.are_deterministic_algorithms_enabled()
 
 
+_recorders: list[list] = []
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Record launches instead of running them: yields a list that fills with
+    ``(kernel, grid, args, kwargs)`` for every :func:`launch` inside the block (no kernel
+    runs; outputs stay uninitialised). :mod:`kernels.report` compiles exactly these."""
+    log: list = []
+    _recorders.append(log)
+    try:
+        yield log
+    finally:
+        _recorders.remove(log)
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; an autotuned kernel is pinned to its first config
-    when :func:`deterministic` says so."""
+    when :func:`deterministic` says so. Every kernel of this package launches through here."""
+    if _recorders:
+        _recorders[-1].append((kernel, grid, args, kwargs))
+        return
     if deterministic() and hasattr(kernel, "configs") and hasattr(kernel, "fn"):
         kwargs = {**kwargs, **kernel.configs[0].all_kwargs()}
         kernel = kernel.fn
     kernel[grid](*args, **kwargs)
+
+
+def configs_for(kernel, capability: int, kwargs: dict) -> list:
+    """The autotune configs ``kernel`` may run on a GPU of this compute capability with
+    these launch arguments (constexprs), after the per-target pruning."""
+    return list(kernel.configs)
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
@@ -262,6 +288,102 @@ if triton is not None:
         l2 = tl.load(RowLog2Sum_row + offs_m, mask=m_ok, other=0.0)
         return m, l2
 
+    @triton.jit
+    def _g_tile(G_b, qrow, vcol, VMAX, inv_h, G_INT64: tl.constexpr):
+        """G / Hq on (query rows × key columns), 0 where a row or column is not gathered.
+
+        Indexed [row, column] so that lanes run along the contiguous visual column of G;
+        offsets are int32 unless Qmax·Vmax needs 64 bits (``G_INT64``, set by the launcher).
+        """
+        g_ok = (qrow[:, None] >= 0) & (vcol[None, :] >= 0)
+        row = qrow.to(tl.int64) if G_INT64 else qrow
+        g = tl.load(G_b + row[:, None] * VMAX + vcol[None, :], mask=g_ok, other=0.0)
+        return g * inv_h
+
+    @triton.jit
+    def _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax, RowLog2Sum, Delta,
+                    G_b, QueryRow_b, b, hk, lo, N, Hq, GROUP, VMAX,
+                    stride_qh, stride_qn, stride_dh, stride_dn, qk_scale, inv_h,
+                    HAS_DO: tl.constexpr, WITH_G: tl.constexpr, G_INT64: tl.constexpr,
+                    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dk, dv of one key block summed over the query heads of its kv head and the query
+        blocks [lo, N). ``WITH_G`` (a key block holding image tokens) adds G / Hq to dP."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            bh = b * Hq + h
+            for start_m in range(lo, N, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < N
+                tile = offs_m[:, None] * stride_qn + offs_d[None, :]
+                q = tl.load(Q_b + h * stride_qh + tile, mask=m_ok[:, None] & d_ok[None, :],
+                            other=0.0)
+                m_row, l2_row = _load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, offs_m,
+                                                m_ok)
+                sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+                pT = tl.math.exp2((sT * qk_scale - m_row[None, :]) - l2_row[None, :])
+                allowed = key_ok[:, None] & m_ok[None, :]
+                if CAUSAL:
+                    allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
+                pT = tl.where(allowed, pT, 0.0)
+                delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
+                if WITH_G:
+                    qrow = tl.load(QueryRow_b + offs_m, mask=m_ok, other=-1)
+                    dpT = tl.trans(_g_tile(G_b, qrow, vcol, VMAX, inv_h, G_INT64))
+                else:
+                    dpT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                if HAS_DO:
+                    do = tl.load(DO_b + h * stride_dh + offs_m[:, None] * stride_dn
+                                 + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                                 other=0.0)
+                    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+                    dpT = tl.dot(v, tl.trans(do), dpT, input_precision=DOT_PREC)
+                dsT = pT * (dpT - delta[None, :])
+                dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+        return dk, dv
+
+    @triton.jit
+    def _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
+                 KeyMask_b, VisualCol_b, G_b, lo, hi, N, VMAX, stride_kn, stride_vn,
+                 qk_scale, inv_h,
+                 HAS_DO: tl.constexpr, HAS_MASK: tl.constexpr, WITH_G: tl.constexpr,
+                 G_INT64: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+        """dq over the key blocks [lo, hi); ``WITH_G`` for the span holding image tokens."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            p = tl.math.exp2((s * qk_scale - m_row[:, None]) - l2_row[:, None])
+            key_ok = n_ok
+            if HAS_MASK:
+                km = tl.load(KeyMask_b + offs_n, mask=n_ok, other=0)
+                key_ok = key_ok & (km != 0)
+            allowed = m_ok[:, None] & key_ok[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(allowed, p, 0.0)
+            if WITH_G:
+                vcol = tl.load(VisualCol_b + offs_n, mask=n_ok, other=-1)
+                dp = _g_tile(G_b, qrow, vcol, VMAX, inv_h, G_INT64)
+            else:
+                dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_DO:
+                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+                            mask=kv_mask, other=0.0)
+                dp = tl.dot(do, tl.trans(v), dp, input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        return dq
+
     _BWD_CONFIGS = [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
@@ -274,12 +396,13 @@ if triton is not None:
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
     ]
-    _BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_DO", "HAS_G", "HAS_MASK", "N_BUCKET"]
+    # GROUP: the GQA ratio changes the dk/dv work per program (and GROUP = 1 specialises).
+    _BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_DO", "HAS_G", "HAS_MASK", "GROUP", "N_BUCKET"]
 
     @triton.autotune(configs=_configs(_BWD_CONFIGS), key=_BWD_KEY)
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow, VisualCol,
-                         DK, DV,
+    def _bwd_dkdv_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
+                         VisualCol, DK, DV,
                          stride_qb, stride_qh, stride_qn,
                          stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn,
@@ -288,8 +411,9 @@ if triton is not None:
                          stride_dvb, stride_dvh, stride_dvn,
                          N, Hq, Hkv, GROUP, QMAX, VMAX, scale, N_BUCKET,
                          HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
-                         CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         G_INT64: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // Hkv).to(tl.int64)
@@ -309,51 +433,44 @@ if triton is not None:
         if HAS_MASK:
             km = tl.load(KeyMask + b * N + offs_n, mask=n_ok, other=0)
             key_ok = key_ok & (km != 0)
+        v = k
         if HAS_DO:
             v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
                         + offs_d[None, :], mask=kv_mask, other=0.0)
+        vcol = tl.full([BLOCK_N], -1, dtype=tl.int32)
         if HAS_G:
             vcol = tl.load(VisualCol + b * N + offs_n, mask=n_ok, other=-1)
-            block_has_visual = tl.max(vcol, 0) >= 0
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         lo = 0
         if CAUSAL:
             lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-        for g in range(GROUP):
-            h = hk * GROUP + g
-            bh = b * Hq + h
-            for start_m in range(lo, N, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                m_ok = offs_m < N
-                q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
-                            + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                m_row, l2_row = _load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, offs_m,
-                                                m_ok)
-                sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-                pT = tl.math.exp2((sT * qk_scale - m_row[None, :]) - l2_row[None, :])
-                allowed = key_ok[:, None] & m_ok[None, :]
-                if CAUSAL:
-                    allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
-                pT = tl.where(allowed, pT, 0.0)
-                delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
-                dpT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-                if HAS_DO:
-                    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
-                                 + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
-                                 other=0.0)
-                    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-                    dpT += tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                if HAS_G:
-                    if block_has_visual:
-                        qrow = tl.load(QueryRow + b * N + offs_m, mask=m_ok, other=-1)
-                        g_ok = (qrow[None, :] >= 0) & (vcol[:, None] >= 0)
-                        gT = tl.load(G + b * QMAX * VMAX + qrow[None, :].to(tl.int64) * VMAX
-                                     + vcol[:, None], mask=g_ok, other=0.0)
-                        dpT += gT * inv_h
-                dsT = pT * (dpT - delta[None, :])
-                dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+        Q_b = Q + b * stride_qb
+        DO_b = DO + b * stride_db
+        G_b = G + b * QMAX * VMAX
+        QueryRow_b = QueryRow + b * N
+        # The branch on image tokens is taken once per program, outside the loops: the
+        # plain loop then carries none of the G tile's registers.
+        if HAS_G:
+            if tl.max(vcol, 0) >= 0:
+                dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
+                                     RowLog2Sum, Delta, G_b, QueryRow_b, b, hk, lo, N, Hq,
+                                     GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
+                                     qk_scale, inv_h, HAS_DO, True, G_INT64, CAUSAL, HEAD_DIM,
+                                     BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+            else:
+                dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
+                                     RowLog2Sum, Delta, G_b, QueryRow_b, b, hk, lo, N, Hq,
+                                     GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
+                                     qk_scale, inv_h, HAS_DO, False, G_INT64, CAUSAL,
+                                     HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+        else:
+            dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
+                                 RowLog2Sum, Delta, G_b, QueryRow_b, b, hk, lo, N, Hq, GROUP,
+                                 VMAX, stride_qh, stride_qn, stride_dh, stride_dn, qk_scale,
+                                 inv_h, HAS_DO, False, G_INT64, CAUSAL, HEAD_DIM, BLOCK_D,
+                                 DOT_PREC, BLOCK_M, BLOCK_N)
         dk = dk * scale
         tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn
                  + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -363,7 +480,8 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY)
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow, VisualCol, DQ,
+    def _bwd_dq_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
+                       VisualCol, VisualSpan, DQ,
                        stride_qb, stride_qh, stride_qn,
                        stride_kb, stride_kh, stride_kn,
                        stride_vb, stride_vh, stride_vn,
@@ -371,9 +489,12 @@ if triton is not None:
                        stride_dqb, stride_dqh, stride_dqn,
                        N, Hq, GROUP, QMAX, VMAX, scale, N_BUCKET,
                        HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
-                       CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       G_INT64: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
+        if CAUSAL:
+            pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first
         pid_bh = tl.program_id(1)
         b = (pid_bh // Hq).to(tl.int64)
         h = (pid_bh % Hq).to(tl.int64)
@@ -392,12 +513,13 @@ if triton is not None:
                     + offs_d[None, :], mask=q_mask, other=0.0)
         m_row, l2_row = _load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, offs_m, m_ok)
         delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
+        do = q
         if HAS_DO:
             do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
                          + offs_d[None, :], mask=q_mask, other=0.0)
+        qrow = tl.full([BLOCK_M], -1, dtype=tl.int32)
         if HAS_G:
             qrow = tl.load(QueryRow + b * N + offs_m, mask=m_ok, other=-1)
-            block_has_rows = tl.max(qrow, 0) >= 0
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         hi = N
@@ -405,39 +527,35 @@ if triton is not None:
             hi = tl.minimum((pid_m + 1) * BLOCK_M, N)
         K_base = K + b * stride_kb + hk * stride_kh
         V_base = V + b * stride_vb + hk * stride_vh
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
-                        other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            p = tl.math.exp2((s * qk_scale - m_row[:, None]) - l2_row[:, None])
-            key_ok = n_ok
-            if HAS_MASK:
-                km = tl.load(KeyMask + b * N + offs_n, mask=n_ok, other=0)
-                key_ok = key_ok & (km != 0)
-            allowed = m_ok[:, None] & key_ok[None, :]
-            if CAUSAL:
-                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(allowed, p, 0.0)
-            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if HAS_DO:
-                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                            mask=kv_mask, other=0.0)
-                dp += tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            if HAS_G:
-                vcol = tl.load(VisualCol + b * N + offs_n, mask=n_ok, other=-1)
-                if block_has_rows & (tl.max(vcol, 0) >= 0):
-                    g_ok = (qrow[:, None] >= 0) & (vcol[None, :] >= 0)
-                    g = tl.load(G + b * QMAX * VMAX + qrow[:, None].to(tl.int64) * VMAX
-                                + vcol[None, :], mask=g_ok, other=0.0)
-                    dp += g * inv_h
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        KeyMask_b = KeyMask + b * N
+        VisualCol_b = VisualCol + b * N
+        G_b = G + b * QMAX * VMAX
+        # Key blocks split into plain / image-token / plain spans (the image tokens of a
+        # sample lie in [VisualSpan[b, 0], VisualSpan[b, 1])): no per-block branch.
+        vis_lo = hi
+        vis_hi = hi
+        if HAS_G:
+            if tl.max(qrow, 0) >= 0:
+                vis_lo = tl.minimum(tl.load(VisualSpan + 2 * b) // BLOCK_N * BLOCK_N, hi)
+                vis_hi = tl.load(VisualSpan + 2 * b + 1)
+                vis_hi = tl.maximum(tl.minimum(tl.cdiv(vis_hi, BLOCK_N) * BLOCK_N, hi), vis_lo)
+        dq = _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
+                      KeyMask_b, VisualCol_b, G_b, 0, vis_lo, N, VMAX, stride_kn, stride_vn,
+                      qk_scale, inv_h, HAS_DO, HAS_MASK, False, G_INT64, CAUSAL, HEAD_DIM,
+                      BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+        if HAS_G:
+            dq = _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
+                          KeyMask_b, VisualCol_b, G_b, vis_lo, vis_hi, N, VMAX, stride_kn,
+                          stride_vn, qk_scale, inv_h, HAS_DO, HAS_MASK, True, G_INT64, CAUSAL,
+                          HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+            dq = _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
+                          KeyMask_b, VisualCol_b, G_b, vis_hi, hi, N, VMAX, stride_kn,
+                          stride_vn, qk_scale, inv_h, HAS_DO, HAS_MASK, False, G_INT64,
+                          CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
         dq = dq * scale
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn
                  + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+
 
 
 # --------------------------------------------------------------------------- launchers
@@ -524,13 +642,25 @@ def attention_delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return delta.zero_()
     block_m = 64
-    _bwd_delta_kernel[(triton.cdiv(N, block_m), B * Hq)](
+    launch(_bwd_delta_kernel, (triton.cdiv(N, block_m), B * Hq),
         out, do, delta,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         N, Hq, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=block_m, num_warps=4,
     )
     return delta
+
+
+def visual_span(visual_col: torch.Tensor) -> torch.Tensor:
+    """(B, 2) int32 ``[first, last + 1)`` position of the image tokens per sample ((0, 0)
+    without any): the dq kernel's image-token span of key blocks."""
+    is_vis = visual_col >= 0
+    n = visual_col.shape[1]
+    first = is_vis.int().argmax(1)
+    last = n - is_vis.flip(1).int().argmax(1)
+    has = is_vis.any(1)
+    span = torch.stack([torch.where(has, first, 0), torch.where(has, last, 0)], 1)
+    return span.to(torch.int32).contiguous()
 
 
 def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
@@ -575,6 +705,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
         visual_col = visual_col.to(torch.int32).contiguous()
     else:
         grad_maps, query_row, visual_col, qmax, vmax = q, q, q, 0, 0
+    span = visual_span(visual_col) if has_g else q
     stats = stats.float().contiguous()
     dq = torch.empty((B, Hq, N, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, Hkv, N, D), device=q.device, dtype=k.dtype)
@@ -587,11 +718,13 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     dv_arg = dv if has_do else dk
     km = _key_mask_arg(key_mask, q)
     scale = default_scale(D, scale)
-    flags = dict(HAS_DO=has_do, HAS_G=has_g, HAS_MASK=key_mask is not None, CAUSAL=bool(causal),
+    flags = dict(HAS_DO=has_do, HAS_G=has_g, HAS_MASK=key_mask is not None,
+                 G_INT64=qmax * vmax >= 2**31, CAUSAL=bool(causal),
                  HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
     grid_kv = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     launch(_bwd_dkdv_kernel, grid_kv,
-        q, k, v_arg, do_arg, stats[0], stats[1], delta, km, grad_maps, query_row, visual_col, dk, dv_arg,
+        q, k, v_arg, do_arg, stats[0], stats[1], delta, km, grad_maps, query_row, visual_col,
+        dk, dv_arg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
@@ -602,7 +735,8 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     )
     grid_q = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     launch(_bwd_dq_kernel, grid_q,
-        q, k, v_arg, do_arg, stats[0], stats[1], delta, km, grad_maps, query_row, visual_col, dq,
+        q, k, v_arg, do_arg, stats[0], stats[1], delta, km, grad_maps, query_row, visual_col,
+        span, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),

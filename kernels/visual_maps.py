@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import (block_d, default_scale, dot_precision, kernel_input, _require_triton,
-                        triton, tl)
+from .attention import (block_d, default_scale, dot_precision, kernel_input, launch,
+                        _require_triton, triton, tl)
 
 if triton is not None:
     from .attention import _load_row_stats
@@ -145,7 +145,7 @@ if triton is not None:
                                             stride_kh, stride_kn, N, Hq, qk_scale, HEAD_DIM,
                                             BLOCK_D, DOT_PREC)
             a = tl.where(allowed, acc * inv_h, 0.0)
-            ptrs = Out + b * QMAX * VMAX + offs_r[:, None] * VMAX + offs_c[None, :]
+            ptrs = Out + b * QMAX * VMAX + offs_r[:, None].to(tl.int64) * VMAX + offs_c[None, :]
             st_mask = r_ok[:, None] & c_ok[None, :]
             if ACCUMULATE:
                 a = tl.load(ptrs, mask=st_mask, other=0.0) + tl.cast(weight, tl.float32) * a
@@ -179,7 +179,7 @@ if triton is not None:
                 if CAUSAL:
                     allowed = allowed & (vpos[None, :] <= qpos[:, None])
                 if tl.max(tl.where(allowed, 1, 0)) > 0:
-                    g = tl.load(G + b * QMAX * VMAX + offs_r[:, None] * VMAX + offs_c[None, :],
+                    g = tl.load(G + b * QMAX * VMAX + offs_r[:, None].to(tl.int64) * VMAX + offs_c[None, :],
                                 mask=allowed, other=0.0)
                     p = _gathered_scores(Q, K, RowMax, RowLog2Sum, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
                                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
@@ -229,7 +229,7 @@ def refine_visual_stats(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
         return refined
     q, k, _, index, strides, common, rows = _launch_args(
         q, k, stats, query_index, query_count, visual_index, visual_count)
-    _visual_stats_kernel[(rows, Hq, B)](
+    launch(_visual_stats_kernel, (rows, Hq, B),
         q, k, stats[0], stats[2], *index, refined[0], refined[1], *strides, N, Hq,
         Hq // k.shape[1], query_index.shape[1], visual_index.shape[1], default_scale(D, scale),
         CAUSAL=bool(causal), **common,
@@ -265,7 +265,7 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
                                     visual_count, causal, scale)
     q, k, stats, index, strides, common, rows = _launch_args(
         q, k, stats, query_index, query_count, visual_index, visual_count)
-    _visual_maps_kernel[(rows, triton.cdiv(shape[2], _BLOCK_V), B)](
+    launch(_visual_maps_kernel, (rows, triton.cdiv(shape[2], _BLOCK_V), B),
         q, k, *stats, *index, out, *strides, N, Hq, Hq // k.shape[1], shape[1], shape[2],
         default_scale(D, scale), float(weight), ACCUMULATE=accumulate, CAUSAL=bool(causal),
         **common,
@@ -289,7 +289,7 @@ def visual_row_terms(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
         return c
     q, k, stats, index, strides, common, rows = _launch_args(
         q, k, stats, query_index, query_count, visual_index, visual_count)
-    _visual_row_terms_kernel[(rows, Hq, B)](
+    launch(_visual_row_terms_kernel, (rows, Hq, B),
         q, k, *stats, *index, grad_maps.float().contiguous(), c, *strides, N, Hq,
         Hq // k.shape[1], grad_maps.shape[1], grad_maps.shape[2], default_scale(D, scale),
         CAUSAL=bool(causal), **common,
