@@ -109,15 +109,65 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         _recorders[-1].append((kernel, grid, args, kwargs))
         return
     if deterministic() and hasattr(kernel, "configs") and hasattr(kernel, "fn"):
-        kwargs = {**kwargs, **kernel.configs[0].all_kwargs()}
+        # The first config that fits this GPU and head dim: spill-free by the table.
+        configs = kernel.configs
+        if not interpreting():
+            configs = configs_for(kernel, device_capability(), kwargs)
+        kwargs = {**kwargs, **configs[0].all_kwargs()}
         kernel = kernel.fn
     kernel[grid](*args, **kwargs)
+
+
+# Max BLOCK_D each config may run at, per target: measured by kernels/report.py (zero
+# spill bytes, shared memory within the block limit); tests/test_kernel_resources.py keeps
+# this table honest. Keyed by (block sizes, num_warps, num_stages).
+_FITS: dict[tuple, dict[int, int]] = {}
+
+
+def _config_key(config) -> tuple:
+    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
+
+
+def fitted_config(meta: dict, warps: int, stages: int, max_d80: int, max_d90: int):
+    """A ``triton.Config`` that the pruning keeps up to BLOCK_D ``max_d80`` on sm_80-class
+    GPUs and ``max_d90`` on sm_90."""
+    config = triton.Config(meta, num_warps=warps, num_stages=stages)
+    _FITS[_config_key(config)] = {80: max_d80, 90: max_d90}
+    return config
+
+
+def target_class(capability: int) -> int:
+    """The profiled target a compute capability (major * 10 + minor) is held to."""
+    return 90 if capability >= 90 else 80
+
+
+def device_capability() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def prune_configs(configs: list, block_d: int, capability: int) -> list:
+    """The configs that fit ``block_d`` on this target (never empty: the first config is
+    the fallback, and the table guarantees it fits up to the largest supported head dim)."""
+    target = target_class(capability)
+    keep = [c for c in configs
+            if block_d <= _FITS.get(_config_key(c), {}).get(target, 1 << 30)]
+    return keep or list(configs[:1])
+
+
+def _early_prune(configs, named_args, **kwargs):
+    """``prune_configs_by`` hook of the autotuned kernels (runs on the launching GPU)."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 16))
+    return prune_configs(configs, block_d, device_capability())
+
+
+PRUNE = {"early_config_prune": _early_prune}
 
 
 def configs_for(kernel, capability: int, kwargs: dict) -> list:
     """The autotune configs ``kernel`` may run on a GPU of this compute capability with
     these launch arguments (constexprs), after the per-target pruning."""
-    return list(kernel.configs)
+    return prune_configs(kernel.configs, kwargs.get("BLOCK_D", 16), capability)
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
@@ -181,15 +231,18 @@ if triton is not None:
             m_i = m_new
         return acc, l_i, lt_i, m_i
 
+    # (BLOCK_M, BLOCK_N), warps, stages, max BLOCK_D on sm_80 / sm_90. The first config is
+    # the deterministic mode's pin and the pruning's fallback: it fits everywhere.
     _FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+        fitted_config({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2, 128, 128),
+        fitted_config({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, 64, 128),
+        fitted_config({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 2, 64, 128),
+        fitted_config({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3, 128, 128),
+        fitted_config({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 4, 128, 128),
+        fitted_config({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3, 64, 128),
     ]
 
-    @triton.autotune(configs=_configs(_FWD_CONFIGS),
+    @triton.autotune(configs=_configs(_FWD_CONFIGS), prune_configs_by=PRUNE,
                      key=["HEAD_DIM", "CAUSAL", "HAS_V", "HAS_MASK", "HAS_VIS", "N_BUCKET"])
     @triton.jit
     def _fwd_kernel(Q, K, V, Out, RowMax, RowLog2Sum, RowLog2Text, KeyMask, VisualCol,
@@ -384,22 +437,28 @@ if triton is not None:
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         return dq
 
+    # dk/dv (BLOCK_M query rows streamed, BLOCK_N keys held): 8 warps at d = 128, where
+    # k, v, dk and dv alone hold 4·BLOCK_N·128 values per program.
     _BWD_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        fitted_config({"BLOCK_M": 32, "BLOCK_N": 64}, 8, 2, 128, 128),
+        fitted_config({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 2, 128, 128),
+        fitted_config({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2, 128, 64),
+        fitted_config({"BLOCK_M": 16, "BLOCK_N": 128}, 8, 2, 64, 128),
+        fitted_config({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2, 64, 64),
+        fitted_config({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 2, 64, 64),
     ]
     _BWD_DQ_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        fitted_config({"BLOCK_M": 64, "BLOCK_N": 32}, 8, 2, 128, 128),
+        fitted_config({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 2, 128, 128),
+        fitted_config({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2, 128, 128),
+        fitted_config({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2, 128, 128),
+        fitted_config({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2, 64, 64),
+        fitted_config({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2, 64, 64),
     ]
     # GROUP: the GQA ratio changes the dk/dv work per program (and GROUP = 1 specialises).
     _BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_DO", "HAS_G", "HAS_MASK", "GROUP", "N_BUCKET"]
 
-    @triton.autotune(configs=_configs(_BWD_CONFIGS), key=_BWD_KEY)
+    @triton.autotune(configs=_configs(_BWD_CONFIGS), key=_BWD_KEY, prune_configs_by=PRUNE)
     @triton.jit
     def _bwd_dkdv_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
                          VisualCol, DK, DV,
@@ -478,7 +537,7 @@ if triton is not None:
             tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn
                      + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
-    @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY)
+    @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY, prune_configs_by=PRUNE)
     @triton.jit
     def _bwd_dq_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
                        VisualCol, VisualSpan, DQ,

@@ -26,11 +26,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .attention import default_scale, flash_backward, flash_forward, interpreting
+from .attention import (default_scale, flash_backward, flash_forward, interpreting,
+                        stats_from_lse)
 from .visual_maps import inverse_index, visual_maps_from_lse, visual_row_terms
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
+_MAX_HEAD_DIM = 128  # the configs are sized (spill-free) up to BLOCK_D = 128
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -128,6 +129,38 @@ def _fwd_backward(ctx, dout, dlse, dmaps):
 _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
+@torch.library.custom_op("compodistill::maps_from_stats", mutates_args=())
+def _maps_from_stats(q: Tensor, k: Tensor, stats: Tensor, key_mask: Optional[Tensor],
+                     query_index: Tensor, query_count: Tensor, visual_index: Tensor,
+                     visual_count: Tensor, causal: bool, scale: float) -> Tensor:
+    """Maps from row statistics the caller already has (no lse-only forward)."""
+    return visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index,
+                                visual_count, causal, scale)
+
+
+@_maps_from_stats.register_fake
+def _maps_from_stats_fake(q, k, stats, key_mask, query_index, query_count, visual_index,
+                          visual_count, causal, scale):
+    return q.new_empty((q.shape[0], query_index.shape[1], visual_index.shape[1]),
+                       dtype=torch.float32)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    q, k, stats, key_mask, qi, qc, vi, vc, causal, scale = inputs
+    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, stats, key_mask, qi, qc, vi, vc)
+
+
+def _stats_backward(ctx, dmaps):
+    q, k, stats, key_mask, qi, qc, vi, vc = ctx.saved_tensors
+    dq, dk, _ = torch.ops.compodistill.attention_bwd(
+        None, dmaps, q, k, None, None, stats, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale)
+    return dq, dk, None, None, None, None, None, None, None, None
+
+
+_maps_from_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+
+
 @torch.library.custom_op("compodistill::visual_maps_accumulate_", mutates_args=("maps_out",))
 def _visual_maps_accumulate_(maps_out: Tensor, q: Tensor, k: Tensor, stats: Tensor,
                              query_index: Tensor, query_count: Tensor, visual_index: Tensor,
@@ -175,7 +208,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor | None) -> None:
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {_shape(k)}, got {_shape(v)}")
     if not 0 < D <= _MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {_MAX_HEAD_DIM}], got {D} (q {_shape(q)})")
+        raise ValueError(f"head dim (q.shape[-1]) must be in [1, {_MAX_HEAD_DIM}] for the Triton "
+                         f"kernels, got {D} (q {_shape(q)}); use backend='torch' beyond that")
     if q.device.type == "cpu" and not interpreting():
         raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the "
                          "slow CPU interpreter); got tensors on the CPU")
@@ -311,20 +345,43 @@ def attention_with_visual_maps(q: Tensor, k: Tensor, v: Tensor, layout, *args,
     return out, maps
 
 
-def visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None = None) -> Tensor:
+def visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None = None,
+                lse: Tensor | None = None) -> Tensor:
     """The head-mean visual map ``A`` (B, Qmax, Vmax) float32 alone (no v), differentiable.
 
     ``(q, k, layout, scale=None)`` or ``(q, k, query_index, query_count, visual_index,
-    visual_count, key_mask=None, causal=True, scale=None)``. The forward computes ``stats``
-    with a flash pass that skips the value product; the backward is the flash backward
-    with only the visual terms.
+    visual_count, key_mask=None, causal=True, scale=None)``. The forward computes the row
+    statistics with a flash pass that skips the value product, unless ``lse`` is given:
+    the (B, Hq, N) natural-log log-sum-exp of these q, k under the layout's masks and this
+    scale (e.g. returned by the layer's own attention kernel), which saves that pass
+    (4·B·Hq·N²·d/2 FLOP causal). One fp32 lse limits P to ~3e-4 relative accuracy at
+    |s| ~ 1e4; without it the maps are exact there. The backward is the flash backward with
+    only the visual terms; ``lse`` gets no gradient.
     """
     layout, opts = _layout_args("visual_maps", layout, args, dict(scale=scale))
     _check_qkv(q, k, None)
     index, key_mask, causal = _check_layout(q, layout)
+    scale = _scale(q, opts["scale"])
+    if lse is not None:
+        stats = stats_from_lse(_check_lse(lse, q))
+        return torch.ops.compodistill.maps_from_stats(q, k, stats, key_mask, *index, causal,
+                                                      scale)
     _, _, maps = torch.ops.compodistill.attention_fwd(q, k, None, key_mask, *index, causal,
-                                                      _scale(q, opts["scale"]))
+                                                      scale)
     return maps
+
+
+def _check_lse(lse, q: Tensor) -> Tensor:
+    B, Hq, N, _ = q.shape
+    if not isinstance(lse, Tensor):
+        raise TypeError(f"lse must be a torch.Tensor or None, got {type(lse).__name__}")
+    if tuple(lse.shape) != (B, Hq, N):
+        raise ValueError(f"lse must have shape (B, Hq, N) = ({B}, {Hq}, {N}) to match q "
+                         f"{_shape(q)}, got {_shape(lse)}")
+    if not lse.dtype.is_floating_point or lse.device != q.device:
+        raise ValueError(f"lse must be a floating tensor on {q.device}, got {lse.dtype} on "
+                         f"{lse.device}")
+    return lse.detach()
 
 
 def _check_maps_out(maps_out: Tensor, q: Tensor, query_index: Tensor, visual_index: Tensor):

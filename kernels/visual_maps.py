@@ -292,7 +292,7 @@ def visual_row_terms(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     launch(_visual_row_terms_kernel, (rows, Hq, B),
         q, k, *stats, *index, grad_maps.float().contiguous(), c, *strides, N, Hq,
         Hq // k.shape[1], grad_maps.shape[1], grad_maps.shape[2], default_scale(D, scale),
-        CAUSAL=bool(causal), **common,
+        CAUSAL=bool(causal), **{**common, "num_warps": 8},  # 4 warps spill at d = 64
     )
     return c
 
