@@ -118,22 +118,27 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
-# Max BLOCK_D each config may run at, per target: measured by kernels/report.py (zero
-# spill bytes, shared memory within the block limit); tests/test_kernel_resources.py keeps
-# this table honest. Keyed by (block sizes, num_warps, num_stages).
-_FITS: dict[tuple, dict[int, int]] = {}
+# The head-dim classes (BLOCK_D <= 64, = 128) each config fits per target: measured by
+# kernels/report.py (zero spill bytes, shared memory within the block limit);
+# tests/test_kernel_resources.py keeps the tables honest. BLOCK_D 16/32 use the 64 class.
+_FIT_TABLES: dict[str, dict[tuple, dict[int, tuple]]] = {}
 
 
 def _config_key(config) -> tuple:
     return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
 
 
-def fitted_config(meta: dict, warps: int, stages: int, max_d80: int, max_d90: int):
-    """A ``triton.Config`` that the pruning keeps up to BLOCK_D ``max_d80`` on sm_80-class
-    GPUs and ``max_d90`` on sm_90."""
-    config = triton.Config(meta, num_warps=warps, num_stages=stages)
-    _FITS[_config_key(config)] = {80: max_d80, 90: max_d90}
-    return config
+def fitted_configs(kernel_name: str, rows) -> list:
+    """``triton.Config`` list from rows ``(BLOCK_M, BLOCK_N, warps, stages, fits_sm80,
+    fits_sm90)``, where ``fits_*`` are the head-dim classes (64, 128) the config fits."""
+    table, configs = {}, []
+    for block_m, block_n, warps, stages, fits80, fits90 in rows:
+        config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                               num_stages=stages)
+        table[_config_key(config)] = {80: fits80, 90: fits90}
+        configs.append(config)
+    _FIT_TABLES[kernel_name] = table
+    return configs
 
 
 def target_class(capability: int) -> int:
@@ -146,28 +151,28 @@ def device_capability() -> int:
     return major * 10 + minor
 
 
-def prune_configs(configs: list, block_d: int, capability: int) -> list:
-    """The configs that fit ``block_d`` on this target (never empty: the first config is
-    the fallback, and the table guarantees it fits up to the largest supported head dim)."""
-    target = target_class(capability)
-    keep = [c for c in configs
-            if block_d <= _FITS.get(_config_key(c), {}).get(target, 1 << 30)]
+def prune_configs(configs: list, table: dict, block_d: int, capability: int) -> list:
+    """The configs that fit ``block_d`` on this target, in table order (the first one is
+    what the deterministic mode pins)."""
+    target, size = target_class(capability), (64 if block_d <= 64 else 128)
+    keep = [c for c in configs if size in table.get(_config_key(c), {}).get(target, (64, 128))]
     return keep or list(configs[:1])
 
 
-def _early_prune(configs, named_args, **kwargs):
-    """``prune_configs_by`` hook of the autotuned kernels (runs on the launching GPU)."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 16))
-    return prune_configs(configs, block_d, device_capability())
-
-
-PRUNE = {"early_config_prune": _early_prune}
+def _prune_hook(kernel_name: str) -> dict:
+    """``prune_configs_by`` of an autotuned kernel (runs on the launching GPU)."""
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 16))
+        return prune_configs(configs, _FIT_TABLES[kernel_name], block_d, device_capability())
+    return {"early_config_prune": prune}
 
 
 def configs_for(kernel, capability: int, kwargs: dict) -> list:
     """The autotune configs ``kernel`` may run on a GPU of this compute capability with
     these launch arguments (constexprs), after the per-target pruning."""
-    return prune_configs(kernel.configs, kwargs.get("BLOCK_D", 16), capability)
+    name = kernel.fn.__name__
+    return prune_configs(kernel.configs, _FIT_TABLES.get(name, {}), kwargs.get("BLOCK_D", 16),
+                         capability)
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
@@ -231,18 +236,18 @@ if triton is not None:
             m_i = m_new
         return acc, l_i, lt_i, m_i
 
-    # (BLOCK_M, BLOCK_N), warps, stages, max BLOCK_D on sm_80 / sm_90. The first config is
-    # the deterministic mode's pin and the pruning's fallback: it fits everywhere.
-    _FWD_CONFIGS = [
-        fitted_config({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2, 128, 128),
-        fitted_config({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, 64, 128),
-        fitted_config({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 2, 64, 128),
-        fitted_config({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3, 128, 128),
-        fitted_config({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 4, 128, 128),
-        fitted_config({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3, 64, 128),
-    ]
+    # (BLOCK_M, BLOCK_N, warps, stages, head-dim classes fitting sm_80, sm_90).
+    ALL, D64, D128, NONE = (64, 128), (64,), (128,), ()
+    _FWD_CONFIGS = fitted_configs("_fwd_kernel", [
+        (64, 64, 4, 2, ALL, ALL),
+        (128, 64, 8, 3, D64, ALL),
+        (128, 128, 8, 2, NONE, ALL),
+        (128, 32, 8, 3, ALL, ALL),
+        (64, 32, 4, 4, ALL, ALL),
+        (64, 64, 4, 3, D64, ALL),
+    ])
 
-    @triton.autotune(configs=_configs(_FWD_CONFIGS), prune_configs_by=PRUNE,
+    @triton.autotune(configs=_configs(_FWD_CONFIGS), prune_configs_by=_prune_hook("_fwd_kernel"),
                      key=["HEAD_DIM", "CAUSAL", "HAS_V", "HAS_MASK", "HAS_VIS", "N_BUCKET"])
     @triton.jit
     def _fwd_kernel(Q, K, V, Out, RowMax, RowLog2Sum, RowLog2Text, KeyMask, VisualCol,
@@ -439,26 +444,26 @@ if triton is not None:
 
     # dk/dv (BLOCK_M query rows streamed, BLOCK_N keys held): 8 warps at d = 128, where
     # k, v, dk and dv alone hold 4·BLOCK_N·128 values per program.
-    _BWD_CONFIGS = [
-        fitted_config({"BLOCK_M": 32, "BLOCK_N": 64}, 8, 2, 128, 128),
-        fitted_config({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 2, 128, 128),
-        fitted_config({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2, 128, 64),
-        fitted_config({"BLOCK_M": 16, "BLOCK_N": 128}, 8, 2, 64, 128),
-        fitted_config({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2, 64, 64),
-        fitted_config({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 2, 64, 64),
-    ]
-    _BWD_DQ_CONFIGS = [
-        fitted_config({"BLOCK_M": 64, "BLOCK_N": 32}, 8, 2, 128, 128),
-        fitted_config({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 2, 128, 128),
-        fitted_config({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2, 128, 128),
-        fitted_config({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2, 128, 128),
-        fitted_config({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2, 64, 64),
-        fitted_config({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2, 64, 64),
-    ]
+    _BWD_CONFIGS = fitted_configs("_bwd_dkdv_kernel", [
+        (32, 64, 8, 2, D128, ALL),
+        (32, 32, 4, 2, ALL, D128),
+        (64, 64, 8, 2, D128, NONE),
+        (16, 128, 8, 2, D64, ALL),
+        (32, 128, 8, 2, NONE, D64),
+    ])
+    _BWD_DQ_CONFIGS = fitted_configs("_bwd_dq_kernel", [
+        (64, 32, 8, 2, ALL, ALL),
+        (128, 32, 8, 2, D64, ALL),
+        (64, 64, 8, 2, D128, D64),
+        (64, 32, 4, 2, D64, ALL),
+        (128, 64, 8, 2, NONE, D64),
+        (64, 64, 4, 2, NONE, D64),
+    ])
     # GROUP: the GQA ratio changes the dk/dv work per program (and GROUP = 1 specialises).
     _BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_DO", "HAS_G", "HAS_MASK", "GROUP", "N_BUCKET"]
 
-    @triton.autotune(configs=_configs(_BWD_CONFIGS), key=_BWD_KEY, prune_configs_by=PRUNE)
+    @triton.autotune(configs=_configs(_BWD_CONFIGS), key=_BWD_KEY,
+                     prune_configs_by=_prune_hook("_bwd_dkdv_kernel"))
     @triton.jit
     def _bwd_dkdv_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
                          VisualCol, DK, DV,
@@ -537,7 +542,8 @@ if triton is not None:
             tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn
                      + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
-    @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY, prune_configs_by=PRUNE)
+    @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY,
+                     prune_configs_by=_prune_hook("_bwd_dq_kernel"))
     @triton.jit
     def _bwd_dq_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
                        VisualCol, VisualSpan, DQ,
