@@ -3,7 +3,8 @@
 Imports only torch and triton. Without triton the package still imports, ``HAS_TRITON`` is
 False and calling a kernel raises a RuntimeError; callers pick the PyTorch path instead.
 """
-from .attention import attention_delta, flash_backward, flash_forward, interpreting, triton
+from .attention import (attention_delta, flash_backward, flash_forward, interpreting,
+                        lse_from_stats, stats_from_lse, triton)
 from .autograd import (attention_with_visual_maps, flash_attention,
                        teacher_attention_with_visual_maps,
                        teacher_visual_maps, visual_maps)
@@ -18,6 +19,6 @@ __all__ = [
     "flash_attention", "attention_with_visual_maps", "visual_maps",
     "teacher_attention_with_visual_maps", "teacher_visual_maps",
     # raw launchers (no autograd)
-    "flash_forward", "flash_backward", "attention_delta",
+    "flash_forward", "flash_backward", "attention_delta", "lse_from_stats", "stats_from_lse",
     "visual_maps_from_lse", "visual_row_terms", "inverse_index",
 ]

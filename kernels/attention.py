@@ -4,12 +4,13 @@ Layout: ``q`` (B, Hq, N, d), ``k``/``v`` (B, Hkv, N, d), any strides as long as 
 is dense; query head ``h`` reads kv head ``h // (Hq // Hkv)`` (no repeated k/v is built).
 ``key_mask`` (B, N) bool (True = real token) or None. A key j is allowed for query i iff
 ``key_mask[b, j]`` and (not causal or ``j <= i``); a row with no allowed key gets output 0
-and ``lse = -inf`` (docs/CONVENTIONS.md).
+and ``lse = -inf`` (docs/CONVENTIONS.md; the row max is ``-inf`` there).
 
 Forward (``flash_forward``): the usual online softmax, one program per (block of query rows,
-batch·head). Scores live in log2 units (``exp2``); the saved ``lse`` is in natural units,
-(B, Hq, N) float32. With ``v=None`` only ``lse`` is computed (what the visual-map pass needs
-when the attention output itself is not wanted).
+batch·head). Scores live in log2 units (``exp2``); the saved row statistics are the row max
+``m`` and ``log2 l`` kept apart, (2, B, Hq, N) float32 (one fp32 ``lse = m + log2 l`` loses
+~3e-4 relative accuracy in P at |s| ~ 1e4). With ``v=None`` only the statistics are computed
+(what the visual-map pass needs when the attention output itself is not wanted).
 
 Backward (``flash_backward``), per SPEC §3 "Gradient"::
 
@@ -26,6 +27,7 @@ one program per (query block, batch·head) accumulates dq.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -84,13 +86,93 @@ def deterministic() -> bool:
     return flag == "1" or torch.are_deterministic_algorithms_enabled()
 
 
+_recorders: list[list] = []
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Record launches instead of running them: yields a list that fills with
+    ``(kernel, grid, args, kwargs)`` for every :func:`launch` inside the block (no kernel
+    runs; outputs stay uninitialised). :mod:`kernels.report` compiles exactly these."""
+    log: list = []
+    _recorders.append(log)
+    try:
+        yield log
+    finally:
+        _recorders.remove(log)
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; an autotuned kernel is pinned to its first config
-    when :func:`deterministic` says so."""
+    when :func:`deterministic` says so. Every kernel of this package launches through here."""
+    if _recorders:
+        _recorders[-1].append((kernel, grid, args, kwargs))
+        return
     if deterministic() and hasattr(kernel, "configs") and hasattr(kernel, "fn"):
-        kwargs = {**kwargs, **kernel.configs[0].all_kwargs()}
+        # The first config that fits this GPU and head dim: spill-free by the table.
+        configs = kernel.configs
+        if not interpreting():
+            configs = configs_for(kernel, device_capability(), kwargs)
+        kwargs = {**kwargs, **configs[0].all_kwargs()}
         kernel = kernel.fn
     kernel[grid](*args, **kwargs)
+
+
+# The head-dim classes (BLOCK_D <= 64, = 128) each config fits per target: measured by
+# kernels/report.py (zero spill bytes, shared memory within the block limit);
+# tests/test_kernel_resources.py keeps the tables honest. BLOCK_D 16/32 use the 64 class.
+_FIT_TABLES: dict[str, dict[tuple, dict[int, tuple]]] = {}
+
+
+def _config_key(config) -> tuple:
+    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
+
+
+def fitted_configs(kernel_name: str, rows) -> list:
+    """``triton.Config`` list from rows ``(BLOCK_M, BLOCK_N, warps, stages, fits_sm80,
+    fits_sm90)``, where ``fits_*`` are the head-dim classes (64, 128) the config fits."""
+    table, configs = {}, []
+    for block_m, block_n, warps, stages, fits80, fits90 in rows:
+        config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                               num_stages=stages)
+        table[_config_key(config)] = {80: fits80, 90: fits90}
+        configs.append(config)
+    _FIT_TABLES[kernel_name] = table
+    return configs
+
+
+def target_class(capability: int) -> int:
+    """The profiled target a compute capability (major * 10 + minor) is held to."""
+    return 90 if capability >= 90 else 80
+
+
+def device_capability() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def prune_configs(configs: list, table: dict, block_d: int, capability: int) -> list:
+    """The configs that fit ``block_d`` on this target, in table order (the first one is
+    what the deterministic mode pins)."""
+    target, size = target_class(capability), (64 if block_d <= 64 else 128)
+    keep = [c for c in configs if size in table.get(_config_key(c), {}).get(target, (64, 128))]
+    return keep or list(configs[:1])
+
+
+def _prune_hook(kernel_name: str) -> dict:
+    """``prune_configs_by`` of an autotuned kernel (runs on the launching GPU)."""
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 16))
+        return prune_configs(configs, _FIT_TABLES[kernel_name], block_d, device_capability())
+    return {"early_config_prune": prune}
+
+
+def configs_for(kernel, capability: int, kwargs: dict) -> list:
+    """The autotune configs ``kernel`` may run on a GPU of this compute capability with
+    these launch arguments (constexprs), after the per-target pruning."""
+    name = kernel.fn.__name__
+    return prune_configs(kernel.configs, _FIT_TABLES.get(name, {}), kwargs.get("BLOCK_D", 16),
+                         capability)
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
@@ -112,12 +194,17 @@ if triton is not None:
     # ----------------------------------------------------------------------- forward
 
     @triton.jit
-    def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KeyMask_row, stride_kn, stride_vn,
-                   offs_m, lo, hi, N, qk_scale,
-                   HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, DIAG: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
-        """Online softmax over the key blocks [lo, hi); ``DIAG`` applies the causal mask."""
+    def _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base, KeyMask_row, VisualCol_row,
+                   stride_kn, stride_vn, offs_m, lo, hi, N, qk_scale,
+                   HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, HAS_VIS: tl.constexpr,
+                   DIAG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Online softmax over the key blocks [lo, hi); ``DIAG`` applies the causal mask.
+
+        With ``HAS_VIS`` also ``lt_i``, the row sum over the non-visual keys only (same
+        running max): the visual-map pass adds the visual keys scored by its own tiles, so
+        each key enters the statistics through exactly one rounding of its score.
+        """
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         for start_n in range(lo, hi, BLOCK_N):
@@ -139,34 +226,43 @@ if triton is not None:
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_VIS:
+                vcol = tl.load(VisualCol_row + offs_n, mask=n_ok, other=-1)
+                lt_i = lt_i * alpha + tl.sum(tl.where(vcol[None, :] >= 0, 0.0, p), 1)
             if HAS_V:
                 v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_d[None, :],
                             mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
-        return acc, l_i, m_i
+        return acc, l_i, lt_i, m_i
 
-    _FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
-    ]
+    # (BLOCK_M, BLOCK_N, warps, stages, head-dim classes fitting sm_80, sm_90).
+    ALL, D64, D128, NONE = (64, 128), (64,), (128,), ()
+    _FWD_CONFIGS = fitted_configs("_fwd_kernel", [
+        (64, 64, 4, 2, ALL, ALL),
+        (128, 64, 8, 3, D64, ALL),
+        (128, 128, 8, 2, NONE, ALL),
+        (128, 32, 8, 3, ALL, ALL),
+        (64, 32, 4, 4, ALL, ALL),
+        (64, 64, 4, 3, D64, ALL),
+    ])
 
-    @triton.autotune(configs=_configs(_FWD_CONFIGS),
-                     key=["HEAD_DIM", "CAUSAL", "HAS_V", "HAS_MASK", "N_BUCKET"])
+    @triton.autotune(configs=_configs(_FWD_CONFIGS), prune_configs_by=_prune_hook("_fwd_kernel"),
+                     key=["HEAD_DIM", "CAUSAL", "HAS_V", "HAS_MASK", "HAS_VIS", "N_BUCKET"])
     @triton.jit
-    def _fwd_kernel(Q, K, V, Out, Lse, KeyMask,
+    def _fwd_kernel(Q, K, V, Out, RowMax, RowLog2Sum, RowLog2Text, KeyMask, VisualCol,
                     stride_qb, stride_qh, stride_qn,
                     stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn,
                     stride_ob, stride_oh, stride_on,
                     N, Hq, GROUP, scale, N_BUCKET,
-                    HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, HAS_VIS: tl.constexpr,
+                    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
+        if CAUSAL:
+            # Longest rows (most key blocks) first, so the short ones fill the tail.
+            pid_m = tl.num_programs(0) - 1 - pid_m
         pid_bh = tl.program_id(1)
         b = (pid_bh // Hq).to(tl.int64)
         h = (pid_bh % Hq).to(tl.int64)
@@ -182,34 +278,37 @@ if triton is not None:
         K_base = K + b * stride_kb + hk * stride_kh
         V_base = V + b * stride_vb + hk * stride_vh
         KeyMask_row = KeyMask + b * N
+        VisualCol_row = VisualCol + b * N
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        lt_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        hi = N
         if CAUSAL:
             # Blocks strictly below the diagonal need no causal mask (BLOCK_M % BLOCK_N == 0);
             # the diagonal blocks do; blocks above it are skipped.
-            diag_lo = pid_m * BLOCK_M
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KeyMask_row,
-                                       stride_kn, stride_vn, offs_m, 0, diag_lo, N, qk_scale,
-                                       HAS_V, HAS_MASK, False, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       DOT_PREC)
-            diag_hi = tl.minimum(diag_lo + BLOCK_M, N)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KeyMask_row,
-                                       stride_kn, stride_vn, offs_m, diag_lo, diag_hi, N,
-                                       qk_scale, HAS_V, HAS_MASK, True, HEAD_DIM, BLOCK_D,
-                                       BLOCK_N, DOT_PREC)
-        else:
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, KeyMask_row,
-                                       stride_kn, stride_vn, offs_m, 0, N, N, qk_scale,
-                                       HAS_V, HAS_MASK, False, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                       DOT_PREC)
+            hi = pid_m * BLOCK_M
+        acc, l_i, lt_i, m_i = _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base, KeyMask_row,
+                                         VisualCol_row, stride_kn, stride_vn, offs_m, 0, hi, N,
+                                         qk_scale, HAS_V, HAS_MASK, HAS_VIS, False, HEAD_DIM,
+                                         BLOCK_D, BLOCK_N, DOT_PREC)
+        if CAUSAL:
+            acc, l_i, lt_i, m_i = _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base,
+                                             KeyMask_row, VisualCol_row, stride_kn, stride_vn,
+                                             offs_m, hi, tl.minimum(hi + BLOCK_M, N), N,
+                                             qk_scale, HAS_V, HAS_MASK, HAS_VIS, True,
+                                             HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
-        # m_i is in log2 units: lse = ln(2) * (m + log2(l)); -inf on rows with no key.
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        bh = b * Hq + h
-        tl.store(Lse + bh * N + offs_m, lse, mask=m_ok)
+        # The row max and log2(l) are stored apart, not as one lse = m + log2(l): at
+        # |s| ~ 1e4 a half-ulp of that sum is ~5e-4, a 3e-4 relative error in every P that
+        # a later pass rebuilds as exp2((s - m) - log2 l). m is -inf on rows with no key.
+        rows = (b * Hq + h) * N + offs_m
+        tl.store(RowMax + rows, tl.where(empty, float("-inf"), m_i), mask=m_ok)
+        tl.store(RowLog2Sum + rows, tl.math.log2(l_safe), mask=m_ok)
+        if HAS_VIS:
+            tl.store(RowLog2Text + rows, tl.math.log2(lt_i), mask=m_ok)  # -inf: no text key
         if HAS_V:
             out = acc / l_safe[:, None]
             tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
@@ -239,30 +338,135 @@ if triton is not None:
         tl.store(Delta + (b * Hq + h) * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
 
     @triton.jit
-    def _load_lse(Lse_row, offs_m, m_ok):
-        """lse of a block of rows in log2 units; +inf where a row has no key (so P = 0)."""
-        lse = tl.load(Lse_row + offs_m, mask=m_ok, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        return lse * 1.4426950408889634
+    def _load_row_stats(RowMax_row, RowLog2Sum_row, offs_m, m_ok):
+        """(m, log2 l) of a block of rows, log2 units; m = +inf where a row has no key, so
+        ``exp2((s - m) - log2 l)`` is 0 there."""
+        m = tl.load(RowMax_row + offs_m, mask=m_ok, other=float("inf"))
+        m = tl.where(m == float("-inf"), float("inf"), m)
+        l2 = tl.load(RowLog2Sum_row + offs_m, mask=m_ok, other=0.0)
+        return m, l2
 
-    _BWD_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    ]
-    _BWD_DQ_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-    ]
-    _BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_DO", "HAS_G", "HAS_MASK", "N_BUCKET"]
-
-    @triton.autotune(configs=_configs(_BWD_CONFIGS), key=_BWD_KEY)
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, KeyMask, G, QueryRow, VisualCol,
-                         DK, DV,
+    def _g_tile(G_b, qrow, vcol, VMAX, inv_h, G_INT64: tl.constexpr):
+        """G / Hq on (query rows × key columns), 0 where a row or column is not gathered.
+
+        Indexed [row, column] so that lanes run along the contiguous visual column of G;
+        offsets are int32 unless Qmax·Vmax needs 64 bits (``G_INT64``, set by the launcher).
+        """
+        g_ok = (qrow[:, None] >= 0) & (vcol[None, :] >= 0)
+        row = qrow.to(tl.int64) if G_INT64 else qrow
+        g = tl.load(G_b + row[:, None] * VMAX + vcol[None, :], mask=g_ok, other=0.0)
+        return g * inv_h
+
+    @triton.jit
+    def _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax, RowLog2Sum, Delta,
+                    G_b, QueryRow_b, b, hk, lo, N, Hq, GROUP, VMAX,
+                    stride_qh, stride_qn, stride_dh, stride_dn, qk_scale, inv_h,
+                    HAS_DO: tl.constexpr, WITH_G: tl.constexpr, G_INT64: tl.constexpr,
+                    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dk, dv of one key block summed over the query heads of its kv head and the query
+        blocks [lo, N). ``WITH_G`` (a key block holding image tokens) adds G / Hq to dP."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            bh = b * Hq + h
+            for start_m in range(lo, N, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < N
+                tile = offs_m[:, None] * stride_qn + offs_d[None, :]
+                q = tl.load(Q_b + h * stride_qh + tile, mask=m_ok[:, None] & d_ok[None, :],
+                            other=0.0)
+                m_row, l2_row = _load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, offs_m,
+                                                m_ok)
+                sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+                pT = tl.math.exp2((sT * qk_scale - m_row[None, :]) - l2_row[None, :])
+                allowed = key_ok[:, None] & m_ok[None, :]
+                if CAUSAL:
+                    allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
+                pT = tl.where(allowed, pT, 0.0)
+                delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
+                if WITH_G:
+                    qrow = tl.load(QueryRow_b + offs_m, mask=m_ok, other=-1)
+                    dpT = tl.trans(_g_tile(G_b, qrow, vcol, VMAX, inv_h, G_INT64))
+                else:
+                    dpT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                if HAS_DO:
+                    do = tl.load(DO_b + h * stride_dh + offs_m[:, None] * stride_dn
+                                 + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                                 other=0.0)
+                    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+                    dpT = tl.dot(v, tl.trans(do), dpT, input_precision=DOT_PREC)
+                dsT = pT * (dpT - delta[None, :])
+                dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+        return dk, dv
+
+    @triton.jit
+    def _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
+                 KeyMask_b, VisualCol_b, G_b, lo, hi, N, VMAX, stride_kn, stride_vn,
+                 qk_scale, inv_h,
+                 HAS_DO: tl.constexpr, HAS_MASK: tl.constexpr, WITH_G: tl.constexpr,
+                 G_INT64: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+        """dq over the key blocks [lo, hi); ``WITH_G`` for the span holding image tokens."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            p = tl.math.exp2((s * qk_scale - m_row[:, None]) - l2_row[:, None])
+            key_ok = n_ok
+            if HAS_MASK:
+                km = tl.load(KeyMask_b + offs_n, mask=n_ok, other=0)
+                key_ok = key_ok & (km != 0)
+            allowed = m_ok[:, None] & key_ok[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(allowed, p, 0.0)
+            if WITH_G:
+                vcol = tl.load(VisualCol_b + offs_n, mask=n_ok, other=-1)
+                dp = _g_tile(G_b, qrow, vcol, VMAX, inv_h, G_INT64)
+            else:
+                dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_DO:
+                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+                            mask=kv_mask, other=0.0)
+                dp = tl.dot(do, tl.trans(v), dp, input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        return dq
+
+    # dk/dv (BLOCK_M query rows streamed, BLOCK_N keys held): 8 warps at d = 128, where
+    # k, v, dk and dv alone hold 4·BLOCK_N·128 values per program.
+    _BWD_CONFIGS = fitted_configs("_bwd_dkdv_kernel", [
+        (32, 64, 8, 2, D128, ALL),
+        (32, 32, 4, 2, ALL, D128),
+        (64, 64, 8, 2, D128, NONE),
+        (16, 128, 8, 2, D64, ALL),
+        (32, 128, 8, 2, NONE, D64),
+    ])
+    _BWD_DQ_CONFIGS = fitted_configs("_bwd_dq_kernel", [
+        (64, 32, 8, 2, ALL, ALL),
+        (128, 32, 8, 2, D64, ALL),
+        (64, 64, 8, 2, D128, D64),
+        (64, 32, 4, 2, D64, ALL),
+        (128, 64, 8, 2, NONE, D64),
+        (64, 64, 4, 2, NONE, D64),
+    ])
+    # GROUP: the GQA ratio changes the dk/dv work per program (and GROUP = 1 specialises).
+    _BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_DO", "HAS_G", "HAS_MASK", "GROUP", "N_BUCKET"]
+
+    @triton.autotune(configs=_configs(_BWD_CONFIGS), key=_BWD_KEY,
+                     prune_configs_by=_prune_hook("_bwd_dkdv_kernel"))
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
+                         VisualCol, DK, DV,
                          stride_qb, stride_qh, stride_qn,
                          stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn,
@@ -271,8 +475,9 @@ if triton is not None:
                          stride_dvb, stride_dvh, stride_dvn,
                          N, Hq, Hkv, GROUP, QMAX, VMAX, scale, N_BUCKET,
                          HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
-                         CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         G_INT64: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // Hkv).to(tl.int64)
@@ -292,50 +497,44 @@ if triton is not None:
         if HAS_MASK:
             km = tl.load(KeyMask + b * N + offs_n, mask=n_ok, other=0)
             key_ok = key_ok & (km != 0)
+        v = k
         if HAS_DO:
             v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
                         + offs_d[None, :], mask=kv_mask, other=0.0)
+        vcol = tl.full([BLOCK_N], -1, dtype=tl.int32)
         if HAS_G:
             vcol = tl.load(VisualCol + b * N + offs_n, mask=n_ok, other=-1)
-            block_has_visual = tl.max(vcol, 0) >= 0
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         lo = 0
         if CAUSAL:
             lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-        for g in range(GROUP):
-            h = hk * GROUP + g
-            bh = b * Hq + h
-            for start_m in range(lo, N, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                m_ok = offs_m < N
-                q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
-                            + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                lse = _load_lse(Lse + bh * N, offs_m, m_ok)
-                sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-                pT = tl.math.exp2(sT * qk_scale - lse[None, :])
-                allowed = key_ok[:, None] & m_ok[None, :]
-                if CAUSAL:
-                    allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
-                pT = tl.where(allowed, pT, 0.0)
-                delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
-                dpT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-                if HAS_DO:
-                    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
-                                 + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
-                                 other=0.0)
-                    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-                    dpT += tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                if HAS_G:
-                    if block_has_visual:
-                        qrow = tl.load(QueryRow + b * N + offs_m, mask=m_ok, other=-1)
-                        g_ok = (qrow[None, :] >= 0) & (vcol[:, None] >= 0)
-                        gT = tl.load(G + b * QMAX * VMAX + qrow[None, :].to(tl.int64) * VMAX
-                                     + vcol[:, None], mask=g_ok, other=0.0)
-                        dpT += gT * inv_h
-                dsT = pT * (dpT - delta[None, :])
-                dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+        Q_b = Q + b * stride_qb
+        DO_b = DO + b * stride_db
+        G_b = G + b * QMAX * VMAX
+        QueryRow_b = QueryRow + b * N
+        # The branch on image tokens is taken once per program, outside the loops: the
+        # plain loop then carries none of the G tile's registers.
+        if HAS_G:
+            if tl.max(vcol, 0) >= 0:
+                dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
+                                     RowLog2Sum, Delta, G_b, QueryRow_b, b, hk, lo, N, Hq,
+                                     GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
+                                     qk_scale, inv_h, HAS_DO, True, G_INT64, CAUSAL, HEAD_DIM,
+                                     BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+            else:
+                dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
+                                     RowLog2Sum, Delta, G_b, QueryRow_b, b, hk, lo, N, Hq,
+                                     GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
+                                     qk_scale, inv_h, HAS_DO, False, G_INT64, CAUSAL,
+                                     HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+        else:
+            dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
+                                 RowLog2Sum, Delta, G_b, QueryRow_b, b, hk, lo, N, Hq, GROUP,
+                                 VMAX, stride_qh, stride_qn, stride_dh, stride_dn, qk_scale,
+                                 inv_h, HAS_DO, False, G_INT64, CAUSAL, HEAD_DIM, BLOCK_D,
+                                 DOT_PREC, BLOCK_M, BLOCK_N)
         dk = dk * scale
         tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn
                  + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -343,9 +542,11 @@ if triton is not None:
             tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn
                      + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
-    @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY)
+    @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY,
+                     prune_configs_by=_prune_hook("_bwd_dq_kernel"))
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, KeyMask, G, QueryRow, VisualCol, DQ,
+    def _bwd_dq_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
+                       VisualCol, VisualSpan, DQ,
                        stride_qb, stride_qh, stride_qn,
                        stride_kb, stride_kh, stride_kn,
                        stride_vb, stride_vh, stride_vn,
@@ -353,9 +554,12 @@ if triton is not None:
                        stride_dqb, stride_dqh, stride_dqn,
                        N, Hq, GROUP, QMAX, VMAX, scale, N_BUCKET,
                        HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
-                       CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       G_INT64: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
+        if CAUSAL:
+            pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first
         pid_bh = tl.program_id(1)
         b = (pid_bh // Hq).to(tl.int64)
         h = (pid_bh % Hq).to(tl.int64)
@@ -372,14 +576,15 @@ if triton is not None:
         q_mask = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
                     + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = _load_lse(Lse + bh * N, offs_m, m_ok)
+        m_row, l2_row = _load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, offs_m, m_ok)
         delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
+        do = q
         if HAS_DO:
             do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
                          + offs_d[None, :], mask=q_mask, other=0.0)
+        qrow = tl.full([BLOCK_M], -1, dtype=tl.int32)
         if HAS_G:
             qrow = tl.load(QueryRow + b * N + offs_m, mask=m_ok, other=-1)
-            block_has_rows = tl.max(qrow, 0) >= 0
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         hi = N
@@ -387,39 +592,35 @@ if triton is not None:
             hi = tl.minimum((pid_m + 1) * BLOCK_M, N)
         K_base = K + b * stride_kb + hk * stride_kh
         V_base = V + b * stride_vb + hk * stride_vh
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask,
-                        other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            p = tl.math.exp2(s * qk_scale - lse[:, None])
-            key_ok = n_ok
-            if HAS_MASK:
-                km = tl.load(KeyMask + b * N + offs_n, mask=n_ok, other=0)
-                key_ok = key_ok & (km != 0)
-            allowed = m_ok[:, None] & key_ok[None, :]
-            if CAUSAL:
-                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(allowed, p, 0.0)
-            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if HAS_DO:
-                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                            mask=kv_mask, other=0.0)
-                dp += tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            if HAS_G:
-                vcol = tl.load(VisualCol + b * N + offs_n, mask=n_ok, other=-1)
-                if block_has_rows & (tl.max(vcol, 0) >= 0):
-                    g_ok = (qrow[:, None] >= 0) & (vcol[None, :] >= 0)
-                    g = tl.load(G + b * QMAX * VMAX + qrow[:, None].to(tl.int64) * VMAX
-                                + vcol[None, :], mask=g_ok, other=0.0)
-                    dp += g * inv_h
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        KeyMask_b = KeyMask + b * N
+        VisualCol_b = VisualCol + b * N
+        G_b = G + b * QMAX * VMAX
+        # Key blocks split into plain / image-token / plain spans (the image tokens of a
+        # sample lie in [VisualSpan[b, 0], VisualSpan[b, 1])): no per-block branch.
+        vis_lo = hi
+        vis_hi = hi
+        if HAS_G:
+            if tl.max(qrow, 0) >= 0:
+                vis_lo = tl.minimum(tl.load(VisualSpan + 2 * b) // BLOCK_N * BLOCK_N, hi)
+                vis_hi = tl.load(VisualSpan + 2 * b + 1)
+                vis_hi = tl.maximum(tl.minimum(tl.cdiv(vis_hi, BLOCK_N) * BLOCK_N, hi), vis_lo)
+        dq = _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
+                      KeyMask_b, VisualCol_b, G_b, 0, vis_lo, N, VMAX, stride_kn, stride_vn,
+                      qk_scale, inv_h, HAS_DO, HAS_MASK, False, G_INT64, CAUSAL, HEAD_DIM,
+                      BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+        if HAS_G:
+            dq = _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
+                          KeyMask_b, VisualCol_b, G_b, vis_lo, vis_hi, N, VMAX, stride_kn,
+                          stride_vn, qk_scale, inv_h, HAS_DO, HAS_MASK, True, G_INT64, CAUSAL,
+                          HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+            dq = _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
+                          KeyMask_b, VisualCol_b, G_b, vis_hi, hi, N, VMAX, stride_kn,
+                          stride_vn, qk_scale, inv_h, HAS_DO, HAS_MASK, False, G_INT64,
+                          CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
         dq = dq * scale
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn
                  + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+
 
 
 # --------------------------------------------------------------------------- launchers
@@ -434,13 +635,36 @@ def _require_triton() -> None:
         raise RuntimeError("compodistill.kernels needs triton (pip install 'triton>=3.6')")
 
 
-def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
-                  key_mask: torch.Tensor | None, causal: bool,
-                  scale: float | None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Flash attention forward: ``(out, lse)``.
+def lse_from_stats(stats: torch.Tensor) -> torch.Tensor:
+    """Natural-log ``lse`` (B, Hq, N) from row statistics; ``-inf`` on rows with no key."""
+    m, l2 = stats[0], stats[1]
+    lse = (m + l2) * math.log(2.0)
+    return torch.where(m == float("-inf"), m, lse)
 
-    ``out`` has q's shape and dtype (None when ``v`` is None: only ``lse`` is computed);
-    ``lse`` is (B, Hq, N) float32, natural log, ``-inf`` on rows with no allowed key.
+
+def stats_from_lse(lse: torch.Tensor) -> torch.Tensor:
+    """Row statistics (2, B, Hq, N) from an external natural-log ``lse`` (B, Hq, N):
+    ``m = lse·log2 e``, ``log2 l = 0``. Exact up to the rounding already in that one fp32
+    number (at |s| ~ 1e4 a relative error of ~3e-4 in P, which the statistics written by
+    :func:`flash_forward` avoid)."""
+    lse = lse.float()
+    return torch.stack([lse * LOG2E, torch.zeros_like(lse)]).contiguous()
+
+
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
+                  key_mask: torch.Tensor | None, causal: bool, scale: float | None,
+                  visual_col: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Flash attention forward: ``(out, stats)``.
+
+    ``out`` has q's shape and dtype (None when ``v`` is None: only ``stats`` is computed).
+    ``stats`` (P, B, Hq, N) float32 holds the softmax row statistics in log2 units of the
+    scaled scores: ``stats[0]`` the row max m (``-inf`` on rows with no allowed key),
+    ``stats[1]`` ``log2 Σ exp2(s - m)``; :func:`lse_from_stats` gives the natural lse.
+    With ``visual_col`` ((B, N) int32, -1 off image tokens, see
+    :func:`kernels.visual_maps.inverse_index`) P = 3 and ``stats[2]`` is that log-sum over
+    the non-visual keys only, which :func:`kernels.visual_maps.visual_maps_from_lse` completes
+    with its own scores of the visual keys.
     Inputs are assumed checked (see :mod:`kernels.autograd`); only the head dim must be dense.
     """
     _require_triton()
@@ -449,26 +673,29 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
     v = None if v is None else kernel_input(v)
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
-    lse = torch.empty((B, Hq, N), device=q.device, dtype=torch.float32)
+    has_vis = visual_col is not None
+    stats = torch.empty((3 if has_vis else 2, B, Hq, N), device=q.device, dtype=torch.float32)
     out = torch.empty((B, Hq, N, D), device=q.device, dtype=q.dtype) if v is not None else None
     if q.numel() == 0:
-        return (None if out is None else out.to(out_dtype)), lse.fill_(float("-inf"))
+        stats.fill_(float("-inf"))[1].zero_()
+        return (None if out is None else out.to(out_dtype)), stats
     v_arg = v if v is not None else k
     o_arg = out if out is not None else q
+    vcol = visual_col.to(torch.int32).contiguous() if has_vis else q
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     launch(_fwd_kernel, grid,
-        q, k, v_arg, o_arg, lse, _key_mask_arg(key_mask, q),
+        q, k, v_arg, o_arg, stats[0], stats[1], stats[-1], _key_mask_arg(key_mask, q), vcol,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
         o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
         N, Hq, Hq // Hkv, default_scale(D, scale), _n_bucket(N),
-        HAS_V=v is not None, HAS_MASK=key_mask is not None, CAUSAL=bool(causal),
-        HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype),
+        HAS_V=v is not None, HAS_MASK=key_mask is not None, HAS_VIS=has_vis,
+        CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype),
     )
     if out is not None and out.dtype != out_dtype:
         out = out.to(out_dtype)
-    return out, lse
+    return out, stats
 
 
 def attention_delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
@@ -480,7 +707,7 @@ def attention_delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return delta.zero_()
     block_m = 64
-    _bwd_delta_kernel[(triton.cdiv(N, block_m), B * Hq)](
+    launch(_bwd_delta_kernel, (triton.cdiv(N, block_m), B * Hq),
         out, do, delta,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
@@ -489,8 +716,20 @@ def attention_delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+def visual_span(visual_col: torch.Tensor) -> torch.Tensor:
+    """(B, 2) int32 ``[first, last + 1)`` position of the image tokens per sample ((0, 0)
+    without any): the dq kernel's image-token span of key blocks."""
+    is_vis = visual_col >= 0
+    n = visual_col.shape[1]
+    first = is_vis.int().argmax(1)
+    last = n - is_vis.flip(1).int().argmax(1)
+    has = is_vis.any(1)
+    span = torch.stack([torch.where(has, first, 0), torch.where(has, last, 0)], 1)
+    return span.to(torch.int32).contiguous()
+
+
 def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
-                   v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
+                   v: torch.Tensor | None, out: torch.Tensor | None, stats: torch.Tensor,
                    key_mask: torch.Tensor | None, causal: bool, scale: float | None, *,
                    grad_maps: torch.Tensor | None = None,
                    query_row: torch.Tensor | None = None,
@@ -502,7 +741,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     Args:
         do: dL/d out (B, Hq, N, d), or None when the output carries no gradient (then
             ``v``/``out`` are not read and ``dv`` is None).
-        lse: the forward's (B, Hq, N) float32 log-sum-exp.
+        stats: the forward's (2, B, Hq, N) float32 row statistics (:func:`flash_forward`).
         grad_maps: ``G = dL/dA`` (B, Qmax, Vmax) float32, or None for plain attention.
         query_row, visual_col: (B, N) int32 inverse index maps (see module docstring).
         row_terms: ``c`` (B, Hq, N) float32 from :func:`kernels.visual_maps.visual_row_terms`.
@@ -531,7 +770,8 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
         visual_col = visual_col.to(torch.int32).contiguous()
     else:
         grad_maps, query_row, visual_col, qmax, vmax = q, q, q, 0, 0
-    lse = lse.float().contiguous()
+    span = visual_span(visual_col) if has_g else q
+    stats = stats.float().contiguous()
     dq = torch.empty((B, Hq, N, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, Hkv, N, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, Hkv, N, D), device=q.device, dtype=v.dtype) if has_do else None
@@ -543,11 +783,13 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     dv_arg = dv if has_do else dk
     km = _key_mask_arg(key_mask, q)
     scale = default_scale(D, scale)
-    flags = dict(HAS_DO=has_do, HAS_G=has_g, HAS_MASK=key_mask is not None, CAUSAL=bool(causal),
+    flags = dict(HAS_DO=has_do, HAS_G=has_g, HAS_MASK=key_mask is not None,
+                 G_INT64=qmax * vmax >= 2**31, CAUSAL=bool(causal),
                  HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
     grid_kv = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     launch(_bwd_dkdv_kernel, grid_kv,
-        q, k, v_arg, do_arg, lse, delta, km, grad_maps, query_row, visual_col, dk, dv_arg,
+        q, k, v_arg, do_arg, stats[0], stats[1], delta, km, grad_maps, query_row, visual_col,
+        dk, dv_arg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
@@ -558,7 +800,8 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     )
     grid_q = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     launch(_bwd_dq_kernel, grid_q,
-        q, k, v_arg, do_arg, lse, delta, km, grad_maps, query_row, visual_col, dq,
+        q, k, v_arg, do_arg, stats[0], stats[1], delta, km, grad_maps, query_row, visual_col,
+        span, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),

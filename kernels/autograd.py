@@ -26,11 +26,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .attention import default_scale, flash_backward, flash_forward, interpreting
+from .attention import (default_scale, flash_backward, flash_forward, interpreting,
+                        stats_from_lse)
 from .visual_maps import inverse_index, visual_maps_from_lse, visual_row_terms
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
+_MAX_HEAD_DIM = 128  # the configs are sized (spill-free) up to BLOCK_D = 128
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -39,35 +40,42 @@ _MAX_HEAD_DIM = 256
 def _attention_fwd(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optional[Tensor],
                    query_index: Optional[Tensor], query_count: Optional[Tensor],
                    visual_index: Optional[Tensor], visual_count: Optional[Tensor],
-                   causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(out or empty, lse, maps or empty)."""
-    out, lse = flash_forward(q, k, v, key_mask, causal, scale)
+                   causal: bool, scale: float,
+                   want_maps: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(out or empty, row stats (P, B, Hq, N), maps or empty).
+
+    With the index tensors the stats get the non-visual plane (P = 3) that makes the maps
+    exact at large scores; ``want_maps=False`` stops there (teacher maps accumulated later).
+    """
+    visual_col = None if visual_index is None else \
+        inverse_index(visual_index, visual_count, q.shape[2])
+    out, stats = flash_forward(q, k, v, key_mask, causal, scale, visual_col)
     if out is None:
         out = q.new_empty(0)
-    if query_index is None:
+    if query_index is None or not want_maps:
         maps = q.new_empty(0, dtype=torch.float32)
     else:
-        maps = visual_maps_from_lse(q, k, lse, query_index, query_count, visual_index,
+        maps = visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index,
                                     visual_count, causal, scale)
-    return out, lse, maps
+    return out, stats, maps
 
 
 @_attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, key_mask, query_index, query_count, visual_index,
-                        visual_count, causal, scale):
+                        visual_count, causal, scale, want_maps=True):
     B, Hq, N, _ = q.shape
     out = q.new_empty(q.shape) if v is not None else q.new_empty(0)
-    lse = q.new_empty((B, Hq, N), dtype=torch.float32)
-    if query_index is None:
+    stats = q.new_empty((2 if visual_index is None else 3, B, Hq, N), dtype=torch.float32)
+    if query_index is None or not want_maps:
         maps = q.new_empty(0, dtype=torch.float32)
     else:
         maps = q.new_empty((B, query_index.shape[1], visual_index.shape[1]), dtype=torch.float32)
-    return out, lse, maps
+    return out, stats, maps
 
 
 @torch.library.custom_op("compodistill::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Optional[Tensor], dmaps: Optional[Tensor], q: Tensor, k: Tensor,
-                   v: Optional[Tensor], out: Optional[Tensor], lse: Tensor,
+                   v: Optional[Tensor], out: Optional[Tensor], stats: Tensor,
                    key_mask: Optional[Tensor], query_index: Optional[Tensor],
                    query_count: Optional[Tensor], visual_index: Optional[Tensor],
                    visual_count: Optional[Tensor], causal: bool,
@@ -81,18 +89,18 @@ def _attention_bwd(dout: Optional[Tensor], dmaps: Optional[Tensor], q: Tensor, k
         n = q.shape[2]
         visual = dict(
             grad_maps=dmaps,
-            row_terms=visual_row_terms(q, k, lse, query_index, query_count, visual_index,
+            row_terms=visual_row_terms(q, k, stats, query_index, query_count, visual_index,
                                        visual_count, dmaps, causal, scale),
             query_row=inverse_index(query_index, query_count, n),
             visual_col=inverse_index(visual_index, visual_count, n),
         )
-    dq, dk, dv = flash_backward(dout, q, k, v if dout is not None else None, out, lse,
+    dq, dk, dv = flash_backward(dout, q, k, v if dout is not None else None, out, stats,
                                 key_mask, causal, scale, **visual)
     return dq, dk, dv if dv is not None else q.new_empty(0)
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_fake(dout, dmaps, q, k, v, out, lse, key_mask, query_index, query_count,
+def _attention_bwd_fake(dout, dmaps, q, k, v, out, stats, key_mask, query_index, query_count,
                         visual_index, visual_count, causal, scale):
     dv = torch.empty_like(k, dtype=v.dtype) if (dout is not None and v is not None) \
         else q.new_empty(0)
@@ -100,39 +108,71 @@ def _attention_bwd_fake(dout, dmaps, q, k, v, out, lse, key_mask, query_index, q
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, key_mask, qi, qc, vi, vc, causal, scale = inputs
-    out, lse, maps = output
+    q, k, v, key_mask, qi, qc, vi, vc, causal, scale = inputs[:10]
+    out, stats, maps = output
     ctx.has_v = v is not None
-    ctx.has_maps = qi is not None
+    ctx.has_maps = qi is not None and (inputs[10] if len(inputs) > 10 else True)
     ctx.causal, ctx.scale = causal, scale
-    ctx.save_for_backward(q, k, v, out if ctx.has_v else None, lse, key_mask, qi, qc, vi, vc)
-    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out if ctx.has_v else None, stats, key_mask, qi, qc, vi, vc)
+    ctx.mark_non_differentiable(stats)
 
 
 def _fwd_backward(ctx, dout, dlse, dmaps):
-    q, k, v, out, lse, key_mask, qi, qc, vi, vc = ctx.saved_tensors
+    q, k, v, out, stats, key_mask, qi, qc, vi, vc = ctx.saved_tensors
     dout = dout if ctx.has_v else None
     dmaps = dmaps if ctx.has_maps else None
     dq, dk, dv = torch.ops.compodistill.attention_bwd(
-        dout, dmaps, q, k, v, out, lse, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale)
-    return dq, dk, (dv if ctx.has_v else None), None, None, None, None, None, None, None
+        dout, dmaps, q, k, v, out, stats, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale)
+    return dq, dk, (dv if ctx.has_v else None), None, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
+@torch.library.custom_op("compodistill::maps_from_stats", mutates_args=())
+def _maps_from_stats(q: Tensor, k: Tensor, stats: Tensor, key_mask: Optional[Tensor],
+                     query_index: Tensor, query_count: Tensor, visual_index: Tensor,
+                     visual_count: Tensor, causal: bool, scale: float) -> Tensor:
+    """Maps from row statistics the caller already has (no lse-only forward)."""
+    return visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index,
+                                visual_count, causal, scale)
+
+
+@_maps_from_stats.register_fake
+def _maps_from_stats_fake(q, k, stats, key_mask, query_index, query_count, visual_index,
+                          visual_count, causal, scale):
+    return q.new_empty((q.shape[0], query_index.shape[1], visual_index.shape[1]),
+                       dtype=torch.float32)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    q, k, stats, key_mask, qi, qc, vi, vc, causal, scale = inputs
+    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, stats, key_mask, qi, qc, vi, vc)
+
+
+def _stats_backward(ctx, dmaps):
+    q, k, stats, key_mask, qi, qc, vi, vc = ctx.saved_tensors
+    dq, dk, _ = torch.ops.compodistill.attention_bwd(
+        None, dmaps, q, k, None, None, stats, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale)
+    return dq, dk, None, None, None, None, None, None, None, None
+
+
+_maps_from_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+
+
 @torch.library.custom_op("compodistill::visual_maps_accumulate_", mutates_args=("maps_out",))
-def _visual_maps_accumulate_(maps_out: Tensor, q: Tensor, k: Tensor, lse: Tensor,
+def _visual_maps_accumulate_(maps_out: Tensor, q: Tensor, k: Tensor, stats: Tensor,
                              query_index: Tensor, query_count: Tensor, visual_index: Tensor,
                              visual_count: Tensor, causal: bool, scale: float,
                              weight: float) -> None:
     """``maps_out += weight * A`` in place (no gradient: teacher targets)."""
-    visual_maps_from_lse(q, k, lse, query_index, query_count, visual_index, visual_count,
+    visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index, visual_count,
                          causal, scale, out=maps_out, weight=weight)
 
 
 @_visual_maps_accumulate_.register_fake
-def _visual_maps_accumulate_fake(maps_out, q, k, lse, query_index, query_count, visual_index,
+def _visual_maps_accumulate_fake(maps_out, q, k, stats, query_index, query_count, visual_index,
                                  visual_count, causal, scale, weight):
     return None
 
@@ -168,7 +208,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor | None) -> None:
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {_shape(k)}, got {_shape(v)}")
     if not 0 < D <= _MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {_MAX_HEAD_DIM}], got {D} (q {_shape(q)})")
+        raise ValueError(f"head dim (q.shape[-1]) must be in [1, {_MAX_HEAD_DIM}] for the Triton "
+                         f"kernels, got {D} (q {_shape(q)}); use backend='torch' beyond that")
     if q.device.type == "cpu" and not interpreting():
         raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the "
                          "slow CPU interpreter); got tensors on the CPU")
@@ -304,20 +345,43 @@ def attention_with_visual_maps(q: Tensor, k: Tensor, v: Tensor, layout, *args,
     return out, maps
 
 
-def visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None = None) -> Tensor:
+def visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None = None,
+                lse: Tensor | None = None) -> Tensor:
     """The head-mean visual map ``A`` (B, Qmax, Vmax) float32 alone (no v), differentiable.
 
     ``(q, k, layout, scale=None)`` or ``(q, k, query_index, query_count, visual_index,
-    visual_count, key_mask=None, causal=True, scale=None)``. The forward computes ``lse``
-    with a flash pass that skips the value product; the backward is the flash backward
-    with only the visual terms.
+    visual_count, key_mask=None, causal=True, scale=None)``. The forward computes the row
+    statistics with a flash pass that skips the value product, unless ``lse`` is given:
+    the (B, Hq, N) natural-log log-sum-exp of these q, k under the layout's masks and this
+    scale (e.g. returned by the layer's own attention kernel), which saves that pass
+    (4·B·Hq·N²·d/2 FLOP causal). One fp32 lse limits P to ~3e-4 relative accuracy at
+    |s| ~ 1e4; without it the maps are exact there. The backward is the flash backward with
+    only the visual terms; ``lse`` gets no gradient.
     """
     layout, opts = _layout_args("visual_maps", layout, args, dict(scale=scale))
     _check_qkv(q, k, None)
     index, key_mask, causal = _check_layout(q, layout)
+    scale = _scale(q, opts["scale"])
+    if lse is not None:
+        stats = stats_from_lse(_check_lse(lse, q))
+        return torch.ops.compodistill.maps_from_stats(q, k, stats, key_mask, *index, causal,
+                                                      scale)
     _, _, maps = torch.ops.compodistill.attention_fwd(q, k, None, key_mask, *index, causal,
-                                                      _scale(q, opts["scale"]))
+                                                      scale)
     return maps
+
+
+def _check_lse(lse, q: Tensor) -> Tensor:
+    B, Hq, N, _ = q.shape
+    if not isinstance(lse, Tensor):
+        raise TypeError(f"lse must be a torch.Tensor or None, got {type(lse).__name__}")
+    if tuple(lse.shape) != (B, Hq, N):
+        raise ValueError(f"lse must have shape (B, Hq, N) = ({B}, {Hq}, {N}) to match q "
+                         f"{_shape(q)}, got {_shape(lse)}")
+    if not lse.dtype.is_floating_point or lse.device != q.device:
+        raise ValueError(f"lse must be a floating tensor on {q.device}, got {lse.dtype} on "
+                         f"{lse.device}")
+    return lse.detach()
 
 
 def _check_maps_out(maps_out: Tensor, q: Tensor, query_index: Tensor, visual_index: Tensor):
@@ -364,13 +428,13 @@ def _teacher(q, k, v, layout, scale, maps_out, weight):
     scale = _scale(q, scale)
     if not isinstance(weight, (int, float)):
         raise TypeError(f"weight must be a float, got {type(weight).__name__}")
-    out, lse, _ = torch.ops.compodistill.attention_fwd(q, k, v, key_mask, None, None, None, None,
-                                                       causal, scale)
+    out, stats, _ = torch.ops.compodistill.attention_fwd(q, k, v, key_mask, *index, causal,
+                                                         scale, False)
     if maps_out is None:
         maps_out = q.new_zeros((q.shape[0], index[0].shape[1], index[2].shape[1]),
                                dtype=torch.float32)
     else:
         _check_maps_out(maps_out, q, index[0], index[2])
-    torch.ops.compodistill.visual_maps_accumulate_(maps_out, q, k, lse, *index, causal, scale,
+    torch.ops.compodistill.visual_maps_accumulate_(maps_out, q, k, stats, *index, causal, scale,
                                                    float(weight))
     return out, maps_out

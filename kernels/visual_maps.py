@@ -23,30 +23,96 @@ from __future__ import annotations
 
 import torch
 
-from .attention import (block_d, default_scale, dot_precision, kernel_input, _require_triton,
-                        triton, tl)
+from .attention import (block_d, default_scale, dot_precision, kernel_input, launch,
+                        _require_triton, triton, tl)
 
 if triton is not None:
-    from .attention import _load_lse
+    from .attention import _load_row_stats
 
     @triton.jit
-    def _gathered_scores(Q, K, Lse, b, h, hk, qpos, vpos, r_ok, c_ok,
+    def _gathered_logits(Q, K, b, h, hk, qpos, vpos, r_ok, c_ok,
                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                         N, Hq, qk_scale,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-        """P_h on (gathered rows × gathered visual columns), before the pair mask."""
+                         qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
+        """Scaled scores (log2 units) on (gathered rows × gathered visual columns).
+
+        Every pass that scores visual keys goes through this one tile computation with the
+        same (BLOCK_Q, BLOCK_V) tiles, so a visual score rounds the same way everywhere.
+        """
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         q = tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qn
                     + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         kk = tl.load(K + b * stride_kb + hk * stride_kh + vpos[:, None] * stride_kn
                      + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = _load_lse(Lse + (b * Hq + h) * N, qpos, r_ok)
-        s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC)
-        return tl.math.exp2(s * qk_scale - lse[:, None])
+        return tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
 
     @triton.jit
-    def _visual_maps_kernel(Q, K, Lse, QIdx, QCnt, VIdx, VCnt, Out,
+    def _gathered_scores(Q, K, RowMax, RowLog2Sum, b, h, hk, qpos, vpos, r_ok, c_ok,
+                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                         N, Hq, qk_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+        """P_h on (gathered rows × gathered visual columns), before the pair mask."""
+        bh = b * Hq + h
+        m, l2 = _load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, qpos, r_ok)
+        s = _gathered_logits(Q, K, b, h, hk, qpos, vpos, r_ok, c_ok, stride_qb, stride_qh,
+                             stride_qn, stride_kb, stride_kh, stride_kn, qk_scale, HEAD_DIM,
+                             BLOCK_D, DOT_PREC)
+        return tl.math.exp2((s - m[:, None]) - l2[:, None])
+
+    @triton.jit
+    def _visual_stats_kernel(Q, K, RowMax, RowLog2Text, QIdx, QCnt, VIdx, VCnt,
+                             OutMax, OutLog2Sum,
+                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                             N, Hq, GROUP, QMAX, VMAX, scale,
+                             CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                             BLOCK_Q: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Row statistics of the query rows with the visual keys rescored by the map tiles:
+        the forward's non-visual sum (``RowLog2Text``, relative to ``RowMax``) plus an online
+        softmax over the visual keys, written as (max, log2 sum) at the query positions."""
+        pid_r = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        qcnt = tl.load(QCnt + b).to(tl.int32)
+        vcnt = tl.load(VCnt + b).to(tl.int32)
+        if pid_r * BLOCK_Q < qcnt:
+            qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
+            offs_r = pid_r * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            r_ok = offs_r < qcnt
+            qpos = tl.load(QIdx + b * QMAX + offs_r, mask=r_ok, other=0)
+            mv = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+            lv = tl.zeros([BLOCK_Q], dtype=tl.float32)
+            for c0 in range(0, vcnt, BLOCK_V):
+                offs_c = c0 + tl.arange(0, BLOCK_V)
+                c_ok = offs_c < vcnt
+                vpos = tl.load(VIdx + b * VMAX + offs_c, mask=c_ok, other=0)
+                allowed = r_ok[:, None] & c_ok[None, :]
+                if CAUSAL:
+                    allowed = allowed & (vpos[None, :] <= qpos[:, None])
+                s = _gathered_logits(Q, K, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
+                                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                                     stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
+                s = tl.where(allowed, s, float("-inf"))
+                m_new = tl.maximum(mv, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                lv = lv * tl.math.exp2(mv - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+                mv = m_new
+            rows = (b * Hq + h) * N + qpos
+            m_t = tl.load(RowMax + rows, mask=r_ok, other=float("-inf"))
+            lt2 = tl.load(RowLog2Text + rows, mask=r_ok, other=float("-inf"))
+            # Reference max over both parts; the text part stays split as (m_t, log2 l_text)
+            # so no exponent of size |s| is ever rounded again.
+            ref = tl.maximum(m_t, mv)
+            empty = ref == float("-inf")
+            ref_safe = tl.where(empty, 0.0, ref)
+            total = (tl.math.exp2((m_t - ref_safe) + lt2)
+                     + lv * tl.math.exp2(mv - ref_safe))
+            tl.store(OutMax + rows, tl.where(empty, float("-inf"), ref), mask=r_ok)
+            tl.store(OutLog2Sum + rows, tl.where(empty, 0.0, tl.math.log2(total)), mask=r_ok)
+
+    @triton.jit
+    def _visual_maps_kernel(Q, K, RowMax, RowLog2Sum, QIdx, QCnt, VIdx, VCnt, Out,
                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                             N, Hq, GROUP, QMAX, VMAX, scale, weight,
                             ACCUMULATE: tl.constexpr, CAUSAL: tl.constexpr,
@@ -74,19 +140,19 @@ if triton is not None:
             # Causal tiles entirely after every row of the block are all zeros: skip the heads.
             if tl.max(tl.where(allowed, 1, 0)) > 0:
                 for h in range(Hq):
-                    acc += _gathered_scores(Q, K, Lse, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
+                    acc += _gathered_scores(Q, K, RowMax, RowLog2Sum, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
                                             stride_qb, stride_qh, stride_qn, stride_kb,
                                             stride_kh, stride_kn, N, Hq, qk_scale, HEAD_DIM,
                                             BLOCK_D, DOT_PREC)
             a = tl.where(allowed, acc * inv_h, 0.0)
-            ptrs = Out + b * QMAX * VMAX + offs_r[:, None] * VMAX + offs_c[None, :]
+            ptrs = Out + b * QMAX * VMAX + offs_r[:, None].to(tl.int64) * VMAX + offs_c[None, :]
             st_mask = r_ok[:, None] & c_ok[None, :]
             if ACCUMULATE:
                 a = tl.load(ptrs, mask=st_mask, other=0.0) + tl.cast(weight, tl.float32) * a
             tl.store(ptrs, a, mask=st_mask)
 
     @triton.jit
-    def _visual_row_terms_kernel(Q, K, Lse, QIdx, QCnt, VIdx, VCnt, G, C,
+    def _visual_row_terms_kernel(Q, K, RowMax, RowLog2Sum, QIdx, QCnt, VIdx, VCnt, G, C,
                                  stride_qb, stride_qh, stride_qn,
                                  stride_kb, stride_kh, stride_kn,
                                  N, Hq, GROUP, QMAX, VMAX, scale,
@@ -113,9 +179,9 @@ if triton is not None:
                 if CAUSAL:
                     allowed = allowed & (vpos[None, :] <= qpos[:, None])
                 if tl.max(tl.where(allowed, 1, 0)) > 0:
-                    g = tl.load(G + b * QMAX * VMAX + offs_r[:, None] * VMAX + offs_c[None, :],
+                    g = tl.load(G + b * QMAX * VMAX + offs_r[:, None].to(tl.int64) * VMAX + offs_c[None, :],
                                 mask=allowed, other=0.0)
-                    p = _gathered_scores(Q, K, Lse, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
+                    p = _gathered_scores(Q, K, RowMax, RowLog2Sum, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
                                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
                                          stride_kn, N, Hq, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
                     c_row += tl.sum(tl.where(allowed, p * g, 0.0), 1)
@@ -126,7 +192,7 @@ _BLOCK_Q = 64
 _BLOCK_V = 64
 
 
-def _launch_args(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+def _launch_args(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
                  query_index: torch.Tensor, query_count: torch.Tensor,
                  visual_index: torch.Tensor, visual_count: torch.Tensor):
     q, k = kernel_input(q), kernel_input(k)
@@ -137,15 +203,50 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
                   BLOCK_Q=_BLOCK_Q, BLOCK_V=_BLOCK_V, num_warps=4 if D <= 64 else 8,
                   num_stages=2)
     rows = triton.cdiv(query_index.shape[1], _BLOCK_Q)
-    return q, k, lse.float().contiguous(), index, strides, common, rows
+    stats = stats.float().contiguous()
+    return q, k, (stats[0], stats[1]), index, strides, common, rows
 
 
-def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+def refine_visual_stats(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
+                        query_index: torch.Tensor, query_count: torch.Tensor,
+                        visual_index: torch.Tensor, visual_count: torch.Tensor,
+                        causal: bool, scale: float | None) -> torch.Tensor:
+    """(2, B, Hq, N) row statistics whose visual keys are scored by the map tiles.
+
+    ``stats`` (3, B, Hq, N) from :func:`kernels.attention.flash_forward` with ``visual_col``
+    (plane 2: the non-visual log-sum). The forward scores a visual key in its own tile
+    shape, the map pass in another; the two roundings of a score of ~1e4 differ by ulps of
+    1e4, i.e. ~1e-3 relative in P. Rebuilding the visual part of the statistics from the
+    map tiles makes every visual score enter both the statistics and P bit-identically.
+    Cost: one more gathered pass (2·|Q|·Nv·d FLOP and |Q|·Nv exp2 per head).
+    """
+    if stats.shape[0] != 3:
+        raise ValueError(f"stats must have 3 planes (flash_forward with visual_col), got "
+                         f"shape {tuple(stats.shape)}")
+    refined = stats[:2].clone()
+    B, Hq, N, D = q.shape
+    if q.numel() == 0 or query_index.shape[1] == 0:
+        return refined
+    q, k, _, index, strides, common, rows = _launch_args(
+        q, k, stats, query_index, query_count, visual_index, visual_count)
+    launch(_visual_stats_kernel, (rows, Hq, B),
+        q, k, stats[0], stats[2], *index, refined[0], refined[1], *strides, N, Hq,
+        Hq // k.shape[1], query_index.shape[1], visual_index.shape[1], default_scale(D, scale),
+        CAUSAL=bool(causal), **common,
+    )
+    return refined
+
+
+def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
                          query_index: torch.Tensor, query_count: torch.Tensor,
                          visual_index: torch.Tensor, visual_count: torch.Tensor,
                          causal: bool, scale: float | None, *,
                          out: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
-    """Head-mean visual map ``A`` (B, Qmax, Vmax) float32 from q, k and the forward's lse.
+    """Head-mean visual map ``A`` (B, Qmax, Vmax) float32 from q, k and the forward's row
+    statistics ``stats`` (P, B, Hq, N) (:func:`kernels.attention.flash_forward`, or
+    :func:`kernels.attention.stats_from_lse` of an external lse). With P = 3 (the forward
+    saw the visual columns) the statistics are first completed by
+    :func:`refine_visual_stats`, which makes large scores (|s| ≥ 1e3) exact.
 
     With ``out`` (a contiguous float32 (B, Qmax, Vmax) buffer) the map is not returned fresh
     but accumulated: ``out += weight * A`` on the real entries, and ``out`` is returned.
@@ -159,17 +260,20 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
         out = torch.zeros(shape, device=q.device, dtype=torch.float32)
     if out.numel() == 0 or q.numel() == 0:
         return out
-    q, k, lse, index, strides, common, rows = _launch_args(
-        q, k, lse, query_index, query_count, visual_index, visual_count)
-    _visual_maps_kernel[(rows, triton.cdiv(shape[2], _BLOCK_V), B)](
-        q, k, lse, *index, out, *strides, N, Hq, Hq // k.shape[1], shape[1], shape[2],
+    if stats.shape[0] == 3:
+        stats = refine_visual_stats(q, k, stats, query_index, query_count, visual_index,
+                                    visual_count, causal, scale)
+    q, k, stats, index, strides, common, rows = _launch_args(
+        q, k, stats, query_index, query_count, visual_index, visual_count)
+    launch(_visual_maps_kernel, (rows, triton.cdiv(shape[2], _BLOCK_V), B),
+        q, k, *stats, *index, out, *strides, N, Hq, Hq // k.shape[1], shape[1], shape[2],
         default_scale(D, scale), float(weight), ACCUMULATE=accumulate, CAUSAL=bool(causal),
         **common,
     )
     return out
 
 
-def visual_row_terms(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+def visual_row_terms(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
                      query_index: torch.Tensor, query_count: torch.Tensor,
                      visual_index: torch.Tensor, visual_count: torch.Tensor,
                      grad_maps: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor:
@@ -183,12 +287,12 @@ def visual_row_terms(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
     c = torch.zeros((B, Hq, N), device=q.device, dtype=torch.float32)
     if grad_maps.numel() == 0 or q.numel() == 0:
         return c
-    q, k, lse, index, strides, common, rows = _launch_args(
-        q, k, lse, query_index, query_count, visual_index, visual_count)
-    _visual_row_terms_kernel[(rows, Hq, B)](
-        q, k, lse, *index, grad_maps.float().contiguous(), c, *strides, N, Hq,
+    q, k, stats, index, strides, common, rows = _launch_args(
+        q, k, stats, query_index, query_count, visual_index, visual_count)
+    launch(_visual_row_terms_kernel, (rows, Hq, B),
+        q, k, *stats, *index, grad_maps.float().contiguous(), c, *strides, N, Hq,
         Hq // k.shape[1], grad_maps.shape[1], grad_maps.shape[2], default_scale(D, scale),
-        CAUSAL=bool(causal), **common,
+        CAUSAL=bool(causal), **{**common, "num_warps": 8},  # 4 warps spill at d = 64
     )
     return c
 

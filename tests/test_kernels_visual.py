@@ -219,3 +219,25 @@ def test_fused_backward_longer_sequence():
     check_maps(maps.detach(), ref["maps"], lowp["maps"], layout, dtype)
     for name, got, r, lo in zip("qkv", grads, ref["grads"], lowp["grads"]):
         assert_close_rule(f"d{name}", got, r, lo, dtype)
+
+
+def test_maps_from_a_given_lse_match_and_backpropagate():
+    """visual_attention_maps(..., lse=) skips the lse-only forward: same maps and gradients."""
+    from compodistill import visual_attention_maps
+    n = 40
+    mask = padding_mask(2, n, "right")
+    layout, vis = make_layout(2, n, mask, ("one", "two"), "all", True)
+    q, k, _ = make_qkv(2, 4, 2, n, 32, torch.float32, seed=3)
+    _, stats = K.flash_forward(q, k, None, mask, True, None)
+    lse = K.lse_from_stats(stats)
+    g = torch.randn(layout.map_shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for given in (None, lse):
+        qs, ks = q.clone().requires_grad_(), k.clone().requires_grad_()
+        maps = visual_attention_maps(qs, ks, layout, backend="triton", lse=given)
+        (maps * g).sum().backward()
+        results.append((maps.detach(), qs.grad, ks.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        visual_attention_maps(q, k, layout, backend="triton", lse=lse[:, :2])

@@ -110,6 +110,27 @@ def test_large_scores_maps_are_accurate(backend, max_score):
         check_against_truth(maps, q, k, vis, layout)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+@pytest.mark.parametrize("power", [2, 3])
+def test_large_scores_tied_visual_keys(power):
+    # Five image tokens share the top score (P = 1/5 each, not a power of two): the row
+    # statistics must keep the max and log2(l) apart; folded into one fp32 number of size
+    # ~1e4 they put a relative error of ~3e-4 on every P (Triton path; regression).
+    # q and the tied keys are small integers times 2**power, so every score is exact in
+    # fp32 whatever the summation order: 576 * 4**power / 4 = 2304 or 9216.
+    n, hq = 16, 2
+    vis = image(1, n, 3, 13)
+    u = torch.full((16,), 6.0 * 2.0 ** power)
+    q = u.expand(1, hq, n, 16).clone()
+    k = torch.zeros(1, 1, n, 16)
+    k[0, 0, :, :8] = 1.0  # text keys score 24 * 2**power, far below the ties
+    k[0, 0, 3:13] = -u
+    k[0, 0, 4:13:2] = u
+    layout = visual_layout(vis, 1, n)
+    maps = visual_attention_maps(q, k, vis, backend="triton")
+    check_against_truth(maps, q, k, vis, layout)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_scores_losses_and_gradients_are_finite(backend):
     n = 24

@@ -70,7 +70,7 @@ def _layout_for(q: torch.Tensor, visual, query, attention_mask, causal) -> Visua
 def visual_attention_maps(q: torch.Tensor, k: torch.Tensor, visual: VisualArg | VisualLayout, *,
                           query: QueryArg = "all", attention_mask: torch.Tensor | None = None,
                           causal: bool = True, scale: float | None = None,
-                          backend: str = "auto") -> torch.Tensor:
+                          backend: str = "auto", lse: torch.Tensor | None = None) -> torch.Tensor:
     """Head-mean attention of the query rows on the visual keys, without the attention matrix.
 
     ``A[b, r, c] = (1/Hq) Σ_h softmax_j(q_h·k_j·scale)[query_index[b, r], visual_index[b, c]]``
@@ -88,6 +88,9 @@ def visual_attention_maps(q: torch.Tensor, k: torch.Tensor, visual: VisualArg | 
         attention_mask: (B, N) 1 for real tokens, 0 for padding.
         causal: apply the causal mask. scale: defaults to ``1/sqrt(d)``.
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"``, ``"torch"``.
+        lse: optional (B, Hq, N) natural-log log-sum-exp of these scores (same masks and
+            scale), e.g. from the layer's attention kernel: the Triton path then skips its
+            lse-only forward; the PyTorch path computes its own and ignores it.
 
     Returns:
         float32 tensor (B, Qmax, Vmax); see :mod:`compodistill.visual_attention.layout` for its layout.
@@ -97,7 +100,7 @@ def visual_attention_maps(q: torch.Tensor, k: torch.Tensor, visual: VisualArg | 
     layout = _layout_for(q, visual, query, attention_mask, causal)
     scale = _scale(scale, q.shape[-1])
     if resolve_backend(backend, q.device, "autograd") == "triton":
-        return kernels_module("autograd").visual_maps(q, k, layout, scale)
+        return kernels_module("autograd").visual_maps(q, k, layout, scale, lse=lse)
     return chunked_visual_maps(q, k, layout, scale)
 
 

@@ -1,0 +1,318 @@
+"""Resource report: registers, spills, shared memory and tensor-core use of every kernel.
+
+``python -m compodistill.kernels.report [--quick] [--out CSV]`` needs no GPU and no driver:
+each launcher of this package runs on small CPU tensors inside
+:func:`kernels.attention.recording_launches`, which records the exact arguments it would
+pass; every recorded kernel is then compiled by Triton for sm_80 and sm_90, once per
+autotune config that the config pruning keeps for that target, with the wheel's own
+ptxas. Registers and spill bytes come from ptxas's ``-v`` log, shared memory from the
+compiled metadata, ``wgmma``/``mma`` from the PTX.
+
+The full sweep (default) covers head dims 64/80/96/128, fp16/bf16, the plain, student and
+maps-only scenarios, no GQA, non-causal and the logit-KD kernel; ``--quick`` is the
+representative set that CI checks (tests/test_kernel_resources.py). Head dims above 128
+are rejected by the API (kernels/autograd.py), so they are not compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import io
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Compiling needs no driver; the launchers must not run under the interpreter here.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+from . import attention, linear_kd  # noqa: E402
+from .visual_maps import inverse_index, visual_maps_from_lse, visual_row_terms  # noqa: E402
+
+# Shared memory one block may use (bytes, opt-in maximum per block).
+SMEM_LIMIT = {80: 166_912, 90: 232_448}
+TARGETS = (80, 90)
+SCENARIOS = ("plain", "student", "maps")  # flash_attention / with visual maps / maps only
+FIELDS = ["triton", "date", "commit", "target", "kernel", "scenario", "dtype", "head_dim",
+          "group", "causal", "config", "num_warps", "num_stages", "registers", "spill_stores",
+          "spill_loads", "shared", "smem_limit", "tensor_cores", "fits"]
+
+
+@dataclass(frozen=True)
+class Case:
+    scenario: str
+    dtype: torch.dtype
+    head_dim: int
+    group: int = 2  # query heads per kv head (GQA); 1 specialises the loop away
+    causal: bool = True
+
+
+def default_cases() -> list[Case]:
+    """CI set: the fused student scenario (every kernel of the visual path) and plain
+    attention, each at d = 64 and 128, alternating fp16/bf16 (about 3 minutes on 2 cores)."""
+    f16, bf16 = torch.float16, torch.bfloat16
+    return [Case("student", f16, 128), Case("student", bf16, 64), Case("plain", bf16, 128),
+            Case("plain", f16, 64)]
+
+
+def full_cases() -> list[Case]:
+    cases = [Case(s, dt, d) for s in SCENARIOS for dt in (torch.float16, torch.bfloat16)
+             for d in (64, 80, 96, 128)]
+    cases += [Case("student", torch.float16, d, group=1) for d in (64, 128)]
+    cases += [Case("student", torch.float16, d, causal=False) for d in (64, 128)]
+    return cases
+
+
+# --------------------------------------------------------------------------- recording
+
+def _layout(B: int, N: int):
+    """Query rows = every position, image tokens at [16, 80)."""
+    qi = torch.arange(N).expand(B, N).contiguous()
+    qc = torch.full((B,), N, dtype=torch.int64)
+    vi = torch.arange(16, 80).expand(B, 64).contiguous()
+    vc = torch.full((B,), 64, dtype=torch.int64)
+    return qi, qc, vi, vc
+
+
+def record(case: Case) -> list[tuple]:
+    """(kernel, args, kwargs) of every launch the scenario makes, forward and backward."""
+    B, Hkv, N, D = 1, 2, 256, case.head_dim
+    Hq = Hkv * case.group
+    q = torch.empty(B, Hq, N, D, dtype=case.dtype)
+    k = torch.empty(B, Hkv, N, D, dtype=case.dtype)
+    v = torch.empty_like(k) if case.scenario != "maps" else None
+    mask = torch.ones(B, N, dtype=torch.bool)
+    qi, qc, vi, vc = _layout(B, N)
+    with attention.recording_launches() as log:
+        vcol = None if case.scenario == "plain" else inverse_index(vi, vc, N)
+        out, stats = attention.flash_forward(q, k, v, mask, case.causal, None, vcol)
+        stats.zero_()
+        visual = {}
+        if vcol is not None:
+            visual_maps_from_lse(q, k, stats, qi, qc, vi, vc, case.causal, None)
+            g = torch.zeros(B, N, 64)
+            visual = dict(grad_maps=g, query_row=inverse_index(qi, qc, N),
+                          visual_col=vcol,
+                          row_terms=visual_row_terms(q, k, stats, qi, qc, vi, vc, g,
+                                                                 case.causal, None))
+        do = torch.empty_like(q) if v is not None else None
+        attention.flash_backward(do, q, k, v, out if v is not None else None, stats, mask,
+                                 case.causal, None, **visual)
+    return [(kern, args, kwargs) for kern, _grid, args, kwargs in log]
+
+
+def record_linear_kd(dtype: torch.dtype) -> list[tuple]:
+    zs = torch.empty(4, 32_000, dtype=dtype)
+    kd = torch.empty(4)
+    with attention.recording_launches() as log:
+        for loss in linear_kd.LOSS_CODES:
+            linear_kd.kd_rows(zs, zs, kd, loss=loss, labels=torch.zeros(4, dtype=torch.int64),
+                              ce_scale=kd)
+    return [(kern, args, kwargs) for kern, _grid, args, kwargs in log]
+
+
+# --------------------------------------------------------------------------- compiling
+
+def candidate_configs(kernel, kwargs: dict, capability: int) -> list[tuple[str, dict]]:
+    """(name, launch kwargs) per config the autotuner may pick on this target."""
+    if not isinstance(kernel, triton.runtime.Autotuner):
+        return [("fixed", kwargs)]
+    pruned = attention.configs_for(kernel, capability, kwargs)
+    return [(_config_name(kernel.configs.index(c), c), {**kwargs, **c.all_kwargs()})
+            for c in pruned]
+
+
+def _config_name(i: int, config) -> str:
+    blocks = "x".join(str(v) for v in config.kwargs.values())
+    return f"{i}:{blocks}"
+
+
+def compile_one(fn, args: tuple, kwargs: dict, capability: int):
+    """Compile ``fn`` as the JIT would for these arguments; (compiled kernel, ptxas log)."""
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    opts = {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg")
+            if kwargs.get(k) is not None}
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in opts}
+    bound, specialization, options = binder(*args, **call_kwargs, **opts)
+    _, signature, constexprs, attrs = fn._pack_args(backend, opts, bound, specialization,
+                                                    options)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    log = io.StringIO()
+    knobs = triton.knobs
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    # A cached kernel would skip ptxas and so its log: always compile here.
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=target, options=opts)
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    return compiled, log.getvalue()
+
+
+def parse_ptxas(log: str) -> dict:
+    """Registers and spill bytes of the (single) kernel in a ``ptxas -v`` log."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spill is None:
+        raise RuntimeError(f"no resource line in the ptxas log:\n{log}")
+    return dict(registers=int(regs.group(1)), spill_stores=int(spill.group(1)),
+                spill_loads=int(spill.group(2)))
+
+
+def tensor_cores(ptx: str) -> str:
+    if "wgmma" in ptx:
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma"
+    return "none"
+
+
+def jit_function(kernel):
+    """The JITFunction under an autotuner (or the kernel itself)."""
+    return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+
+
+def kernel_name(kernel) -> str:
+    return jit_function(kernel).__name__.strip("_")
+
+
+def fits(row: dict) -> bool:
+    """No spill bytes and shared memory within the block limit."""
+    return row["spill_stores"] == 0 and row["shared"] <= row["smem_limit"]
+
+
+def measure(kernel, args, kwargs, capability: int, cache: dict) -> list[dict]:
+    fn = jit_function(kernel)
+    rows = []
+    for name, kw in candidate_configs(kernel, kwargs, capability):
+        key = (fn.__name__, capability, _args_key(args), tuple(sorted(map(str, kw.items()))))
+        if key not in cache:
+            compiled, log = compile_one(fn, args, kw, capability)
+            res = parse_ptxas(log)
+            res["shared"] = int(compiled.metadata.shared)
+            res["tensor_cores"] = tensor_cores(compiled.asm["ptx"])
+            cache[key] = res
+        rows.append(dict(kernel=fn.__name__.strip("_"), config=name,
+                         num_warps=kw.get("num_warps", 4), num_stages=kw.get("num_stages", 3),
+                         target=f"sm_{capability}", smem_limit=SMEM_LIMIT[capability],
+                         **cache[key]))
+    return rows
+
+
+def _args_key(args) -> tuple:
+    """What of the arguments the specialisation sees: dtypes and int values."""
+    return tuple(str(a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def sweep(cases, targets=TARGETS, with_linear_kd=False, progress=True) -> list[dict]:
+    jobs = [(case, rec) for case in cases for rec in record(case)]
+    if with_linear_kd:
+        jobs += [(Case("linear_kd", dt, 0), rec) for dt in (torch.float16, torch.bfloat16)
+                 for rec in record_linear_kd(dt)]
+    work = [(case, rec, cap) for case, rec in jobs for cap in targets]
+    bar = _progress(len(work), progress)
+    rows, cache = [], {}
+    for case, (kernel, args, kwargs), cap in work:
+        for row in measure(kernel, args, kwargs, cap, cache):
+            row.update(scenario=case.scenario, dtype=str(case.dtype).replace("torch.", ""),
+                       head_dim=case.head_dim, group=case.group, causal=case.causal)
+            row["fits"] = fits(row)
+            rows.append(row)
+        bar.update(1)
+    bar.close()
+    return _dedupe(rows)
+
+
+def _dedupe(rows: list[dict]) -> list[dict]:
+    """One row per (target, kernel, case, config): the backward of two scenarios may launch
+    the same specialisation."""
+    seen, out = set(), []
+    for r in rows:
+        key = tuple(r[f] for f in ("target", "kernel", "scenario", "dtype", "head_dim", "group",
+                                   "causal", "config"))
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc="compiling", unit="launch", disable=not enabled,
+                    file=sys.stderr)
+    except ImportError:  # pragma: no cover - tqdm is in the train extra
+        class _Quiet:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+        return _Quiet()
+
+
+# --------------------------------------------------------------------------- output
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    stamp = dict(triton=triton.__version__, date=datetime.date.today().isoformat(),
+                 commit=git_commit())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**stamp, **r})
+
+
+def summary(rows: list[dict]) -> str:
+    bad = [r for r in rows if not r["fits"]]
+    lines = [f"{len(rows)} kernel x config x target rows, {len(bad)} that spill or exceed "
+             f"shared memory"]
+    for r in bad:
+        lines.append(f"  {r['target']} {r['kernel']} {r['scenario']} {r['dtype']} "
+                     f"d={r['head_dim']} cfg {r['config']}: {r['registers']} regs, "
+                     f"{r['spill_stores']} B spill, {r['shared']} B smem")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="only the CI set (tests/test_kernel_resources.py)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="CSV path (default bench/results/kernel_resources.csv)")
+    opts = ap.parse_args(argv)
+    root = Path(__file__).resolve().parents[1]
+    out = opts.out or root / "bench" / "results" / "kernel_resources.csv"
+    rows = sweep(default_cases() if opts.quick else full_cases(), with_linear_kd=not opts.quick)
+    write_csv(rows, out)
+    print(summary(rows))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Every config the autotuner can choose compiles without register spills and within the
+block's shared memory, for sm_80 and sm_90 (CPU only: Triton compiles for a GPUTarget
+with the wheel's ptxas, no driver needed; see kernels/report.py).
+
+Default run: the fused student scenario and plain attention, fp16/bf16, d = 64 and 128,
+both targets (the representative set, a few minutes on 2 cores). ``-m slow``: the full
+sweep of kernels/report.py (head dims 80/96, maps-only, no GQA, non-causal, logit KD).
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+triton = pytest.importorskip("triton")
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(triton, "knobs") or triton.__version__ < "3.6",
+    reason="the resource report needs triton >= 3.6")
+
+
+def _in_compiler_process(code: str):
+    """Run ``code`` (which prints one JSON value) in a fresh interpreter without
+    TRITON_INTERPRET: the other kernel tests import triton in interpreter mode, which
+    cannot compile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    prelude = "import json, torch\nfrom compodistill.kernels import report\n"
+    done = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _failures(rows):
+    return [r for r in rows if not r["fits"]]
+
+
+def _describe(rows):
+    return "\n".join(f"{r['target']} {r['kernel']} {r['scenario']} {r['dtype']} "
+                     f"d={r['head_dim']} config {r['config']}: {r['registers']} regs, "
+                     f"{r['spill_stores']} B spilled, {r['shared']} B shared "
+                     f"(limit {r['smem_limit']})" for r in rows)
+
+
+def test_representative_kernels_fit_sm80_and_sm90():
+    rows = _in_compiler_process("""
+        rows = report.sweep(report.default_cases(), progress=False)
+        print(json.dumps(rows))
+    """)
+    kernels = {r["kernel"] for r in rows}
+    assert {"fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "visual_maps_kernel",
+            "visual_stats_kernel", "visual_row_terms_kernel"} <= kernels
+    assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
+    bad = _failures(rows)
+    assert not bad, "configs that spill or exceed shared memory:\n" + _describe(bad)
+
+
+def test_a_planted_spill_is_caught():
+    """A config far too large for the registers (256 x 256 tiles at d = 128 on 4 warps)
+    must show up as a failure: the check is not vacuous."""
+    row = _in_compiler_process("""
+        case = report.Case("plain", torch.float16, 128)
+        kernel, args, kwargs = next(r for r in report.record(case)
+                                    if report.kernel_name(r[0]) == "fwd_kernel")
+        huge = {**kwargs, "BLOCK_M": 256, "BLOCK_N": 256, "num_warps": 4, "num_stages": 2}
+        compiled, log = report.compile_one(report.jit_function(kernel), args, huge, 90)
+        row = dict(report.parse_ptxas(log), shared=int(compiled.metadata.shared),
+                   smem_limit=report.SMEM_LIMIT[90])
+        print(json.dumps(dict(row, fits=report.fits(row))))
+    """)
+    assert row["spill_stores"] > 0 and not row["fits"], row
+
+
+def test_pruning_leaves_configs_for_every_head_dim_and_target():
+    """The autotuner (and the deterministic mode's pin, the first survivor) always has a
+    measured config left: the pruning never falls back to an unmeasured one."""
+    from compodistill.kernels import attention
+    for name, configs_name in (("_fwd_kernel", "_FWD_CONFIGS"),
+                               ("_bwd_dkdv_kernel", "_BWD_CONFIGS"),
+                               ("_bwd_dq_kernel", "_BWD_DQ_CONFIGS")):
+        table = attention._FIT_TABLES[name]
+        for cap in (80, 90):
+            for block_d, size in ((16, 64), (64, 64), (128, 128)):
+                # The full list (under the interpreter the autotuner holds only the first).
+                full = getattr(attention, configs_name)
+                kept = attention.prune_configs(full, table, block_d, cap)
+                assert kept, (name, cap, block_d)
+                for c in kept:
+                    assert size in table[attention._config_key(c)][cap]
+
+
+@pytest.mark.slow
+def test_full_sweep_fits():
+    rows = _in_compiler_process("""
+        rows = report.sweep(report.full_cases(), with_linear_kd=True, progress=False)
+        print(json.dumps(rows))
+    """)
+    bad = _failures(rows)
+    assert not bad, "configs that spill or exceed shared memory:\n" + _describe(bad)
