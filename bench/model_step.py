@@ -14,12 +14,16 @@ no optimizer step):
 - ``sdpa_logit_kd``: SDPA, LM + logit KD only (the cost floor VAT is measured against);
 - ``compodistill``: :class:`compodistill.hf.AttentionDistiller` (fused Triton on CUDA, chunked
   PyTorch on CPU), LM + logit KD + VAT.
+- ``trainer_two_calls`` / ``trainer_one_call``: the trainer's own step (hidden states, fused
+  linear LM + KD, VAT through the hook) with LM and KD as two fused calls (as the trainer did
+  before) or one call with both weights (as it does now): the cost of the second lm_head pass.
 
 Tokens per step (B×N): 4×1024, 4×2048, 2×4096, 1×8192 on CUDA; tiny models and 2×128,
 1×256 on CPU (float32). Time (ms), tokens/s and peak memory (MiB, CUDA) are appended to
 ``bench/results/model_step.csv`` through ``bench/_common.py``; ``--plot`` draws a PNG.
 
-Usage: ``python bench/model_step.py [--device cuda|cpu] [--shapes 1x8192 ...] [--plot]``
+Usage: ``python bench/model_step.py [--device cuda|cpu] [--shapes 1x8192 ...]
+[--providers NAME ...] [--plot]``
 """
 from __future__ import annotations
 
@@ -89,7 +93,12 @@ def _inputs(b: int, n: int, image: tuple[int, int], vocab: int, device):
     return ids.to(device), ids.to(device) == int(ids[0, start])
 
 
-PROVIDERS = ("eager_attn_kd", "sdpa_logit_kd", "compodistill")
+PROVIDERS = ("eager_attn_kd", "sdpa_logit_kd", "compodistill", "trainer_two_calls",
+             "trainer_one_call")
+# The trainer's own step (hidden states -> fused linear LM + KD, VAT through the hook), with
+# LM and KD as two fused calls (each runs both lm_heads: the trainer before the single-pass
+# change) or as one call with both weights (the trainer now).
+TRAINER_PROVIDERS = ("trainer_two_calls", "trainer_one_call")
 
 
 def _step(name, student, teacher, ids, visual, kd, distiller):
@@ -97,6 +106,9 @@ def _step(name, student, teacher, ids, visual, kd, distiller):
     eager = name == "eager_attn_kd"
     b, n = ids.shape
     layout = visual_layout(visual, b, n, device=ids.device)
+
+    if name in TRAINER_PROVIDERS:
+        return _trainer_step(name, student, teacher, ids, visual, distiller)
 
     def run():
         student.zero_grad(set_to_none=True)
@@ -115,6 +127,29 @@ def _step(name, student, teacher, ids, visual, kd, distiller):
     return run
 
 
+def _trainer_step(name, student, teacher, ids, visual, distiller):
+    from compodistill import linear_distillation_loss, shift_labels
+
+    labels = shift_labels(ids)
+    w_s, w_t = student.lm_head.weight, teacher.lm_head.weight
+
+    def run():
+        student.zero_grad(set_to_none=True)
+        with distiller.capture(visual_mask=visual) as cap:
+            with torch.no_grad():
+                h_t = teacher.model(input_ids=ids).last_hidden_state
+            h_s = student.model(input_ids=ids).last_hidden_state
+        if name == "trainer_two_calls":
+            loss = (linear_distillation_loss(h_s, w_s, h_t, w_t, labels, ce_weight=1.0,
+                                             kd_weight=0.0)
+                    + linear_distillation_loss(h_s, w_s, h_t, w_t, labels))
+        else:
+            loss = linear_distillation_loss(h_s, w_s, h_t, w_t, labels, ce_weight=1.0,
+                                            kd_weight=1.0)
+        (loss + cap.loss()).backward()
+    return run
+
+
 def _eager_vat(s_att, t_att, matches, layout, visual):
     """VAT from full attention probabilities (B, H, N, N): the materialising baseline."""
     cols = visual[0].nonzero().squeeze(1)  # same span in every sample
@@ -127,7 +162,8 @@ def _eager_vat(s_att, t_att, matches, layout, visual):
     return torch.stack(terms).mean()
 
 
-def run(device: torch.device, csv_path: Path, shapes=None, repeat: int = 3) -> list[dict]:
+def run(device: torch.device, csv_path: Path, shapes=None, repeat: int = 3,
+        providers=None) -> list[dict]:
     setup = SETUPS["cuda" if device.type == "cuda" else "cpu"]
     dtype = setup["dtype"]
     student = _model(setup["student"], dtype, device, seed=0).train()
@@ -138,8 +174,8 @@ def run(device: torch.device, csv_path: Path, shapes=None, repeat: int = 3) -> l
     distiller = AttentionDistiller(student, teacher, enable=False)  # intermediate preset
     for b, n in shapes or setup["shapes"]:
         ids, visual = _inputs(b, n, setup["image"], setup["student"]["vocab_size"], device)
-        for name in PROVIDERS:
-            if name == "compodistill":
+        for name in providers or PROVIDERS:
+            if name == "compodistill" or name in TRAINER_PROVIDERS:
                 enable_attention(student)
                 enable_attention(teacher)
             else:
@@ -202,7 +238,15 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> None:
-    benchmark_main(argv, doc=__doc__, bench=BENCH, run=run, plot=plot, repeat=3,
+    import argparse
+    import functools
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
+                     help=f"only these providers (default all: {', '.join(PROVIDERS)})")
+    known, rest = pre.parse_known_args(argv)
+    benchmark_main(rest, doc=__doc__, bench=BENCH,
+                   run=functools.partial(run, providers=known.providers), plot=plot, repeat=3,
                    sweep=("--shapes", dict(type=_shape, help="override B×N, e.g. 1x8192")))
 
 if __name__ == "__main__":

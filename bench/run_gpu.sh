@@ -29,8 +29,8 @@ budget 200 python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -x; 
 [ "$tests" -ne 0 ] && echo "ACCURACY FAILURE (exit $tests)"
 
 step "benchmarks (small sizes)"
-budget 60 python bench/attention_loss.py --device cuda --sizes 1024 4096 --repeat 3 \
-    || echo "attention_loss failed"
+budget 60 python bench/visual_attention.py --device cuda --sizes 1024 4096 --repeat 3 \
+    || echo "visual_attention failed"
 budget 45 python bench/logit_kd.py --device cuda --tokens 1024 4096 --repeat 3 \
     || echo "logit_kd failed"
 budget 45 python bench/model_step.py --device cuda --shapes 1x2048 --repeat 2 \

@@ -8,7 +8,7 @@ from .attention import (attention_delta, flash_backward, flash_forward, interpre
 from .autograd import (attention_with_visual_maps, flash_attention,
                        teacher_attention_with_visual_maps,
                        teacher_visual_maps, visual_maps)
-from .visual_maps import inverse_index, visual_maps_from_lse, visual_row_terms
+from .visual_attention import inverse_index, visual_maps_from_lse, visual_row_terms
 
 HAS_TRITON = triton is not None
 del triton

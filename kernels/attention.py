@@ -18,7 +18,7 @@ Backward (``flash_backward``), per SPEC §3 "Gradient"::
 
 with ``dP = dO Vᵀ`` and ``D_i = rowsum(dO ∘ O)`` (both absent when there is no ``dO``),
 ``G = dL/dA`` in the gathered map layout (B, Qmax, Vmax) and ``c`` (B, Hq, N) the row terms
-written by :func:`kernels.visual_maps.visual_row_terms`. ``G`` is read through two inverse
+written by :func:`kernels.visual_attention.visual_row_terms`. ``G`` is read through two inverse
 index maps, ``query_row`` (B, N) (gathered row of a position, -1 if not a query row) and
 ``visual_col`` (B, N) (gathered column of a position, -1 if not an image token), so no
 (N × N) or (N × Nv) buffer exists. Two kernels: one program per (key block, batch·kv head)
@@ -27,162 +27,19 @@ one program per (query block, batch·head) accumulates dq.
 """
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only without triton
-    triton = None
-    tl = None
+from ._common import (LOG2E, all_configs, autotune_configs, block_d, config_key,  # noqa: F401
+                      configs_for, default_scale, deterministic, device_capability,
+                      dot_precision, fit_table, fitted_configs, interpreting, kernel_input,
+                      launch, prune_configs, prune_hook, recording_launches, require_triton,
+                      target_class, tl, triton)
 
-LOG2E = 1.4426950408889634
+if triton is not None:
+    from ._common import load_row_stats, log2_scale
 
 
 # --------------------------------------------------------------------------- helpers
-
-def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def kernel_input(t: torch.Tensor) -> torch.Tensor:
-    """The tensor a kernel reads: head dim made dense; bf16 upcast under the interpreter.
-
-    The Triton interpreter computes bf16 ``tl.dot`` and bf16 arithmetic wrongly, so bf16
-    inputs are upcast to float32 there. On a GPU the tensor passes through unchanged.
-    """
-    if t.dtype == torch.bfloat16 and interpreting():
-        t = t.float()
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def block_d(head_dim: int) -> int:
-    """Head dim padded to a power of two, at least 16 (the smallest ``tl.dot`` size)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: exact for float32 inputs (no TF32), native otherwise."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def deterministic() -> bool:
-    """Whether autotuned kernels run pinned to their first config.
-
-    True under ``COMPODISTILL_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``.
-    No kernel here uses atomics, so every launch is already bitwise reproducible for a given
-    config; what can differ from one process to the next is the config the autotuner picks
-    (block sizes set the reduction order of dk, dv, dq and the softmax). Pinning fixes it,
-    so a resumed run or another machine reproduces the same bits, at the cost of the tuning.
-    """
-    flag = os.environ.get("COMPODISTILL_DETERMINISTIC", "0")
-    if flag not in ("", "0", "1"):
-        raise ValueError(f"COMPODISTILL_DETERMINISTIC must be 0 or 1, got {flag!r}")
-    return flag == "1" or torch.are_deterministic_algorithms_enabled()
-
-
-_recorders: list[list] = []
-
-
-@contextlib.contextmanager
-def recording_launches():
-    """Record launches instead of running them: yields a list that fills with
-    ``(kernel, grid, args, kwargs)`` for every :func:`launch` inside the block (no kernel
-    runs; outputs stay uninitialised). :mod:`kernels.report` compiles exactly these."""
-    log: list = []
-    _recorders.append(log)
-    try:
-        yield log
-    finally:
-        _recorders.remove(log)
-
-
-def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``; an autotuned kernel is pinned to its first config
-    when :func:`deterministic` says so. Every kernel of this package launches through here."""
-    if _recorders:
-        _recorders[-1].append((kernel, grid, args, kwargs))
-        return
-    if deterministic() and hasattr(kernel, "configs") and hasattr(kernel, "fn"):
-        # The first config that fits this GPU and head dim: spill-free by the table.
-        configs = kernel.configs
-        if not interpreting():
-            configs = configs_for(kernel, device_capability(), kwargs)
-        kwargs = {**kwargs, **configs[0].all_kwargs()}
-        kernel = kernel.fn
-    kernel[grid](*args, **kwargs)
-
-
-# The head-dim classes (BLOCK_D <= 64, = 128) each config fits per target: measured by
-# kernels/report.py (zero spill bytes, shared memory within the block limit);
-# tests/test_kernel_resources.py keeps the tables honest. BLOCK_D 16/32 use the 64 class.
-_FIT_TABLES: dict[str, dict[tuple, dict[int, tuple]]] = {}
-
-
-def _config_key(config) -> tuple:
-    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
-
-
-def fitted_configs(kernel_name: str, rows) -> list:
-    """``triton.Config`` list from rows ``(BLOCK_M, BLOCK_N, warps, stages, fits_sm80,
-    fits_sm90)``, where ``fits_*`` are the head-dim classes (64, 128) the config fits."""
-    table, configs = {}, []
-    for block_m, block_n, warps, stages, fits80, fits90 in rows:
-        config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
-                               num_stages=stages)
-        table[_config_key(config)] = {80: fits80, 90: fits90}
-        configs.append(config)
-    _FIT_TABLES[kernel_name] = table
-    return configs
-
-
-def target_class(capability: int) -> int:
-    """The profiled target a compute capability (major * 10 + minor) is held to."""
-    return 90 if capability >= 90 else 80
-
-
-def device_capability() -> int:
-    major, minor = torch.cuda.get_device_capability()
-    return major * 10 + minor
-
-
-def prune_configs(configs: list, table: dict, block_d: int, capability: int) -> list:
-    """The configs that fit ``block_d`` on this target, in table order (the first one is
-    what the deterministic mode pins)."""
-    target, size = target_class(capability), (64 if block_d <= 64 else 128)
-    keep = [c for c in configs if size in table.get(_config_key(c), {}).get(target, (64, 128))]
-    return keep or list(configs[:1])
-
-
-def _prune_hook(kernel_name: str) -> dict:
-    """``prune_configs_by`` of an autotuned kernel (runs on the launching GPU)."""
-    def prune(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 16))
-        return prune_configs(configs, _FIT_TABLES[kernel_name], block_d, device_capability())
-    return {"early_config_prune": prune}
-
-
-def configs_for(kernel, capability: int, kwargs: dict) -> list:
-    """The autotune configs ``kernel`` may run on a GPU of this compute capability with
-    these launch arguments (constexprs), after the per-target pruning."""
-    name = kernel.fn.__name__
-    return prune_configs(kernel.configs, _FIT_TABLES.get(name, {}), kwargs.get("BLOCK_D", 16),
-                         capability)
-
-
-def default_scale(head_dim: int, scale: float | None) -> float:
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-
-
-def _configs(configs):
-    """All configs on a GPU; the first only under the interpreter (no benchmarking there)."""
-    return configs[:1] if interpreting() else configs
-
 
 def _key_mask_arg(key_mask: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
     """(B, N) int8 for the kernels, or a dummy pointer (``HAS_MASK=False``)."""
@@ -247,7 +104,8 @@ if triton is not None:
         (64, 64, 4, 3, D64, ALL),
     ])
 
-    @triton.autotune(configs=_configs(_FWD_CONFIGS), prune_configs_by=_prune_hook("_fwd_kernel"),
+    @triton.autotune(configs=autotune_configs(_FWD_CONFIGS),
+                     prune_configs_by=prune_hook("_fwd_kernel"),
                      key=["HEAD_DIM", "CAUSAL", "HAS_V", "HAS_MASK", "HAS_VIS", "N_BUCKET"])
     @triton.jit
     def _fwd_kernel(Q, K, V, Out, RowMax, RowLog2Sum, RowLog2Text, KeyMask, VisualCol,
@@ -267,7 +125,7 @@ if triton is not None:
         b = (pid_bh // Hq).to(tl.int64)
         h = (pid_bh % Hq).to(tl.int64)
         hk = h // GROUP
-        qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
+        qk_scale = log2_scale(scale)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -338,15 +196,6 @@ if triton is not None:
         tl.store(Delta + (b * Hq + h) * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
 
     @triton.jit
-    def _load_row_stats(RowMax_row, RowLog2Sum_row, offs_m, m_ok):
-        """(m, log2 l) of a block of rows, log2 units; m = +inf where a row has no key, so
-        ``exp2((s - m) - log2 l)`` is 0 there."""
-        m = tl.load(RowMax_row + offs_m, mask=m_ok, other=float("inf"))
-        m = tl.where(m == float("-inf"), float("inf"), m)
-        l2 = tl.load(RowLog2Sum_row + offs_m, mask=m_ok, other=0.0)
-        return m, l2
-
-    @triton.jit
     def _g_tile(G_b, qrow, vcol, VMAX, inv_h, G_INT64: tl.constexpr):
         """G / Hq on (query rows × key columns), 0 where a row or column is not gathered.
 
@@ -378,7 +227,7 @@ if triton is not None:
                 tile = offs_m[:, None] * stride_qn + offs_d[None, :]
                 q = tl.load(Q_b + h * stride_qh + tile, mask=m_ok[:, None] & d_ok[None, :],
                             other=0.0)
-                m_row, l2_row = _load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, offs_m,
+                m_row, l2_row = load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, offs_m,
                                                 m_ok)
                 sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
                 pT = tl.math.exp2((sT * qk_scale - m_row[None, :]) - l2_row[None, :])
@@ -462,8 +311,8 @@ if triton is not None:
     # GROUP: the GQA ratio changes the dk/dv work per program (and GROUP = 1 specialises).
     _BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_DO", "HAS_G", "HAS_MASK", "GROUP", "N_BUCKET"]
 
-    @triton.autotune(configs=_configs(_BWD_CONFIGS), key=_BWD_KEY,
-                     prune_configs_by=_prune_hook("_bwd_dkdv_kernel"))
+    @triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=_BWD_KEY,
+                     prune_configs_by=prune_hook("_bwd_dkdv_kernel"))
     @triton.jit
     def _bwd_dkdv_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
                          VisualCol, DK, DV,
@@ -483,7 +332,7 @@ if triton is not None:
         b = (pid_bh // Hkv).to(tl.int64)
         hk = (pid_bh % Hkv).to(tl.int64)
         scale = tl.cast(scale, tl.float32)
-        qk_scale = scale * 1.4426950408889634
+        qk_scale = log2_scale(scale)
         inv_h = 1.0 / tl.cast(Hq, tl.float32)
 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -542,8 +391,8 @@ if triton is not None:
             tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn
                      + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
-    @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY,
-                     prune_configs_by=_prune_hook("_bwd_dq_kernel"))
+    @triton.autotune(configs=autotune_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY,
+                     prune_configs_by=prune_hook("_bwd_dq_kernel"))
     @triton.jit
     def _bwd_dq_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
                        VisualCol, VisualSpan, DQ,
@@ -566,7 +415,7 @@ if triton is not None:
         hk = h // GROUP
         bh = b * Hq + h
         scale = tl.cast(scale, tl.float32)
-        qk_scale = scale * 1.4426950408889634
+        qk_scale = log2_scale(scale)
         inv_h = 1.0 / tl.cast(Hq, tl.float32)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -576,7 +425,7 @@ if triton is not None:
         q_mask = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
                     + offs_d[None, :], mask=q_mask, other=0.0)
-        m_row, l2_row = _load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, offs_m, m_ok)
+        m_row, l2_row = load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, offs_m, m_ok)
         delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
         do = q
         if HAS_DO:
@@ -630,11 +479,6 @@ def _n_bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _require_triton() -> None:
-    if triton is None:
-        raise RuntimeError("compodistill.kernels needs triton (pip install 'triton>=3.6')")
-
-
 def lse_from_stats(stats: torch.Tensor) -> torch.Tensor:
     """Natural-log ``lse`` (B, Hq, N) from row statistics; ``-inf`` on rows with no key."""
     m, l2 = stats[0], stats[1]
@@ -662,12 +506,12 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
     scaled scores: ``stats[0]`` the row max m (``-inf`` on rows with no allowed key),
     ``stats[1]`` ``log2 Σ exp2(s - m)``; :func:`lse_from_stats` gives the natural lse.
     With ``visual_col`` ((B, N) int32, -1 off image tokens, see
-    :func:`kernels.visual_maps.inverse_index`) P = 3 and ``stats[2]`` is that log-sum over
-    the non-visual keys only, which :func:`kernels.visual_maps.visual_maps_from_lse` completes
+    :func:`kernels.visual_attention.inverse_index`) P = 3 and ``stats[2]`` is that log-sum over
+    the non-visual keys only, which :func:`kernels.visual_attention.visual_maps_from_lse` completes
     with its own scores of the visual keys.
     Inputs are assumed checked (see :mod:`kernels.autograd`); only the head dim must be dense.
     """
-    _require_triton()
+    require_triton()
     out_dtype = q.dtype
     q, k = kernel_input(q), kernel_input(k)
     v = None if v is None else kernel_input(v)
@@ -700,7 +544,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
 
 def attention_delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     """``D_i = rowsum(dO ∘ O)`` as (B, Hq, N) float32."""
-    _require_triton()
+    require_triton()
     out, do = kernel_input(out), kernel_input(do)
     B, Hq, N, D = out.shape
     delta = torch.empty((B, Hq, N), device=out.device, dtype=torch.float32)
@@ -744,11 +588,11 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
         stats: the forward's (2, B, Hq, N) float32 row statistics (:func:`flash_forward`).
         grad_maps: ``G = dL/dA`` (B, Qmax, Vmax) float32, or None for plain attention.
         query_row, visual_col: (B, N) int32 inverse index maps (see module docstring).
-        row_terms: ``c`` (B, Hq, N) float32 from :func:`kernels.visual_maps.visual_row_terms`.
+        row_terms: ``c`` (B, Hq, N) float32 from :func:`kernels.visual_attention.visual_row_terms`.
 
     dq/dk/dv have the dtypes of q/k/v; dk/dv of a kv head sum over its query heads.
     """
-    _require_triton()
+    require_triton()
     dtypes = (q.dtype, k.dtype, None if v is None else v.dtype)
     has_do = do is not None
     has_g = grad_maps is not None

@@ -13,7 +13,7 @@ Public functions (argument checks happen here, at the Python boundary):
 
 Each is one ``compodistill::...`` custom op with a fake (meta) implementation and a
 registered autograd formula, so ``torch.compile`` sees a single node per call. ``layout``
-is a ``compodistill.layout.VisualLayout`` (duck-typed: its ``query_index``, ``query_count``,
+is a ``compodistill.visual_attention.layout.VisualLayout`` (duck-typed: its ``query_index``, ``query_count``,
 ``visual_index``, ``visual_count``, ``key_mask`` and ``causal`` are read); every function
 taking a layout also accepts it spelled out as ``query_index, query_count, visual_index,
 visual_count[, key_mask[, causal]]`` in its place.
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .attention import (default_scale, flash_backward, flash_forward, interpreting,
                         stats_from_lse)
-from .visual_maps import inverse_index, visual_maps_from_lse, visual_row_terms
+from .visual_attention import inverse_index, visual_maps_from_lse, visual_row_terms
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128  # the configs are sized (spill-free) up to BLOCK_D = 128
@@ -234,7 +234,7 @@ _LAYOUT_FIELDS = ("query_index", "query_count", "visual_index", "visual_count", 
 
 
 def _check_layout(q: Tensor, layout):
-    """Index tensors, key mask and causal flag of a ``compodistill.layout.VisualLayout``.
+    """Index tensors, key mask and causal flag of a ``compodistill.visual_attention.layout.VisualLayout``.
 
     Duck-typed (this package imports nothing from compodistill): any object with the
     attributes ``query_index`` (B, Qmax), ``query_count`` (B,), ``visual_index`` (B, Vmax),
@@ -242,7 +242,7 @@ def _check_layout(q: Tensor, layout):
     """
     missing = [f for f in _LAYOUT_FIELDS if not hasattr(layout, f)]
     if missing:
-        raise TypeError(f"layout must be a compodistill.layout.VisualLayout (missing "
+        raise TypeError(f"layout must be a compodistill.visual_attention.layout.VisualLayout (missing "
                         f"{', '.join(missing)}), got {type(layout).__name__}")
     B, _, N, _ = q.shape
     seq_len = getattr(layout, "seq_len", N)
@@ -325,7 +325,7 @@ def attention_with_visual_maps(q: Tensor, k: Tensor, v: Tensor, layout, *args,
 
     Args:
         q, k, v: as :func:`flash_attention`.
-        layout: a ``compodistill.layout.VisualLayout`` (its index tensors, ``key_mask`` and
+        layout: a ``compodistill.visual_attention.layout.VisualLayout`` (its index tensors, ``key_mask`` and
             ``causal`` are used; the padding and causal masks of the attention are the
             layout's).
         scale: default ``1 / sqrt(d)``.

@@ -37,8 +37,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from . import attention, linear_kd  # noqa: E402
-from .visual_maps import inverse_index, visual_maps_from_lse, visual_row_terms  # noqa: E402
+from . import attention, logit_kd  # noqa: E402
+from .visual_attention import inverse_index, visual_maps_from_lse, visual_row_terms  # noqa: E402
 
 # Shared memory one block may use (bytes, opt-in maximum per block).
 SMEM_LIMIT = {80: 166_912, 90: 232_448}
@@ -116,8 +116,8 @@ def record_linear_kd(dtype: torch.dtype) -> list[tuple]:
     zs = torch.empty(4, 32_000, dtype=dtype)
     kd = torch.empty(4)
     with attention.recording_launches() as log:
-        for loss in linear_kd.LOSS_CODES:
-            linear_kd.kd_rows(zs, zs, kd, loss=loss, labels=torch.zeros(4, dtype=torch.int64),
+        for loss in logit_kd.LOSS_CODES:
+            logit_kd.kd_rows(zs, zs, kd, loss=loss, labels=torch.zeros(4, dtype=torch.int64),
                               ce_scale=kd)
     return [(kern, args, kwargs) for kern, _grid, args, kwargs in log]
 

@@ -1,12 +1,17 @@
 """Helpers shared by several test files (test files never import one another)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.data import DataLoader
 
 from compodistill.train.config import default_stage
 from compodistill.train.engine import StageLoop
+from compodistill.testing.accuracy import assert_accuracy
+from compodistill.testing.visual_attention import ref_attention_output, ref_visual_maps
 from compodistill.train.metrics import read_metrics
+from compodistill.visual_attention.layout import visual_layout
 
 
 def run_loop(tmp, max_steps, *, save_every=0, nan_calls=(), crash_call=None, max_bad=5,
@@ -69,3 +74,147 @@ def write_tiny_pair(root, *, num: int, student_layers: int = 2, teacher_layers: 
     if teacher:
         teacher_model.save_pretrained(root / "teacher")
     return tok
+
+
+# --------------------------------------------------------------------------- kernel tests
+# Inputs, layouts and the fp32 / low-precision yardsticks of the Triton kernel tests.
+
+# Kernel tests: atol relative to the largest reference value.
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def padding_mask(batch: int, n: int, pad: str | None) -> torch.Tensor | None:
+    """None, or a (B, N) bool mask with padding on the given side (a different amount per
+    sample; sample 0 of a left-padded batch of length > 1 gets a row with no allowed key)."""
+    if pad is None:
+        return None
+    mask = torch.ones(batch, n, dtype=torch.bool)
+    for b in range(batch):
+        amount = min(n - 1, (n // 4) + 2 * b)
+        if amount <= 0:
+            continue
+        if pad == "left":
+            mask[b, :amount] = False
+        else:
+            mask[b, n - amount:] = False
+    return mask
+
+
+def image_spans(lo: int, hi: int, kind: str) -> list[tuple[int, int]]:
+    """Image spans inside the real region [lo, hi): 'none', 'one' or 'two' images."""
+    length = hi - lo
+    if kind == "none" or length <= 0:
+        return []
+    a = lo + length // 4
+    b = min(hi, a + max(1, length // 3))
+    spans = [(a, b)]
+    if kind == "two" and hi - b >= 2:
+        c = b + max(1, (hi - b) // 3)
+        d = min(hi, c + max(1, length // 6))
+        if c < d:
+            spans.append((c, d))
+    return spans
+
+
+def make_layout(batch, n, mask, kinds, query="all", causal=True):
+    """Layout with per-sample image kinds, e.g. ('two', 'none'); also returns the visual mask."""
+    spans = []
+    for b in range(batch):
+        real = torch.arange(n) if mask is None else mask[b].nonzero().flatten()
+        lo, hi = (int(real.min()), int(real.max()) + 1) if len(real) else (0, 0)
+        spans.append(image_spans(lo, hi, kinds[b % len(kinds)]))
+    layout = visual_layout(spans, batch, n, query=query, attention_mask=mask, causal=causal)
+    vis = torch.zeros(batch, n, dtype=torch.bool)
+    for b, sample in enumerate(spans):
+        for s, e in sample:
+            vis[b, s:e] = True
+    return layout, vis
+
+
+def layout_index(layout):
+    return layout.query_index, layout.query_count, layout.visual_index, layout.visual_count
+
+
+def make_qkv(batch, hq, hkv, n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, n, d, generator=g).to(dtype)
+    k = torch.randn(batch, hkv, n, d, generator=g).to(dtype)
+    v = torch.randn(batch, hkv, n, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def lowp_attention(q, k, v, mask, causal, scale=None):
+    """Materialised attention computed entirely at the input dtype (the 'plain torch' yardstick).
+
+    Returns (out, probs (B, Hq, N, N)), both differentiable, at q's dtype.
+    """
+    batch, hq, n, d = q.shape
+    rep = hq // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k = k.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    allowed = torch.ones(batch, 1, n, n, dtype=torch.bool)
+    if mask is not None:
+        allowed = allowed & mask[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
+    has = allowed.any(-1, keepdim=True)
+    s = torch.where(allowed & has, s, torch.where(has, float("-inf"), 0.0)).to(q.dtype)
+    p = torch.softmax(s, -1) * has
+    out = p @ v.repeat_interleave(rep, 1) if v is not None else None
+    return out, p
+
+
+def lowp_maps(probs, layout):
+    """Dense (B, Qmax, Vmax) maps from materialised probs (at their dtype)."""
+    head_mean = probs.mean(1)
+    rows = [head_mean[b][layout.query_index[b]][:, layout.visual_index[b]]
+            for b in range(head_mean.shape[0])]
+    return torch.stack(rows) * layout.allowed()
+
+
+def dense_ref_maps(maps, layout):
+    """Pad the reference's ragged per-sample maps into the kernel layout (differentiable)."""
+    _, qmax, vmax = layout.map_shape
+    return torch.stack([torch.nn.functional.pad(m, (0, vmax - m.shape[1], 0, qmax - m.shape[0]))
+                        for m in maps])
+
+
+def assert_close_rule(name, got, ref, lowp, dtype):
+    """The accuracy rule: |got - ref| <= 2 |lowp - ref| + ATOL[dtype] * max|ref| + 1e-6."""
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    assert_accuracy(got, ref, lowp, atol=ATOL[dtype] * scale + 1e-6, name=name)
+
+
+def run_reference(q, k, v, mask, causal, layout=None, vis=None, query="all", d_out=None, g=None):
+    """fp32 reference (out, lse, maps, grads) and the low-precision torch yardstick.
+
+    loss = (out * dO).sum() + (A * G).sum() (each term only when given).
+    """
+    results = {}
+    for kind in ("ref", "lowp"):
+        if kind == "ref":
+            leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            out, lse = ref_attention_output(*leaves, mask, causal, None)
+            maps = None
+            if layout is not None:
+                maps = dense_ref_maps(ref_visual_maps(leaves[0], leaves[1], vis, query, mask,
+                                                      causal, None), layout)
+        else:
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            out, probs = lowp_attention(*leaves, mask, causal)
+            lse = None
+            maps = lowp_maps(probs, layout) if layout is not None else None
+        loss = 0.0
+        if d_out is not None:
+            loss = loss + (out.float() * d_out.float()).sum()
+        if g is not None:
+            loss = loss + (maps.float() * g).sum()
+        grads = None
+        if d_out is not None or g is not None:
+            wrt = leaves if d_out is not None else leaves[:2]
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+            grads = [torch.zeros_like(w) if gr is None else gr for gr, w in zip(grads, wrt)]
+        results[kind] = dict(out=out.detach(), lse=None if lse is None else lse.detach(),
+                             maps=None if maps is None else maps.detach(), grads=grads)
+    return results["ref"], results["lowp"]

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.gpu,
 
 import compodistill as cd  # noqa: E402
 from compodistill.testing.accuracy import assert_accuracy, pad_maps  # noqa: E402
-from compodistill.testing.reference import ref_attention_output, ref_visual_maps  # noqa: E402
+from compodistill.testing.visual_attention import ref_attention_output, ref_visual_maps  # noqa: E402
 
 
 class ops_seen(TorchDispatchMode):
@@ -130,7 +130,7 @@ def test_visual_attention_loss_dispatches_to_triton_and_matches_reference():
 
 
 def test_fused_linear_kd_on_cuda_matches_reference():
-    from compodistill.testing.reference_logits import ref_logit_kd
+    from compodistill.testing.logit_kd import ref_logit_kd
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     h_s = torch.randn(2, 300, 256, device="cuda", generator=gen)

@@ -77,19 +77,15 @@ def test_a_planted_spill_is_caught():
 def test_pruning_leaves_configs_for_every_head_dim_and_target():
     """The autotuner (and the deterministic mode's pin, the first survivor) always has a
     measured config left: the pruning never falls back to an unmeasured one."""
-    from compodistill.kernels import attention
-    for name, configs_name in (("_fwd_kernel", "_FWD_CONFIGS"),
-                               ("_bwd_dkdv_kernel", "_BWD_CONFIGS"),
-                               ("_bwd_dq_kernel", "_BWD_DQ_CONFIGS")):
-        table = attention._FIT_TABLES[name]
+    from compodistill.kernels import attention as common  # its tables and pruning
+    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        table = common.fit_table(name)
         for cap in (80, 90):
             for block_d, size in ((16, 64), (64, 64), (128, 128)):
-                # The full list (under the interpreter the autotuner holds only the first).
-                full = getattr(attention, configs_name)
-                kept = attention.prune_configs(full, table, block_d, cap)
+                kept = common.prune_configs(common.all_configs(name), table, block_d, cap)
                 assert kept, (name, cap, block_d)
                 for c in kept:
-                    assert size in table[attention._config_key(c)][cap]
+                    assert size in table[common.config_key(c)][cap]
 
 
 @pytest.mark.slow

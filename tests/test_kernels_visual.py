@@ -1,9 +1,9 @@
-"""Visual-map kernels (kernels/visual_maps.py) and the fused backward, against the fp32 reference.
+"""Visual-map kernels (kernels/visual_attention.py) and the fused backward, against the fp32 reference.
 
 Runs through the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
 Gradients come from loss = (out * dO).sum() + (A * G).sum() with random dO and G (G random
 on padding entries too: the kernels must ignore them), compared with autograd through the
-materialising reference. Helpers and the accuracy rule live in test_kernels_attention.py.
+materialising reference. Helpers live in tests/_helpers.py; the accuracy rule in compodistill.testing.accuracy.
 """
 import os
 
@@ -14,10 +14,11 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from test_kernels_attention import (  # noqa: E402
-    K, assert_close_rule, dense_ref_maps, layout_index, make_layout, make_qkv, padding_mask,
-    run_reference)
-from compodistill.testing.reference import ref_visual_maps  # noqa: E402
+from compodistill import kernels as K  # noqa: E402
+from compodistill.testing.visual_attention import ref_visual_maps  # noqa: E402
+
+from _helpers import (assert_close_rule, dense_ref_maps, layout_index, make_layout,  # noqa: E402
+                      make_qkv, padding_mask, run_reference)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

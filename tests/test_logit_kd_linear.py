@@ -228,3 +228,34 @@ def test_validation():
     bad[0, 0] = 25
     with pytest.raises(ValueError, match="labels"):
         linear_distillation_loss(h_s, W_s, h_t, W_t, bad, ce_weight=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_call_gives_both_terms_and_their_gradients(backend):
+    # LM + KD in one pass over each lm_head equals the two separate calls, terms and grads.
+    t = _inputs(2, 9, 70, 75)
+    total, terms = _fused(t, backend, ce_weight=0.7, kd_weight=1.3, chunk_size=5,
+                          return_terms=True)
+    ce = _fused(t, backend, ce_weight=1.0, kd_weight=0.0)
+    kd = _fused(t, backend, ce_weight=0.0, kd_weight=1.0)
+    torch.testing.assert_close(terms["ce"], ce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["kd"], kd.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total.detach(), 0.7 * ce.detach() + 1.3 * kd.detach(),
+                               rtol=1e-5, atol=1e-6)
+    together = torch.autograd.grad(total, _params(t))
+    apart = torch.autograd.grad(0.7 * ce + 1.3 * kd, _params(t))
+    for g1, g2 in zip(together, apart):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+    assert not terms["ce"].requires_grad and not terms["kd"].requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_kd_weight_never_reads_the_teacher_lm_head(backend):
+    t = _inputs(2, 7, 40, 40)
+    clean = _fused(t, backend, ce_weight=1.0, kd_weight=0.0)
+    t["W_t"] = torch.full_like(t["W_t"], float("nan"))  # any read would poison the loss
+    t["b_t"] = torch.full_like(t["b_t"], float("nan"))
+    poisoned, terms = _fused(t, backend, ce_weight=1.0, kd_weight=0.0, return_terms=True)
+    assert torch.equal(clean, poisoned) and float(terms["kd"]) == 0.0
+    (grad,) = torch.autograd.grad(poisoned, [t["h_s"]])
+    assert torch.isfinite(grad).all()

@@ -19,8 +19,8 @@ from compodistill import (linear_distillation_loss, logit_distillation_loss,  # 
                           rdist_loss, visual_attention_loss, visual_attention_maps,
                           visual_layout)
 from compodistill.testing.accuracy import assert_accuracy, max_error, pad_maps  # noqa: E402
-from compodistill.testing.reference import ref_visual_maps  # noqa: E402
-from compodistill.testing.reference_logits import ref_logit_kd, ref_rdist  # noqa: E402
+from compodistill.testing.visual_attention import ref_visual_maps  # noqa: E402
+from compodistill.testing.logit_kd import ref_logit_kd, ref_rdist  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 LOSSES = [dict(loss="cosine", cosine="flat"), dict(loss="cosine", cosine="row"),

@@ -154,3 +154,24 @@ def test_group_by_length_batches_similar_lengths(setup):
     assert not isinstance(plain.data_loader(plain.config.stages[0]).sampler,
                           LengthGroupedSampler)
     assert [r.steps for r in grouped.run()] == [2]
+
+
+def test_lm_and_kd_share_one_lm_head_pass(setup, monkeypatch):
+    import compodistill.train.stages as stages
+
+    calls = []
+    real = stages.linear_distillation_loss
+
+    def counting(*args, **kwargs):
+        calls.append((kwargs.get("ce_weight"), kwargs.get("kd_weight")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "linear_distillation_loss", counting)
+    root, _ = setup
+    config = make_config(root, [{"kind": "dpt", "max_steps": 2, "batch_size": 2,
+                                 "weights": {"lm": 1.0, "kd": 0.5}}], out="one-pass")
+    (result,) = DistillationTrainer(config, show_progress=False).run()
+    assert calls == [(1.0, 0.5), (1.0, 0.5)]  # one fused call per step, both weights
+    final = result.final_losses
+    assert {"loss_lm", "loss_kd", "loss"} <= set(final)
+    assert final["loss"] == pytest.approx(final["loss_lm"] + 0.5 * final["loss_kd"], rel=1e-5)

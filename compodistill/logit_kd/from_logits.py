@@ -130,20 +130,22 @@ def _kd_rows_torch(a_s: torch.Tensor, a_t: torch.Tensor, loss: str, beta: float)
 def kd_chunk(zs: torch.Tensor, zt: torch.Tensor, kd_scale: torch.Tensor, *, loss: str,
              beta: float, temperature: float, zscore: bool, labels: torch.Tensor | None = None,
              ce_scale: torch.Tensor | None = None, triton: bool = False,
-             grad_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             grad_out: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted loss of a chunk of rows and its gradient w.r.t. the student logits ``zs``.
 
     zs (n, Vs), zt (n, Vt >= Vs), kd_scale (n,) float32 row weights (T² and the mean's 1/n
     included), optional CE on the raw student logits with labels (n,) and ce_scale (n,).
-    Returns (float32 scalar, grad (n, Vs) in the dtype of ``grad_out`` or ``zs``); ``grad_out``
-    may be ``zs`` itself (Triton writes in place, PyTorch copies into it).
+    Returns (float32 scalar, grad (n, Vs) in the dtype of ``grad_out`` or ``zs``, the CE part
+    of the scalar); ``grad_out`` may be ``zs`` itself (Triton writes in place, PyTorch copies
+    into it).
     """
     if triton and not zscore:
-        kern = load_kernel_module("linear_kd")
+        kern = load_kernel_module("logit_kd")
         row_loss, grad = kern.kd_rows(zs, zt, kd_scale, loss=loss, beta=beta,
                                       temperature=temperature, labels=labels,
                                       ce_scale=ce_scale, grad_out=grad_out)
-        return row_loss.sum(), grad
+        return row_loss.sum(), grad, row_loss[:, 1].sum()
     # PyTorch path (and zscore, whose backward the kernel does not do): autograd on a float32
     # copy of the chunk only, so nothing outlives the chunk.
     V = zs.shape[-1]
@@ -153,15 +155,16 @@ def kd_chunk(zs: torch.Tensor, zt: torch.Tensor, kd_scale: torch.Tensor, *, loss
         a_s, a_t = (_zscore(a), _zscore(b)) if zscore else (a, b)
         rows = _kd_rows_torch(a_s / temperature, a_t / temperature, loss, beta)
         total = (rows * kd_scale).sum()
+        ce_part = total.new_zeros(())
         if labels is not None and ce_scale is not None:
             safe = torch.where(labels == IGNORE_INDEX, torch.zeros_like(labels), labels)
-            ce = F.cross_entropy(a, safe, reduction="none")
-            total = total + (ce * ce_scale).sum()
+            ce_part = (F.cross_entropy(a, safe, reduction="none") * ce_scale).sum()
+            total = total + ce_part
         (grad,) = torch.autograd.grad(total, a)
     if grad_out is None:
-        return total.detach(), grad.to(zs.dtype)
+        return total.detach(), grad.to(zs.dtype), ce_part.detach()
     grad_out.copy_(grad)
-    return total.detach(), grad_out
+    return total.detach(), grad_out, ce_part.detach()
 
 
 # ------------------------------------------------------------------------- autograd glue
@@ -177,7 +180,7 @@ class _LogitKD(torch.autograd.Function):
                                   device=zs.device)
         for start in range(0, n, opts["chunk"]):
             idx = rows[start:start + opts["chunk"]]
-            part, _ = kd_chunk(zs[idx], zt[idx, :zs.shape[-1]], kd_scale_all[:idx.numel()],
+            part, _, _ = kd_chunk(zs[idx], zt[idx, :zs.shape[-1]], kd_scale_all[:idx.numel()],
                                loss=opts["loss"],
                                beta=opts["beta"], temperature=opts["temperature"],
                                zscore=opts["zscore"], triton=opts["triton"],
@@ -231,7 +234,7 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     rows = sel.nonzero().squeeze(1)
     n = rows.numel()
     Vs = student_logits.shape[-1]
-    triton = use_triton(backend, device, "linear_kd")
+    triton = use_triton(backend, device, "logit_kd")
     if chunk_size is None:
         per_row = Vs * 4 * (3 if triton and not zscore else 10)
         chunk_size = chunk_rows(per_row, None, device)

@@ -43,21 +43,28 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_w = torch.zeros(w_s.shape, dtype=acc_dtype, device=dev) if need_w else None
         grad_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=dev) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=dev)
+        ce_total = torch.zeros((), dtype=torch.float32, device=dev)
+        kd_on = opts["kd_on"]
         for s in range(0, n, chunk):
             idx = rows[s:s + chunk]
             hs_c = h_s[idx]
             zs = hs_c @ w_s.T if b_s is None else torch.addmm(b_s, hs_c, w_s.T)
-            ht_c = h_t[idx]
-            zt = ht_c @ w_t.T if b_t is None else torch.addmm(b_t, ht_c, w_t.T)
-            del ht_c
-            part, dz = kd_chunk(zs, zt, kd_scale[s:s + chunk], loss=opts["loss"],
-                                beta=opts["beta"], temperature=opts["temperature"],
-                                zscore=opts["zscore"],
-                                labels=None if labels is None else labels[s:s + chunk],
-                                ce_scale=None if ce_scale is None else ce_scale[s:s + chunk],
-                                triton=opts["triton"], grad_out=zs)  # gradient over zs
+            if kd_on:
+                ht_c = h_t[idx]
+                zt = ht_c @ w_t.T if b_t is None else torch.addmm(b_t, ht_c, w_t.T)
+                del ht_c
+            else:  # a KD weight of 0 costs no teacher lm_head: its rows are never read
+                zt = zs
+            part, dz, ce_part = kd_chunk(
+                zs, zt, kd_scale[s:s + chunk], loss=opts["loss"], beta=opts["beta"],
+                temperature=opts["temperature"], zscore=opts["zscore"],
+                labels=None if labels is None else labels[s:s + chunk],
+                ce_scale=None if ce_scale is None else ce_scale[s:s + chunk],
+                triton=opts["triton"],
+                grad_out=zs if kd_on else None)  # in place over zs, unless zt aliases it
             del zt
             total += part
+            ce_total += ce_part
             if need_h:
                 torch.mm(dz, w_s, out=grad_h[s:s + idx.numel()])
             if need_w:
@@ -70,10 +77,11 @@ class _FusedLinearKD(torch.autograd.Function):
             None if grad_w is None else grad_w.to(w_s.dtype),
             None if grad_b is None else grad_b.to(b_s.dtype))
         ctx.h_shape = h_s.shape
-        return total
+        ctx.mark_non_differentiable(ce_total)
+        return total, ce_total
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_ce_part):
         rows, grad_h_rows, grad_w, grad_b = ctx.saved_tensors
         grad_h = None
         if grad_h_rows is not None:
@@ -126,8 +134,12 @@ def linear_distillation_loss(h_s: torch.Tensor, W_s: torch.Tensor, h_t: torch.Te
                              ce_weight: float = 0.0, kd_weight: float = 1.0,
                              chunk_size: int | None = None,
                              memory_budget_bytes: int | None = None,
-                             backend: str = "auto") -> torch.Tensor:
+                             backend: str = "auto", return_terms: bool = False):
     """``kd_weight · KD + ce_weight · CE`` from hidden states, without full logits (float32).
+
+    Both terms come from one pass over each lm_head, so a trainer that needs the LM loss and
+    KD calls this once with both weights; a weight of 0 costs nothing (``kd_weight=0``
+    skips the teacher's lm_head entirely).
 
     KD is :func:`compodistill.logit_kd.from_logits.logit_distillation_loss` on
     ``logits_s = h_s @ W_sᵀ + b_s`` and ``logits_t = (h_t @ W_tᵀ + b_t)[..., :Vs]``; CE is the
@@ -147,9 +159,11 @@ def linear_distillation_loss(h_s: torch.Tensor, W_s: torch.Tensor, h_t: torch.Te
         chunk_size: tokens per chunk; default derived from ``memory_budget_bytes`` (default
             1 GiB on CUDA, 64 MiB on CPU) for the per-chunk logits and working copies.
         backend: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``.
+        return_terms: also return the unweighted terms, detached, for logging.
 
     Returns:
-        A float32 scalar, attached to the graph even when no token is selected.
+        A float32 scalar, attached to the graph even when no token is selected; with
+        ``return_terms``, ``(scalar, {"ce": CE, "kd": KD})`` (a term with weight 0 is 0).
     """
     _check_linear(h_s, W_s, h_t, W_t, b_s, b_t)
     check_kd_options(loss, beta, temperature, positions)
@@ -175,7 +189,7 @@ def linear_distillation_loss(h_s: torch.Tensor, W_s: torch.Tensor, h_t: torch.Te
             raise ValueError(f"labels must be -100 or in [0, {Vs}) for the CE term")
         ce_scale = ce_sel[rows].float() * (float(ce_weight) / max(int(ce_sel.sum()), 1))
 
-    triton = use_triton(backend, device, "linear_kd")
+    triton = use_triton(backend, device, "logit_kd")
     if chunk_size is None:
         # per token: student logits/grad + teacher logits (+ float32 working copies off-Triton)
         work = Vs * (h_s.element_size() + W_t.element_size())
@@ -187,10 +201,15 @@ def linear_distillation_loss(h_s: torch.Tensor, W_s: torch.Tensor, h_t: torch.Te
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     opts = dict(loss=loss, beta=float(beta), temperature=float(temperature), zscore=bool(zscore),
-                triton=triton, chunk=int(chunk_size))
-    return _FusedLinearKD.apply(
+                triton=triton, chunk=int(chunk_size), kd_on=kd_weight > 0)
+    total, ce_part = _FusedLinearKD.apply(
         h_s.reshape(-1, ds), W_s, b_s, h_t.detach().reshape(-1, dt), W_t.detach()[:Vs],
         None if b_t is None else b_t.detach()[:Vs], rows, kd_scale, flat_labels, ce_scale, opts)
+    if not return_terms:
+        return total
+    kd_part = total.detach() - ce_part
+    return total, {"ce": ce_part / ce_weight if ce_weight else ce_part * 0.0,
+                   "kd": kd_part / kd_weight if kd_weight else kd_part * 0.0}
 
 
 class LinearDistillationLoss(nn.Module):

@@ -23,6 +23,16 @@ from .config import StageConfig
 from .metrics import MetricsLogger, plot_loss_curves, read_metrics
 
 
+@dataclass
+class Combined:
+    """Several loss terms computed by one fused call and already weighted by the stage
+    weights (e.g. LM + KD from one pass over both lm_heads). ``parts`` are the unweighted
+    term values, detached, for the metrics."""
+
+    value: torch.Tensor
+    parts: dict
+
+
 class TooManyBadSteps(RuntimeError):
     """Raised after ``max_bad_steps`` consecutive non-finite losses or gradients."""
 
@@ -116,6 +126,9 @@ class StageLoop:
     def _weighted(self, terms: dict) -> torch.Tensor:
         total = None
         for name, value in terms.items():
+            if isinstance(value, Combined):
+                total = value.value if total is None else total + value.value
+                continue
             weight = self.weights.get(name, 1.0)
             if weight:
                 total = weight * value if total is None else total + weight * value
@@ -183,7 +196,7 @@ class StageLoop:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     step += 1
-                    last = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
+                    last = _term_values(terms)
                     last["loss"] = float(total.detach())
                     if step % self.log_every == 0 or step == self.total_steps:
                         elapsed = max(1e-9, time.perf_counter() - window_start)
@@ -217,3 +230,12 @@ class StageLoop:
                                     title=f"stage {self.stage.name}")
         return StageResult(self.stage.name, step, skipped, last, time.perf_counter() - start,
                            self.logger.jsonl_path, plot)
+
+
+def _term_values(terms: dict) -> dict:
+    """``loss_<name>`` for every term, the parts of a :class:`Combined` one by one."""
+    out = {}
+    for name, value in terms.items():
+        parts = value.parts if isinstance(value, Combined) else {name: value}
+        out.update({f"loss_{k}": float(v.detach()) for k, v in parts.items()})
+    return out

@@ -20,6 +20,7 @@ from ..hf.distiller import AttentionDistiller
 from ..logit_kd.linear import linear_distillation_loss
 from ..logit_kd.from_logits import shift_labels
 from .config import DistillConfig, StageConfig
+from .engine import Combined
 
 # Linear layers of a Llama/Qwen2 decoder that LoRA adapts (attention and MLP), in the
 # language model only: the vision tower and the connector stay untouched.
@@ -192,13 +193,14 @@ class StageLosses:
             return terms
         head_t = lm_head(self.teacher)
         common = self.kd_options(batch, head_s, head_t)
-        if w.lm:
-            terms["lm"] = linear_distillation_loss(h_s, head_s.weight, h_t, head_t.weight,
-                                                   labels, ce_weight=1.0, kd_weight=0.0,
-                                                   **common)
-        if w.kd:
-            terms["kd"] = linear_distillation_loss(h_s, head_s.weight, h_t, head_t.weight,
-                                                   labels, **common)
+        if w.lm or w.kd:
+            # One pass over both lm_heads for LM and KD together, already weighted.
+            total, parts = linear_distillation_loss(h_s, head_s.weight, h_t, head_t.weight,
+                                                    labels, ce_weight=w.lm, kd_weight=w.kd,
+                                                    return_terms=True, **common)
+            names = {"ce": "lm", "kd": "kd"}
+            terms["lm+kd"] = Combined(total, {names[k]: v for k, v in parts.items()
+                                              if getattr(w, names[k])})
         if w.vat:
             terms["vat"] = cap.loss()
         return terms

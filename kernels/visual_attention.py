@@ -1,7 +1,7 @@
 """Visual-map passes: the head-mean attention on visual columns, rebuilt from ``lse``.
 
 ``A[b, r, c] = (1/Hq) Σ_h exp(s_h[i, j] - lse_h[i])`` with ``i = query_index[b, r]`` and
-``j = visual_index[b, c]`` (the gathered layout of ``compodistill.layout``), 0 on padding
+``j = visual_index[b, c]`` (the gathered layout of ``compodistill.visual_attention.layout``), 0 on padding
 rows/columns and on causal-masked pairs. The full attention matrix never exists: one
 program per (sample, block of gathered query rows, chunk of visual columns) loops over the
 heads, accumulating the head mean in registers (SPEC §9; the column chunks are spread over
@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from .attention import (block_d, default_scale, dot_precision, kernel_input, launch,
-                        _require_triton, triton, tl)
+from ._common import (block_d, default_scale, dot_precision, kernel_input, launch,
+                      require_triton, triton, tl)
 
 if triton is not None:
-    from .attention import _load_row_stats
+    from ._common import load_row_stats, log2_scale
 
     @triton.jit
     def _gathered_logits(Q, K, b, h, hk, qpos, vpos, r_ok, c_ok,
@@ -54,7 +54,7 @@ if triton is not None:
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
         """P_h on (gathered rows × gathered visual columns), before the pair mask."""
         bh = b * Hq + h
-        m, l2 = _load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, qpos, r_ok)
+        m, l2 = load_row_stats(RowMax + bh * N, RowLog2Sum + bh * N, qpos, r_ok)
         s = _gathered_logits(Q, K, b, h, hk, qpos, vpos, r_ok, c_ok, stride_qb, stride_qh,
                              stride_qn, stride_kb, stride_kh, stride_kn, qk_scale, HEAD_DIM,
                              BLOCK_D, DOT_PREC)
@@ -77,7 +77,7 @@ if triton is not None:
         qcnt = tl.load(QCnt + b).to(tl.int32)
         vcnt = tl.load(VCnt + b).to(tl.int32)
         if pid_r * BLOCK_Q < qcnt:
-            qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
+            qk_scale = log2_scale(scale)
             offs_r = pid_r * BLOCK_Q + tl.arange(0, BLOCK_Q)
             r_ok = offs_r < qcnt
             qpos = tl.load(QIdx + b * QMAX + offs_r, mask=r_ok, other=0)
@@ -125,7 +125,7 @@ if triton is not None:
         qcnt = tl.load(QCnt + b).to(tl.int32)
         vcnt = tl.load(VCnt + b).to(tl.int32)
         if (pid_r * BLOCK_Q < qcnt) & (pid_c * BLOCK_V < vcnt):
-            qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
+            qk_scale = log2_scale(scale)
             inv_h = 1.0 / tl.cast(Hq, tl.float32)
             offs_r = pid_r * BLOCK_Q + tl.arange(0, BLOCK_Q)
             r_ok = offs_r < qcnt
@@ -165,7 +165,7 @@ if triton is not None:
         qcnt = tl.load(QCnt + b).to(tl.int32)
         vcnt = tl.load(VCnt + b).to(tl.int32)
         if pid_r * BLOCK_Q < qcnt:
-            qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
+            qk_scale = log2_scale(scale)
             inv_h = 1.0 / tl.cast(Hq, tl.float32)
             offs_r = pid_r * BLOCK_Q + tl.arange(0, BLOCK_Q)
             r_ok = offs_r < qcnt
@@ -252,7 +252,7 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     but accumulated: ``out += weight * A`` on the real entries, and ``out`` is returned.
     No autograd here (see :mod:`kernels.autograd`).
     """
-    _require_triton()
+    require_triton()
     B, Hq, N, D = q.shape
     shape = (B, query_index.shape[1], visual_index.shape[1])
     accumulate = out is not None
@@ -282,7 +282,7 @@ def visual_row_terms(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     ``G = grad_maps`` (B, Qmax, Vmax) in the gathered layout; ``i = query_index[b, r]``.
     Positions that are not query rows hold 0.
     """
-    _require_triton()
+    require_triton()
     B, Hq, N, D = q.shape
     c = torch.zeros((B, Hq, N), device=q.device, dtype=torch.float32)
     if grad_maps.numel() == 0 or q.numel() == 0:

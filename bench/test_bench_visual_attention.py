@@ -1,12 +1,12 @@
-"""pytest-benchmark entry for bench/attention_loss.py, tiny CPU shapes.
+"""pytest-benchmark entry for bench/visual_attention.py, tiny CPU shapes.
 
 ``pytest bench/test_bench_attention.py`` times the torch providers (and the Triton ones under
-TRITON_INTERPRET=1) on N=64; the full sweep is ``python bench/attention_loss.py``.
+TRITON_INTERPRET=1) on N=64; the full sweep is ``python bench/visual_attention.py``.
 """
 import pytest
 import torch
 
-from bench.attention_loss import K, _inputs, _providers
+from bench.visual_attention import K, _inputs, _providers
 from compodistill.visual_attention.layout import visual_layout
 
 pytest.importorskip("pytest_benchmark")
@@ -17,7 +17,7 @@ PROVIDERS = (["flash", "fused"] if USE_TRITON else []) + ["sdpa", "chunked", "ea
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_attention_loss_cpu(benchmark, provider):
+def test_visual_attention_cpu(benchmark, provider):
     device = torch.device("cpu")
     layout = visual_layout([[(8, 24)]] * BATCH, BATCH, N, query="all", causal=True)
     inputs = _inputs(N, BATCH, hs=2, ht=4, d=32, hkv_s=1, hkv_t=2, dtype=torch.float32,

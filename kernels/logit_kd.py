@@ -17,23 +17,17 @@ Imports only torch and triton; runs on CUDA and under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .attention import launch
+from ._common import interpreting, launch
 
 LOSS_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _configs():
-    if _interpreting():  # the interpreter is slow: one small config
+    if interpreting():  # the interpreter is slow: one small config
         return [triton.Config({"BLOCK": 256}, num_warps=4)]
     return [triton.Config({"BLOCK": b}, num_warps=w)
             for b in (2048, 4096, 8192) for w in (8, 16)]
@@ -158,7 +152,9 @@ def _kd_rows_kernel(zs_ptr, zs_stride, zt_ptr, zt_stride, grad_ptr, grad_stride,
                 grad += ce_scale * (p_r - tl.where(cols == label, 1.0, 0.0))
             tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
-    tl.store(loss_ptr + row, kd_scale * acc + ce_scale * ce_loss)
+    # The two terms apart, so one fused call can report both (LM and KD in one lm_head pass).
+    tl.store(loss_ptr + 2 * row, kd_scale * acc)
+    tl.store(loss_ptr + 2 * row + 1, ce_scale * ce_loss)
 
 
 def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kd_scale: torch.Tensor,
@@ -171,28 +167,29 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kd_scale
         student_logits: (n, Vs), any float dtype, unit stride along the vocab.
         teacher_logits: (n, Vt >= Vs); only the first Vs columns are read.
         kd_scale: (n,) float32 row weights of the KD term (already including T² and 1/n_kd).
-        loss, beta, temperature: as in :func:`compodistill.logit_losses.logit_distillation_loss`.
+        loss, beta, temperature: as in :func:`compodistill.logit_kd.from_logits.logit_distillation_loss`.
         labels, ce_scale: optional (n,) targets and float32 weights of a student CE term on the
             raw logits (rows with ce_scale 0 may hold -100).
         grad_out: (n, Vs) buffer for the gradient; may be ``student_logits`` itself (in place).
             Defaults to a new tensor of the student dtype.
 
     Returns:
-        (row_loss float32 (n,), grad (n, Vs)): row_loss = kd_scale·KD_row + ce_scale·CE_row and
-        grad = its gradient w.r.t. the student logits.
+        (row_loss float32 (n, 2), grad (n, Vs)): row_loss[:, 0] = kd_scale·KD_row and
+        row_loss[:, 1] = ce_scale·CE_row; grad is the gradient of their sum w.r.t. the student
+        logits.
     """
     n, V = student_logits.shape
     if grad_out is None:
         grad_out = torch.empty_like(student_logits)
     zs, zt, g = student_logits, teacher_logits, grad_out
-    if _interpreting():
+    if interpreting():
         # The interpreter's half-precision arithmetic is unreliable: work in float32 there.
         zs, zt, g = zs.float(), zt.float(), torch.empty(n, V, dtype=torch.float32)
     if zs.stride(-1) != 1:
         zs = zs.contiguous()
     if zt.stride(-1) != 1:
         zt = zt.contiguous()
-    row_loss = torch.empty(n, dtype=torch.float32, device=zs.device)
+    row_loss = torch.empty(n, 2, dtype=torch.float32, device=zs.device)
     has_ce = labels is not None and ce_scale is not None
     dummy = kd_scale  # any tensor: never read when HAS_CE is False
     if n > 0:

@@ -15,7 +15,7 @@ attention matmuls of student fwd+bwd and teacher fwd (4·B·H·N²·d/2 causal p
 that for a backward), the same numerator for every provider that runs the teacher, so the
 column compares wall time on a common scale. An OOM is a row with value ``oom``.
 
-Usage: ``python bench/attention_loss.py [--device cuda|cpu] [--sizes N ...] [--out CSV] [--plot]``
+Usage: ``python bench/visual_attention.py [--device cuda|cpu] [--sizes N ...] [--out CSV] [--plot]``
 CUDA: N 1k..16k, B=2, student 16 heads, teacher 32 heads, d=128, Nv=576 image tokens from
 position 32, causal, bf16; GQA variant student kv 4, teacher kv 8.
 CPU: N 128/256, 2 and 4 heads, d=32, 32 image tokens, float32; the Triton providers run only
@@ -47,7 +47,7 @@ try:
 except ImportError:
     K = None
 
-BENCH = "attention_loss"
+BENCH = "visual_attention"
 SHAPES = {
     "cuda": dict(sizes=[1024, 2048, 4096, 8192, 16384], batch=2, hs=16, ht=32, d=128,
                  nv=576, image_start=32, dtype=torch.bfloat16,

@@ -1,0 +1,200 @@
+"""What every kernel module shares: the Triton import, the interpreter check, launching
+(with config pinning and launch recording), the per-target autotune tables, constants.
+
+Nothing here is a kernel of its own; :mod:`.attention`, :mod:`.visual_attention` and
+:mod:`.logit_kd` import from here, and :mod:`.report` reads the same tables.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------- helpers
+
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_input(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel reads: head dim made dense; bf16 upcast under the interpreter.
+
+    The Triton interpreter computes bf16 ``tl.dot`` and bf16 arithmetic wrongly, so bf16
+    inputs are upcast to float32 there. On a GPU the tensor passes through unchanged.
+    """
+    if t.dtype == torch.bfloat16 and interpreting():
+        t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two, at least 16 (the smallest ``tl.dot`` size)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact for float32 inputs (no TF32), native otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def deterministic() -> bool:
+    """Whether autotuned kernels run pinned to their first config.
+
+    True under ``COMPODISTILL_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``.
+    No kernel here uses atomics, so every launch is already bitwise reproducible for a given
+    config; what can differ from one process to the next is the config the autotuner picks
+    (block sizes set the reduction order of dk, dv, dq and the softmax). Pinning fixes it,
+    so a resumed run or another machine reproduces the same bits, at the cost of the tuning.
+    """
+    flag = os.environ.get("COMPODISTILL_DETERMINISTIC", "0")
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"COMPODISTILL_DETERMINISTIC must be 0 or 1, got {flag!r}")
+    return flag == "1" or torch.are_deterministic_algorithms_enabled()
+
+
+_recorders: list[list] = []
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Record launches instead of running them: yields a list that fills with
+    ``(kernel, grid, args, kwargs)`` for every :func:`launch` inside the block (no kernel
+    runs; outputs stay uninitialised). :mod:`kernels.report` compiles exactly these."""
+    log: list = []
+    _recorders.append(log)
+    try:
+        yield log
+    finally:
+        _recorders.remove(log)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; an autotuned kernel is pinned to its first config
+    when :func:`deterministic` says so. Every kernel of this package launches through here."""
+    if _recorders:
+        _recorders[-1].append((kernel, grid, args, kwargs))
+        return
+    if deterministic() and hasattr(kernel, "configs") and hasattr(kernel, "fn"):
+        # The first config that fits this GPU and head dim: spill-free by the table.
+        configs = kernel.configs
+        if not interpreting():
+            configs = configs_for(kernel, device_capability(), kwargs)
+        kwargs = {**kwargs, **configs[0].all_kwargs()}
+        kernel = kernel.fn
+    kernel[grid](*args, **kwargs)
+
+
+# The head-dim classes (BLOCK_D <= 64, = 128) each config fits per target: measured by
+# kernels/report.py (zero spill bytes, shared memory within the block limit);
+# tests/test_kernel_resources.py keeps the tables honest. BLOCK_D 16/32 use the 64 class.
+_FIT_TABLES: dict[str, dict[tuple, dict[int, tuple]]] = {}
+_ALL_CONFIGS: dict[str, list] = {}
+
+
+def config_key(config) -> tuple:
+    """A hashable identity of a ``triton.Config`` (its kwargs, warps and stages)."""
+    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
+
+
+def fitted_configs(kernel_name: str, rows) -> list:
+    """``triton.Config`` list from rows ``(BLOCK_M, BLOCK_N, warps, stages, fits_sm80,
+    fits_sm90)``, where ``fits_*`` are the head-dim classes (64, 128) the config fits."""
+    table, configs = {}, []
+    for block_m, block_n, warps, stages, fits80, fits90 in rows:
+        config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                               num_stages=stages)
+        table[config_key(config)] = {80: fits80, 90: fits90}
+        configs.append(config)
+    _FIT_TABLES[kernel_name] = table
+    _ALL_CONFIGS[kernel_name] = configs
+    return configs
+
+
+def fit_table(kernel_name: str) -> dict:
+    """``{config_key: {80: classes, 90: classes}}`` of an autotuned kernel (a copy)."""
+    return {k: dict(v) for k, v in _FIT_TABLES[kernel_name].items()}
+
+
+def all_configs(kernel_name: str) -> list:
+    """Every config of the kernel's table, before pruning (the interpreter keeps only the
+    first in the autotuner itself)."""
+    return list(_ALL_CONFIGS[kernel_name])
+
+
+def target_class(capability: int) -> int:
+    """The profiled target a compute capability (major * 10 + minor) is held to."""
+    return 90 if capability >= 90 else 80
+
+
+def device_capability() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def prune_configs(configs: list, table: dict, block_d: int, capability: int) -> list:
+    """The configs that fit ``block_d`` on this target, in table order (the first one is
+    what the deterministic mode pins)."""
+    target, size = target_class(capability), (64 if block_d <= 64 else 128)
+    keep = [c for c in configs if size in table.get(config_key(c), {}).get(target, (64, 128))]
+    return keep or list(configs[:1])
+
+
+def prune_hook(kernel_name: str) -> dict:
+    """``prune_configs_by`` of an autotuned kernel (runs on the launching GPU)."""
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 16))
+        return prune_configs(configs, _FIT_TABLES[kernel_name], block_d, device_capability())
+    return {"early_config_prune": prune}
+
+
+def configs_for(kernel, capability: int, kwargs: dict) -> list:
+    """The autotune configs ``kernel`` may run on a GPU of this compute capability with
+    these launch arguments (constexprs), after the per-target pruning."""
+    name = kernel.fn.__name__
+    return prune_configs(kernel.configs, _FIT_TABLES.get(name, {}), kwargs.get("BLOCK_D", 16),
+                         capability)
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def autotune_configs(configs):
+    """All configs on a GPU; the first only under the interpreter (no benchmarking there)."""
+    return configs[:1] if interpreting() else configs
+
+
+def require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("compodistill.kernels needs triton (pip install 'triton>=3.6')")
+
+
+if triton is not None:
+
+    @triton.jit
+    def log2_scale(scale):
+        """The softmax scale in log2 units: kernels use exp2, so scores are scaled by log2(e).
+        (Jit code cannot read the host constant LOG2E: triton globals must be constexpr.)"""
+        return tl.cast(scale, tl.float32) * 1.4426950408889634
+
+    @triton.jit
+    def load_row_stats(RowMax_row, RowLog2Sum_row, offs_m, m_ok):
+        """(m, log2 l) of a block of rows, log2 units; m = +inf where a row has no key, so
+        ``exp2((s - m) - log2 l)`` is 0 there."""
+        m = tl.load(RowMax_row + offs_m, mask=m_ok, other=float("inf"))
+        m = tl.where(m == float("-inf"), float("inf"), m)
+        l2 = tl.load(RowLog2Sum_row + offs_m, mask=m_ok, other=0.0)
+        return m, l2
