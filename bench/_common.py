@@ -63,11 +63,11 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
     """Median wall time (ms) and peak extra memory (MiB) of ``fn()``.
 
     CUDA: the allocator's peak above what was allocated before. CPU: the peak of live
-    tensor bytes created inside ``fn`` (``compodistill._memory``), measured in one extra
+    tensor bytes created inside ``fn`` (``compodistill.testing.memory``), measured in one extra
     untimed call because the tracking slows the call down.
     Raises torch.cuda.OutOfMemoryError unchanged so the caller can record an OOM.
     """
-    from compodistill._memory import peak_memory
+    from compodistill.testing.memory import peak_memory
 
     cuda = device.type == "cuda"
     for _ in range(warmup):

@@ -25,9 +25,7 @@ from bench._common import RESULTS_DIR, measure, provenance, write_rows  # noqa: 
 
 def step(n: int, device: torch.device):
     from compodistill import visual_layout
-    from compodistill._backend import load_kernel_module
-
-    kernels = load_kernel_module("autograd")
+    from compodistill.kernels import autograd as kernels
     g = torch.Generator(device).manual_seed(0)
     shape_q, shape_kv = (2, 16, n, 128), (2, 4, n, 128)
     q = torch.randn(shape_q, device=device, generator=g, dtype=torch.bfloat16)

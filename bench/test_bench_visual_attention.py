@@ -6,7 +6,7 @@ TRITON_INTERPRET=1) on N=64; the full sweep is ``python bench/visual_attention.p
 import pytest
 import torch
 
-from bench.visual_attention import K, _inputs, _providers
+from bench.visual_attention import K, make_inputs, providers
 from compodistill.visual_attention.layout import visual_layout
 
 pytest.importorskip("pytest_benchmark")
@@ -20,8 +20,8 @@ PROVIDERS = (["flash", "fused"] if USE_TRITON else []) + ["sdpa", "chunked", "ea
 def test_visual_attention_cpu(benchmark, provider):
     device = torch.device("cpu")
     layout = visual_layout([[(8, 24)]] * BATCH, BATCH, N, query="all", causal=True)
-    inputs = _inputs(N, BATCH, hs=2, ht=4, d=32, hkv_s=1, hkv_t=2, dtype=torch.float32,
+    inputs = make_inputs(N, BATCH, hs=2, ht=4, d=32, hkv_s=1, hkv_t=2, dtype=torch.float32,
                      device=device)
-    fn = _providers(*inputs, layout, device, USE_TRITON)[provider]
+    fn = providers(*inputs, layout, device, USE_TRITON)[provider]
     grads = benchmark(fn)
     assert all(torch.isfinite(g).all() for g in grads)

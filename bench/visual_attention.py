@@ -80,7 +80,7 @@ def _eager_attention(q, k, v, layout):
     return out, maps * layout.allowed()
 
 
-def _inputs(n, batch, hs, ht, d, hkv_s, hkv_t, dtype, device, seed=0):
+def make_inputs(n, batch, hs, ht, d, hkv_s, hkv_t, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape, grad=False):
@@ -93,7 +93,7 @@ def _inputs(n, batch, hs, ht, d, hkv_s, hkv_t, dtype, device, seed=0):
     return student, teacher, d_out
 
 
-def _providers(student, teacher, d_out, layout, device, use_triton):
+def providers(student, teacher, d_out, layout, device, use_triton):
     qs, ks, vs = student
     qt, kt, vt = teacher
 
@@ -132,11 +132,11 @@ def _providers(student, teacher, d_out, layout, device, use_triton):
         out, maps = _eager_attention(qs, ks, vs, layout)
         return grads([out, _map_loss(maps, target, layout)], [d_out, None])
 
-    providers = {}
+    by_name = {}
     if use_triton:
-        providers.update(flash=flash, fused=fused)
-    providers.update(sdpa=sdpa_only, chunked=chunked, eager=eager)
-    return providers
+        by_name.update(flash=flash, fused=fused)
+    by_name.update(sdpa=sdpa_only, chunked=chunked, eager=eager)
+    return by_name
 
 
 def _flops(name, batch, hs, ht, n, d):
@@ -162,10 +162,10 @@ def run(device: torch.device, csv_path: Path, sizes=None, repeat: int = 5) -> li
             nv = min(shape["nv"], n - start)
             layout = visual_layout([[(start, start + nv)]] * batch, batch, n, query="all",
                                    causal=True, device=device)
-            inputs = _inputs(n, batch, hs, ht, d, hkv_s, hkv_t, shape["dtype"], device)
+            inputs = make_inputs(n, batch, hs, ht, d, hkv_s, hkv_t, shape["dtype"], device)
             extra = (f"B={batch} Hs={hs}/{hkv_s} Ht={ht}/{hkv_t} d={d} Nv={nv} "
                      f"{str(shape['dtype']).replace('torch.', '')} causal")
-            for name, fn in _providers(*inputs, layout, device, use_triton).items():
+            for name, fn in providers(*inputs, layout, device, use_triton).items():
                 try:
                     ms, mib = measure(fn, device, repeat=repeat)
                     values = (f"{ms:.4g}", f"{mib:.4g}",

@@ -70,9 +70,7 @@ def test_linear_kd_is_bitwise_reproducible(monkeypatch):
 
 def test_pin_uses_the_first_config_and_is_validated(monkeypatch):
     pytest.importorskip("triton")
-    from compodistill._backend import load_kernel_module
-
-    attention = load_kernel_module("attention")
+    from compodistill.kernels import attention
     calls = []
 
     class Launcher:
