@@ -183,12 +183,10 @@ def _check_mask(attention_mask, layout: VisualLayout, role: str) -> None:
 def _fused_attention(query, key, value, layout: VisualLayout, scale: float, role: str):
     """THE CUDA place: one Triton call for the attention output and the visual map.
 
-    Returns ``(out (B, N, Hq, d), maps)`` or None when the fused kernels are not usable
-    (CPU tensors, Triton missing, or the kernel module lacks the entry point), in which
-    case the caller falls back to SDPA plus the chunked visual maps.
+    Returns ``(out (B, N, Hq, d), maps)``, or None when the kernel module lacks the entry
+    point (the caller then falls back to SDPA plus the visual maps). Called only after the
+    backend resolved to Triton.
     """
-    if resolve_backend("auto", query.device, "autograd") != "triton":
-        return None
     autograd = kernels_module("autograd")
     index = (layout.query_index, layout.query_count, layout.visual_index, layout.visual_count)
     if role == "teacher" and hasattr(autograd, "teacher_attention_with_visual_maps"):
@@ -226,7 +224,9 @@ def compodistill_attention_forward(module: nn.Module, query: torch.Tensor, key: 
         checked.append(attention_mask)
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     layout = layout.to(query.device)
-    fused = None if dropout > 0.0 else _fused_attention(query, key, value, layout, scale, role)
+    backend = resolve_backend("auto", query.device, "autograd")  # once per call
+    fused = (_fused_attention(query, key, value, layout, scale, role)
+             if backend == "triton" and dropout == 0.0 else None)
     if fused is not None:
         out, maps = fused
     else:
@@ -235,7 +235,7 @@ def compodistill_attention_forward(module: nn.Module, query: torch.Tensor, key: 
                                         **kwargs)
         # The teacher gives targets only: never build a graph for them.
         with torch.no_grad() if role == "teacher" else contextlib.nullcontext():
-            maps = visual_attention_maps(query, key, layout, scale=scale)
+            maps = visual_attention_maps(query, key, layout, scale=scale, backend=backend)
     sink.store(role, layer, maps if role == "student" else maps.detach())
     return out, None
 
