@@ -7,7 +7,8 @@ import torch  # noqa: E402
 
 from compodistill.train.config import ConfigError, config_from_dict  # noqa: E402
 from compodistill.train.recipes import (Recipe, RecipeFacts, StageParts,  # noqa: E402
-                                        recipe_facts, recipe_names, register_recipe)
+                                        recipe_facts, recipe_names, register_recipe,
+                                        unregister_recipe)
 from compodistill.train.stages import HiddenStates, lm_head, lm_loss  # noqa: E402
 from compodistill.train.trainer import DistillationTrainer  # noqa: E402
 
@@ -43,7 +44,14 @@ def student_dir(tmp_path_factory):
     return root
 
 
-def test_a_registered_recipe_is_configured_and_trained(student_dir):
+@pytest.fixture
+def shrink_registered():
+    yield
+    unregister_recipe("shrink")  # the registry is global: leave it as the other tests expect
+    assert "shrink" not in recipe_names()
+
+
+def test_a_registered_recipe_is_configured_and_trained(student_dir, shrink_registered):
     root = student_dir
     with pytest.raises(ConfigError, match="'shrink' is not a recipe"):
         config_from_dict({"recipe": "shrink"})
@@ -70,3 +78,5 @@ def test_a_registered_recipe_is_configured_and_trained(student_dir):
                                           rel=1e-5)
     assert (root / "run" / "1-sft" / "model" / "config.json").is_file()
     assert torch.isfinite(torch.tensor(final["loss"]))
+    with pytest.raises(ValueError, match="built-in"):
+        unregister_recipe("compodistill")

@@ -21,7 +21,7 @@ from typing import Callable
 from .base import Recipe, RecipeFacts, StageParts
 
 __all__ = ["Recipe", "RecipeFacts", "StageParts", "get_recipe", "register_recipe",
-           "recipe_names", "recipe_facts"]
+           "unregister_recipe", "recipe_names", "recipe_facts"]
 
 # name -> "module:factory"; imported on first use so the config can be read without torch
 # models, and recipe modules may import the trainer without an import cycle.
@@ -31,6 +31,9 @@ _REGISTRY: dict[str, str | Callable[[], Recipe]] = {
     "llavadi": "compodistill.train.recipes.llavadi:LlavaDIRecipe",
     "comd": "compodistill.train.recipes.comd:CoMDRecipe",
 }
+
+
+_BUILTIN = frozenset(_REGISTRY)
 
 
 def recipe_names() -> list[str]:
@@ -48,6 +51,13 @@ def register_recipe(name: str, factory: Callable[[], Recipe]) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"a recipe name must be a non-empty string, got {name!r}")
     _REGISTRY[name] = factory
+
+
+def unregister_recipe(name: str) -> None:
+    """Remove a recipe added with :func:`register_recipe` (the built-in ones stay)."""
+    if name in _BUILTIN:
+        raise ValueError(f"{name!r} is a built-in recipe and cannot be removed")
+    _REGISTRY.pop(name, None)
 
 
 def _factory(name: str) -> Callable[[], Recipe]:
