@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", parents=[common],
-                          help="a whole CompoDistill run on a tiny model pair (CPU, about 2 "
-                               "minutes on 2 cores)",
+                          help="a whole CompoDistill run on a tiny model pair (CPU, about 80 s "
+                               "on 2 cores)",
                           description="Synthetic data, a tiny teacher and student, teacher "
                                       "training, DPT -> DFT -> SFT with TAF, KD and VAT, then "
                                       "evaluation. Prints each phase and the total time.")
