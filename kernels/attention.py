@@ -1,4 +1,4 @@
-"""Flash attention forward and backward in Triton, with the visual-loss terms of SPEC §3.
+"""Flash attention forward and backward in Triton, with the visual-loss terms.
 
 Layout: ``q`` (B, Hq, N, d), ``k``/``v`` (B, Hkv, N, d), any strides as long as the head dim
 is dense; query head ``h`` reads kv head ``h // (Hq // Hkv)`` (no repeated k/v is built).
@@ -12,7 +12,7 @@ batch·head). Scores live in log2 units (``exp2``); the saved row statistics are
 ~3e-4 relative accuracy in P at |s| ~ 1e4). With ``v=None`` only the statistics are computed
 (what the visual-map pass needs when the attention output itself is not wanted).
 
-Backward (``flash_backward``), per SPEC §3 "Gradient"::
+Backward (``flash_backward``), per docs/visual_attention.md, "Gradient of the fused backward"::
 
     dS_h[i, j] = P_h[i, j] * (dP_h[i, j] + [j in V] * G[i, j] / Hq - D_i - c_h[i])
 

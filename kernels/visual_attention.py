@@ -4,8 +4,9 @@
 ``j = visual_index[b, c]`` (the gathered layout of ``compodistill.visual_attention.layout``), 0 on padding
 rows/columns and on causal-masked pairs. The full attention matrix never exists: one
 program per (sample, block of gathered query rows, chunk of visual columns) loops over the
-heads, accumulating the head mean in registers (SPEC §9; the column chunks are spread over
-programs instead of looped so that a small |Q| still fills the GPU).
+heads, accumulating the head mean in registers (docs/visual_attention.md, "How the kernels
+compute it"; the column chunks are spread over programs instead of looped so that a small
+|Q| still fills the GPU).
 
 - :func:`visual_maps_from_lse`: writes ``A`` (B, Qmax, Vmax) float32, or accumulates
   ``out += weight * A`` into an existing buffer (teacher targets averaged over a window of
