@@ -200,7 +200,7 @@ def test_dft_metrics_log_every_matched_layer_and_keep_the_total(pair):
 
     root, _, _ = pair
     stage = dict(kind="dft", max_steps=2, batch_size=2, lora_r=2, lora_alpha=4,
-                 weights=dict(lm=1.0, kd=1.0, vat=0.5))
+                 weights=dict(lm=0.0, kd=0.0, vat=0.5))  # VAT alone: the total is exact
     config = config_from_dict({
         "student": str(root / "student"), "teacher": str(root / "teacher"),
         "output_dir": str(root / "run"),
@@ -214,8 +214,8 @@ def test_dft_metrics_log_every_matched_layer_and_keep_the_total(pair):
         layers = [r["loss_vat_layer0"], r["loss_vat_layer1"]]
         assert r["loss_vat"] == pytest.approx(sum(layers) / 2, rel=1e-5)  # layer mean
         # The total counts VAT once, at its weight: the per-layer parts are metrics only.
-        assert r["loss"] == pytest.approx(r["loss_lm"] + r["loss_kd"] + 0.5 * r["loss_vat"],
-                                          rel=1e-5)
+        assert r["loss"] == pytest.approx(0.5 * r["loss_vat"], rel=1e-6)
+        assert min(layers) > 0
     header = (result.metrics_path.parent / "metrics.csv").read_text().splitlines()[0]
     assert {"loss_vat_layer0", "loss_vat_layer1"} <= set(header.split(","))
     assert result.plot_path is not None and result.plot_path.exists()
