@@ -318,13 +318,16 @@ def inspect_alignment(student, teacher, encoder, records, out, *, samples: int =
             s_cells = image_grids(_row_mean(s_map, layout).cpu(), grids)
             t_cells = image_grids(_row_mean(t_map, layout).cpu(), grids)
             result.cells[(index, match.student_layer)] = {"student": s_cells, "teacher": t_cells}
-            window = " ".join(str(t) for t in match.teacher_layers)
+            # Adaptive matching compares against the one teacher layer it picked.
+            chosen = cap.choices.get(match.student_layer)
+            teachers = [chosen] if chosen is not None else list(match.teacher_layers)
+            window = " ".join(str(t) for t in teachers)
             result.rows.append(dict(sample=index, sample_id=name,
                                     student_layer=match.student_layer, teacher_layers=window,
                                     loss=value, cosine=cos))
             if figures:
                 title = (f"sample {name}: student layer {match.student_layer} vs teacher "
-                         f"layers {_window(match.teacher_layers)} ({query} rows)\n"
+                         f"layers {_window(teachers)} ({query} rows)\n"
                          f"VAT {options['loss']} loss {value:.4f}   cosine {cos:.4f}")
                 result.figures.append(_layer_figure(
                     out / f"sample-{index:03d}" / f"layer-{match.student_layer:02d}.png",

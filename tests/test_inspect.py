@@ -242,3 +242,28 @@ def test_loss_curves_get_a_layer_panel(tmp_path):
     finally:
         matplotlib.figure.Figure.savefig = original
     assert seen == [[["loss", "loss_vat"], ["student layer 2", "student layer 10"]]]
+
+
+def test_capture_exposes_layer_maps_then_layer_losses():
+    from compodistill.hf import AttentionDistiller, tiny_llava_pair
+
+    student, teacher = tiny_llava_pair(image_size=16, patch_size=8)
+    cfg = student.config
+    ids = torch.randint(0, 100, (1, cfg.image_seq_length + 6))
+    ids[:, 1:1 + cfg.image_seq_length] = cfg.image_token_id
+    pixels = torch.randn(1, 3, 16, 16)
+    distiller = AttentionDistiller(student, teacher, preset="all", loss="mse")
+    with torch.no_grad(), distiller.capture(ids) as cap:
+        teacher(input_ids=ids, pixel_values=pixels)
+        student(input_ids=ids, pixel_values=pixels)
+    assert cap.layer_losses == {}
+    maps = cap.layer_maps()
+    assert [m.student_layer for m, _, _ in maps] == [0, 1]
+    want = {m.student_layer: float(visual_map_loss(s, t, cap.layout, loss="mse"))
+            for m, s, t in maps}
+    total = cap.loss()
+    got = {k: float(v) for k, v in cap.layer_losses.items()}
+    assert got == pytest.approx(want, rel=1e-6)
+    assert float(total) == pytest.approx(sum(want.values()) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="before loss"):
+        cap.layer_maps()
