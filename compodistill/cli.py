@@ -15,6 +15,8 @@ Fused visual-attention distillation of vision-language models.
   compodistill demo                       a whole distillation on a tiny model pair (CPU)
   compodistill train --config FILE        run a config's recipe (see configs/)
   compodistill eval cr|vqa --model DIR    evaluate a saved model
+  compodistill inspect --teacher DIR --student DIR --data FILE --out DIR
+                                          teacher vs student visual attention, per layer
   compodistill data synth --out DIR       write the synthetic compositional data set
   compodistill demo-losses                every visual-attention loss against the reference
 """
@@ -90,6 +92,12 @@ def _eval(args: argparse.Namespace) -> int:
     return cli.run(args)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from . import inspect
+
+    return inspect.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.synthetic import add_arguments as add_synth_arguments
     from .demo import DEFAULTS, HELP
@@ -136,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
         add_task_arguments(tasks.add_parser(task, parents=[common], help=text, description=text),
                            task)
     evaluate.set_defaults(func=_eval)
+
+    inspect = sub.add_parser("inspect", parents=[common],
+                             help="where the student's visual attention departs from the "
+                                  "teacher's: per-layer overlays, summary plot and CSV",
+                             description="Run a saved teacher and student on K samples and "
+                                         "draw, for every matched layer pair, both models' "
+                                         "attention from the query rows onto each image's "
+                                         "patch grid, their difference and the alignment "
+                                         "(VAT loss, cosine); then summary.png / summary.csv "
+                                         "per student layer over the samples.")
+    from .inspect import add_arguments as add_inspect_arguments
+
+    add_inspect_arguments(inspect)
+    inspect.set_defaults(func=_inspect)
 
     data = sub.add_parser("data", help="data tools: synth", description="Data tools.")
     tools = data.add_subparsers(dest="tool", required=True, metavar="TOOL")

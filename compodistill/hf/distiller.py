@@ -191,6 +191,8 @@ class Capture:
         layout: the :class:`~compodistill.visual_attention.layout.VisualLayout` of the batch.
         choices: for adaptive matching, after :meth:`loss`, the chosen teacher layer per
             student layer.
+        layer_losses: after :meth:`loss`, ``{student_layer: per-layer map loss}``, detached
+            (the terms :meth:`loss` reduces; empty before). Logging them costs nothing.
     """
 
     def __init__(self, distiller: AttentionDistiller, layout: VisualLayout):
@@ -208,12 +210,18 @@ class Capture:
             for t in m.teacher_layers:
                 self._windows_of.setdefault(t, []).append(j)
         self._loss: torch.Tensor | None = None
+        self._layer_losses: dict[int, torch.Tensor] = {}
         self._ctx = None
         self.checked_masks: list = []  # model masks already compared with the layout
 
     @property
     def layout(self) -> VisualLayout:
         return self._layout
+
+    @property
+    def layer_losses(self) -> dict[int, torch.Tensor]:
+        """``{student_layer: detached per-layer map loss}`` once :meth:`loss` ran, else ``{}``."""
+        return dict(self._layer_losses)
 
     # -- CaptureSink protocol (called from the attention function) ------------------------
     def site(self, module: nn.Module):
@@ -295,6 +303,21 @@ class Capture:
         if missing_s:
             raise ValueError(f"student layers {missing_s} were not captured" + hint)
 
+    def layer_maps(self) -> list[tuple[LayerMatch, torch.Tensor, torch.Tensor]]:
+        """``(match, student_map, target_map)`` per matched layer, before :meth:`loss` frees the
+        targets: the (B, Qmax, Vmax) maps the loss compares (for inspection, e.g.
+        ``compodistill inspect``). The student map keeps its graph; the target is detached.
+        """
+        if self._loss is not None:
+            raise ValueError("layer_maps() must be called before loss(), which frees the "
+                             "teacher targets")
+        self._check_complete()
+        out = []
+        for j, match in enumerate(self.distiller.matches):
+            student_map = self._student[match.student_layer]
+            out.append((match, student_map, self._target(j, match, student_map).detach()))
+        return out
+
     def loss(self) -> torch.Tensor:
         """The VAT loss: mean (or sum) over matched layers of the per-layer map loss.
 
@@ -311,6 +334,7 @@ class Capture:
             student_map = self._student[match.student_layer]
             target = self._target(j, match, student_map)
             terms.append(visual_map_loss(student_map, target, self._layout, **d.loss_options))
+        self._layer_losses = {m.student_layer: t.detach() for m, t in zip(d.matches, terms)}
         total = torch.stack(terms).sum()
         self._loss = total / len(terms) if d.layer_reduction == "mean" else total
         # The targets are no longer needed; the student maps stay referenced by the graph.

@@ -88,26 +88,47 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+LAYER_PREFIX = "loss_vat_layer"  # per-layer VAT alignment, one series per matched layer
+
+
+def _layer_of(key: str) -> int:
+    tail = key[len(LAYER_PREFIX):]
+    return int(tail) if tail.isdigit() else -1
+
+
 def plot_loss_curves(records: list[dict], out_png: str | Path, title: str = "") -> Path | None:
-    """Plot every ``loss*`` series against the step; returns the PNG path (None if no data)."""
+    """Plot every ``loss*`` series against the step; returns the PNG path (None if no data).
+
+    The per-layer VAT alignment series (``loss_vat_layer<l>``, one per matched student layer)
+    get a second panel of their own.
+    """
     keys = sorted({k for r in records for k, v in r.items()
                    if k.startswith("loss") and isinstance(v, (int, float))})
     if not records or not keys:
         return None
+    layer_keys = sorted((k for k in keys if k.startswith(LAYER_PREFIX)), key=_layer_of)
+    keys = [k for k in keys if k not in layer_keys]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in keys:
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker=".")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    panels = [(keys, "loss")] if keys else []
+    if layer_keys:
+        panels.append((layer_keys, "VAT loss per matched student layer"))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 4 * len(panels)), squeeze=False)
+    for ax, (series, ylabel) in zip(axes[:, 0], panels):
+        for key in series:
+            points = [(r["step"], r[key]) for r in records
+                      if isinstance(r.get(key), (int, float))]
+            label = (f"student layer {_layer_of(key)}" if key.startswith(LAYER_PREFIX)
+                     else key)
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label, marker=".")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0, 0].set_title(title)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

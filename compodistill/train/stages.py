@@ -120,6 +120,10 @@ def lm_loss(h_s: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.T
 class StageLosses:
     """``(prepared_student, batch) -> {"lm", "kd", "vat"}`` for one stage.
 
+    The ``vat`` term is a :class:`Combined` whose parts are the VAT loss and, for every
+    matched student layer ``l``, its own map loss ``vat_layer<l>`` (logged as
+    ``loss_vat_layer<l>``; they do not enter the total twice).
+
     Terms with weight 0 are not computed at all (no teacher forward when neither KD nor
     VAT is on). The teacher runs without gradients, in eval mode. Recipes subclass this and
     name the terms that need the teacher in ``TEACHER_TERMS``.
@@ -202,5 +206,11 @@ class StageLosses:
             terms["lm+kd"] = Combined(total, {names[k]: v for k, v in parts.items()
                                               if getattr(w, names[k])})
         if w.vat:
-            terms["vat"] = cap.loss()
+            # Weighted here as the engine would weigh a plain "vat" term (same total); the
+            # parts add each matched layer's map loss, already computed by cap.loss().
+            vat = cap.loss()
+            parts = {"vat": vat.detach(),
+                     **{f"vat_layer{layer}": value
+                        for layer, value in cap.layer_losses.items()}}
+            terms["vat"] = Combined(w.vat * vat, parts)
         return terms
