@@ -51,11 +51,14 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def deterministic() -> bool:
-    """Whether autotuned kernels run pinned to their first config.
+    """Whether autotuned kernels run pinned to their first config and the attention
+    backward avoids atomics.
 
     True under ``COMPODISTILL_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``.
-    No kernel here uses atomics, so every launch is already bitwise reproducible for a given
-    config; what can differ from one process to the next is the config the autotuner picks
+    The default attention backward accumulates dq with float32 atomics (5 matmuls; the order
+    of the additions varies); in this mode it runs the split dk/dv + dq kernels instead
+    (7 matmuls, no atomics), so every launch is bitwise reproducible for a given config.
+    What can still differ from one process to the next is the config the autotuner picks
     (block sizes set the reduction order of dk, dv, dq and the softmax). Pinning fixes it,
     so a resumed run or another machine reproduces the same bits, at the cost of the tuning.
     """
