@@ -248,3 +248,21 @@ def test_maps_from_a_given_lse_match_and_backpropagate():
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="lse must have shape"):
         visual_attention_maps(q, k, layout, backend="triton", lse=lse[:, :2])
+
+
+def test_maps_grid_runs_column_chunks_fastest():
+    """The map pass's grid is (column chunk, row block, sample): the programs that read one
+    block of q rows (all heads) are adjacent in launch order, so q is read from DRAM about
+    once, not once per column chunk. Recorded, not run."""
+    from compodistill.kernels._common import recording_launches
+    from compodistill.kernels.visual_attention import _BLOCK_Q, _BLOCK_V
+    n = 256
+    layout, _ = make_layout(2, n, None, ("one", "two"), "all", True)
+    q, k, _ = make_qkv(2, 2, 1, n, 16, F32)
+    _, stats = K.flash_forward(q, k, None, None, True, None)
+    _, qmax, vmax = layout.map_shape
+    assert vmax > _BLOCK_V and qmax > _BLOCK_Q  # several chunks along both axes
+    with recording_launches() as log:
+        K.visual_maps_from_lse(q, k, stats, *layout_index(layout), True, None)
+    grids = [grid for kern, grid, _a, _k in log if kern.__name__ == "_visual_maps_kernel"]
+    assert grids == [(-(-vmax // _BLOCK_V), -(-qmax // _BLOCK_Q), 2)]
