@@ -98,13 +98,14 @@ if triton is not None:
             m_i = m_new
         return acc, l_i, lt_i, m_i
 
-    # (BLOCK_M, BLOCK_N, warps, stages, head-dim classes fitting sm_80, sm_90).
+    # (BLOCK_M, BLOCK_N, warps, stages, head-dim classes fitting sm_80, sm_90 with Triton
+    # 3.8[, {other version: (sm_80, sm_90)}]).
     ALL, D64, D128, NONE = (64, 128), (64,), (128,), ()
     _FWD_CONFIGS = fitted_configs("_fwd_kernel", [
         (64, 64, 4, 2, ALL, ALL),
         (128, 64, 8, 3, D64, ALL),
-        (128, 128, 8, 2, NONE, ALL),
-        (128, 32, 8, 3, ALL, ALL),
+        (128, 128, 8, 2, NONE, ALL, {"3.6": (NONE, D64)}),
+        (128, 32, 8, 3, ALL, ALL, {"3.6": (D128, ALL)}),
         (64, 32, 4, 4, ALL, ALL),
         (64, 64, 4, 3, D64, ALL),
     ])
@@ -312,19 +313,19 @@ if triton is not None:
     _BWD_CONFIGS = fitted_configs("_bwd_dkdv_kernel", [
         (32, 64, 8, 2, D128, ALL),
         (32, 32, 4, 2, ALL, D128),
-        (64, 64, 8, 2, D128, NONE),
-        (16, 128, 8, 2, D64, ALL),
+        (64, 64, 8, 2, D128, NONE, {"3.6": (NONE, NONE)}),
+        (16, 128, 8, 2, D64, ALL, {"3.6": (D64, D64)}),
         (32, 128, 8, 2, NONE, D64),
     ])
     # dk/dv/dq with dq by atomics: dk, dv held, a (BLOCK_M, d) dq tile per step on top.
     # The first row is the split dk/dv kernel's first (the interpreter runs it: dk/dv agree
     # bitwise between the two backwards there).
     _BWD_ATOMIC_CONFIGS = fitted_configs("_bwd_dkdvdq_kernel", [
-        (32, 64, 8, 2, D128, ALL),
-        (32, 32, 4, 2, NONE, ALL),
-        (16, 128, 8, 2, D64, D64),
+        (32, 64, 8, 2, D128, ALL, {"3.6": (D128, D64)}),
+        (32, 32, 4, 2, NONE, ALL, {"3.6": (ALL, ALL)}),
+        (16, 128, 8, 2, D64, D64, {"3.6": (NONE, D64)}),
         (16, 64, 4, 2, D64, D64),
-        (64, 64, 8, 2, NONE, D64),
+        (64, 64, 8, 2, NONE, D64, {"3.6": (NONE, NONE)}),
         (32, 128, 8, 2, NONE, D64),
         (32, 64, 4, 2, NONE, D64),
     ])
