@@ -51,11 +51,14 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def deterministic() -> bool:
-    """Whether autotuned kernels run pinned to their first config.
+    """Whether autotuned kernels run pinned to their first config and the attention
+    backward avoids atomics.
 
     True under ``COMPODISTILL_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``.
-    No kernel here uses atomics, so every launch is already bitwise reproducible for a given
-    config; what can differ from one process to the next is the config the autotuner picks
+    The default attention backward accumulates dq with float32 atomics (5 matmuls; the order
+    of the additions varies); in this mode it runs the split dk/dv + dq kernels instead
+    (7 matmuls, no atomics), so every launch is bitwise reproducible for a given config.
+    What can still differ from one process to the next is the config the autotuner picks
     (block sizes set the reduction order of dk, dv, dq and the softmax). Pinning fixes it,
     so a resumed run or another machine reproduces the same bits, at the cost of the tuning.
     """
@@ -98,8 +101,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 
 # The head-dim classes (BLOCK_D <= 64, = 128) each config fits per target: measured by
-# kernels/report.py (zero spill bytes, shared memory within the block limit);
-# tests/test_kernel_resources.py keeps the tables honest. BLOCK_D 16/32 use the 64 class.
+# kernels/report.py (zero spill bytes, shared memory within the block limit) with Triton
+# 3.8, and with 3.6 where that differs; tests/test_kernel_resources.py keeps the tables
+# honest under the installed version. BLOCK_D 16/32 use the 64 class.
 _FIT_TABLES: dict[str, dict[tuple, dict[int, tuple]]] = {}
 _ALL_CONFIGS: dict[str, list] = {}
 
@@ -109,11 +113,22 @@ def config_key(config) -> tuple:
     return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
 
 
+def triton_version() -> str:
+    """``"major.minor"`` of the installed Triton (the fit tables may differ per version)."""
+    return ".".join(triton.__version__.split(".")[:2])
+
+
 def fitted_configs(kernel_name: str, rows) -> list:
     """``triton.Config`` list from rows ``(BLOCK_M, BLOCK_N, warps, stages, fits_sm80,
-    fits_sm90)``, where ``fits_*`` are the head-dim classes (64, 128) the config fits."""
+    fits_sm90[, per_version])``, where ``fits_*`` are the head-dim classes (64, 128) the
+    config fits with Triton 3.8, and the optional ``per_version`` maps another Triton
+    version (``"3.6"``) to its own ``(fits_sm80, fits_sm90)``, measured with that version
+    (its compiler allocates registers differently: a config at the edge may spill there)."""
     table, configs = {}, []
-    for block_m, block_n, warps, stages, fits80, fits90 in rows:
+    for row in rows:
+        block_m, block_n, warps, stages, fits80, fits90 = row[:6]
+        if len(row) > 6 and triton_version() in row[6]:
+            fits80, fits90 = row[6][triton_version()]
         config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
                                num_stages=stages)
         table[config_key(config)] = {80: fits80, 90: fits90}

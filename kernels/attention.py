@@ -22,8 +22,13 @@ written by :func:`kernels.visual_attention.visual_row_terms`. ``G`` is read thro
 index maps, ``query_row`` (B, N) (gathered row of a position, -1 if not a query row) and
 ``visual_col`` (B, N) (gathered column of a position, -1 if not an image token), so no
 (N × N) or (N × Nv) buffer exists. Two kernels: one program per (key block, batch·kv head)
-accumulates dk/dv over every query head of its GQA group (deterministic, no atomics), and
-one program per (query block, batch·head) accumulates dq.
+accumulates dk/dv over every query head of its GQA group (no atomics: each dk/dv row is
+written by one program). dq, by default, is accumulated in the same pass (the 5-matmul,
+FlashAttention-2 style backward, ``_bwd_dkdvdq_kernel``): each program adds its ``dS K`` to a
+float32 (B, Hq, N, d) buffer with ``tl.atomic_add``, cast to q's dtype at the end; the
+order of those float additions varies from run to run. The deterministic mode
+(:func:`deterministic`) runs instead one program per (query block, batch·head) that
+accumulates dq in registers (``_bwd_dq_kernel``, recomputing QKᵀ and dP: 7 matmuls).
 """
 from __future__ import annotations
 
@@ -93,13 +98,14 @@ if triton is not None:
             m_i = m_new
         return acc, l_i, lt_i, m_i
 
-    # (BLOCK_M, BLOCK_N, warps, stages, head-dim classes fitting sm_80, sm_90).
+    # (BLOCK_M, BLOCK_N, warps, stages, head-dim classes fitting sm_80, sm_90 with Triton
+    # 3.8[, {other version: (sm_80, sm_90)}]).
     ALL, D64, D128, NONE = (64, 128), (64,), (128,), ()
     _FWD_CONFIGS = fitted_configs("_fwd_kernel", [
         (64, 64, 4, 2, ALL, ALL),
         (128, 64, 8, 3, D64, ALL),
-        (128, 128, 8, 2, NONE, ALL),
-        (128, 32, 8, 3, ALL, ALL),
+        (128, 128, 8, 2, NONE, ALL, {"3.6": (NONE, D64)}),
+        (128, 32, 8, 3, ALL, ALL, {"3.6": (D128, ALL)}),
         (64, 32, 4, 4, ALL, ALL),
         (64, 64, 4, 3, D64, ALL),
     ])
@@ -209,13 +215,19 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax, RowLog2Sum, Delta,
-                    G_b, QueryRow_b, b, hk, lo, N, Hq, GROUP, VMAX,
-                    stride_qh, stride_qn, stride_dh, stride_dn, qk_scale, inv_h,
+                    G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq, GROUP, VMAX,
+                    stride_qh, stride_qn, stride_dh, stride_dn, stride_dqh, stride_dqn,
+                    scale, qk_scale, inv_h,
                     HAS_DO: tl.constexpr, WITH_G: tl.constexpr, G_INT64: tl.constexpr,
-                    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
         """dk, dv of one key block summed over the query heads of its kv head and the query
-        blocks [lo, N). ``WITH_G`` (a key block holding image tokens) adds G / Hq to dP."""
+        blocks [lo, N). ``WITH_G`` (a key block holding image tokens) adds G / Hq to dP.
+
+        ``ATOMIC_DQ`` (the 5-matmul backward): also ``dS K`` of this key block is added to
+        the float32 dq buffer ``DQ_b`` with ``tl.atomic_add``, from the same dS as dk (so
+        the visual correction in dS reaches dq exactly as in the split dq kernel)."""
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         for g in range(GROUP):
@@ -249,6 +261,11 @@ if triton is not None:
                     dpT = tl.dot(v, tl.trans(do), dpT, input_precision=DOT_PREC)
                 dsT = pT * (dpT - delta[None, :])
                 dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+                if ATOMIC_DQ:
+                    dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC)
+                    tl.atomic_add(DQ_b + h * stride_dqh + offs_m[:, None] * stride_dqn
+                                  + offs_d[None, :], dq * scale,
+                                  mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
         return dk, dv
 
     @triton.jit
@@ -296,9 +313,21 @@ if triton is not None:
     _BWD_CONFIGS = fitted_configs("_bwd_dkdv_kernel", [
         (32, 64, 8, 2, D128, ALL),
         (32, 32, 4, 2, ALL, D128),
-        (64, 64, 8, 2, D128, NONE),
-        (16, 128, 8, 2, D64, ALL),
+        (64, 64, 8, 2, D128, NONE, {"3.6": (NONE, NONE)}),
+        (16, 128, 8, 2, D64, ALL, {"3.6": (D64, D64)}),
         (32, 128, 8, 2, NONE, D64),
+    ])
+    # dk/dv/dq with dq by atomics: dk, dv held, a (BLOCK_M, d) dq tile per step on top.
+    # The first row is the split dk/dv kernel's first (the interpreter runs it: dk/dv agree
+    # bitwise between the two backwards there).
+    _BWD_ATOMIC_CONFIGS = fitted_configs("_bwd_dkdvdq_kernel", [
+        (32, 64, 8, 2, D128, ALL, {"3.6": (D128, D64)}),
+        (32, 32, 4, 2, NONE, ALL, {"3.6": (ALL, ALL)}),
+        (16, 128, 8, 2, D64, D64, {"3.6": (NONE, D64)}),
+        (16, 64, 4, 2, D64, D64),
+        (64, 64, 8, 2, NONE, D64, {"3.6": (NONE, NONE)}),
+        (32, 128, 8, 2, NONE, D64),
+        (32, 64, 4, 2, NONE, D64),
     ])
     _BWD_DQ_CONFIGS = fitted_configs("_bwd_dq_kernel", [
         (64, 32, 8, 2, ALL, ALL),
@@ -311,22 +340,23 @@ if triton is not None:
     # GROUP: the GQA ratio changes the dk/dv work per program (and GROUP = 1 specialises).
     _BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_DO", "HAS_G", "HAS_MASK", "GROUP", "N_BUCKET"]
 
-    @triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=_BWD_KEY,
-                     prune_configs_by=prune_hook("_bwd_dkdv_kernel"))
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
-                         VisualCol, DK, DV,
-                         stride_qb, stride_qh, stride_qn,
-                         stride_kb, stride_kh, stride_kn,
-                         stride_vb, stride_vh, stride_vn,
-                         stride_db, stride_dh, stride_dn,
-                         stride_dkb, stride_dkh, stride_dkn,
-                         stride_dvb, stride_dvh, stride_dvn,
-                         N, Hq, Hkv, GROUP, QMAX, VMAX, scale, N_BUCKET,
-                         HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
-                         G_INT64: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+    def _dkdv_program(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
+                      VisualCol, DK, DV, DQ,
+                      stride_qb, stride_qh, stride_qn,
+                      stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn,
+                      stride_db, stride_dh, stride_dn,
+                      stride_dkb, stride_dkh, stride_dkn,
+                      stride_dvb, stride_dvh, stride_dvn,
+                      stride_dqb, stride_dqh, stride_dqn,
+                      N, Hq, Hkv, GROUP, QMAX, VMAX, scale,
+                      HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
+                      G_INT64: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One (key block, batch·kv head) program of the backward: dk, dv (and with
+        ``ATOMIC_DQ`` the dq contributions, see :func:`_dkdv_heads`)."""
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // Hkv).to(tl.int64)
@@ -363,33 +393,101 @@ if triton is not None:
         DO_b = DO + b * stride_db
         G_b = G + b * QMAX * VMAX
         QueryRow_b = QueryRow + b * N
+        DQ_b = DQ + b * stride_dqb
         # The branch on image tokens is taken once per program, outside the loops: the
         # plain loop then carries none of the G tile's registers.
         if HAS_G:
             if tl.max(vcol, 0) >= 0:
                 dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
-                                     RowLog2Sum, Delta, G_b, QueryRow_b, b, hk, lo, N, Hq,
+                                     RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq,
                                      GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
-                                     qk_scale, inv_h, HAS_DO, True, G_INT64, CAUSAL, HEAD_DIM,
-                                     BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+                                     stride_dqh, stride_dqn, scale, qk_scale, inv_h, HAS_DO,
+                                     True, G_INT64, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
+                                     DOT_PREC, BLOCK_M, BLOCK_N)
             else:
                 dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
-                                     RowLog2Sum, Delta, G_b, QueryRow_b, b, hk, lo, N, Hq,
+                                     RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq,
                                      GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
-                                     qk_scale, inv_h, HAS_DO, False, G_INT64, CAUSAL,
-                                     HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+                                     stride_dqh, stride_dqn, scale, qk_scale, inv_h, HAS_DO,
+                                     False, G_INT64, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
+                                     DOT_PREC, BLOCK_M, BLOCK_N)
         else:
             dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
-                                 RowLog2Sum, Delta, G_b, QueryRow_b, b, hk, lo, N, Hq, GROUP,
-                                 VMAX, stride_qh, stride_qn, stride_dh, stride_dn, qk_scale,
-                                 inv_h, HAS_DO, False, G_INT64, CAUSAL, HEAD_DIM, BLOCK_D,
-                                 DOT_PREC, BLOCK_M, BLOCK_N)
+                                 RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq,
+                                 GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
+                                 stride_dqh, stride_dqn, scale, qk_scale, inv_h, HAS_DO, False,
+                                 G_INT64, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D, DOT_PREC,
+                                 BLOCK_M, BLOCK_N)
         dk = dk * scale
         tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn
                  + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
         if HAS_DO:
             tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn
                      + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=_BWD_KEY,
+                     prune_configs_by=prune_hook("_bwd_dkdv_kernel"))
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
+                         VisualCol, DK, DV,
+                         stride_qb, stride_qh, stride_qn,
+                         stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn,
+                         stride_db, stride_dh, stride_dn,
+                         stride_dkb, stride_dkh, stride_dkn,
+                         stride_dvb, stride_dvh, stride_dvn,
+                         N, Hq, Hkv, GROUP, QMAX, VMAX, scale, N_BUCKET,
+                         HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
+                         G_INT64: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+        """dk/dv only (the deterministic backward; dq comes from :func:`_bwd_dq_kernel`)."""
+        _dkdv_program(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
+                      VisualCol, DK, DV, DK,
+                      stride_qb, stride_qh, stride_qn,
+                      stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn,
+                      stride_db, stride_dh, stride_dn,
+                      stride_dkb, stride_dkh, stride_dkn,
+                      stride_dvb, stride_dvh, stride_dvn,
+                      0, 0, 0,
+                      N, Hq, Hkv, GROUP, QMAX, VMAX, scale,
+                      HAS_DO, HAS_G, HAS_MASK, G_INT64, CAUSAL, False, HEAD_DIM, BLOCK_D,
+                      DOT_PREC, BLOCK_M, BLOCK_N)
+
+    # The autotuner re-runs a kernel while benchmarking: the atomically accumulated dq
+    # buffer is zeroed before each trial.
+    @triton.autotune(configs=autotune_configs(_BWD_ATOMIC_CONFIGS), key=_BWD_KEY,
+                     prune_configs_by=prune_hook("_bwd_dkdvdq_kernel"), reset_to_zero=["DQ"])
+    @triton.jit
+    def _bwd_dkdvdq_kernel(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
+                           VisualCol, DK, DV, DQ,
+                           stride_qb, stride_qh, stride_qn,
+                           stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn,
+                           stride_db, stride_dh, stride_dn,
+                           stride_dkb, stride_dkh, stride_dkn,
+                           stride_dvb, stride_dvh, stride_dvn,
+                           stride_dqb, stride_dqh, stride_dqn,
+                           N, Hq, Hkv, GROUP, QMAX, VMAX, scale, N_BUCKET,
+                           HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
+                           G_INT64: tl.constexpr, CAUSAL: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+        """The 5-matmul backward: dk, dv and dq (float32 atomics into ``DQ``) in one pass."""
+        _dkdv_program(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
+                      VisualCol, DK, DV, DQ,
+                      stride_qb, stride_qh, stride_qn,
+                      stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn,
+                      stride_db, stride_dh, stride_dn,
+                      stride_dkb, stride_dkh, stride_dkn,
+                      stride_dvb, stride_dvh, stride_dvn,
+                      stride_dqb, stride_dqh, stride_dqn,
+                      N, Hq, Hkv, GROUP, QMAX, VMAX, scale,
+                      HAS_DO, HAS_G, HAS_MASK, G_INT64, CAUSAL, True, HEAD_DIM, BLOCK_D,
+                      DOT_PREC, BLOCK_M, BLOCK_N)
 
     @triton.autotune(configs=autotune_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY,
                      prune_configs_by=prune_hook("_bwd_dq_kernel"))
@@ -579,6 +677,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                    query_row: torch.Tensor | None = None,
                    visual_col: torch.Tensor | None = None,
                    row_terms: torch.Tensor | None = None,
+                   atomic_dq: bool | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Flash attention backward with the optional visual terms: ``(dq, dk, dv)``.
 
@@ -589,6 +688,10 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
         grad_maps: ``G = dL/dA`` (B, Qmax, Vmax) float32, or None for plain attention.
         query_row, visual_col: (B, N) int32 inverse index maps (see module docstring).
         row_terms: ``c`` (B, Hq, N) float32 from :func:`kernels.visual_attention.visual_row_terms`.
+        atomic_dq: True: the 5-matmul backward (one kernel, dq accumulated by float32
+            atomics, whose order is not fixed); False: dk/dv and a separate dq kernel that
+            recomputes QKᵀ and dP (7 matmuls, bitwise reproducible). None (default): False
+            exactly when :func:`deterministic` says so.
 
     dq/dk/dv have the dtypes of q/k/v; dk/dv of a kv head sum over its query heads.
     """
@@ -614,14 +717,12 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
         visual_col = visual_col.to(torch.int32).contiguous()
     else:
         grad_maps, query_row, visual_col, qmax, vmax = q, q, q, 0, 0
-    span = visual_span(visual_col) if has_g else q
     stats = stats.float().contiguous()
-    dq = torch.empty((B, Hq, N, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, Hkv, N, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, Hkv, N, D), device=q.device, dtype=v.dtype) if has_do else None
     if q.numel() == 0:
-        dq.zero_(), dk.zero_()
-        return dq, dk, (dv.zero_() if dv is not None else None)
+        return (torch.zeros((B, Hq, N, D), device=q.device, dtype=dtypes[0]), dk.zero_(),
+                (dv.zero_() if dv is not None else None))
     do_arg = do if has_do else q
     v_arg = v if has_do else k
     dv_arg = dv if has_do else dk
@@ -631,6 +732,28 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                  G_INT64=qmax * vmax >= 2**31, CAUSAL=bool(causal),
                  HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
     grid_kv = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+    if atomic_dq is None:
+        atomic_dq = not deterministic()
+    if atomic_dq:
+        dq_acc = torch.zeros((B, Hq, N, D), device=q.device, dtype=torch.float32)
+        launch(_bwd_dkdvdq_kernel, grid_kv,
+            q, k, v_arg, do_arg, stats[0], stats[1], delta, km, grad_maps, query_row,
+            visual_col, dk, dv_arg, dq_acc,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
+            do_arg.stride(0), do_arg.stride(1), do_arg.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv_arg.stride(0), dv_arg.stride(1), dv_arg.stride(2),
+            dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
+            N, Hq, Hkv, Hq // Hkv, qmax, vmax, scale, _n_bucket(N), **flags,
+        )
+        dq = dq_acc.to(dtypes[0])
+        dk = dk.to(dtypes[1])
+        dv = dv.to(dtypes[2]) if dv is not None else None
+        return dq, dk, dv
+    span = visual_span(visual_col) if has_g else q
+    dq = torch.empty((B, Hq, N, D), device=q.device, dtype=q.dtype)
     launch(_bwd_dkdv_kernel, grid_kv,
         q, k, v_arg, do_arg, stats[0], stats[1], delta, km, grad_maps, query_row, visual_col,
         dk, dv_arg,

@@ -107,8 +107,11 @@ def record(case: Case) -> list[tuple]:
                           row_terms=visual_row_terms(q, k, stats, qi, qc, vi, vc, g,
                                                                  case.causal, None))
         do = torch.empty_like(q) if v is not None else None
-        attention.flash_backward(do, q, k, v, out if v is not None else None, stats, mask,
-                                 case.causal, None, **visual)
+        # Both backwards: the 5-matmul one (dq by atomics, the default) and the split one
+        # of the deterministic mode.
+        for atomic_dq in (True, False):
+            attention.flash_backward(do, q, k, v, out if v is not None else None, stats,
+                                     mask, case.causal, None, atomic_dq=atomic_dq, **visual)
     return [(kern, args, kwargs) for kern, _grid, args, kwargs in log]
 
 

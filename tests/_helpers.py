@@ -218,3 +218,23 @@ def run_reference(q, k, v, mask, causal, layout=None, vis=None, query="all", d_o
         results[kind] = dict(out=out.detach(), lse=None if lse is None else lse.detach(),
                              maps=None if maps is None else maps.detach(), grads=grads)
     return results["ref"], results["lowp"]
+
+
+# The two backwards of kernels/attention.py: "atomic" (the default, 5 matmuls, dq by float32
+# atomics inside the dk/dv kernel) and "split" (the deterministic mode: dk/dv, then dq).
+BACKWARD_MODES = ("atomic", "split")
+BACKWARD_KERNELS = {"atomic": ["_bwd_delta_kernel", "_bwd_dkdvdq_kernel"],
+                    "split": ["_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"]}
+
+
+def use_backward(monkeypatch, mode: str) -> None:
+    """Select the backward through the deterministic switch (COMPODISTILL_DETERMINISTIC)."""
+    monkeypatch.setenv("COMPODISTILL_DETERMINISTIC", "1" if mode == "split" else "0")
+
+
+def launched_kernels(fn) -> list[str]:
+    """Names of the kernels ``fn()`` launches (recorded, not run: outputs are garbage)."""
+    from compodistill.kernels._common import recording_launches
+    with recording_launches() as log:
+        fn()
+    return [getattr(kern, "fn", kern).__name__ for kern, _grid, _args, _kwargs in log]

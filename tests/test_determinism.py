@@ -1,11 +1,12 @@
 """Deterministic backward: bitwise-equal gradients across runs; the config pin of the kernels.
 
-No kernel uses atomics (dk/dv of a kv head sum over its query heads inside one program; the
-visual terms write per-row/per-block results), and the chunked PyTorch path uses only
-deterministic CPU ops, so two runs of one configuration give the same bits. On a GPU the
-autotuner may pick different block sizes in different processes (a different reduction
-order); ``COMPODISTILL_DETERMINISTIC=1`` (or ``torch.use_deterministic_algorithms(True)``)
-pins every autotuned kernel to its first config.
+The default attention backward adds dq with float32 atomics (run order dependent on a GPU;
+the interpreter runs programs in order, so it reproduces there); everything else writes
+each output from one program, and the chunked PyTorch path uses only deterministic CPU ops.
+On a GPU the autotuner may also pick different block sizes in different processes (a
+different reduction order); ``COMPODISTILL_DETERMINISTIC=1`` (or
+``torch.use_deterministic_algorithms(True)``) runs the split backward (no atomics) and pins
+every autotuned kernel to its first config.
 """
 import os
 
@@ -104,12 +105,14 @@ def test_pin_uses_the_first_config_and_is_validated(monkeypatch):
 
 
 def test_pinned_kernels_match_the_tuned_ones_under_the_interpreter(monkeypatch):
-    """The interpreter has a single config, so pinned and tuned runs must agree bitwise:
-    the pinned launch path passes every argument through unchanged."""
+    """The interpreter has a single config, so pinned and tuned runs agree: the pinned
+    launch path passes every argument through unchanged. The loss and dk are bitwise equal
+    (same kernels and first config); dq differs only in the order of its float32 sums (the
+    tuned run accumulates it by atomics, the deterministic one in the split dq kernel)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("COMPODISTILL_DETERMINISTIC", "0")
     tuned = gradients("triton", seed=3, n=32)
     monkeypatch.setenv("COMPODISTILL_DETERMINISTIC", "1")
     pinned = gradients("triton", seed=3, n=32)
-    for a, b in zip(tuned, pinned):
-        assert torch.equal(a, b)
+    assert torch.equal(tuned[0], pinned[0]) and torch.equal(tuned[2], pinned[2])
+    torch.testing.assert_close(tuned[1], pinned[1], atol=1e-6, rtol=1e-5)

@@ -3,6 +3,7 @@ block's shared memory, for sm_80 and sm_90 (CPU only: Triton compiles for a GPUT
 with the wheel's ptxas, no driver needed; see kernels/report.py).
 
 Default run: the fused student scenario and plain attention, fp16/bf16, d = 64 and 128,
+both backwards (the default 5-matmul one with atomic dq and the deterministic split one),
 both targets (the representative set, a few minutes on 2 cores). ``-m slow``: the full
 sweep of kernels/report.py (head dims 80/96, maps-only, no GQA, non-causal, logit KD).
 """
@@ -51,7 +52,8 @@ def test_representative_kernels_fit_sm80_and_sm90():
         print(json.dumps(rows))
     """)
     kernels = {r["kernel"] for r in rows}
-    assert {"fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "visual_maps_kernel",
+    assert {"fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "bwd_dkdvdq_kernel",
+            "visual_maps_kernel",
             "visual_stats_kernel", "visual_row_terms_kernel"} <= kernels
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
     bad = _failures(rows)
@@ -78,7 +80,7 @@ def test_pruning_leaves_configs_for_every_head_dim_and_target():
     """The autotuner (and the deterministic mode's pin, the first survivor) always has a
     measured config left: the pruning never falls back to an unmeasured one."""
     from compodistill.kernels import attention as common  # its tables and pruning
-    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_dkdvdq_kernel"):
         table = common.fit_table(name)
         for cap in (80, 90):
             for block_d, size in ((16, 64), (64, 64), (128, 128)):

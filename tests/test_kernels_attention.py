@@ -30,7 +30,8 @@ except ImportError:  # source checkout without installation
 
 from compodistill.testing.visual_attention import ref_attention_output  # noqa: E402
 
-from _helpers import assert_close_rule, make_qkv, padding_mask, run_reference  # noqa: E402
+from _helpers import (BACKWARD_KERNELS, BACKWARD_MODES, assert_close_rule,  # noqa: E402
+                      launched_kernels, make_qkv, padding_mask, run_reference, use_backward)
 
 # --------------------------------------------------------------------------- forward
 
@@ -105,7 +106,9 @@ def test_forward_strided_inputs():
     (129, 2, torch.float32, "right", False),
     (70, 2, torch.float16, "left", True),
 ])
-def test_backward_vs_reference(n, hkv, dtype, pad, causal):
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
+def test_backward_vs_reference(n, hkv, dtype, pad, causal, mode, monkeypatch):
+    use_backward(monkeypatch, mode)
     q, k, v = make_qkv(2, 4, hkv, n, 64, dtype, seed=n)
     mask = padding_mask(2, n, pad)
     d_out = torch.randn(q.shape).to(dtype)
@@ -119,7 +122,9 @@ def test_backward_vs_reference(n, hkv, dtype, pad, causal):
         assert_close_rule(f"d{name}", got, r, lo, dtype)
 
 
-def test_backward_head_dim_80_fully_masked_rows():
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
+def test_backward_head_dim_80_fully_masked_rows(mode, monkeypatch):
+    use_backward(monkeypatch, mode)
     q, k, v = make_qkv(1, 2, 2, 20, 80, torch.float32, seed=3)
     mask = torch.ones(1, 20, dtype=torch.bool)
     mask[0, :6] = False
@@ -142,6 +147,50 @@ def test_backward_broadcast_grad_output():
     ref, _ = run_reference(q, k, v, None, True, d_out=torch.ones(q.shape))
     for got, r in zip(grads, ref["grads"]):
         torch.testing.assert_close(got, r, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("deterministic", ["env", "torch", None])
+@pytest.mark.parametrize("visual", [False, True])
+def test_backward_kernels_per_mode(deterministic, visual, monkeypatch):
+    """The default backward is the 5-matmul one (one dk/dv/dq kernel, dq by atomics); the
+    deterministic mode (either switch) runs the split dk/dv and dq kernels."""
+    monkeypatch.setenv("COMPODISTILL_DETERMINISTIC", "1" if deterministic == "env" else "0")
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled",
+                        lambda: deterministic == "torch")
+    n = 24
+    q, k, v = make_qkv(1, 2, 1, n, 16, torch.float32, seed=1)
+    out, stats = K.flash_forward(q, k, v, None, True, None)
+    extra = {}
+    if visual:
+        vcol = torch.full((1, n), -1, dtype=torch.int32)
+        vcol[0, 4:8] = torch.arange(4, dtype=torch.int32)
+        extra = dict(grad_maps=torch.zeros(1, n, 4), query_row=torch.arange(n)[None].int(),
+                     visual_col=vcol, row_terms=torch.zeros(1, 2, n))
+    names = launched_kernels(lambda: K.flash_backward(torch.ones_like(q), q, k, v, out, stats,
+                                                      None, True, None, **extra))
+    assert names == BACKWARD_KERNELS["atomic" if deterministic is None else "split"]
+    for mode, atomic_dq in (("atomic", True), ("split", False)):  # the explicit switch
+        names = launched_kernels(lambda: K.flash_backward(
+            torch.ones_like(q), q, k, v, out, stats, None, True, None, atomic_dq=atomic_dq,
+            **extra))
+        assert names == BACKWARD_KERNELS[mode]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_atomic_and_split_backward_agree(dtype):
+    """Same dS, so dk/dv are bitwise equal (same first config under the interpreter) and dq
+    differs only by the order of its float32 additions."""
+    n = 45
+    q, k, v = make_qkv(2, 4, 2, n, 64, dtype, seed=4)
+    mask = padding_mask(2, n, "left")
+    out, stats = K.flash_forward(q, k, v, mask, True, None)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    atomic = K.flash_backward(do, q, k, v, out, stats, mask, True, None, atomic_dq=True)
+    split = K.flash_backward(do, q, k, v, out, stats, mask, True, None, atomic_dq=False)
+    assert torch.equal(atomic[1], split[1]) and torch.equal(atomic[2], split[2])
+    assert atomic[0].dtype == dtype
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(atomic[0].float(), split[0].float(), atol=tol, rtol=tol)
 
 
 # --------------------------------------------------------------------------- API surface

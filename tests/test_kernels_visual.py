@@ -17,8 +17,9 @@ pytest.importorskip("triton")
 from compodistill import kernels as K  # noqa: E402
 from compodistill.testing.visual_attention import ref_visual_maps  # noqa: E402
 
-from _helpers import (assert_close_rule, dense_ref_maps, layout_index, make_layout,  # noqa: E402
-                      make_qkv, padding_mask, run_reference)
+from _helpers import (BACKWARD_MODES, assert_close_rule, dense_ref_maps,  # noqa: E402
+                      layout_index, make_layout, make_qkv, padding_mask, run_reference,
+                      use_backward)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -82,7 +83,10 @@ def test_no_images_anywhere_gives_empty_maps_and_zero_grads():
     (129, 4, 2, 64, F32, "right", ("two", "one"), "visual", True),
     (70, 2, 1, 80, F16, None, ("one", "two"), "all", False),
 ])
-def test_fused_backward_with_visual_terms(n, hq, hkv, d, dtype, pad, kinds, query, causal):
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
+def test_fused_backward_with_visual_terms(n, hq, hkv, d, dtype, pad, kinds, query, causal,
+                                          mode, monkeypatch):
+    use_backward(monkeypatch, mode)
     q, k, v = make_qkv(2, hq, hkv, n, d, dtype, seed=3 * n + hkv)
     mask = padding_mask(2, n, pad)
     layout, vis = make_layout(2, n, mask, kinds, query, causal)
@@ -105,8 +109,10 @@ def test_fused_backward_with_visual_terms(n, hq, hkv, d, dtype, pad, kinds, quer
     (37, 2, F32, "left", True),
     (50, 1, F16, "right", False),
 ])
-def test_maps_only_backward(n, hkv, dtype, pad, causal):
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
+def test_maps_only_backward(n, hkv, dtype, pad, causal, mode, monkeypatch):
     """visual_maps (no v): the backward has only the visual terms (dO = 0)."""
+    use_backward(monkeypatch, mode)
     q, k, v = make_qkv(2, 4, hkv, n, 64, dtype, seed=n)
     mask = padding_mask(2, n, pad)
     layout, vis = make_layout(2, n, mask, ("two", "one"), "all", causal)
@@ -242,3 +248,21 @@ def test_maps_from_a_given_lse_match_and_backpropagate():
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="lse must have shape"):
         visual_attention_maps(q, k, layout, backend="triton", lse=lse[:, :2])
+
+
+def test_maps_grid_runs_column_chunks_fastest():
+    """The map pass's grid is (column chunk, row block, sample): the programs that read one
+    block of q rows (all heads) are adjacent in launch order, so q is read from DRAM about
+    once, not once per column chunk. Recorded, not run."""
+    from compodistill.kernels._common import recording_launches
+    from compodistill.kernels.visual_attention import _BLOCK_Q, _BLOCK_V
+    n = 256
+    layout, _ = make_layout(2, n, None, ("one", "two"), "all", True)
+    q, k, _ = make_qkv(2, 2, 1, n, 16, F32)
+    _, stats = K.flash_forward(q, k, None, None, True, None)
+    _, qmax, vmax = layout.map_shape
+    assert vmax > _BLOCK_V and qmax > _BLOCK_Q  # several chunks along both axes
+    with recording_launches() as log:
+        K.visual_maps_from_lse(q, k, stats, *layout_index(layout), True, None)
+    grids = [grid for kern, grid, _a, _k in log if kern.__name__ == "_visual_maps_kernel"]
+    assert grids == [(-(-vmax // _BLOCK_V), -(-qmax // _BLOCK_Q), 2)]
