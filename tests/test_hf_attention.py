@@ -155,12 +155,11 @@ def test_fused_branch_wiring(monkeypatch):
 
     calls = []
 
-    def fused(q, k, v, qi, qc, vi, vc, key_mask, causal, scale):
-        calls.append((tuple(q.shape), qi.shape, vi.shape, key_mask is not None, causal))
-        out, _ = ref_attention_output(q, k, v, key_mask, causal, scale)
-        maps = visual_attention_maps(q, k, attention.VisualLayout(qi, qc, vi, vc, key_mask,
-                                                                 q.shape[2], causal),
-                                     scale=scale, backend="torch")
+    def fused(q, k, v, layout, scale):
+        calls.append((tuple(q.shape), layout.query_index.shape, layout.visual_index.shape,
+                      layout.key_mask is not None, layout.causal))
+        out, _ = ref_attention_output(q, k, v, layout.key_mask, layout.causal, scale)
+        maps = visual_attention_maps(q, k, layout, scale=scale, backend="torch")
         return out.to(q.dtype), maps
 
     fake = SimpleNamespace(attention_with_visual_maps=fused,

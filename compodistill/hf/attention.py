@@ -188,13 +188,12 @@ def _fused_attention(query, key, value, layout: VisualLayout, scale: float, role
     backend resolved to Triton.
     """
     autograd = kernels_module("autograd")
-    index = (layout.query_index, layout.query_count, layout.visual_index, layout.visual_count)
+    # The layout object itself (the captured layout is causal: _check_captured_call).
     if role == "teacher" and hasattr(autograd, "teacher_attention_with_visual_maps"):
-        out, maps = autograd.teacher_attention_with_visual_maps(
-            query, key, value, *index, layout.key_mask, True, scale)
+        out, maps = autograd.teacher_attention_with_visual_maps(query, key, value, layout,
+                                                                scale=scale)
     elif hasattr(autograd, "attention_with_visual_maps"):
-        out, maps = autograd.attention_with_visual_maps(
-            query, key, value, *index, layout.key_mask, True, scale)
+        out, maps = autograd.attention_with_visual_maps(query, key, value, layout, scale=scale)
     else:
         return None
     return out.transpose(1, 2).contiguous(), maps
