@@ -52,6 +52,17 @@ def losses(folder):
     return [r["loss"] for r in read_metrics(folder / "metrics.jsonl")]
 
 
+def assert_one_line_error(code, stderr, *words):
+    """A CLI user error: exit status 2, one message line plus the --debug hint, no traceback,
+    and the message names every one of ``words``."""
+    assert code == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("(run again with --debug"), stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
 def write_tiny_pair(root, *, num: int, student_layers: int = 2, teacher_layers: int = 4,
                     num_eval: int = 1, teacher: bool = True):
     """Synthetic data in ``root/data`` and a tiny student (with its tokenizer) and teacher saved

@@ -7,19 +7,12 @@ import pytest
 
 from compodistill.cli import build_parser, main
 
+from _helpers import assert_one_line_error
+
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "compodistill.cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line_error(returncode, stderr, *words):
-    assert returncode == 2, stderr
-    assert "Traceback" not in stderr, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 2 and lines[1].startswith("(run again with --debug"), stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def in_process(capsys, *args):

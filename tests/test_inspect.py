@@ -25,16 +25,7 @@ from compodistill.cli import main  # noqa: E402
 from compodistill.inspect import PatchGrid, image_grids, patch_grid, run_inspect  # noqa: E402
 from compodistill.visual_attention import visual_layout, visual_map_loss  # noqa: E402
 
-from _helpers import write_tiny_pair  # noqa: E402
-
-
-def assert_one_line_error(code, stderr, *words):
-    assert code == 2, stderr
-    assert "Traceback" not in stderr, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 2 and lines[1].startswith("(run again with --debug"), stderr
-    for word in words:
-        assert word in lines[0], lines[0]
+from _helpers import assert_one_line_error, write_tiny_pair  # noqa: E402
 
 
 @pytest.fixture(scope="module")
