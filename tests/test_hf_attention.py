@@ -155,12 +155,12 @@ def test_fused_branch_wiring(monkeypatch):
 
     calls = []
 
-    def fused(q, k, v, layout, scale):
+    def fused(q, k, v, layout, scale, maps_out=None):
         calls.append((tuple(q.shape), layout.query_index.shape, layout.visual_index.shape,
                       layout.key_mask is not None, layout.causal))
         out, _ = ref_attention_output(q, k, v, layout.key_mask, layout.causal, scale)
         maps = visual_attention_maps(q, k, layout, scale=scale, backend="torch")
-        return out.to(q.dtype), maps
+        return out.to(q.dtype), maps if maps_out is None else maps_out.add_(maps)
 
     fake = SimpleNamespace(attention_with_visual_maps=fused,
                            teacher_attention_with_visual_maps=fused)
@@ -178,3 +178,53 @@ def test_fused_branch_wiring(monkeypatch):
     want = ref(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
     assert cap.loss().requires_grad
+
+
+def test_teacher_layers_of_one_window_accumulate_in_place(monkeypatch):
+    """On the fused (CUDA) branch, faked on CPU: a teacher layer that belongs to exactly one
+    group window is added into that window's running sum by the kernel itself (maps_out);
+    a layer shared by two windows is computed once and added to both. The loss equals the
+    PyTorch path's."""
+    from types import SimpleNamespace
+
+    from compodistill import visual_attention_maps
+    from compodistill.hf import attention
+    from compodistill.testing.visual_attention import ref_attention_output
+
+    in_place = []
+
+    def fused(q, k, v, layout, scale, maps_out=None):
+        out, _ = ref_attention_output(q, k, v, layout.key_mask, layout.causal, scale)
+        maps = visual_attention_maps(q, k, layout, scale=scale, backend="torch")
+        if maps_out is not None:
+            in_place.append(tuple(maps_out.shape))
+            maps = maps_out.add_(maps)
+        return out.to(q.dtype), maps
+
+    def run(fake_kernels: bool):
+        student, teacher = causal_lm("qwen2", layers=2), causal_lm("qwen2", layers=3, seed=5)
+        distiller = AttentionDistiller(student, teacher, image_token_id=IMG,
+                                       student_layers=[0, 1], teacher_layers=[0, 1, 2])
+        ids, mask = batch()
+        with pytest.MonkeyPatch.context() as mp:
+            if fake_kernels:
+                mp.setattr(attention, "resolve_backend", lambda *a: "triton")
+                mp.setattr(attention, "kernels_module", lambda name: SimpleNamespace(
+                    attention_with_visual_maps=lambda q, k, v, layout, scale: fused(
+                        q, k, v, layout, scale),
+                    teacher_attention_with_visual_maps=fused))
+            with distiller.capture(ids, attention_mask=mask) as cap:
+                with torch.no_grad():
+                    teacher(input_ids=ids, attention_mask=mask)
+                student(input_ids=ids, attention_mask=mask)
+            targets = [target for _, _, target in cap.layer_maps()]
+            return distiller, targets, cap.loss()
+
+    distiller, targets, loss = run(fake_kernels=True)
+    # Windows (0, 1) and (1, 2): teacher layers 0 and 2 are in one window each, layer 1 in two.
+    assert [m.teacher_layers for m in distiller.matches] == [(0, 1), (1, 2)]
+    assert len(in_place) == 2
+    _, want_targets, want = run(fake_kernels=False)
+    for got, ref in zip(targets, want_targets):  # the window means themselves, not only a
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)  # scale-free cosine
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)

@@ -60,8 +60,13 @@ class CaptureSink(Protocol):
     def layout_for(self, role: str) -> VisualLayout:
         """The visual layout of the batch the model of ``role`` is running on."""
 
-    def store(self, role: str, layer: int, maps: torch.Tensor) -> None:
-        """Receive the (B, Qmax, Vmax) map of one captured layer."""
+    def store(self, role: str, layer: int, maps: torch.Tensor, accumulated: bool = False
+              ) -> None:
+        """Receive the (B, Qmax, Vmax) map of one captured layer (``accumulated``: already
+        added into the buffer :meth:`window_target` gave)."""
+
+    def window_target(self, role: str, layer: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Optional: a float32 buffer the kernel may add this layer's map into in place."""
 
 
 class _Replay:
@@ -76,8 +81,11 @@ class _Replay:
     def layout_for(self, role):
         return self._sink.layout_for(role)
 
-    def store(self, role, layer, maps):
+    def store(self, role, layer, maps, accumulated=False):
         pass  # the original forward already stored this map
+
+    def window_target(self, role, layer, like):
+        return None  # recomputation never accumulates again
 
 
 @contextlib.contextmanager
@@ -180,7 +188,8 @@ def _check_mask(attention_mask, layout: VisualLayout, role: str) -> None:
                          f"and to capture()")
 
 
-def _fused_attention(query, key, value, layout: VisualLayout, scale: float, role: str):
+def _fused_attention(query, key, value, layout: VisualLayout, scale: float, role: str,
+                     maps_out: torch.Tensor | None = None):
     """THE CUDA place: one Triton call for the attention output and the visual map.
 
     Returns ``(out (B, N, Hq, d), maps)``, or None when the kernel module lacks the entry
@@ -190,8 +199,10 @@ def _fused_attention(query, key, value, layout: VisualLayout, scale: float, role
     autograd = kernels_module("autograd")
     # The layout object itself (the captured layout is causal: _check_captured_call).
     if role == "teacher" and hasattr(autograd, "teacher_attention_with_visual_maps"):
+        # maps_out: the group window's running sum, added into in place by the kernel.
+        extra = {} if maps_out is None else {"maps_out": maps_out}
         out, maps = autograd.teacher_attention_with_visual_maps(query, key, value, layout,
-                                                                scale=scale)
+                                                                scale=scale, **extra)
     elif hasattr(autograd, "attention_with_visual_maps"):
         out, maps = autograd.attention_with_visual_maps(query, key, value, layout, scale=scale)
     else:
@@ -224,7 +235,10 @@ def compodistill_attention_forward(module: nn.Module, query: torch.Tensor, key: 
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     layout = layout.to(query.device)
     backend = resolve_backend("auto", query.device, "autograd")  # once per call
-    fused = (_fused_attention(query, key, value, layout, scale, role)
+    target = None
+    if backend == "triton" and dropout == 0.0 and hasattr(sink, "window_target"):
+        target = sink.window_target(role, layer, query)
+    fused = (_fused_attention(query, key, value, layout, scale, role, target)
              if backend == "triton" and dropout == 0.0 else None)
     if fused is not None:
         out, maps = fused
@@ -235,7 +249,10 @@ def compodistill_attention_forward(module: nn.Module, query: torch.Tensor, key: 
         # The teacher gives targets only: never build a graph for them.
         with torch.no_grad() if role == "teacher" else contextlib.nullcontext():
             maps = visual_attention_maps(query, key, layout, scale=scale, backend=backend)
-    sink.store(role, layer, maps if role == "student" else maps.detach())
+    if target is not None and fused is not None:
+        sink.store(role, layer, maps, accumulated=True)
+    else:
+        sink.store(role, layer, maps if role == "student" else maps.detach())
     return out, None
 
 

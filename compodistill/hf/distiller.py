@@ -230,7 +230,26 @@ class Capture:
     def layout_for(self, role: str) -> VisualLayout:
         return self._layout
 
-    def store(self, role: str, layer: int, maps: torch.Tensor) -> None:
+    def window_target(self, role: str, layer: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The running window sum a teacher layer's map can be added into in place (the
+        kernel's ``maps_out``), or None. Only for group matching, and only for a layer in
+        exactly one window: a layer shared by several windows is computed once and added to
+        each by :meth:`store`."""
+        if role != "teacher" or not self._group or layer in self._teacher_seen:
+            return None
+        windows = self._windows_of.get(layer, [])
+        if len(windows) != 1:
+            return None
+        j = windows[0]
+        if self._windows[j] is None:
+            self._windows[j] = torch.zeros(self._layout.map_shape, dtype=torch.float32,
+                                           device=like.device)
+        return self._windows[j]
+
+    def store(self, role: str, layer: int, maps: torch.Tensor, accumulated: bool = False
+              ) -> None:
+        """Keep a layer's map; ``accumulated``: the kernel already added it into the buffer
+        :meth:`window_target` gave."""
         if role == "student":
             self._student[layer] = maps  # a re-run overwrites: never counted twice
             return
@@ -238,6 +257,8 @@ class Capture:
             raise ValueError(f"teacher layer {layer} ran twice inside one capture; run the "
                              f"teacher forward once per capture")
         self._teacher_seen.add(layer)
+        if accumulated:
+            return
         maps = maps.float()
         if not self._group:
             self._teacher_maps[layer] = maps
