@@ -22,8 +22,10 @@ Fused visual-attention distillation of vision-language models.
 """
 
 
-def _quiet_libraries() -> None:
-    """No loading bars or info logs from transformers / the hub (``--quiet``)."""
+def quiet_libraries(logs: bool = True) -> None:
+    """No loading bars from transformers / the hub; with ``logs`` no info logs either
+    (``--quiet``). The demo uses it without ``logs``: the bars would interleave with its
+    phase lines."""
     import os
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -31,8 +33,9 @@ def _quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
     except ImportError:  # the core install has no transformers
         return
-    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if logs:
+        hf_logging.set_verbosity_error()
 
 
 def _demo_losses(args: argparse.Namespace) -> int:
@@ -188,7 +191,7 @@ def _one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
-        _quiet_libraries()
+        quiet_libraries()
     try:
         return args.func(args)
     except (ValueError, OSError) as error:  # bad input: the message says what to change

@@ -84,7 +84,9 @@ def run_demo(out: str | Path = "runs/demo", *, progress: bool = True, **override
         if key != "seed" and value < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
     out = Path(out)
-    _quiet_loading()
+    from .cli import quiet_libraries
+
+    quiet_libraries(logs=False)
     threads = torch.get_num_threads()
     if "OMP_NUM_THREADS" not in os.environ:
         # The demo's models are tiny: one thread is as fast as two on an idle machine, and
@@ -162,15 +164,6 @@ def _run(out: Path, opts: dict, progress: bool) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _quiet_loading() -> None:
-    """transformers' per-load progress bars would interleave with the phase lines."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - the demo needs the [train] extra anyway
-        return
-    hf_logging.disable_progress_bar()
 
 
 def _bar(items, desc: str, enabled: bool):

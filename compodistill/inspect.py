@@ -158,7 +158,14 @@ def _layer_figure(path: Path, images, student_grids, teacher_grids, title: str) 
             ax.set_title(f"{name}" + (f" (image {i + 1})" if n > 1 else ""), fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
+    return _save(fig, title, path, fontsize=9)
+
+
+def _save(fig, title: str, path: Path, fontsize: int) -> Path:
+    """Title, lay out, write (small PNGs: dpi 72) and free a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)
@@ -209,12 +216,7 @@ def _summary_figure(path: Path, rows: list, matches, loss_name: str, title: str)
     ax.set_ylabel("student layer")
     ax.set_title("matched teacher windows", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
-    return path
+    return _save(fig, title, path, fontsize=10)
 
 
 def _check_pair(student, teacher) -> PatchGrid:

@@ -236,7 +236,7 @@ def compodistill_attention_forward(module: nn.Module, query: torch.Tensor, key: 
     layout = layout.to(query.device)
     backend = resolve_backend("auto", query.device, "autograd")  # once per call
     target = None
-    if backend == "triton" and dropout == 0.0 and hasattr(sink, "window_target"):
+    if backend == "triton" and dropout == 0.0:
         target = sink.window_target(role, layer, query)
     fused = (_fused_attention(query, key, value, layout, scale, role, target)
              if backend == "triton" and dropout == 0.0 else None)
