@@ -21,12 +21,40 @@ _DEL_SUFFIX = ".del"
 
 def atomic_directory_write(target: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_dir)`` then move ``tmp_dir`` to ``target`` (replacing it)."""
+    tmp = _fresh_tmp(target)
+    write(tmp)
+    return _commit(tmp, Path(target))
+
+
+def sharded_directory_write(target: str | Path, write: Callable[[Path], None],
+                            accelerator) -> Path:
+    """:func:`atomic_directory_write` where every process writes its shard into the same
+    temporary folder (``write(tmp)`` is called on all of them, e.g. a sharded
+    ``save_state``); the main process alone prepares the folder and renames it into place,
+    after everyone has finished writing. Collective: call it on every process."""
+    target = Path(target)
+    tmp = target.with_name(target.name + _TMP_SUFFIX)
+    if accelerator.is_main_process:
+        _fresh_tmp(target)
+    accelerator.wait_for_everyone()
+    write(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _commit(tmp, target)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def _fresh_tmp(target: str | Path) -> Path:
     target = Path(target)
     tmp = target.with_name(target.name + _TMP_SUFFIX)
     if tmp.exists():
         shutil.rmtree(tmp)  # left over from a crash mid-write
     tmp.mkdir(parents=True)
-    write(tmp)
+    return tmp
+
+
+def _commit(tmp: Path, target: Path) -> Path:
     (tmp / _DONE_MARK).write_text("ok\n")
     _fsync_tree(tmp)
     old = target.with_name(target.name + ".old")

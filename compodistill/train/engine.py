@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 
 from .checkpoint import (atomic_directory_write, latest_checkpoint, prune_checkpoints,
-                         recover_checkpoints, write_json)
+                         recover_checkpoints, sharded_directory_write, write_json)
 from .config import StageConfig
+from .distributed import is_fsdp2
 from .metrics import MetricsLogger, plot_loss_curves, read_metrics
 
 
@@ -73,13 +74,17 @@ class StageLoop:
             raise ValueError(f"stage {stage.name}: no trainable parameters")
         self.acc = accelerator
         self.stage = stage
+        # accumulate() syncs (and the loop steps) every grad_accum micro-batches.
+        accelerator.gradient_accumulation_steps = stage.grad_accum
         self.loss_terms = loss_terms
         self.stage_dir = Path(stage_dir)
         self.save_every, self.log_every, self.max_bad_steps = save_every, log_every, max_bad_steps
         self.show_progress = show_progress
         self.keep_last = int(keep_last)  # newest complete checkpoints kept (0: all)
         self.params = params
-        self.total_steps = total_optimizer_steps(stage, len(loader))
+        # Each process sees 1/num_processes of the (not yet prepared) loader's batches.
+        self.total_steps = total_optimizer_steps(
+            stage, math.ceil(len(loader) / accelerator.num_processes))
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
         warmup = math.ceil(stage.warmup_ratio * self.total_steps)
         make = (get_cosine_schedule_with_warmup if stage.scheduler == "cosine"
@@ -87,6 +92,9 @@ class StageLoop:
         scheduler = make(optimizer, warmup, self.total_steps)
         self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
             model, optimizer, loader, scheduler)
+        self.sharded = is_fsdp2(accelerator)
+        if self.sharded:  # fully_shard replaced the parameters by sharded (DTensor) ones
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.logger = MetricsLogger(self.stage_dir, enabled=accelerator.is_main_process)
         self.weights = stage.weights.as_dict()  # every term's weight, by name
 
@@ -94,9 +102,16 @@ class StageLoop:
     def _save(self, step: int, skipped: int) -> None:
         def write(tmp: Path) -> None:
             self.acc.save_state(str(tmp))
-            write_json(tmp / "loop_state.json", {"step": step, "skipped": skipped})
+            if self.acc.is_main_process:
+                write_json(tmp / "loop_state.json", {"step": step, "skipped": skipped})
 
         self.acc.wait_for_everyone()
+        if self.sharded:  # every process writes its shards (save_state is collective)
+            sharded_directory_write(self.stage_dir / f"checkpoint-{step}", write, self.acc)
+            if self.acc.is_main_process:
+                prune_checkpoints(self.stage_dir, self.keep_last)
+            self.acc.wait_for_everyone()
+            return
         if self.acc.is_main_process:
             atomic_directory_write(self.stage_dir / f"checkpoint-{step}", write)
             prune_checkpoints(self.stage_dir, self.keep_last)

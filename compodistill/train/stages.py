@@ -99,6 +99,11 @@ class HiddenStates(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def _no_split_modules(self):
+        # accelerate's FSDP auto-wrap reads this: one group per decoder/encoder layer.
+        return getattr(llava_core(self.model), "_no_split_modules", None)
+
     def forward(self, input_ids, attention_mask, pixel_values=None):
         core = llava_core(self.model)
         out = core.model(input_ids=input_ids, attention_mask=attention_mask,

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..hf.llava import TAFLlavaForConditionalGeneration, apply_taf, load_student
+from . import distributed
 from .checkpoint import atomic_directory_write, is_complete
 from .config import DistillConfig, StageConfig, config_to_dict
 from .engine import StageLoop, StageResult
@@ -64,7 +65,6 @@ class DistillationTrainer:
                  train_dataset=None, accelerator=None, show_progress: bool = True, recipe=None):
         from .recipes import get_recipe
 
-        from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, set_seed
 
         if student is None:
@@ -79,8 +79,11 @@ class DistillationTrainer:
             torch.set_num_threads(config.cpu_threads)
         self.config = config
         self.recipe = recipe if recipe is not None else get_recipe(config.recipe)
-        self.acc = accelerator or Accelerator(
+        self.acc = accelerator or distributed.make_accelerator(
             mixed_precision=config.mixed_precision,
+            # The loop steps the scheduler once per optimiser step itself (accelerate would
+            # step it once per process: a schedule that many times too fast).
+            step_scheduler_with_optimizer=False,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
         set_seed(config.seed)
         self.output_dir = Path(config.output_dir)
@@ -176,16 +179,44 @@ class DistillationTrainer:
             if hasattr(student, "enable_input_require_grads"):
                 student.enable_input_require_grads()
         parts = self.recipe.stage_parts(self, student, params, stage, stage_dir)
+        losses, frame = parts.losses, None
+        if distributed.is_fsdp2(self.acc):  # docs/distributed.md
+            if self.teacher is not None:
+                distributed.shard_teacher(self.teacher, self.acc)
+                if getattr(losses, "need_teacher", True):  # no teacher work in e.g. SFT
+                    losses = distributed.teacher_step(losses, self.teacher)
+            frame = distributed.skeleton(parts.module)
         loop = StageLoop(self.acc, parts.module, parts.params, self.data_loader(stage), stage,
-                         parts.losses, stage_dir, save_every=self.config.save_every,
+                         losses, stage_dir, save_every=self.config.save_every,
                          log_every=self.config.log_every, max_bad_steps=self.config.max_bad_steps,
                          show_progress=self.show_progress)
         result = loop.run()
+        if frame is not None:
+            return self._finish_sharded_stage(loop, parts, frame, stage, stage_dir, result)
         self.recipe.after_stage(self, parts, stage, stage_dir)
         self.student = finish_stage(student)
         for p in self.student.parameters():
             p.requires_grad_(False)
         self.save_model(self.student, final)
+        return result
+
+    def _finish_sharded_stage(self, loop, parts, frame, stage, stage_dir, result):
+        """FSDP2: the main process merges and saves the consolidated weights; then every
+        process reloads them (the sharded modules are not used again)."""
+        import dataclasses
+
+        full = distributed.consolidated(self.acc, loop.model, frame)
+        if full is not None:
+            plain = dataclasses.replace(parts, module=full, extras=distributed.counterparts(
+                parts.module, full, parts.extras))
+            self.recipe.after_stage(self, plain, stage, stage_dir)
+            student = finish_stage(full.model)
+            student.requires_grad_(False)
+            self.save_model(student, stage_dir / "model")
+        else:
+            self.acc.wait_for_everyone()  # save_model's barrier on the other processes
+        self.acc.free_memory()  # drop the sharded model and optimizer from accelerate's lists
+        self.student = self.reload(stage_dir / "model")
         return result
 
     def run(self, stages: list[str] | None = None) -> list[StageResult]:

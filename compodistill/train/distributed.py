@@ -1,0 +1,174 @@
+"""FSDP2 for the stage chain: the student sharded by accelerate, the teacher sharded here.
+
+Under ``accelerate launch`` with an FSDP config of ``fsdp_version: 2`` (docs/distributed.md):
+
+- **Student.** accelerate's ``prepare`` applies ``fully_shard`` to every decoder/encoder layer
+  (the classes in the model's ``_no_split_modules``) and to the root, which holds the rest:
+  embeddings, connector (TAF post-connector included), final norm and ``lm_head``. The root
+  is not resharded after the forward, so the losses read the gathered ``lm_head`` weight
+  directly and its gradient is reduce-scattered once, at the end of the backward: one
+  all-gather of ``lm_head`` per step.
+- **Teacher.** Sharded here, in inference mode, with its own wrap policy (its own layer
+  classes): no optimizer, no gradients. Its root group is ``teacher.model`` together with
+  ``teacher.lm_head`` (one group), so the forward gathers ``lm_head`` with the embeddings;
+  :func:`teacher_step` reshards it once the losses are computed: one all-gather per step.
+- **End of a stage.** :func:`consolidated` gathers the full state dict on the main process
+  (accelerate's ``get_state_dict``) and loads it into a meta-device :func:`skeleton` of the
+  stage's module taken before sharding; the trainer merges LoRA into it and saves a plain
+  ``save_pretrained`` folder, which every process then reloads for the next stage.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+__all__ = ["make_accelerator", "is_fsdp2", "shard_teacher", "teacher_step", "skeleton", "consolidated",
+           "counterparts", "wrap_classes", "local_shard_shapes"]
+
+
+def make_accelerator(**kwargs):
+    """``accelerate.Accelerator(**kwargs)``, also right for CPU-only processes.
+
+    ``accelerate launch`` with a multi-process config (``MULTI_GPU`` or ``FSDP``) starts the
+    processes with torchrun. On a machine without GPUs or another accelerator, accelerate
+    (1.16) would then give each process a single-process state with no process group,
+    and it enables its FSDP plugin only on accelerators. There the processes are made CPU
+    processes (gloo), and FSDP is switched on on the accelerator state exactly as accelerate
+    itself does on a GPU (the plugin reads the same ``FSDP_*`` settings of the config);
+    torch's ``fully_shard`` runs on gloo.
+    """
+    import os
+
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
+        torch.accelerator.is_available())
+    if not cpu_processes:
+        return Accelerator(**kwargs)
+    accelerator = Accelerator(cpu=True, **kwargs)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        plugin = FullyShardedDataParallelPlugin()
+        if accelerator.mixed_precision != "no":
+            plugin.set_mixed_precision(accelerator.mixed_precision)
+        accelerator.state.fsdp_plugin = plugin
+        # Both shared states: accelerate rebuilds AcceleratorState from PartialState's.
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState().distributed_type = DistributedType.FSDP
+    return accelerator
+
+
+def is_fsdp2(accelerator) -> bool:
+    """Whether ``accelerator`` runs FSDP2 (``fully_shard``)."""
+    return bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def wrap_classes(model: nn.Module) -> tuple[type, ...]:
+    """The module classes sharded one instance per group: the model's ``_no_split_modules``
+    (decoder layers, vision encoder layers) that it actually contains."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(core, "_no_split_modules", None) or ())
+    return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
+
+
+def _mesh_and_policy(accelerator):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = accelerator.state.fsdp_plugin
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    if mesh is not None:  # the same sub-mesh accelerate shards the student on
+        mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    return mesh, plugin.mixed_precision_policy or MixedPrecisionPolicy()
+
+
+def shard_teacher(teacher: nn.Module, accelerator) -> nn.Module:
+    """Shard a (frozen, eval) LLaVA teacher in place with ``fully_shard``; idempotent.
+
+    Each of the teacher's own layer classes (:func:`wrap_classes`) is one group, resharded
+    after its forward; ``teacher.model`` (the forward the losses call) is the root. An untied
+    ``lm_head`` is a group of its own, which no forward gathers: :func:`teacher_step` gathers
+    it once around each step's losses. A tied one is the embedding weight, in the root
+    group; the root then stays gathered after its forward until :func:`teacher_step`
+    reshards it. Either way one all-gather of ``lm_head`` per step. Mixed precision follows
+    the accelerate config.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(teacher.model, FSDPModule):
+        return teacher
+    if any(p.requires_grad for p in teacher.parameters()):
+        raise ValueError("shard_teacher: the teacher must be frozen (requires_grad_(False))")
+    mesh, policy = _mesh_and_policy(accelerator)
+    kwargs = dict(mesh=mesh, mp_policy=policy)
+    classes = wrap_classes(teacher)
+    layers = [m for m in teacher.modules() if classes and isinstance(m, classes)]
+    for layer in reversed(layers):  # innermost first, as fully_shard requires
+        if not isinstance(layer, FSDPModule):
+            fully_shard(layer, reshard_after_forward=True, **kwargs)
+    tied = teacher.lm_head.weight is teacher.get_input_embeddings().weight
+    if not tied:
+        fully_shard(teacher.lm_head, reshard_after_forward=True, **kwargs)
+    fully_shard(teacher.model, reshard_after_forward=not tied, **kwargs)
+    return teacher
+
+
+def teacher_step(losses, teacher: nn.Module | None):
+    """``losses`` with the sharded teacher's ``lm_head`` gathered once for the whole call
+    (see :func:`shard_teacher`) and resharded after it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if teacher is None or not isinstance(getattr(teacher, "model", None), FSDPModule):
+        return losses
+    head = teacher.lm_head if isinstance(teacher.lm_head, FSDPModule) else teacher.model
+
+    def step(prepared, batch):
+        if head is teacher.lm_head:
+            head.unshard()
+        try:
+            return losses(prepared, batch)
+        finally:
+            head.reshard()
+
+    return step
+
+
+def skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters live on the meta device (no memory), buffers
+    copied; taken before sharding, it later receives the consolidated weights."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def consolidated(accelerator, prepared: nn.Module, skeleton_model: nn.Module
+                 ) -> nn.Module | None:
+    """The trained weights of ``prepared`` gathered into ``skeleton_model`` (its
+    :func:`skeleton` taken before sharding) on the main process; None elsewhere.
+
+    Collective: every process must call it (accelerate's ``get_state_dict`` gathers the
+    full state dict to the main process's CPU memory).
+    """
+    full = accelerator.get_state_dict(prepared, unwrap=False)
+    if not accelerator.is_main_process:
+        return None
+    skeleton_model.load_state_dict(full, strict=True, assign=True)
+    return skeleton_model
+
+
+def counterparts(original: nn.Module, copy_root: nn.Module, modules: dict) -> dict:
+    """``modules`` (name -> a submodule of ``original``, or anything else) with each
+    submodule replaced by the module at the same path in ``copy_root``."""
+    paths = {id(m): name for name, m in original.named_modules()}
+    return {key: copy_root.get_submodule(paths[id(value)])
+            if isinstance(value, nn.Module) and id(value) in paths else value
+            for key, value in modules.items()}
+
+
+def local_shard_shapes(model: nn.Module) -> dict:
+    """``{name: (local shape, full shape)}`` of every sharded (DTensor) parameter."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (tuple(p.to_local().shape), tuple(p.shape))
+            for name, p in model.named_parameters() if isinstance(p, DTensor)}

@@ -1,0 +1,89 @@
+"""Helper for test_fsdp.py (not a test module): DPT → DFT → SFT on saved tiny models, in one
+process or under ``accelerate launch`` (FSDP2, DDP, DeepSpeed).
+
+Usage: python tests/fsdp_run.py ROOT OUT [GRAD_ACCUM]
+
+Each process writes ``OUT/report-rank<r>.json``: per stage, the local and full shapes of every
+sharded parameter of the student and of the teacher, and how many all-gathers included each
+model's ``lm_head`` weight (with the number of optimiser steps). ``FSDP_TEST_KILL=STAGE:CALL``
+SIGKILLs process 0 at that loss call of that stage (a crash mid-run).
+"""
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.modules["torch.utils.tensorboard"] = None  # optional and slow to import: skip it
+
+from compodistill.train import engine  # noqa: E402
+from compodistill.train.config import config_from_dict  # noqa: E402
+from compodistill.train.distributed import is_fsdp2, local_shard_shapes  # noqa: E402
+from compodistill.train.stages import lm_head  # noqa: E402
+from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+
+STEPS = {"dpt": 2, "dft": 4, "sft": 2}
+
+
+def main(root: Path, out: str, grad_accum: str = "1") -> None:
+    # Batches of 4: two micro-batches of 2, one per process or accumulated in one process.
+    stages = [{"kind": kind, "max_steps": steps, "batch_size": 4, "grad_accum": int(grad_accum),
+               "lr": 1e-2, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+              for kind, steps in STEPS.items()]
+    config = config_from_dict({
+        "student": str(root / "student"), "teacher": str(root / "teacher"),
+        "output_dir": out, "save_every": 2, "cpu_threads": 1,
+        "data": {"train_json": str(root / "data" / "train.json"),
+                 "image_folder": str(root / "data"), "max_length": 128},
+        "vat": {"student_layers": [1, 2], "teacher_layers": [2, 3]},
+        "stages": stages})
+    trainer = DistillationTrainer(config, show_progress=False)
+    report, gathered = {}, []
+    kill = os.environ.get("FSDP_TEST_KILL", "")
+
+    if is_fsdp2(trainer.acc):
+        from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
+
+        gather = group.foreach_all_gather
+
+        def counted(fsdp_params, *args, **kwargs):
+            gathered.append({id(p.sharded_param) for p in fsdp_params})
+            return gather(fsdp_params, *args, **kwargs)
+
+        group.foreach_all_gather = counted
+
+    run = engine.StageLoop.run
+
+    def traced_run(loop, resume=True):
+        name, calls = loop.stage.name, {"n": 0}
+        losses = loop.loss_terms
+
+        def loss_terms(prepared, batch):
+            calls["n"] += 1
+            if kill == f"{name}:{calls['n']}" and trainer.acc.is_main_process:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return losses(prepared, batch)
+
+        loop.loss_terms = loss_terms
+        heads = {"student": lm_head(loop.acc.unwrap_model(loop.model).model).weight}
+        if trainer.teacher is not None:
+            heads["teacher"] = lm_head(trainer.teacher).weight
+        gathered.clear()
+        result = run(loop, resume)
+        report[name] = {
+            "student": local_shard_shapes(loop.model),
+            "teacher": local_shard_shapes(trainer.teacher) if trainer.teacher else {},
+            "steps": calls["n"],
+            "lm_head_gathers": {who: sum(id(w) in ids for ids in gathered)
+                                for who, w in heads.items()}}
+        return result
+
+    engine.StageLoop.run = traced_run
+    trainer.run()
+    path = Path(out) / f"report-rank{trainer.acc.process_index}.json"
+    path.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], *sys.argv[3:])
