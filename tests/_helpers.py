@@ -87,6 +87,27 @@ def write_tiny_pair(root, *, num: int, student_layers: int = 2, teacher_layers: 
     return tok
 
 
+def keep_equal_length_records(root, multiple: int = 4) -> int:
+    """Keep only the caption records of ``root/data/train.json`` whose answer has the most
+    common word count: the same prompt and answer length each, so every micro-batch has the
+    same number of tokens and labels. A multi-process step averages the processes' mean
+    losses; with equal counts that is the mean over the whole batch, as in one process.
+    The count kept is a multiple of ``multiple`` (the batch size: no partial batch), and is
+    returned."""
+    import collections
+    import json
+
+    path = root / "data" / "train.json"
+    captions = [r for r in json.loads(path.read_text())
+                if r["conversations"][0]["value"].endswith("Describe the image in one sentence.")]
+    words = collections.Counter(len(r["conversations"][1]["value"].split()) for r in captions)
+    common = words.most_common(1)[0][0]
+    records = [r for r in captions if len(r["conversations"][1]["value"].split()) == common]
+    records = records[:len(records) // multiple * multiple]
+    path.write_text(json.dumps(records))
+    return len(records)
+
+
 # --------------------------------------------------------------------------- kernel tests
 # Inputs, layouts and the fp32 / low-precision yardsticks of the Triton kernel tests.
 

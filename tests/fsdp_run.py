@@ -3,10 +3,11 @@ process or under ``accelerate launch`` (FSDP2, DDP, DeepSpeed).
 
 Usage: python tests/fsdp_run.py ROOT OUT [GRAD_ACCUM]
 
-Each process writes ``OUT/report-rank<r>.json``: per stage, the local and full shapes of every
-sharded parameter of the student and of the teacher, and how many all-gathers included each
-model's ``lm_head`` weight (with the number of optimiser steps). ``FSDP_TEST_KILL=STAGE:CALL``
-SIGKILLs process 0 at that loss call of that stage (a crash mid-run).
+Each process writes ``OUT/report-rank<r>.json``: per stage it ran, the step it resumed from,
+the weighted loss of every micro-batch it computed, the local and full shapes of every
+sharded parameter of the student and of the teacher (and all parameter names), and how many
+all-gathers included each model's ``lm_head`` weight. ``FSDP_TEST_KILL=STAGE:CALL`` SIGKILLs
+process 0 at that loss call of that stage (a crash mid-run).
 """
 import json
 import os
@@ -56,16 +57,23 @@ def main(root: Path, out: str, grad_accum: str = "1") -> None:
     run = engine.StageLoop.run
 
     def traced_run(loop, resume=True):
-        name, calls = loop.stage.name, {"n": 0}
-        losses = loop.loss_terms
+        name, calls, seen = loop.stage.name, {"n": 0}, []
+        losses, start = loop.loss_terms, {}
+        resume_from = loop._resume
+
+        def traced_resume():
+            start["step"], skipped = resume_from()
+            return start["step"], skipped
 
         def loss_terms(prepared, batch):
             calls["n"] += 1
             if kill == f"{name}:{calls['n']}" and trainer.acc.is_main_process:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return losses(prepared, batch)
+            terms = losses(prepared, batch)
+            seen.append(float(loop._weighted(terms).detach()))
+            return terms
 
-        loop.loss_terms = loss_terms
+        loop.loss_terms, loop._resume = loss_terms, traced_resume
         heads = {"student": lm_head(loop.acc.unwrap_model(loop.model).model).weight}
         if trainer.teacher is not None:
             heads["teacher"] = lm_head(trainer.teacher).weight
@@ -73,16 +81,20 @@ def main(root: Path, out: str, grad_accum: str = "1") -> None:
         result = run(loop, resume)
         report[name] = {
             "student": local_shard_shapes(loop.model),
+            "student_params": [n for n, _ in loop.model.named_parameters()],
             "teacher": local_shard_shapes(trainer.teacher) if trainer.teacher else {},
-            "steps": calls["n"],
+            "teacher_params": [n for n, _ in trainer.teacher.named_parameters()],
+            "start_step": start["step"], "losses": seen,
             "lm_head_gathers": {who: sum(id(w) in ids for ids in gathered)
                                 for who, w in heads.items()}}
+        # Written after every stage: a run killed later still leaves its earlier stages.
+        path = Path(out) / f"report-rank{trainer.acc.process_index}.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**old, **report}, indent=1))
         return result
 
     engine.StageLoop.run = traced_run
     trainer.run()
-    path = Path(out) / f"report-rank{trainer.acc.process_index}.json"
-    path.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
