@@ -1,7 +1,7 @@
 """Helper for test_fsdp.py (not a test module): DPT → DFT → SFT on saved tiny models, in one
 process or under ``accelerate launch`` (FSDP2, DDP, DeepSpeed).
 
-Usage: python tests/fsdp_run.py ROOT OUT [GRAD_ACCUM]
+Usage: python tests/fsdp_run.py ROOT OUT [GRAD_ACCUM [RECIPE]]
 
 Each process writes ``OUT/report-rank<r>.json``: per stage it ran, the step it resumed from,
 the weighted loss of every micro-batch it computed, the local and full shapes of every
@@ -27,13 +27,13 @@ from compodistill.train.trainer import DistillationTrainer  # noqa: E402
 STEPS = {"dpt": 2, "dft": 4, "sft": 2}
 
 
-def main(root: Path, out: str, grad_accum: str = "1") -> None:
+def main(root: Path, out: str, grad_accum: str = "1", recipe: str = "compodistill") -> None:
     # Batches of 4: two micro-batches of 2, one per process or accumulated in one process.
     stages = [{"kind": kind, "max_steps": steps, "batch_size": 4, "grad_accum": int(grad_accum),
                "lr": 1e-2, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
               for kind, steps in STEPS.items()]
     config = config_from_dict({
-        "student": str(root / "student"), "teacher": str(root / "teacher"),
+        "recipe": recipe, "student": str(root / "student"), "teacher": str(root / "teacher"),
         "output_dir": out, "save_every": 2, "cpu_threads": 1,
         "data": {"train_json": str(root / "data" / "train.json"),
                  "image_folder": str(root / "data"), "max_length": 128},
