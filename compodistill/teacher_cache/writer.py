@@ -213,8 +213,8 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
                                               [i for i, _ in items], manifest,
                                               manifest["vat"]["matches"], acc, config))
             path = root / f"{shard_name(shard)}.safetensors"
-            write_atomic(path, save(tensors, metadata={"first": str(first),
-                                                       "count": str(count)}))
+            # One metadata key: safetensors writes several in a random order.
+            write_atomic(path, save(tensors, metadata={"samples": f"{first}:{first + count}"}))
             write_json_atomic(root / f"{shard_name(shard)}.json",
                               shard_record(root, shard, first, count))
         if progress is not None:
