@@ -228,7 +228,7 @@ def test_truncated_shard_is_one_line_from_the_cli(setup, tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(make_config(root, {"cache": str(cache)}, out="truncated")))
     code = main(["train", "--config", str(config), "--quiet"])
-    assert_one_line_error(code, capsys.readouterr().err, "truncated",
+    assert_one_line_error(code, capsys.readouterr().err, "is truncated or damaged",
                           "cache-truncated/shard-00000.safetensors", "sample ")
 
 
