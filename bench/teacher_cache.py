@@ -10,8 +10,8 @@ first ``--samples`` records of its data, one cache is written per storage option
   the DFT losses on the same batches (KD-only and VAT-only stage weights);
 - ``kd_grad_cosine`` / ``vat_grad_cosine``: cosine between the gradients (every trainable
   weight: the TAF post-connector) from the cache and online;
-- ``llava665k_dft_gb``: the cache size *computed* (not measured) for a LLaVA-665k-sized DFT
-  stage (``llava665k_logits_gb``, ``llava665k_maps_gb``): 665,000 samples of 2,048 tokens,
+- the cache size *computed* (not measured) for a LLaVA-665k-sized DFT stage
+  (``llava665k_logits_gb``, ``llava665k_maps_gb``): 665,000 samples of 2,048 tokens,
   every token a KD position (an upper bound: KD uses the response tokens), 576 image tokens,
   all 2,048 query rows, 7 matched layers, from the byte formula of the format (the
   ``bytes_per_kd_token`` rows give the formula next to the measured bytes);
