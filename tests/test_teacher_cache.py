@@ -89,16 +89,21 @@ def test_losses_and_gradients_equal_online_at_full_vocabulary(setup):
     weights = {"lm": 1.0, "kd": 1.0, "vat": 1.0}
     stages = [{"kind": "dft", "trainable": "post_connector", "weights": weights,
                "batch_size": 4}]
+    from compodistill.hf.llava import apply_taf
+
     online = DistillationTrainer(config_from_dict(make_config(
         root, str(root / "teacher"), stages=stages)), show_progress=False)
+    s_online = apply_taf(online.student, online.teacher)
     cached = DistillationTrainer(config_from_dict(make_config(
         root, {"cache": str(root / "cache")}, stages=stages)), show_progress=False)
     assert cached.teacher is None
-    from compodistill.hf.llava import apply_taf
-
-    s_online = apply_taf(online.student, online.teacher)
+    # TAF from the cached connector: the same weights, the post-connector from the same
+    # random stream (seeded by each trainer).
     s_cached = cached.teacher_cache.apply_taf(cached.student)
-    s_cached.load_state_dict(s_online.state_dict())  # the same post-connector init
+    on_state, ca_state = s_online.state_dict(), s_cached.state_dict()
+    assert on_state.keys() == ca_state.keys()
+    for name in on_state:
+        assert torch.equal(on_state[name], ca_state[name]), name
     stage = online.config.stages[0]
     results = []
     for trainer, student in ((online, s_online), (cached, s_cached)):

@@ -151,10 +151,11 @@ class CacheSource:
 
         root = self.cache.root
         cfg = LlavaConfig.from_dict(read_json(root / "teacher_config.json", "teacher config"))
-        with torch.device("meta"):
+        with torch.device("meta"):  # no weights, and no draw from the random stream
             shell = LlavaForConditionalGeneration(cfg)
-        projector = LlavaMultiModalProjector(cfg)
-        projector.load_state_dict(load_file(str(root / "teacher_connector.safetensors")))
+            projector = LlavaMultiModalProjector(cfg)
+        projector.load_state_dict(load_file(str(root / "teacher_connector.safetensors")),
+                                  assign=True)
         shell.model.multi_modal_projector = projector
         return apply_taf(student, shell)
 
