@@ -134,7 +134,8 @@ def test_dpt_and_dft_train_from_the_cache_without_the_teacher(setup, monkeypatch
 
     monkeypatch.setattr(trainer_module, "_load_llava", spy)
     monkeypatch.setattr(llava, "load_student", lambda *a, **k: pytest.fail("teacher loaded"))
-    config = config_from_dict(make_config(root, {"cache": str(root / "cache")}, out="from-cache"))
+    # The cache run's own config, teacher path included: training still never loads it.
+    config = config_from_dict(make_config(root, cache_teacher(root), out="from-cache"))
     trainer = DistillationTrainer(config, show_progress=False)
     results = trainer.run()
     assert trainer.teacher is None
@@ -248,3 +249,16 @@ def test_config_refuses_what_a_cache_cannot_serve(setup):
     with pytest.raises(ConfigError, match="recipe 'llava_kd' needs the teacher online"):
         config_from_dict({**make_config(root, {"cache": "x"}), "recipe": "llava_kd",
                           "stages": [{"kind": "dpt"}]})
+
+
+def test_teacher_cache_cli_needs_the_cache_mapping(setup, tmp_path, capsys):
+    from compodistill.cli import main
+
+    root = setup
+    config = tmp_path / "online.json"
+    config.write_text(json.dumps(make_config(root, str(root / "teacher"))))
+    code = main(["teacher-cache", "--config", str(config), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, "teacher: {cache: DIR, path: TEACHER}")
+    config.write_text(json.dumps(make_config(root, cache_teacher(root, "cli-cache"))))
+    code = main(["teacher-cache", "--config", str(config), "--stage", "sft", "--quiet"])
+    assert code == 2 and "unknown stages ['sft']" in capsys.readouterr().err

@@ -48,7 +48,6 @@ class TeacherCache:
         self.per_shard = int(self.manifest["shard_samples"])
         self.num_maps = len(self.manifest["vat"]["matches"])
         self._open: OrderedDict[int, object] = OrderedDict()
-        self._checked: set[int] = set()
         self.open_files = open_files
 
     # ------------------------------------------------------------------ checks

@@ -52,8 +52,8 @@ def _connector_files(teacher, root: Path) -> None:
     write_json_atomic(root / "teacher_config.json", teacher.config.to_dict())
 
 
-def _batch_tensors(teacher, batch: dict, indices: list[int], manifest: dict, matches, acc,
-                   config) -> dict:
+def _batch_tensors(teacher, batch: dict, indices: list[int], manifest: dict, matches,
+                   acc) -> dict:
     """Every tensor of the samples ``indices`` (one collated teacher batch)."""
     from ..logit_kd.from_logits import selected_rows, shift_labels
     from ..visual_attention.layout import visual_layout
@@ -166,6 +166,11 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
     root = Path(opts.cache)
     student_config = load_student_config(config.student)
     teacher = load_student(opts.path).eval().requires_grad_(False).to(acc.device)
+    t_vocab = teacher.lm_head.weight.shape[0]
+    if t_vocab < student_config.text_config.vocab_size:
+        raise ValueError(f"teacher.path: the teacher's vocabulary ({t_vocab}) is smaller than the "
+                         f"student's ({student_config.text_config.vocab_size}); KD truncates the "
+                         f"teacher's, never pads it")
     manifest = build_manifest(config, student_config,
                               teacher_layers=teacher.config.text_config.num_hidden_layers,
                               teacher_hash=teacher_hash(opts.path), kd=need["kd"],
@@ -211,7 +216,7 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
                     continue
                 tensors.update(_batch_tensors(teacher, collate([x for _, x in items]),
                                               [i for i, _ in items], manifest,
-                                              manifest["vat"]["matches"], acc, config))
+                                              manifest["vat"]["matches"], acc))
             path = root / f"{shard_name(shard)}.safetensors"
             # One metadata key: safetensors writes several in a random order.
             write_atomic(path, save(tensors, metadata={"samples": f"{first}:{first + count}"}))
