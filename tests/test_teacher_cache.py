@@ -120,25 +120,24 @@ def test_losses_and_gradients_equal_online_at_full_vocabulary(setup):
 
 # ------------------------------------------------------------------ never loads the teacher
 def test_dpt_and_dft_train_from_the_cache_without_the_teacher(setup, monkeypatch):
-    from compodistill.hf import llava
     from compodistill.train import trainer as trainer_module
     from compodistill.train.trainer import DistillationTrainer
 
     root = setup
     loaded = []
-    real = trainer_module._load_llava
+    real = trainer_module.load_student
 
-    def spy(path, dtype=None):
+    def spy(path, *args, **kwargs):  # every model the trainer loads goes through it
         loaded.append(Path(path).resolve())
-        return real(path, dtype)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "_load_llava", spy)
-    monkeypatch.setattr(llava, "load_student", lambda *a, **k: pytest.fail("teacher loaded"))
+    monkeypatch.setattr(trainer_module, "load_student", spy)
     # The cache run's own config, teacher path included: training still never loads it.
     config = config_from_dict(make_config(root, cache_teacher(root), out="from-cache"))
     trainer = DistillationTrainer(config, show_progress=False)
     results = trainer.run()
     assert trainer.teacher is None
+    assert (root / "student").resolve() in loaded  # the spy saw the loads
     assert (root / "teacher").resolve() not in loaded
     assert [r.name for r in results] == ["dpt", "dft"]
     assert set(results[0].final_losses) >= {"loss_lm", "loss_kd"}
