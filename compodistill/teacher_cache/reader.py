@@ -29,7 +29,7 @@ class TeacherCache:
         open_files: how many shards stay memory-mapped at once.
     """
 
-    def __init__(self, root: str | Path, *, open_files: int = 8):
+    def __init__(self, root: str | Path, *, open_files: int = 64):
         self.root = Path(root)
         manifest_path = self.root / "manifest.json"
         if not manifest_path.is_file():
