@@ -261,3 +261,25 @@ def test_teacher_cache_cli_needs_the_cache_mapping(setup, tmp_path, capsys):
     config.write_text(json.dumps(make_config(root, cache_teacher(root, "cli-cache"))))
     code = main(["teacher-cache", "--config", str(config), "--stage", "sft", "--quiet"])
     assert code == 2 and "unknown stages ['sft']" in capsys.readouterr().err
+
+
+def test_compressed_cache_stores_topk_and_trains(setup):
+    """bf16, logit top-16 and map top-2: the stored fields have the promised shapes and
+    dtypes, and a DFT step trains from them."""
+    from compodistill.train.trainer import DistillationTrainer
+
+    root = setup
+    cache = write_cache(root, "cache-topk", topk=16, dtype="bf16", maps="topk", map_topk=2)
+    sample = TeacherCache(cache).sample(0)
+    assert sample["kd_logp"].dtype == torch.bfloat16 and sample["kd_logp"].shape[1] == 16
+    assert sample["kd_idx"].dtype == torch.int32 and sample["kd_rest"].dtype == torch.float32
+    assert float(sample["kd_rest"].min()) > 0  # a random teacher leaves mass outside its top-16
+    q, v = sample["shape"][1:].tolist()
+    assert tuple(sample["map0.val"].shape) == (q, 2) and sample["map0.idx"].dtype == torch.int16
+    assert tuple(sample["map0.rest"].shape) == (q,)
+    config = make_config(root, {"cache": str(cache)}, out="from-topk",
+                         stages=[{"kind": "dft", "max_steps": 1, "batch_size": 2, "lora_r": 4,
+                                  "lora_alpha": 8}])
+    (result,) = DistillationTrainer(config_from_dict(config), show_progress=False).run()
+    assert {"loss_kd", "loss_vat"} <= set(result.final_losses)
+    assert all(value == value for value in result.final_losses.values())
