@@ -14,6 +14,8 @@ Fused visual-attention distillation of vision-language models.
 
   compodistill demo                       a whole distillation on a tiny model pair (CPU)
   compodistill train --config FILE        run a config's recipe (see configs/)
+  compodistill teacher-cache --config FILE
+                                          the teacher's targets to disk, to train without it
   compodistill eval cr|vqa --model DIR    evaluate a saved model
   compodistill inspect --teacher DIR --student DIR --data FILE --out DIR
                                           teacher vs student visual attention, per layer
@@ -83,6 +85,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher_cache(args: argparse.Namespace) -> int:
+    from .teacher_cache import cli
+
+    return cli.run(args)
+
+
 def _data(args: argparse.Namespace) -> int:
     from .data import synthetic
 
@@ -139,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only these stages, by name (not for comd)")
     train.add_argument("--output-dir", default=None, help="override the config's output_dir")
     train.set_defaults(func=_train)
+
+    from .teacher_cache import cli as cache_cli
+
+    cache = sub.add_parser("teacher-cache", parents=[common], help=cache_cli.HELP,
+                           description=cache_cli.DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    cache_cli.add_arguments(cache)
+    cache.set_defaults(func=_teacher_cache)
 
     evaluate = sub.add_parser("eval", help="evaluate a saved model: cr or vqa",
                               description="Evaluate a saved model on local files.")

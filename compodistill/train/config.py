@@ -416,6 +416,9 @@ class DistillConfig:
     # torch's CPU threads for this run (None: torch's default). Tiny models on a shared CPU
     # run fastest with 1: more threads spin-wait each other when other jobs take the cores.
     cpu_threads: int | None = None
+    # ``teacher: {cache: DIR, ...}`` in the file: a compodistill.teacher_cache
+    # TeacherCacheOptions (targets come from the cache); None: the teacher runs online.
+    teacher_cache: Any = None
 
     def __post_init__(self):
         facts = _facts(self.recipe)  # first: the stage defaults depend on it
@@ -443,6 +446,10 @@ class DistillConfig:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError("stages", f"stage names must be unique, got {names}")
+        if self.teacher_cache is not None:
+            from ..teacher_cache.options import check_cacheable
+
+            check_cacheable(self)
 
 
 def _build(cls, data, where: str) -> dict:
@@ -472,6 +479,11 @@ def config_from_dict(raw: dict) -> DistillConfig:
     naming its key path, the value and the choices before any model is loaded.
     """
     raw = _build(DistillConfig, raw, "config")
+    if isinstance(raw.get("teacher"), dict):  # teacher: {cache: DIR, ...}
+        from ..teacher_cache.options import TeacherCacheOptions
+
+        raw["teacher_cache"] = TeacherCacheOptions.from_dict(raw["teacher"])
+        raw["teacher"] = ""  # training never loads it: teacher_cache.path is the cache run's
     recipe = raw.get("recipe", "compodistill")
     if not isinstance(recipe, str):
         raise ConfigError("recipe", f"expected a string, got {recipe!r}")

@@ -96,6 +96,13 @@ class DistillationTrainer:
             self.teacher.to(config.teacher_device or self.acc.device)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
         self.dataset = train_dataset if train_dataset is not None else self.load_dataset()
+        # teacher: {cache: DIR}: the targets come from the cache, no teacher is ever loaded.
+        self.teacher_cache = None
+        if config.teacher_cache is not None:
+            from ..teacher_cache.training import CacheSource
+
+            self.teacher_cache = CacheSource(config, self.student.config)
+            self.dataset = self.teacher_cache.indexed(self.dataset)
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -136,8 +143,11 @@ class DistillationTrainer:
         # (seeded, reshuffled per epoch through the loader's set_epoch).
         sampler = (LengthGroupedSampler(self.dataset, micro, seed=self.config.seed)
                    if self.config.data.group_by_length else None)
+        collate = LlavaCollator(pad)
+        if self.teacher_cache is not None:  # batches name their samples for the cache
+            collate = self.teacher_cache.collator(collate)
         return DataLoader(self.dataset, batch_size=micro, sampler=sampler,
-                          shuffle=sampler is None, collate_fn=LlavaCollator(pad),
+                          shuffle=sampler is None, collate_fn=collate,
                           num_workers=self.config.data.num_workers,
                           generator=torch.Generator().manual_seed(self.config.seed))
 
@@ -172,6 +182,9 @@ class DistillationTrainer:
         if self.config.taf and self.teacher is not None and not isinstance(
                 self.student, TAFLlavaForConditionalGeneration):
             self.student = apply_taf(self.student, self.teacher)
+        elif self.config.taf and self.teacher_cache is not None and not isinstance(
+                self.student, TAFLlavaForConditionalGeneration):
+            self.student = self.teacher_cache.apply_taf(self.student)  # connector from the cache
         student, params = prepare_trainable(self.student, stage)
         if self.config.gradient_checkpointing:
             llava_core(student).gradient_checkpointing_enable(

@@ -26,5 +26,10 @@ class CompoDistillRecipe(Recipe):
     def stage_parts(self, trainer, student, params, stage, stage_dir) -> StageParts:
         from ..stages import HiddenStates, StageLosses
 
-        losses = StageLosses(student, trainer.teacher, stage, trainer.config, trainer.acc)
+        cache = getattr(trainer, "teacher_cache", None)
+        needs_teacher = stage.weights.kd or stage.weights.vat
+        if cache is not None and needs_teacher:  # the targets come from the teacher cache
+            losses = cache.stage_losses(student, stage, trainer.config, trainer.acc)
+        else:
+            losses = StageLosses(student, trainer.teacher, stage, trainer.config, trainer.acc)
         return StageParts(HiddenStates(student), params, losses)

@@ -1,0 +1,48 @@
+"""``compodistill teacher-cache --config FILE [--stage NAME ...]`` (docs/teacher_cache.md)."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "run the teacher once and write its KD and visual-attention targets to a cache"
+DESCRIPTION = """\
+Run the teacher once over the training data of the stages that need it (a kd or vat
+weight) and write its targets to the directory `teacher: {cache: DIR}` names: top-k
+log-probabilities + ids + rest mass at the KD positions, and the window-mean visual maps
+of every matched student layer (exact, or top-k per query row with `maps: topk`).
+Training with the same config then never loads the teacher.
+
+Config (the `teacher:` mapping):
+  teacher:
+    path: runs/demo/teacher-warmup/1-teacher/model   # the teacher to run
+    cache: runs/teacher-cache                        # where the cache goes
+    topk: 64              # logit entries per KD position (<= vocabulary)
+    dtype: bf16           # bf16 | fp32 for log-probabilities and maps
+    maps: exact           # exact | topk
+    map_topk: 32          # columns per query row with maps: topk
+    shard_samples: 64     # samples per shard (unit of resuming and of the rank split)
+    batch_size: 8         # teacher batch size
+
+Several processes: `accelerate launch --config_file configs/accelerate/ddp.yaml
+-m compodistill.cli teacher-cache --config FILE`; each process writes its own shards,
+and the files are the same as one process writes. A run killed mid-way resumes: finished
+shards are kept, a half-written one is redone.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML or JSON config with "
+                        "`teacher: {path: TEACHER, cache: DIR}`")
+    parser.add_argument("--stage", nargs="*", default=None, dest="stages",
+                        help="only the needs of these stages, by name (default: every stage "
+                             "with a kd or vat weight)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.config import load_config
+    from .writer import write_teacher_cache
+
+    config = load_config(args.config)
+    root = write_teacher_cache(config, stages=args.stages, show_progress=not args.quiet)
+    print(f"teacher cache written to {root} (manifest.json, index.json, shard-*.safetensors); "
+          f"train from it with `compodistill train --config {args.config}`")
+    return 0

@@ -1,0 +1,236 @@
+"""``compodistill teacher-cache``: run the teacher once over the data and write the cache.
+
+Shard s holds samples [s·S, (s+1)·S); process r of W writes the shards s ≡ r (mod W), each
+in teacher batches of ``batch_size`` consecutive samples. What a shard holds therefore does
+not depend on W. Finished shards (with their completion record) are skipped on resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .format import (DTYPES, TeacherCacheError, read_json, shard_name, shard_record,
+                     write_atomic, write_json_atomic)
+from .manifest import build_manifest, needs, teacher_hash
+from .targets import TeacherMaps, compress_map, logit_targets
+
+__all__ = ["write_teacher_cache", "build_dataset", "load_student_config"]
+
+
+def load_student_config(path: str):
+    """The student's config (a TAF config too) without loading its weights."""
+    from transformers import AutoConfig
+
+    from ..hf import taf  # noqa: F401  (registers the TAF config with AutoConfig)
+
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def build_dataset(config, student_config, tokenizer):
+    """The training data exactly as the trainer builds it (same tokenizer, image size,
+    image tokens, max_length), so that sample i is the same sample in both."""
+    from ..data import LlavaDataset
+
+    data = config.data
+    return LlavaDataset(data.train_json, data.image_folder or None, tokenizer,
+                        student_config.vision_config.image_size,
+                        num_image_tokens=student_config.image_seq_length,
+                        image_token_id=student_config.image_token_id,
+                        max_length=data.max_length, on_error=data.on_error)
+
+
+def _connector_files(teacher, root: Path) -> None:
+    """The teacher's connector and config, so a TAF student can be built without it."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous()
+             for k, v in teacher.model.multi_modal_projector.state_dict().items()}
+    write_atomic(root / "teacher_connector.safetensors", save(state))
+    write_json_atomic(root / "teacher_config.json", teacher.config.to_dict())
+
+
+def _batch_tensors(teacher, batch: dict, indices: list[int], manifest: dict, matches,
+                   acc) -> dict:
+    """Every tensor of the samples ``indices`` (one collated teacher batch)."""
+    from ..logit_kd.from_logits import selected_rows, shift_labels
+    from ..visual_attention.layout import visual_layout
+    from ..matching import LayerMatch
+
+    device = acc.device
+    dtype = DTYPES[manifest["dtype"]]
+    ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device)
+    pixels = batch["pixel_values"].to(device) if "pixel_values" in batch else None
+    B, N = ids.shape
+    visual = ids == manifest["processor"]["image_token_id"]
+    sink = None
+    if manifest["vat"]["stored"]:
+        layout = visual_layout(visual, B, N, query=manifest["vat"]["query"],
+                               attention_mask=mask, causal=True, device=device)
+        sink = TeacherMaps(teacher, [LayerMatch(s, tuple(t)) for s, t in matches], layout)
+    with torch.no_grad(), acc.autocast():
+        if sink is not None:
+            with sink:
+                out = teacher.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                    use_cache=False)
+        else:
+            out = teacher.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                use_cache=False)
+    h_t = out.last_hidden_state
+    tensors = {}
+    kd = manifest["kd"]
+    vocab = manifest["processor"]["vocab_size"]
+    if kd["stored"]:
+        sel = selected_rows((B, N), shift_labels(batch["labels"]).to(device), kd["positions"],
+                            mask, visual, device).view(B, N)
+    if sink is not None:
+        targets = sink.targets()
+        q_count, v_count = layout.query_count.tolist(), layout.visual_count.tolist()
+    for b, i in enumerate(indices):
+        q, v = (q_count[b], v_count[b]) if sink is not None else (0, 0)
+        tensors[f"{i}.shape"] = torch.tensor([int(mask[b].sum()), q, v], dtype=torch.int64)
+        if kd["stored"]:
+            pos = sel[b].nonzero().squeeze(1)
+            lp, ix, rest = logit_targets(h_t[b, pos], teacher.lm_head.weight,
+                                         teacher.lm_head.bias, vocab, kd["topk"],
+                                         kd["temperature"])
+            tensors[f"{i}.kd_pos"] = pos.to(torch.int32).cpu()
+            tensors[f"{i}.kd_logp"] = lp.to(dtype).cpu()
+            tensors[f"{i}.kd_idx"] = ix.cpu()
+            tensors[f"{i}.kd_rest"] = rest.float().cpu()
+        if sink is not None:
+            for j, target in enumerate(targets):
+                m = target[b, :q, :v]
+                if manifest["vat"]["maps"] == "exact":
+                    tensors[f"{i}.map{j}"] = m.to(dtype).cpu().contiguous()
+                else:
+                    val, ix, rest = compress_map(m, manifest["vat"]["map_topk"])
+                    tensors[f"{i}.map{j}.val"] = val.to(dtype).cpu().contiguous()
+                    tensors[f"{i}.map{j}.idx"] = ix.to(
+                        torch.int16 if v <= 32767 else torch.int32).cpu().contiguous()
+                    tensors[f"{i}.map{j}.rest"] = rest.float().cpu().contiguous()
+    return tensors
+
+
+def _shard_done(root: Path, shard: int) -> bool:
+    """A shard counts only with its record, and only if the file still matches it."""
+    record_path = root / f"{shard_name(shard)}.json"
+    if not record_path.is_file():
+        return False
+    try:
+        record = json.loads(record_path.read_text())
+        path = root / record["file"]
+        return path.is_file() and path.stat().st_size == record["bytes"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=None,
+                        show_progress: bool = True) -> Path:
+    """Write (or finish) ``config.teacher_cache.cache`` for the stages named (default: all).
+
+    Returns the cache directory. Raises ``ValueError`` for a config without
+    ``teacher: {cache: DIR, path: PATH}``, stages that need no teacher, or a directory that
+    holds a cache made from other inputs.
+    """
+    from ..train.distributed import make_accelerator
+    from transformers import AutoTokenizer
+
+    from ..data import LlavaCollator
+    from ..hf.llava import load_student
+    from ..train.trainer import check_checkpoint
+
+    opts = config.teacher_cache
+    if opts is None:
+        raise ValueError("teacher: the cache run needs `teacher: {cache: DIR, path: TEACHER}` "
+                         "in the config")
+    names = [s.name for s in config.stages]
+    unknown = sorted(set(stages or []) - set(names))
+    if unknown:
+        raise ValueError(f"--stage: unknown stages {unknown}; the config has {names}")
+    need = needs(config, stages)
+    if not need["stages"]:
+        raise ValueError(f"--stage: none of the stages {stages or names} needs the teacher "
+                         f"(no kd or vat weight); nothing to cache")
+    check_checkpoint(opts.path, "teacher.path")
+    check_checkpoint(config.student, "student")
+    if not Path(config.data.train_json).is_file():
+        raise FileNotFoundError(f"data.train_json: training data not found: "
+                                f"{config.data.train_json}")
+    if config.cpu_threads is not None:
+        torch.set_num_threads(config.cpu_threads)
+    # make_accelerator: several CPU processes under torchrun get a gloo group (not one each).
+    acc = accelerator or make_accelerator(mixed_precision=config.mixed_precision)
+    root = Path(opts.cache)
+    student_config = load_student_config(config.student)
+    teacher = load_student(opts.path).eval().requires_grad_(False).to(acc.device)
+    t_vocab = teacher.lm_head.weight.shape[0]
+    if t_vocab < student_config.text_config.vocab_size:
+        raise ValueError(f"teacher.path: the teacher's vocabulary ({t_vocab}) is smaller than the "
+                         f"student's ({student_config.text_config.vocab_size}); KD truncates the "
+                         f"teacher's, never pads it")
+    manifest = build_manifest(config, student_config,
+                              teacher_layers=teacher.config.text_config.num_hidden_layers,
+                              teacher_hash=teacher_hash(opts.path), kd=need["kd"],
+                              vat=need["vat"], stages=need["stages"])
+    manifest_path = root / "manifest.json"
+    if manifest_path.is_file():
+        old = read_json(manifest_path, "manifest")
+        if old != manifest:
+            raise TeacherCacheError(f"{manifest_path} holds a cache made from other inputs or "
+                                    f"options; delete {root} or set teacher.cache to another "
+                                    f"directory")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(manifest_path, manifest)
+        _connector_files(teacher, root)
+    acc.wait_for_everyone()
+
+    tokenizer = AutoTokenizer.from_pretrained(config.student, local_files_only=True)
+    dataset = build_dataset(config, student_config, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        tokenizer.eos_token_id or 0)
+    collate = LlavaCollator(pad)
+    per_shard, n = opts.shard_samples, len(dataset)
+    shards = list(range(acc.process_index, math.ceil(n / per_shard), acc.num_processes))
+    progress = None
+    if show_progress and acc.is_local_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(shards), desc="teacher cache shards", dynamic_ncols=True)
+    from safetensors.torch import save
+
+    for shard in shards:
+        first = shard * per_shard
+        count = min(per_shard, n - first)
+        if not _shard_done(root, shard):
+            tensors = {}
+            for b0 in range(first, first + count, opts.batch_size):
+                indices = list(range(b0, min(b0 + opts.batch_size, first + count)))
+                items = [(i, dataset[i]) for i in indices]
+                items = [(i, x) for i, x in items if x is not None]  # unreadable: skipped
+                if not items:
+                    continue
+                tensors.update(_batch_tensors(teacher, collate([x for _, x in items]),
+                                              [i for i, _ in items], manifest,
+                                              manifest["vat"]["matches"], acc))
+            path = root / f"{shard_name(shard)}.safetensors"
+            # One metadata key: safetensors writes several in a random order.
+            write_atomic(path, save(tensors, metadata={"samples": f"{first}:{first + count}"}))
+            write_json_atomic(root / f"{shard_name(shard)}.json",
+                              shard_record(root, shard, first, count))
+        if progress is not None:
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        records = [read_json(root / f"{shard_name(s)}.json", "shard record")
+                   for s in range(math.ceil(n / per_shard))]
+        write_json_atomic(root / "index.json", {"num_samples": n, "shards": records})
+    acc.wait_for_everyone()
+    return root

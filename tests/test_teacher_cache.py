@@ -1,0 +1,285 @@
+"""The offline teacher cache end to end on tiny models (CPU): training from it equals online
+training at k = vocabulary, the teacher is never loaded, the files are reproducible, resumable
+and the same from two processes, and every bad cache is a clear error."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from compodistill.teacher_cache import TeacherCache, TeacherCacheError  # noqa: E402
+from compodistill.train.config import ConfigError, config_from_dict  # noqa: E402
+
+from _helpers import assert_one_line_error, write_tiny_pair  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+STAGES = [{"kind": "dpt", "max_steps": 2, "batch_size": 2},
+          {"kind": "dft", "max_steps": 2, "batch_size": 2, "lora_r": 4, "lora_alpha": 8}]
+
+
+def make_config(root, teacher, out="run", **extra):
+    """The config of tests/teacher_cache_run.py (the cache options must stay the same)."""
+    return {
+        "student": str(root / "student"), "teacher": teacher, "output_dir": str(root / out),
+        "cpu_threads": 1,
+        "data": {"train_json": str(root / "data" / "train.json"),
+                 "image_folder": str(root / "data"), "max_length": 128},
+        "vat": {"student_layers": [1, 2], "teacher_layers": [1, 2, 3]}, "stages": STAGES,
+        **extra}
+
+
+def cache_teacher(root, cache="cache", **options):
+    return {"path": str(root / "teacher"), "cache": str(root / cache), "topk": 100000,
+            "dtype": "fp32", "shard_samples": 4, "batch_size": 2, **options}
+
+
+def write_cache(root, cache="cache", **options):
+    from compodistill.teacher_cache import write_teacher_cache
+
+    config = config_from_dict(make_config(root, cache_teacher(root, cache, **options)))
+    return write_teacher_cache(config, show_progress=False)
+
+
+def files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("teacher_cache")
+    write_tiny_pair(root, num=6, student_layers=3, teacher_layers=4)
+    write_cache(root)
+    return root
+
+
+# ------------------------------------------------------------------ equal to online
+def _first_batch_losses(trainer, stage, student):
+    from compodistill.train.stages import HiddenStates
+
+    parts = trainer.recipe.stage_parts(trainer, student, None, stage, trainer.output_dir)
+    batch = next(iter(trainer.data_loader(stage)))
+    terms = parts.losses(HiddenStates(student), batch)
+    values = {}
+    total = 0
+    for term in terms.values():
+        total = total + term.value
+        values.update({k: float(v) for k, v in term.parts.items()})
+    params = [p for p in student.parameters() if p.requires_grad]
+    return values, torch.autograd.grad(total, params)
+
+
+def test_losses_and_gradients_equal_online_at_full_vocabulary(setup):
+    """k = vocabulary, exact fp32 maps: LM, KD, VAT (and per layer) and the gradients of
+    every trainable weight equal the online teacher's."""
+    from compodistill.train.stages import prepare_trainable
+    from compodistill.train.trainer import DistillationTrainer
+
+    root = setup
+    weights = {"lm": 1.0, "kd": 1.0, "vat": 1.0}
+    stages = [{"kind": "dft", "trainable": "post_connector", "weights": weights,
+               "batch_size": 4}]
+    from compodistill.hf.llava import apply_taf
+
+    online = DistillationTrainer(config_from_dict(make_config(
+        root, str(root / "teacher"), stages=stages)), show_progress=False)
+    s_online = apply_taf(online.student, online.teacher)
+    cached = DistillationTrainer(config_from_dict(make_config(
+        root, {"cache": str(root / "cache")}, stages=stages)), show_progress=False)
+    assert cached.teacher is None
+    # TAF from the cached connector: the same weights, the post-connector from the same
+    # random stream (seeded by each trainer).
+    s_cached = cached.teacher_cache.apply_taf(cached.student)
+    on_state, ca_state = s_online.state_dict(), s_cached.state_dict()
+    assert on_state.keys() == ca_state.keys()
+    for name in on_state:
+        assert torch.equal(on_state[name], ca_state[name]), name
+    stage = online.config.stages[0]
+    results = []
+    for trainer, student in ((online, s_online), (cached, s_cached)):
+        student, _ = prepare_trainable(student, stage)
+        results.append(_first_batch_losses(trainer, stage, student))
+    (v_on, g_on), (v_ca, g_ca) = results
+    assert set(v_on) == set(v_ca) == {"lm", "kd", "vat", "vat_layer1", "vat_layer2"}
+    for name in v_on:
+        assert v_ca[name] == pytest.approx(v_on[name], rel=1e-5, abs=1e-7), name
+    assert v_on["kd"] > 0 and v_on["vat"] > 0
+    for a, b in zip(g_ca, g_on):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------ never loads the teacher
+def test_dpt_and_dft_train_from_the_cache_without_the_teacher(setup, monkeypatch):
+    from compodistill.train import trainer as trainer_module
+    from compodistill.train.trainer import DistillationTrainer
+
+    root = setup
+    loaded = []
+    real = trainer_module.load_student
+
+    def spy(path, *args, **kwargs):  # every model the trainer loads goes through it
+        loaded.append(Path(path).resolve())
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "load_student", spy)
+    # The cache run's own config, teacher path included: training still never loads it.
+    config = config_from_dict(make_config(root, cache_teacher(root), out="from-cache"))
+    trainer = DistillationTrainer(config, show_progress=False)
+    results = trainer.run()
+    assert trainer.teacher is None
+    assert (root / "student").resolve() in loaded  # the spy saw the loads
+    assert (root / "teacher").resolve() not in loaded
+    assert [r.name for r in results] == ["dpt", "dft"]
+    assert set(results[0].final_losses) >= {"loss_lm", "loss_kd"}
+    assert set(results[1].final_losses) >= {"loss_lm", "loss_kd", "loss_vat"}
+    assert all(v == v and v > 0 for r in results for v in r.final_losses.values())
+
+
+# ------------------------------------------------------------------ files
+def test_same_inputs_give_byte_identical_files_and_a_killed_run_resumes(setup):
+    root = setup
+    again = write_cache(root, "cache-again")
+    reference = files(root / "cache")
+    assert files(again) == reference
+    # A run killed mid-way: shard 1 half-written with no record, shard 2's rename never
+    # happened, no index yet.
+    (again / "shard-00001.json").unlink()
+    data = (again / "shard-00001.safetensors").read_bytes()
+    (again / "shard-00001.safetensors").write_bytes(data[: len(data) // 2])
+    (again / "shard-00002.safetensors").rename(again / "shard-00002.safetensors.tmp")
+    (again / "shard-00002.json").unlink()
+    (again / "index.json").unlink()
+    with pytest.raises(TeacherCacheError, match="incomplete: no index.json"):
+        TeacherCache(again)
+    write_cache(root, "cache-again")
+    assert files(again) == reference  # the stray .tmp was overwritten and renamed
+
+
+def test_two_process_cache_run_writes_the_same_shards(setup):
+    root = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
+              str(HERE / "teacher_cache_run.py"), str(root), str(root / "cache-two")]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert files(root / "cache-two") == files(root / "cache")
+
+
+# ------------------------------------------------------------------ bad caches
+def _copy_cache(root, name):
+    shutil.copytree(root / "cache", root / name, dirs_exist_ok=True)
+    return root / name
+
+
+def test_stale_cache_names_the_manifest_and_what_changed(setup, tmp_path):
+    from compodistill.train.trainer import DistillationTrainer
+
+    root = setup
+    data = tmp_path / "train.json"
+    data.write_text((root / "data" / "train.json").read_text() + "\n")  # same samples, new hash
+    config = make_config(root, {"cache": str(root / "cache")})
+    config["data"]["train_json"] = str(data)
+    with pytest.raises(TeacherCacheError, match=r"stale teacher cache .*manifest.json: data "
+                                                r"file hash differs"):
+        DistillationTrainer(config_from_dict(config), show_progress=False)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(root / "teacher", teacher)
+    cfg = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**cfg, "note": "another teacher"}))
+    config = make_config(root, {"cache": str(root / "cache"), "path": str(teacher)})
+    with pytest.raises(TeacherCacheError, match="teacher weights hash differs"):
+        DistillationTrainer(config_from_dict(config), show_progress=False)
+
+
+def test_missing_sample_names_the_shard_and_the_sample(setup):
+    from safetensors.torch import load_file, save_file
+
+    root = setup
+    cache = _copy_cache(root, "cache-missing")
+    shard = cache / "shard-00000.safetensors"
+    tensors = {k: v for k, v in load_file(str(shard)).items() if not k.startswith("1.")}
+    save_file(tensors, str(shard))
+    index = json.loads((cache / "index.json").read_text())
+    index["shards"][0]["bytes"] = shard.stat().st_size
+    (cache / "index.json").write_text(json.dumps(index))
+    reader = TeacherCache(cache)
+    reader.sample(0)
+    with pytest.raises(TeacherCacheError, match=r"sample 1 is missing from teacher cache shard "
+                                                r".*cache-missing/shard-00000.safetensors"):
+        reader.sample(1)
+    with pytest.raises(TeacherCacheError, match=r"sample 999 is missing .* holds samples 0–"):
+        reader.sample(999)
+
+
+def test_truncated_shard_is_one_line_from_the_cli(setup, tmp_path, capsys):
+    from compodistill.cli import main
+
+    root = setup
+    cache = _copy_cache(root, "cache-truncated")
+    shard = cache / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(make_config(root, {"cache": str(cache)}, out="truncated")))
+    code = main(["train", "--config", str(config), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, "is truncated or damaged",
+                          "cache-truncated/shard-00000.safetensors", "sample ")
+
+
+def test_config_refuses_what_a_cache_cannot_serve(setup):
+    root = setup
+    with pytest.raises(ConfigError, match=r"teacher: unknown keys \['topp'\]"):
+        config_from_dict(make_config(root, {"cache": "x", "topp": 3}))
+    with pytest.raises(ConfigError, match="teacher.topk: must be >= 1"):
+        config_from_dict(make_config(root, {"cache": "x", "topk": 0}))
+    with pytest.raises(ConfigError, match="adaptive"):
+        config_from_dict(make_config(root, {"cache": "x"}, vat={"matching": "adaptive"}))
+    with pytest.raises(ConfigError, match="recipe 'llava_kd' needs the teacher online"):
+        config_from_dict({**make_config(root, {"cache": "x"}), "recipe": "llava_kd",
+                          "stages": [{"kind": "dpt"}]})
+
+
+def test_teacher_cache_cli_needs_the_cache_mapping(setup, tmp_path, capsys):
+    from compodistill.cli import main
+
+    root = setup
+    config = tmp_path / "online.json"
+    config.write_text(json.dumps(make_config(root, str(root / "teacher"))))
+    code = main(["teacher-cache", "--config", str(config), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, "teacher: {cache: DIR, path: TEACHER}")
+    config.write_text(json.dumps(make_config(root, cache_teacher(root, "cli-cache"))))
+    code = main(["teacher-cache", "--config", str(config), "--stage", "sft", "--quiet"])
+    assert code == 2 and "unknown stages ['sft']" in capsys.readouterr().err
+
+
+def test_compressed_cache_stores_topk_and_trains(setup):
+    """bf16, logit top-16 and map top-2: the stored fields have the promised shapes and
+    dtypes, and a DFT step trains from them."""
+    from compodistill.train.trainer import DistillationTrainer
+
+    root = setup
+    cache = write_cache(root, "cache-topk", topk=16, dtype="bf16", maps="topk", map_topk=2)
+    sample = TeacherCache(cache).sample(0)
+    assert sample["kd_logp"].dtype == torch.bfloat16 and sample["kd_logp"].shape[1] == 16
+    assert sample["kd_idx"].dtype == torch.int32 and sample["kd_rest"].dtype == torch.float32
+    assert float(sample["kd_rest"].min()) > 0  # a random teacher leaves mass outside its top-16
+    q, v = sample["shape"][1:].tolist()
+    assert tuple(sample["map0.val"].shape) == (q, 2) and sample["map0.idx"].dtype == torch.int16
+    assert tuple(sample["map0.rest"].shape) == (q,)
+    config = make_config(root, {"cache": str(cache)}, out="from-topk",
+                         stages=[{"kind": "dft", "max_steps": 1, "batch_size": 2, "lora_r": 4,
+                                  "lora_alpha": 8}])
+    (result,) = DistillationTrainer(config_from_dict(config), show_progress=False).run()
+    assert {"loss_kd", "loss_vat"} <= set(result.final_losses)
+    assert all(value == value for value in result.final_losses.values())
