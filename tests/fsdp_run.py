@@ -7,7 +7,8 @@ Each process writes ``OUT/report-rank<r>.json``: per stage it ran, the step it r
 the weighted loss of every micro-batch it computed, the local and full shapes of every
 sharded parameter of the student and of the teacher (and all parameter names), and how many
 all-gathers included each model's ``lm_head`` weight. ``FSDP_TEST_KILL=STAGE:CALL`` SIGKILLs
-process 0 at that loss call of that stage (a crash mid-run).
+process 0 at that loss call of that stage (a crash mid-run); ``FSDP_TEST_STAGES=dpt,dft``
+runs only those stages.
 """
 import json
 import os
@@ -29,9 +30,10 @@ STEPS = {"dpt": 2, "dft": 4, "sft": 2}
 
 def main(root: Path, out: str, grad_accum: str = "1", recipe: str = "compodistill") -> None:
     # Batches of 4: two micro-batches of 2, one per process or accumulated in one process.
-    stages = [{"kind": kind, "max_steps": steps, "batch_size": 4, "grad_accum": int(grad_accum),
-               "lr": 1e-2, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
-              for kind, steps in STEPS.items()]
+    kinds = os.environ.get("FSDP_TEST_STAGES", ",".join(STEPS)).split(",")
+    stages = [{"kind": kind, "max_steps": STEPS[kind], "batch_size": 4,
+               "grad_accum": int(grad_accum), "lr": 1e-2, "lora_r": 4, "lora_alpha": 8,
+               "lora_dropout": 0.0} for kind in kinds]
     config = config_from_dict({
         "recipe": recipe, "student": str(root / "student"), "teacher": str(root / "teacher"),
         "output_dir": out, "save_every": 2, "cpu_threads": 1,

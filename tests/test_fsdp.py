@@ -53,6 +53,12 @@ STAGES = ("1-dpt", "2-dft", "3-sft")
 KILL_AT = 3  # the DFT loss call that is killed: after checkpoint-2, before checkpoint-4
 
 
+def _env() -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
 def _launch(root: Path, out: str, env: dict) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs" / "accelerate" / "fsdp2_cpu_2proc.yaml"), SCRIPT,
@@ -65,8 +71,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     write_tiny_pair(root, num=12, student_layers=3, teacher_layers=4)
     assert keep_equal_length_records(root) >= 8
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("TRITON_INTERPRET", None)
+    env = _env()
     one = subprocess.run([sys.executable, SCRIPT, str(root), str(root / "one"), "2"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -137,3 +142,30 @@ def test_lm_head_is_gathered_once_per_step(runs):
             gathers = report[stage]["lm_head_gathers"]
             assert gathers["student"] == steps, (stage, gathers)
             assert gathers["teacher"] == (steps if teacher_used else 0), (stage, gathers)
+
+
+def test_tied_teacher_lm_head_is_sharded_and_gathered_once(tmp_path):
+    """A teacher whose lm_head is its embedding (e.g. Qwen2.5-VL-3B): the weight is sharded
+    with the root group and gathered once per step; DPT equals one process bitwise."""
+    from transformers import LlavaForConditionalGeneration
+
+    write_tiny_pair(tmp_path, num=12, student_layers=2, teacher_layers=2)
+    assert keep_equal_length_records(tmp_path) >= 8
+    teacher = LlavaForConditionalGeneration.from_pretrained(tmp_path / "teacher")
+    teacher.config.tie_word_embeddings = teacher.config.text_config.tie_word_embeddings = True
+    teacher.lm_head.weight = teacher.get_input_embeddings().weight
+    teacher.save_pretrained(tmp_path / "teacher")
+    env = {**_env(), "FSDP_TEST_STAGES": "dpt"}
+    one = subprocess.run([sys.executable, SCRIPT, str(tmp_path), str(tmp_path / "one"), "2"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _launch(tmp_path, "two", env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for rank in (0, 1):
+        dpt = json.loads((tmp_path / "two" / f"report-rank{rank}.json").read_text())["dpt"]
+        assert set(dpt["teacher"]) == set(dpt["teacher_params"])  # lm_head left no full copy
+        assert dpt["lm_head_gathers"] == {"student": 2, "teacher": 2}
+    one_sd = load_student(tmp_path / "one" / "1-dpt" / "model").state_dict()
+    two_sd = load_student(tmp_path / "two" / "1-dpt" / "model").state_dict()
+    for name in one_sd:
+        torch.testing.assert_close(two_sd[name], one_sd[name], atol=0, rtol=0, msg=name)

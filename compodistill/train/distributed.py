@@ -107,11 +107,29 @@ def shard_teacher(teacher: nn.Module, accelerator) -> nn.Module:
     for layer in reversed(layers):  # innermost first, as fully_shard requires
         if not isinstance(layer, FSDPModule):
             fully_shard(layer, reshard_after_forward=True, **kwargs)
-    tied = teacher.lm_head.weight is teacher.get_input_embeddings().weight
+    embedding = teacher.get_input_embeddings()
+    tied = teacher.lm_head.weight is embedding.weight
     if not tied:
         fully_shard(teacher.lm_head, reshard_after_forward=True, **kwargs)
     fully_shard(teacher.model, reshard_after_forward=not tied, **kwargs)
+    if tied:  # lm_head sits outside the root: read the embedding's (gathered) weight instead
+        teacher.lm_head = _TiedHead(embedding)
     return teacher
+
+
+class _TiedHead(nn.Module):
+    """A tied ``lm_head`` of a sharded teacher: its weight is always the embedding's current
+    one (sharded, or gathered during a step); the original full tensor is released."""
+
+    bias = None
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # not a submodule: no second owner
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding.weight
 
 
 def teacher_step(losses, teacher: nn.Module | None):
