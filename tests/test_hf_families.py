@@ -1,0 +1,179 @@
+"""VAT on every supported VLM family equals eager attention + output_attentions + the reference.
+
+Each family gets a tiny random teacher/student pair built from its own transformers config
+classes, saved and reloaded with ``from_pretrained``. One batch per family mixes samples
+with one image, with two images of different token counts (Qwen's dynamic resolution,
+LLaVA-OneVision's anyres crops with image-newline tokens), a text-only sample (a video for
+Qwen), left and right padding. The visual positions come from the model's own config.
+"""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import AutoModelForImageTextToText  # noqa: E402
+
+from compodistill.hf import AttentionDistiller  # noqa: E402
+from compodistill.hf.attention import decoder_attention_modules  # noqa: E402
+from compodistill.hf.families import (TINY_FAMILIES, family_of, tiny_family_batch,  # noqa: E402
+                                      tiny_family_pair, visual_token_ids)
+from compodistill.testing.visual_attention import (ref_group_targets, ref_query_rows,  # noqa: E402
+                                                   ref_visual_allowed, ref_visual_loss)
+
+STUDENT_LAYERS, TEACHER_LAYERS = [0, 1], [1, 2, 3]
+# per family: image sizes per sample (see tiny_family_batch), videos, sequence length
+BATCHES = {
+    "qwen2_5_vl": ([[4], [2, 6], []], [0, 0, 2], 36),
+    "qwen3_vl": ([[4], [2, 6], []], [0, 0, 2], 36),
+    "llava_onevision": ([[16], [32, 16], []], (), 56),
+    "gemma3": ([[1], [1, 1], []], (), 32),
+    "internvl": ([[1], [1, 1], []], (), 32),
+}
+
+
+def _sharpen(model):
+    """Scale q and k so that the maps are far from uniform (a meaningful comparison)."""
+    with torch.no_grad():
+        for attn in decoder_attention_modules(model):
+            attn.q_proj.weight.mul_(4.0)
+            attn.k_proj.weight.mul_(4.0)
+
+
+@pytest.fixture(scope="module", params=TINY_FAMILIES)
+def family(request, tmp_path_factory):
+    """(name, student, teacher, batch): saved and reloaded, language models on eager."""
+    name = request.param
+    student, teacher = tiny_family_pair(name)
+    root = tmp_path_factory.mktemp(name)
+    loaded = []
+    for role, model in (("student", student), ("teacher", teacher)):
+        _sharpen(model)
+        model.save_pretrained(root / role)
+        again = AutoModelForImageTextToText.from_pretrained(root / role).eval()
+        for key, value in model.state_dict().items():
+            assert torch.equal(again.state_dict()[key], value), key
+        again.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+        loaded.append(again)
+    images, videos, n = BATCHES[name]
+    batch = tiny_family_batch(loaded[0], images, seq_len=n, padding=["right", "left", "right"],
+                              videos=videos)
+    batch.pop("token_type_ids", None)  # Gemma 3's bidirectional image rows: own test
+    return name, loaded[0], loaded[1], batch
+
+
+def reference_loss(student, teacher, batch, matches, query="all", **options):
+    """Eager attention probabilities + the fp32 reference loss (group matching)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    vis = torch.isin(ids, torch.tensor(visual_token_ids(student)))
+    rows, allowed = ref_query_rows(query, vis, mask), ref_visual_allowed(vis, query, mask)
+
+    def maps(probs):
+        head_mean = probs.float().mean(dim=1)
+        return [head_mean[b][rows[b]][:, vis[b]] for b in range(probs.shape[0])]
+
+    with torch.no_grad():
+        t_att = teacher(**batch, output_attentions=True).attentions
+    s_att = student(**batch, output_attentions=True).attentions
+    terms = []
+    for m in matches:
+        s_maps = maps(s_att[m.student_layer])
+        window = [maps(t_att[t]) for t in m.teacher_layers]
+        target = [ref_group_targets([w[b] for w in window], 1)[0] for b in range(len(s_maps))]
+        terms.append(ref_visual_loss(s_maps, target, allowed, **options))
+    return torch.stack(terms).mean()
+
+
+def hook_loss(student, teacher, batch, query="all", **options):
+    distiller = AttentionDistiller(student, teacher, student_layers=STUDENT_LAYERS,
+                                   teacher_layers=TEACHER_LAYERS, query=query, **options)
+    with distiller.capture(batch["input_ids"], attention_mask=batch["attention_mask"]) as cap:
+        with torch.no_grad():
+            teacher(**batch)
+        student(**batch)
+    return cap.loss(), distiller
+
+
+def assert_same_loss_and_grads(loss, want, student, student_eager):
+    assert float(want.detach()) > 1e-4  # far from zero: a meaningful comparison
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-6)
+    params = [p for p in student.parameters() if p.requires_grad]
+    params_eager = [p for p in student_eager.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    expected = torch.autograd.grad(want, params_eager, allow_unused=True)
+    scale = max(float(w.abs().max()) for w in expected if w is not None)
+    assert scale > 0
+    for g, w in zip(got, expected):
+        if w is None:
+            assert g is None or float(g.abs().max()) == 0.0
+        else:
+            torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-4 * scale)
+
+
+@pytest.mark.parametrize("options", [dict(loss="cosine"), dict(loss="kl")],
+                         ids=["cosine", "kl"])
+def test_family_vat_matches_eager_reference(family, options):
+    name, student_eager, teacher_eager, batch = family
+    student, teacher = copy.deepcopy(student_eager), copy.deepcopy(teacher_eager)
+    vis = torch.isin(batch["input_ids"], torch.tensor(visual_token_ids(student)))
+    counts = vis.sum(dim=1).tolist()
+    assert counts[0] > 0 and counts[1] > counts[0]    # one image; two of different sizes
+    if name.startswith("qwen"):
+        assert counts[2] > 0 and "pixel_values_videos" in batch
+    else:
+        assert counts[2] == 0                            # text only
+    loss, distiller = hook_loss(student, teacher, batch, **options)
+    assert [m.teacher_layers for m in distiller.matches] == [(1, 2), (2, 3)]
+    want = reference_loss(student_eager, teacher_eager, batch, distiller.matches, **options)
+    assert_same_loss_and_grads(loss, want, student, student_eager)
+    # the hook reached the language model only: the vision tower keeps its attention
+    assert student.config.get_text_config()._attn_implementation == "compodistill"
+    assert student.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_gemma3_bidirectional_image_rows_refused_or_served(tmp_path):
+    """Gemma 3 with token_type_ids attends bidirectionally among one image's tokens. With
+    query rows on images the causal kernels would give a silently wrong loss: refused on the
+    first call. Text query rows see the same keys under both masks: served, and exact."""
+    student_eager, teacher_eager = tiny_family_pair("gemma3")
+    for model in (student_eager, teacher_eager):
+        _sharpen(model)
+        model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+    batch = tiny_family_batch(student_eager, [[1], [1, 1], []], seq_len=32,
+                              padding=["right", "left", "right"])
+    assert "token_type_ids" in batch
+    student, teacher = copy.deepcopy(student_eager), copy.deepcopy(teacher_eager)
+    with pytest.raises(ValueError, match=r"teacher layer 1: .*non-causal span.*token_type_ids"):
+        hook_loss(student, teacher, batch, query="all")
+    loss, distiller = hook_loss(student, teacher, batch, query="text")
+    want = reference_loss(student_eager, teacher_eager, batch, distiller.matches, query="text")
+    assert_same_loss_and_grads(loss, want, student, student_eager)
+
+
+def test_softcapping_and_bidirectional_refused_at_construction():
+    student, teacher = tiny_family_pair("gemma3", teacher_layers=2)
+    teacher.config.get_text_config().attn_logit_softcapping = 50.0
+    with pytest.raises(ValueError, match=r"teacher layer 0: attention-logit softcapping"):
+        AttentionDistiller(student, teacher, student_layers=[0], teacher_layers=[1])
+    teacher.config.get_text_config().attn_logit_softcapping = None
+    student.config.get_text_config().use_bidirectional_attention = True
+    with pytest.raises(ValueError, match=r"student: .*bidirectional"):
+        AttentionDistiller(student, teacher, student_layers=[0], teacher_layers=[1])
+
+
+def test_family_detection_and_visual_ids():
+    from transformers import (Gemma3Config, InternVLConfig, LlavaOnevisionConfig,
+                              Qwen2_5_VLConfig, Qwen3VLConfig, SiglipVisionConfig)
+
+    assert family_of(Qwen2_5_VLConfig()).name == "qwen2_5_vl"
+    assert family_of(Qwen3VLConfig()).name == "qwen3_vl"
+    assert family_of(Gemma3Config()).name == "gemma3"
+    assert family_of(InternVLConfig()).name == "internvl"
+    onevision = LlavaOnevisionConfig()
+    assert family_of(onevision).name == "llava_onevision"
+    assert visual_token_ids(onevision) == (onevision.image_token_id, onevision.video_token_id)
+    qwen = Qwen2_5_VLConfig()
+    assert visual_token_ids(qwen) == (qwen.image_token_id, qwen.video_token_id)
+    assert qwen.vision_start_token_id not in visual_token_ids(qwen)
+    with pytest.raises(ValueError, match=r"'siglip_vision_model' is not a supported .*Qwen2.5-VL"):
+        family_of(SiglipVisionConfig())
