@@ -44,7 +44,8 @@ def _sharpen(model):
 def family(request, tmp_path_factory):
     """(name, student, teacher, batch): saved and reloaded, language models on eager."""
     name = request.param
-    student, teacher = tiny_family_pair(name)
+    # Gemma 3: a window of 6 on its sliding layers (student 0, teacher 2) cuts off image keys
+    student, teacher = tiny_family_pair(name, sliding_window=6 if name == "gemma3" else None)
     root = tmp_path_factory.mktemp(name)
     loaded = []
     for role, model in (("student", student), ("teacher", teacher)):

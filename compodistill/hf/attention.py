@@ -162,10 +162,6 @@ def _check_captured_call(module, query, key, layout: VisualLayout, role: str, at
     if not causal or not layout.causal:
         raise ValueError(f"{role} layer {module.layer_idx}: visual maps are defined for causal "
                          f"decoder attention only")
-    window = kwargs.get("sliding_window")
-    if window is not None and window < n:
-        raise ValueError(f"{role} layer {module.layer_idx}: sliding-window attention (window "
-                         f"{window} < N = {n}) cannot be captured")
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{role} layer {module.layer_idx}: attention softcapping is not supported")
 
@@ -256,13 +252,17 @@ def compodistill_attention_forward(module: nn.Module, query: torch.Tensor, key: 
     role, layer = site
     layout = sink.layout_for(role)
     _check_captured_call(module, query, key, layout, role, attention_mask, is_causal, kwargs)
+    # A sliding-window layer (Gemma 3's local layers): the same layout, windowed.
+    layout = layout.with_window(kwargs.get("sliding_window"))
     checked = getattr(sink, "checked_masks", None)  # one mask per forward: check it once
     if checked is not None and not any(m is attention_mask for m in checked):
-        _check_mask(attention_mask, layout, role, layer)
+        _check_mask(attention_mask, layout, role, layer, layout.window)
         checked.append(attention_mask)
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     layout = layout.to(query.device)
     backend = resolve_backend("auto", query.device, "autograd")  # once per call
+    if layout.window is not None:
+        backend = "torch"  # the kernels have no window option yet: SDPA + chunked maps
     target = None
     if backend == "triton" and dropout == 0.0:
         target = sink.window_target(role, layer, query)
