@@ -178,3 +178,20 @@ def test_family_detection_and_visual_ids():
     assert qwen.vision_start_token_id not in visual_token_ids(qwen)
     with pytest.raises(ValueError, match=r"'siglip_vision_model' is not a supported .*Qwen2.5-VL"):
         family_of(SiglipVisionConfig())
+
+
+def test_train_names_the_family_and_the_supported_ones(capsys, tmp_path):
+    """`compodistill train` reads the family from config.json before loading weights."""
+    from _helpers import assert_one_line_error
+    from compodistill.cli import main
+    from transformers import Qwen2_5_VLConfig, SiglipVisionConfig
+
+    Qwen2_5_VLConfig().save_pretrained(tmp_path / "qwen")
+    SiglipVisionConfig().save_pretrained(tmp_path / "siglip")
+    for folder, words in (("qwen", ("student:", "Qwen2.5-VL checkpoints", "LLaVA (1.5) (llava)")),
+                          ("siglip", ("student:", "'siglip_vision_model'", "LLaVA (1.5)"))):
+        cfg = tmp_path / f"{folder}.yaml"
+        cfg.write_text(f"student: {tmp_path / folder}\noutput_dir: {tmp_path}/out\n")
+        code, err = main(["train", "--config", str(cfg)]), capsys.readouterr().err
+        assert_one_line_error(code, err, *words)
+    assert not (tmp_path / "out").exists()

@@ -22,8 +22,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["FAMILIES", "Family", "check_supported", "family_of", "tiny_family_batch",
-           "tiny_family_pair", "visual_token_ids"]
+__all__ = ["FAMILIES", "TRAINER_FAMILIES", "Family", "check_supported",
+           "check_trainer_checkpoint", "family_of", "tiny_family_batch", "tiny_family_pair",
+           "visual_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,36 @@ def family_of(model_or_config) -> Family:
     supported = ", ".join(f"{f.title} ({'/'.join(f.model_types)})" for f in FAMILIES.values())
     raise ValueError(f"model_type {model_type!r} is not a supported vision-language family; "
                      f"supported: {supported}")
+
+
+# What `compodistill train` runs today: its data pipeline and TAF are LLaVA's (docs/families.md).
+TRAINER_FAMILIES = ("llava",)
+
+
+def check_trainer_checkpoint(path, key: str) -> Family:
+    """The family of the checkpoint folder ``path`` (config key ``key``), read from its
+    ``config.json`` before any weights load.
+
+    Raises:
+        ValueError: one line naming ``key``, the checkpoint's family or model type, and the
+            families the trainer supports.
+    """
+    import json
+    from pathlib import Path
+
+    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    supported = ", ".join(f"{FAMILIES[n].title} ({'/'.join(FAMILIES[n].model_types)})"
+                          for n in TRAINER_FAMILIES)
+    try:
+        family = family_of(type("Config", (), {"model_type": model_type})())
+    except ValueError:
+        raise ValueError(f"{key}: model_type {model_type!r} in {path} is not a supported "
+                         f"family; `compodistill train` supports {supported}") from None
+    if family.name not in TRAINER_FAMILIES:
+        raise ValueError(f"{key}: {family.title} checkpoints ({path}) work with "
+                         f"compodistill.hf.AttentionDistiller but not yet with `compodistill "
+                         f"train`, which supports {supported} (docs/families.md)")
+    return family
 
 
 def visual_token_ids(model_or_config) -> tuple[int, ...]:
