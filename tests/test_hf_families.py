@@ -195,3 +195,37 @@ def test_train_names_the_family_and_the_supported_ones(capsys, tmp_path):
         code, err = main(["train", "--config", str(cfg)]), capsys.readouterr().err
         assert_one_line_error(code, err, *words)
     assert not (tmp_path / "out").exists()
+
+
+def test_different_sizes_layers_heads_and_vocabulary():
+    """A Qwen2.5-VL pair of different depth, width, heads, GQA ratio and vocabulary rows:
+    every matching mode pairs the depths, and logit KD from hidden states truncates the
+    teacher's vocabulary to the student's."""
+    import compodistill as cd
+    from compodistill.testing.logit_kd import ref_logit_kd
+
+    student, teacher = tiny_family_pair("qwen2_5_vl", student_layers=3, teacher_layers=5,
+                                        teacher_vocab_size=136)
+    s_text, t_text = student.config.get_text_config(), teacher.config.get_text_config()
+    assert (s_text.num_attention_heads, s_text.num_key_value_heads) == (2, 1)
+    assert (t_text.num_attention_heads, t_text.num_key_value_heads) == (4, 2)
+    assert teacher.lm_head.weight.shape[0] == 136 > student.lm_head.weight.shape[0] == 128
+    batch = tiny_family_batch(student, [[4], [2, 6]], seq_len=30, padding=["left", "right"])
+    for mode in ("group", "simple", "adaptive"):
+        distiller = AttentionDistiller(student, teacher, preset="all", matching=mode)
+        assert distiller.student_layers == [0, 1, 2]
+        with distiller.capture(batch["input_ids"], attention_mask=batch["attention_mask"]) as cap:
+            with torch.no_grad():
+                out_t = teacher(**batch, output_hidden_states=True)
+            out_s = student(**batch, output_hidden_states=True)
+        assert torch.isfinite(cap.loss()) and float(cap.loss()) > 0
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels = cd.shift_labels(labels)
+    h_s, h_t = out_s.hidden_states[-1], out_t.hidden_states[-1]
+    got = cd.linear_distillation_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight,
+                                      labels=labels, loss="kl", positions="response")
+    want = ref_logit_kd(out_s.logits, out_t.logits, labels, loss="kl", positions="response")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the teacher's extra rows are really dropped: a softmax over all 136 differs
+    assert not torch.allclose(torch.log_softmax(out_t.logits[..., :128], -1)[..., 0],
+                              torch.log_softmax(out_t.logits, -1)[..., 0])

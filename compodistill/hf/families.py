@@ -155,10 +155,10 @@ def _text(hidden: int, layers: int, vocab: int, **extra) -> dict:
 
 
 def _family_config(name: str, hidden: int, layers: int, vocab: int,
-                   sliding_window: int | None):
+                   sliding_window: int | None, ids_below: int):
     import transformers as tf
 
-    img, vid, start, end = vocab - 4, vocab - 3, vocab - 2, vocab - 1
+    img, vid, start, end = ids_below - 4, ids_below - 3, ids_below - 2, ids_below - 1
     qwen_vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                        out_hidden_size=hidden, patch_size=4, spatial_merge_size=2,
                        temporal_patch_size=2)
@@ -207,12 +207,15 @@ TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision", "gemma3", "internv
 
 def tiny_family_pair(family: str, *, teacher_hidden: int = 64, student_hidden: int = 32,
                      teacher_layers: int = 4, student_layers: int = 2, vocab_size: int = 128,
-                     sliding_window: int | None = None, seed: int = 0):
+                     teacher_vocab_size: int | None = None, sliding_window: int | None = None,
+                     seed: int = 0):
     """``(student, teacher)``: tiny random models of one family, built from its config classes.
 
     The teacher is wider and deeper; both share the vision tower's weights (one family, one
     vision encoder, as Qwen2.5-VL 3B and 7B do), the vocabulary and the placeholder ids
     (image ``vocab_size - 4``, video ``- 3``, vision start ``- 2`` and end ``- 1``).
+    ``teacher_vocab_size``: a teacher vocabulary with extra rows at the end (Qwen2.5-VL 7B
+    has 152,064 rows, 3B 151,936); the placeholder ids stay the student's.
     ``sliding_window``: Gemma 3's window on its even (sliding) layers; default wider than
     any test sequence.
     """
@@ -221,10 +224,15 @@ def tiny_family_pair(family: str, *, teacher_hidden: int = 64, student_hidden: i
     if family not in TINY_FAMILIES:
         raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
     torch.manual_seed(seed)
+    t_vocab = vocab_size if teacher_vocab_size is None else teacher_vocab_size
+    if t_vocab < vocab_size:
+        raise ValueError(f"teacher_vocab_size {t_vocab} < the student's {vocab_size}")
     teacher = AutoModelForImageTextToText.from_config(
-        _family_config(family, teacher_hidden, teacher_layers, vocab_size, sliding_window))
+        _family_config(family, teacher_hidden, teacher_layers, t_vocab, sliding_window,
+                       vocab_size))
     student = AutoModelForImageTextToText.from_config(
-        _family_config(family, student_hidden, student_layers, vocab_size, sliding_window))
+        _family_config(family, student_hidden, student_layers, vocab_size, sliding_window,
+                       vocab_size))
     vision_t, vision_s = _vision_tower(teacher), _vision_tower(student)
     shared = {k: v for k, v in vision_t.state_dict().items()
               if k in vision_s.state_dict() and vision_s.state_dict()[k].shape == v.shape}
