@@ -229,3 +229,17 @@ def test_different_sizes_layers_heads_and_vocabulary():
     # the teacher's extra rows are really dropped: a softmax over all 136 differs
     assert not torch.allclose(torch.log_softmax(out_t.logits[..., :128], -1)[..., 0],
                               torch.log_softmax(out_t.logits, -1)[..., 0])
+
+
+def test_bench_family_step_runs_on_the_cpu():
+    """bench/model_step.py --family qwen2_5_vl: the CPU shapes run through the same code as
+    the 7B -> 3B GPU shapes (which need a GPU)."""
+    from bench.model_step_family import FAMILY_SETUPS, run_family
+
+    rows = run_family(torch.device("cpu"), shapes=[(1, 96)], repeat=1,
+                      providers=["qwen2_5_vl_compodistill"])
+    times = [float(r["value"]) for r in rows if r["metric"] == "time"]
+    assert len(times) == 1 and times[0] > 0
+    assert "Nv=24 images=2" in rows[0]["extra"]
+    cuda = FAMILY_SETUPS["cuda"]
+    assert cuda["teacher"]["vocab_size"] == 152_064 and cuda["student"]["vocab_size"] == 151_936
