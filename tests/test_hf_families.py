@@ -243,3 +243,47 @@ def test_bench_family_step_runs_on_the_cpu():
     assert "Nv=24 images=2" in rows[0]["extra"]
     cuda = FAMILY_SETUPS["cuda"]
     assert cuda["teacher"]["vocab_size"] == 152_064 and cuda["student"]["vocab_size"] == 151_936
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+def test_lora_and_gradient_checkpointing_on_a_family(name):
+    """What the trainer's DFT stage does to a student: LoRA on the language model (the
+    trainer's target pattern) and gradient checkpointing; same VAT loss and LoRA gradients
+    with and without checkpointing."""
+    from peft import LoraConfig, get_peft_model
+
+    from compodistill.train.stages import LORA_TARGETS
+
+    student, teacher = tiny_family_pair(name, student_layers=2, teacher_layers=3,
+                                        sliding_window=6 if name == "gemma3" else None)
+    _sharpen(student)
+    _sharpen(teacher)
+    images = [[4], [2, 6]] if name == "qwen2_5_vl" else [[1], [1, 1]]
+    batch = tiny_family_batch(student, images, seq_len=30, padding=["left", "right"])
+    batch.pop("token_type_ids", None)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        peft_student = get_peft_model(copy.deepcopy(student), LoraConfig(
+            r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False))
+        assert all("vision" not in n and "visual" not in n
+                   for n, p in peft_student.named_parameters() if p.requires_grad)
+        peft_student.train()
+        if checkpointing:
+            peft_student.get_base_model().activation_checkpointing_enable()  # non-reentrant
+            assert peft_student.get_base_model().is_activation_checkpointing
+        distiller = AttentionDistiller(peft_student, teacher, student_layers=[0, 1],
+                                       teacher_layers=[0, 1, 2])
+        with distiller.capture(batch["input_ids"], attention_mask=batch["attention_mask"]) as cap:
+            with torch.no_grad():
+                teacher(**batch)
+            out = peft_student(**batch)
+        loss = cap.loss()
+        params = [p for p in peft_student.parameters() if p.requires_grad]
+        assert params
+        results.append((loss.detach(), torch.autograd.grad(loss + 0 * out.logits.sum(), params)))
+    (l0, g0), (l1, g1) = results
+    assert float(l0) > 1e-4
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
