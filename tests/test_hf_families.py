@@ -287,3 +287,103 @@ def test_lora_and_gradient_checkpointing_on_a_family(name):
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-7)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- real processors
+
+def _local_tokenizer(tmp_path):
+    """A byte-level BPE tokenizer trained here with `tokenizers` (no download); the four
+    placeholders (image, video, vision start, vision end) take the last ids, as the tiny
+    models expect."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    core.train_from_iterator(["a red circle left of a blue square", "what color is it"],
+                             trainer)
+    core.add_special_tokens(["<image>", "<video>", "<vision_start>", "<vision_end>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    tok.save_pretrained(tmp_path / "tokenizer")
+    again = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    text = "a red circle<image><image>what color"
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    return again
+
+
+def _image_processor(name):
+    """The family's own image processor class (PIL backend), defaults except the sizes
+    of the tiny vision towers."""
+    import transformers as tf
+
+    if name.startswith("qwen"):
+        return tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                           min_pixels=16 * 16, max_pixels=32 * 32)
+    size = {"height": 16, "width": 16}
+    if name == "gemma3":
+        return tf.Gemma3ImageProcessorPil(size=size)
+    if name == "internvl":
+        return tf.GotOcr2ImageProcessorPil(size=size, crop_to_patches=False)
+    return tf.LlavaOnevisionImageProcessorPil(
+        size=size, image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]])
+
+
+@pytest.mark.parametrize("name", TINY_FAMILIES)
+def test_real_image_processor_and_tokenizer_feed_the_hook(name, tmp_path):
+    """A locally trained tokenizer and the family's image processor: save_pretrained /
+    from_pretrained round trips, and their outputs (images of two sizes) run through the
+    tiny model and the distiller with the right number of visual tokens (the model itself
+    refuses a count that does not match its image features)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    tok = _local_tokenizer(tmp_path)
+    student, teacher = tiny_family_pair(name, student_layers=2, teacher_layers=3,
+                                        vocab_size=len(tok))
+    assert visual_token_ids(student)[0] == tok.convert_tokens_to_ids("<image>")
+    processor = _image_processor(name)
+    processor.save_pretrained(tmp_path / "proc")
+    again = AutoImageProcessor.from_pretrained(tmp_path / "proc")
+    assert type(again) is type(processor)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))]
+    pixels = again(images=images, return_tensors="pt")
+    first = processor(images=images, return_tensors="pt")
+    assert all(torch.equal(first[k], pixels[k]) for k in first)
+    inputs = {k: v for k, v in pixels.items() if k != "num_patches"}
+    if name.startswith("qwen"):
+        counts = (pixels["image_grid_thw"].prod(-1) // 4).tolist()   # dynamic resolution
+        assert counts == [6, 16]
+    elif name == "llava_onevision":
+        with torch.no_grad():
+            feats = student.model.get_image_features(
+                pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"],
+                vision_feature_layer=student.config.vision_feature_layer,
+                vision_feature_select_strategy=student.config.vision_feature_select_strategy)
+        counts = [int(f.shape[0]) for f in getattr(feats, "pooler_output", feats)]
+        assert counts[0] != counts[1]                                  # anyres
+    else:
+        counts = [4, 4]
+    text = tok("a red circle left of a blue square")["input_ids"]
+    img, start, end = (tok.convert_tokens_to_ids(t)
+                       for t in ("<image>", "<vision_start>", "<vision_end>"))
+    ids = text[:3]
+    for count in counts:
+        ids += [start] + [img] * count + [end] if name.startswith("qwen") else [img] * count
+    ids = torch.tensor([ids + text[3:]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **inputs}
+    if name.startswith("qwen"):
+        batch["mm_token_type_ids"] = (ids == img).long()
+    distiller = AttentionDistiller(student, teacher, student_layers=[1], teacher_layers=[2])
+    with distiller.capture(ids, attention_mask=batch["attention_mask"]) as cap:
+        with torch.no_grad():
+            teacher(**batch)
+        student(**batch)
+    assert cap.layout.visual_count.tolist() == [sum(counts)]
+    assert torch.isfinite(cap.loss().detach())
