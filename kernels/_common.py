@@ -183,6 +183,21 @@ def configs_for(kernel, capability: int, kwargs: dict) -> list:
                          capability)
 
 
+def check_window(window: int | None, causal: bool) -> None:
+    """A sliding window (query i sees keys j with i - j < window) is a positive int, causal."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if not causal:
+        raise ValueError("a sliding window needs causal attention")
+
+
+def window_arg(window: int | None, n: int) -> int:
+    """The kernels' WINDOW argument: the window, or N + 1 (never binding) without one."""
+    return int(window) if window is not None else n + 1
+
+
 def default_scale(head_dim: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 

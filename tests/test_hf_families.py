@@ -387,3 +387,39 @@ def test_real_image_processor_and_tokenizer_feed_the_hook(name, tmp_path):
         student(**batch)
     assert cap.layout.visual_count.tolist() == [sum(counts)]
     assert torch.isfinite(cap.loss().detach())
+
+
+def test_gemma3_sliding_window_through_the_triton_kernels(monkeypatch):
+    """The fused path (the CUDA branch, here the Triton interpreter): Gemma 3's sliding
+    layers reach the kernels with their window; loss and gradients equal eager's."""
+    import os
+
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported)")
+    from compodistill.hf import attention
+
+    student_eager, teacher_eager = tiny_family_pair("gemma3", student_layers=2,
+                                                    teacher_layers=3, sliding_window=6)
+    for model in (student_eager, teacher_eager):
+        _sharpen(model)
+        model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+    batch = tiny_family_batch(student_eager, [[1], [1, 1], []], seq_len=32,
+                              padding=["right", "left", "right"])
+    batch.pop("token_type_ids")
+    student, teacher = copy.deepcopy(student_eager), copy.deepcopy(teacher_eager)
+    windows = []
+    fused = attention._fused_attention
+    monkeypatch.setattr(attention, "resolve_backend", lambda *a: "triton")
+    monkeypatch.setattr(attention, "_fused_attention", lambda q, k, v, layout, *a: (
+        windows.append(layout.window), fused(q, k, v, layout, *a))[1])
+    distiller = AttentionDistiller(student, teacher, student_layers=[0, 1],
+                                   teacher_layers=[0, 1, 2])
+    with distiller.capture(batch["input_ids"], attention_mask=batch["attention_mask"]) as cap:
+        with torch.no_grad():
+            teacher(**batch)
+        student(**batch)
+    loss = cap.loss()
+    assert sorted(windows, key=str) == [6, 6, 6, None, None]  # teacher 0, 2 and student 0
+    want = reference_loss(student_eager, teacher_eager, batch, distiller.matches)
+    assert_same_loss_and_grads(loss, want, student, student_eager)

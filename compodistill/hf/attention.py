@@ -261,8 +261,6 @@ def compodistill_attention_forward(module: nn.Module, query: torch.Tensor, key: 
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     layout = layout.to(query.device)
     backend = resolve_backend("auto", query.device, "autograd")  # once per call
-    if layout.window is not None:
-        backend = "torch"  # the kernels have no window option yet: SDPA + chunked maps
     target = None
     if backend == "triton" and dropout == 0.0:
         target = sink.window_target(role, layer, query)

@@ -68,16 +68,6 @@ def _layout_for(q: torch.Tensor, visual, query, attention_mask, causal,
                          causal=causal, window=window, device=q.device)
 
 
-def _backend_for(backend: str, q: torch.Tensor, layout: VisualLayout) -> str:
-    resolved = resolve_backend(backend, q.device, "autograd")
-    if resolved == "triton" and layout.window is not None:
-        if backend == "triton":
-            raise ValueError(f"window={layout.window}: the Triton kernels have no sliding-window "
-                             f"option yet; use backend='torch' (the chunked path, any device)")
-        return "torch"  # auto: the chunked path serves windows on every device
-    return resolved
-
-
 def visual_attention_maps(q: torch.Tensor, k: torch.Tensor, visual: VisualArg | VisualLayout, *,
                           query: QueryArg = "all", attention_mask: torch.Tensor | None = None,
                           causal: bool = True, scale: float | None = None,
@@ -100,7 +90,7 @@ def visual_attention_maps(q: torch.Tensor, k: torch.Tensor, visual: VisualArg | 
         attention_mask: (B, N) 1 for real tokens, 0 for padding.
         causal: apply the causal mask. scale: defaults to ``1/sqrt(d)``.
         window: sliding-window attention (query i sees keys j with ``i - j < window``), as
-            in Gemma 3's local layers; served by the chunked path on every device.
+            in Gemma 3's local layers.
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"``, ``"torch"``.
         lse: optional (B, Hq, N) natural-log log-sum-exp of these scores (same masks and
             scale), e.g. from the layer's attention kernel: the Triton path then skips its
@@ -113,7 +103,7 @@ def visual_attention_maps(q: torch.Tensor, k: torch.Tensor, visual: VisualArg | 
     check_qk(q, k)
     layout = _layout_for(q, visual, query, attention_mask, causal, window)
     scale = _scale(scale, q.shape[-1])
-    if _backend_for(backend, q, layout) == "triton":
+    if resolve_backend(backend, q.device, "autograd") == "triton":
         return kernels_module("autograd").visual_maps(q, k, layout, scale, lse=lse)
     return chunked_visual_maps(q, k, layout, scale)
 
