@@ -348,7 +348,7 @@ if triton is not None:
     ])
     _BWD_DQ_CONFIGS = fitted_configs("_bwd_dq_kernel", [
         (64, 32, 8, 2, ALL, ALL),
-        (128, 32, 8, 2, D64, ALL),
+        (128, 32, 8, 2, D64, ALL, {"window": (D64, D64)}),  # the window mask spills at 128
         (64, 64, 8, 2, D128, D64),
         (64, 32, 4, 2, D64, ALL),
         (128, 64, 8, 2, NONE, D64),
