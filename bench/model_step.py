@@ -22,8 +22,11 @@ Tokens per step (B×N): 4×1024, 4×2048, 2×4096, 1×8192 on CUDA; tiny models 
 1×256 on CPU (float32). Time (ms), tokens/s and peak memory (MiB, CUDA) are appended to
 ``bench/results/model_step.csv`` through ``bench/_common.py``; ``--plot`` draws a PNG.
 
+``--family qwen2_5_vl`` runs a Qwen2.5-VL pair instead (7B → 3B shapes with
+dynamic-resolution images on CUDA, tiny on CPU): ``bench/model_step_family.py``.
+
 Usage: ``python bench/model_step.py [--device cuda|cpu] [--shapes 1x8192 ...]
-[--providers NAME ...] [--plot]``
+[--providers NAME ...] [--family qwen2_5_vl] [--plot]``
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from bench._common import benchmark_main, measure, provenance, read_rows, write_
 from compodistill import visual_layout, visual_map_loss  # noqa: E402
 from compodistill.hf import AttentionDistiller, enable_attention  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from bench.model_step_family import PROVIDERS as FAMILY_PROVIDERS  # noqa: E402
 
 BENCH = "model_step"
 IMAGE_TOKEN = 151_655  # Qwen2-VL's <|image_pad|>; any id works for a text-only LM
@@ -203,6 +207,16 @@ def run(device: torch.device, csv_path: Path, shapes=None, repeat: int = 3,
     return rows
 
 
+def run_family_rows(device: torch.device, csv_path: Path, shapes=None, repeat: int = 3,
+                    providers=None) -> list[dict]:
+    """``--family qwen2_5_vl``: the family pair of ``bench/model_step_family.py``."""
+    from bench.model_step_family import run_family
+
+    rows = run_family(device, shapes=shapes, repeat=repeat, providers=providers)
+    write_rows(csv_path, rows)
+    return rows
+
+
 def plot(csv_path: Path, device_name: str, png_path: Path) -> Path:
     """Time, tokens/s and peak memory per B×N for each provider (rows of ``device_name``)."""
     import matplotlib
@@ -242,11 +256,16 @@ def main(argv=None) -> None:
     import functools
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
+    pre.add_argument("--providers", nargs="+", choices=PROVIDERS + FAMILY_PROVIDERS,
+                     default=None,
                      help=f"only these providers (default all: {', '.join(PROVIDERS)})")
+    pre.add_argument("--family", choices=("qwen2_5_vl",), default=None,
+                     help="run a VLM family pair instead (bench/model_step_family.py): "
+                          "Qwen2.5-VL 7B -> 3B shapes on CUDA, tiny on CPU")
     known, rest = pre.parse_known_args(argv)
+    runner = run_family_rows if known.family else run
     benchmark_main(rest, doc=__doc__, bench=BENCH,
-                   run=functools.partial(run, providers=known.providers), plot=plot, repeat=3,
+                   run=functools.partial(runner, providers=known.providers), plot=plot, repeat=3,
                    sweep=("--shapes", dict(type=_shape, help="override B×N, e.g. 1x8192")))
 
 if __name__ == "__main__":

@@ -123,8 +123,10 @@ def fitted_configs(kernel_name: str, rows) -> list:
     fits_sm90[, per_version])``, where ``fits_*`` are the head-dim classes (64, 128) the
     config fits with Triton 3.8, and the optional ``per_version`` maps another Triton
     version (``"3.6"``) to its own ``(fits_sm80, fits_sm90)``, measured with that version
-    (its compiler allocates registers differently: a config at the edge may spill there)."""
-    table, configs = {}, []
+    (its compiler allocates registers differently: a config at the edge may spill there).
+    ``per_version`` may also hold ``"window"``: the fits with the sliding window on
+    (``HAS_WINDOW``, whose mask costs registers), where they are smaller."""
+    table, window_table, configs = {}, {}, []
     for row in rows:
         block_m, block_n, warps, stages, fits80, fits90 = row[:6]
         if len(row) > 6 and triton_version() in row[6]:
@@ -132,8 +134,11 @@ def fitted_configs(kernel_name: str, rows) -> list:
         config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
                                num_stages=stages)
         table[config_key(config)] = {80: fits80, 90: fits90}
+        w80, w90 = row[6].get("window", (fits80, fits90)) if len(row) > 6 else (fits80, fits90)
+        window_table[config_key(config)] = {80: w80, 90: w90}
         configs.append(config)
     _FIT_TABLES[kernel_name] = table
+    _FIT_TABLES[kernel_name + "+window"] = window_table
     _ALL_CONFIGS[kernel_name] = configs
     return configs
 
@@ -171,16 +176,33 @@ def prune_hook(kernel_name: str) -> dict:
     """``prune_configs_by`` of an autotuned kernel (runs on the launching GPU)."""
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 16))
-        return prune_configs(configs, _FIT_TABLES[kernel_name], block_d, device_capability())
+        window = kwargs.get("HAS_WINDOW", named_args.get("HAS_WINDOW", False))
+        table = _FIT_TABLES[kernel_name + ("+window" if window else "")]
+        return prune_configs(configs, table, block_d, device_capability())
     return {"early_config_prune": prune}
 
 
 def configs_for(kernel, capability: int, kwargs: dict) -> list:
     """The autotune configs ``kernel`` may run on a GPU of this compute capability with
     these launch arguments (constexprs), after the per-target pruning."""
-    name = kernel.fn.__name__
+    name = kernel.fn.__name__ + ("+window" if kwargs.get("HAS_WINDOW") else "")
     return prune_configs(kernel.configs, _FIT_TABLES.get(name, {}), kwargs.get("BLOCK_D", 16),
                          capability)
+
+
+def check_window(window: int | None, causal: bool) -> None:
+    """A sliding window (query i sees keys j with i - j < window) is a positive int, causal."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if not causal:
+        raise ValueError("a sliding window needs causal attention")
+
+
+def window_arg(window: int | None, n: int) -> int:
+    """The kernels' WINDOW argument: the window, or N + 1 (never binding) without one."""
+    return int(window) if window is not None else n + 1
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (LOG2E, all_configs, autotune_configs, block_d, config_key,  # noqa: F401
+from ._common import (LOG2E, all_configs, autotune_configs, block_d, check_window,  # noqa: F401
+                      config_key, window_arg,
                       configs_for, default_scale, deterministic, device_capability,
                       dot_precision, fit_table, fitted_configs, interpreting, kernel_input,
                       launch, prune_configs, prune_hook, recording_launches, require_triton,
@@ -60,8 +61,10 @@ if triton is not None:
                    stride_kn, stride_vn, offs_m, lo, hi, N, qk_scale,
                    HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, HAS_VIS: tl.constexpr,
                    DIAG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-        """Online softmax over the key blocks [lo, hi); ``DIAG`` applies the causal mask.
+                   BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW,
+                   HAS_WINDOW: tl.constexpr):
+        """Online softmax over the key blocks [lo, hi); ``DIAG`` applies the causal mask,
+        ``HAS_WINDOW`` the sliding window (query i sees keys j with i - j < WINDOW).
 
         With ``HAS_VIS`` also ``lt_i``, the row sum over the non-visual keys only (same
         running max): the visual-map pass adds the visual keys scored by its own tiles, so
@@ -82,6 +85,8 @@ if triton is not None:
             s = tl.where(key_ok[None, :], s, float("-inf"))
             if DIAG:
                 s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+            if HAS_WINDOW:
+                s = tl.where(offs_m[:, None] - offs_n[None, :] < WINDOW, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no allowed key keeps m = -inf: shift by 0 instead of -inf.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -112,17 +117,19 @@ if triton is not None:
 
     @triton.autotune(configs=autotune_configs(_FWD_CONFIGS),
                      prune_configs_by=prune_hook("_fwd_kernel"),
-                     key=["HEAD_DIM", "CAUSAL", "HAS_V", "HAS_MASK", "HAS_VIS", "N_BUCKET"])
+                     key=["HEAD_DIM", "CAUSAL", "HAS_V", "HAS_MASK", "HAS_VIS", "HAS_WINDOW",
+                          "N_BUCKET"])
     @triton.jit
     def _fwd_kernel(Q, K, V, Out, RowMax, RowLog2Sum, RowLog2Text, KeyMask, VisualCol,
                     stride_qb, stride_qh, stride_qn,
                     stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn,
                     stride_ob, stride_oh, stride_on,
-                    N, Hq, GROUP, scale, N_BUCKET,
+                    N, Hq, GROUP, scale, N_BUCKET, WINDOW,
                     HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, HAS_VIS: tl.constexpr,
                     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr = False):
         pid_m = tl.program_id(0)
         if CAUSAL:
             # Longest rows (most key blocks) first, so the short ones fill the tail.
@@ -149,20 +156,26 @@ if triton is not None:
         lt_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         hi = N
+        lo = 0
         if CAUSAL:
             # Blocks strictly below the diagonal need no causal mask (BLOCK_M % BLOCK_N == 0);
             # the diagonal blocks do; blocks above it are skipped.
             hi = pid_m * BLOCK_M
+            if HAS_WINDOW:
+                # Key blocks wholly before every row's window are skipped too.
+                lo = tl.minimum(tl.maximum(pid_m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N
+                                * BLOCK_N, hi)
         acc, l_i, lt_i, m_i = _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base, KeyMask_row,
-                                         VisualCol_row, stride_kn, stride_vn, offs_m, 0, hi, N,
+                                         VisualCol_row, stride_kn, stride_vn, offs_m, lo, hi, N,
                                          qk_scale, HAS_V, HAS_MASK, HAS_VIS, False, HEAD_DIM,
-                                         BLOCK_D, BLOCK_N, DOT_PREC)
+                                         BLOCK_D, BLOCK_N, DOT_PREC, WINDOW, HAS_WINDOW)
         if CAUSAL:
             acc, l_i, lt_i, m_i = _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base,
                                              KeyMask_row, VisualCol_row, stride_kn, stride_vn,
                                              offs_m, hi, tl.minimum(hi + BLOCK_M, N), N,
                                              qk_scale, HAS_V, HAS_MASK, HAS_VIS, True,
-                                             HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                             HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, WINDOW,
+                                             HAS_WINDOW)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         # The row max and log2(l) are stored apart, not as one lse = m + log2(l): at
@@ -221,7 +234,7 @@ if triton is not None:
                     HAS_DO: tl.constexpr, WITH_G: tl.constexpr, G_INT64: tl.constexpr,
                     CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    BLOCK_N: tl.constexpr, WINDOW, HAS_WINDOW: tl.constexpr):
         """dk, dv of one key block summed over the query heads of its kv head and the query
         blocks [lo, N). ``WITH_G`` (a key block holding image tokens) adds G / Hq to dP.
 
@@ -246,6 +259,8 @@ if triton is not None:
                 allowed = key_ok[:, None] & m_ok[None, :]
                 if CAUSAL:
                     allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
+                if HAS_WINDOW:
+                    allowed = allowed & (offs_m[None, :] - offs_n[:, None] < WINDOW)
                 pT = tl.where(allowed, pT, 0.0)
                 delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
                 if WITH_G:
@@ -275,7 +290,7 @@ if triton is not None:
                  HAS_DO: tl.constexpr, HAS_MASK: tl.constexpr, WITH_G: tl.constexpr,
                  G_INT64: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, WINDOW, HAS_WINDOW: tl.constexpr):
         """dq over the key blocks [lo, hi); ``WITH_G`` for the span holding image tokens."""
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
@@ -294,6 +309,8 @@ if triton is not None:
             allowed = m_ok[:, None] & key_ok[None, :]
             if CAUSAL:
                 allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_WINDOW:
+                allowed = allowed & (offs_m[:, None] - offs_n[None, :] < WINDOW)
             p = tl.where(allowed, p, 0.0)
             if WITH_G:
                 vcol = tl.load(VisualCol_b + offs_n, mask=n_ok, other=-1)
@@ -331,14 +348,15 @@ if triton is not None:
     ])
     _BWD_DQ_CONFIGS = fitted_configs("_bwd_dq_kernel", [
         (64, 32, 8, 2, ALL, ALL),
-        (128, 32, 8, 2, D64, ALL),
+        (128, 32, 8, 2, D64, ALL, {"window": (D64, D64)}),  # the window mask spills at 128
         (64, 64, 8, 2, D128, D64),
         (64, 32, 4, 2, D64, ALL),
         (128, 64, 8, 2, NONE, D64),
         (64, 64, 4, 2, NONE, D64),
     ])
     # GROUP: the GQA ratio changes the dk/dv work per program (and GROUP = 1 specialises).
-    _BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_DO", "HAS_G", "HAS_MASK", "GROUP", "N_BUCKET"]
+    _BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_DO", "HAS_G", "HAS_MASK", "HAS_WINDOW", "GROUP",
+                "N_BUCKET"]
 
     @triton.jit
     def _dkdv_program(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
@@ -354,7 +372,8 @@ if triton is not None:
                       HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
                       G_INT64: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW,
+                      HAS_WINDOW: tl.constexpr):
         """One (key block, batch·kv head) program of the backward: dk, dv (and with
         ``ATOMIC_DQ`` the dq contributions, see :func:`_dkdv_heads`)."""
         pid_n = tl.program_id(0)
@@ -403,21 +422,21 @@ if triton is not None:
                                      GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
                                      stride_dqh, stride_dqn, scale, qk_scale, inv_h, HAS_DO,
                                      True, G_INT64, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
-                                     DOT_PREC, BLOCK_M, BLOCK_N)
+                                     DOT_PREC, BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
             else:
                 dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
                                      RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq,
                                      GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
                                      stride_dqh, stride_dqn, scale, qk_scale, inv_h, HAS_DO,
                                      False, G_INT64, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
-                                     DOT_PREC, BLOCK_M, BLOCK_N)
+                                     DOT_PREC, BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
         else:
             dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
                                  RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq,
                                  GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
                                  stride_dqh, stride_dqn, scale, qk_scale, inv_h, HAS_DO, False,
                                  G_INT64, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D, DOT_PREC,
-                                 BLOCK_M, BLOCK_N)
+                                 BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
         dk = dk * scale
         tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn
                  + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -436,11 +455,11 @@ if triton is not None:
                          stride_db, stride_dh, stride_dn,
                          stride_dkb, stride_dkh, stride_dkn,
                          stride_dvb, stride_dvh, stride_dvn,
-                         N, Hq, Hkv, GROUP, QMAX, VMAX, scale, N_BUCKET,
+                         N, Hq, Hkv, GROUP, QMAX, VMAX, scale, N_BUCKET, WINDOW,
                          HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
                          G_INT64: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr = False):
         """dk/dv only (the deterministic backward; dq comes from :func:`_bwd_dq_kernel`)."""
         _dkdv_program(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
                       VisualCol, DK, DV, DK,
@@ -453,7 +472,7 @@ if triton is not None:
                       0, 0, 0,
                       N, Hq, Hkv, GROUP, QMAX, VMAX, scale,
                       HAS_DO, HAS_G, HAS_MASK, G_INT64, CAUSAL, False, HEAD_DIM, BLOCK_D,
-                      DOT_PREC, BLOCK_M, BLOCK_N)
+                      DOT_PREC, BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
 
     # The autotuner re-runs a kernel while benchmarking: the atomically accumulated dq
     # buffer is zeroed before each trial.
@@ -469,12 +488,12 @@ if triton is not None:
                            stride_dkb, stride_dkh, stride_dkn,
                            stride_dvb, stride_dvh, stride_dvn,
                            stride_dqb, stride_dqh, stride_dqn,
-                           N, Hq, Hkv, GROUP, QMAX, VMAX, scale, N_BUCKET,
+                           N, Hq, Hkv, GROUP, QMAX, VMAX, scale, N_BUCKET, WINDOW,
                            HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
                            G_INT64: tl.constexpr, CAUSAL: tl.constexpr,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                            DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr = False):
         """The 5-matmul backward: dk, dv and dq (float32 atomics into ``DQ``) in one pass."""
         _dkdv_program(Q, K, V, DO, RowMax, RowLog2Sum, Delta, KeyMask, G, QueryRow,
                       VisualCol, DK, DV, DQ,
@@ -487,7 +506,7 @@ if triton is not None:
                       stride_dqb, stride_dqh, stride_dqn,
                       N, Hq, Hkv, GROUP, QMAX, VMAX, scale,
                       HAS_DO, HAS_G, HAS_MASK, G_INT64, CAUSAL, True, HEAD_DIM, BLOCK_D,
-                      DOT_PREC, BLOCK_M, BLOCK_N)
+                      DOT_PREC, BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
 
     @triton.autotune(configs=autotune_configs(_BWD_DQ_CONFIGS), key=_BWD_KEY,
                      prune_configs_by=prune_hook("_bwd_dq_kernel"))
@@ -499,11 +518,11 @@ if triton is not None:
                        stride_vb, stride_vh, stride_vn,
                        stride_db, stride_dh, stride_dn,
                        stride_dqb, stride_dqh, stride_dqn,
-                       N, Hq, GROUP, QMAX, VMAX, scale, N_BUCKET,
+                       N, Hq, GROUP, QMAX, VMAX, scale, N_BUCKET, WINDOW,
                        HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_MASK: tl.constexpr,
                        G_INT64: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr = False):
         pid_m = tl.program_id(0)
         if CAUSAL:
             pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first
@@ -554,16 +573,17 @@ if triton is not None:
         dq = _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
                       KeyMask_b, VisualCol_b, G_b, 0, vis_lo, N, VMAX, stride_kn, stride_vn,
                       qk_scale, inv_h, HAS_DO, HAS_MASK, False, G_INT64, CAUSAL, HEAD_DIM,
-                      BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+                      BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
         if HAS_G:
             dq = _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
                           KeyMask_b, VisualCol_b, G_b, vis_lo, vis_hi, N, VMAX, stride_kn,
                           stride_vn, qk_scale, inv_h, HAS_DO, HAS_MASK, True, G_INT64, CAUSAL,
-                          HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+                          HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
             dq = _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
                           KeyMask_b, VisualCol_b, G_b, vis_hi, hi, N, VMAX, stride_kn,
                           stride_vn, qk_scale, inv_h, HAS_DO, HAS_MASK, False, G_INT64,
-                          CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N)
+                          CAUSAL, HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N, WINDOW,
+                          HAS_WINDOW)
         dq = dq * scale
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn
                  + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -595,7 +615,7 @@ def stats_from_lse(lse: torch.Tensor) -> torch.Tensor:
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
                   key_mask: torch.Tensor | None, causal: bool, scale: float | None,
-                  visual_col: torch.Tensor | None = None,
+                  visual_col: torch.Tensor | None = None, window: int | None = None,
                   ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Flash attention forward: ``(out, stats)``.
 
@@ -607,9 +627,12 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
     :func:`kernels.visual_attention.inverse_index`) P = 3 and ``stats[2]`` is that log-sum over
     the non-visual keys only, which :func:`kernels.visual_attention.visual_maps_from_lse` completes
     with its own scores of the visual keys.
+    ``window``: sliding-window attention (causal only): query i sees keys j with
+    ``i - j < window``; None for none.
     Inputs are assumed checked (see :mod:`kernels.autograd`); only the head dim must be dense.
     """
     require_triton()
+    check_window(window, causal)
     out_dtype = q.dtype
     q, k = kernel_input(q), kernel_input(k)
     v = None if v is None else kernel_input(v)
@@ -631,8 +654,9 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
         k.stride(0), k.stride(1), k.stride(2),
         v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
         o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
-        N, Hq, Hq // Hkv, default_scale(D, scale), _n_bucket(N),
-        HAS_V=v is not None, HAS_MASK=key_mask is not None, HAS_VIS=has_vis,
+        N, Hq, Hq // Hkv, default_scale(D, scale), _n_bucket(N), window_arg(window, N),
+        HAS_WINDOW=window is not None, HAS_V=v is not None, HAS_MASK=key_mask is not None,
+        HAS_VIS=has_vis,
         CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype),
     )
     if out is not None and out.dtype != out_dtype:
@@ -677,7 +701,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                    query_row: torch.Tensor | None = None,
                    visual_col: torch.Tensor | None = None,
                    row_terms: torch.Tensor | None = None,
-                   atomic_dq: bool | None = None,
+                   atomic_dq: bool | None = None, window: int | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Flash attention backward with the optional visual terms: ``(dq, dk, dv)``.
 
@@ -692,10 +716,12 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
             atomics, whose order is not fixed); False: dk/dv and a separate dq kernel that
             recomputes QKᵀ and dP (7 matmuls, bitwise reproducible). None (default): False
             exactly when :func:`deterministic` says so.
+        window: the forward's sliding window (None for none).
 
     dq/dk/dv have the dtypes of q/k/v; dk/dv of a kv head sum over its query heads.
     """
     require_triton()
+    check_window(window, causal)
     dtypes = (q.dtype, k.dtype, None if v is None else v.dtype)
     has_do = do is not None
     has_g = grad_maps is not None
@@ -730,7 +756,8 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     scale = default_scale(D, scale)
     flags = dict(HAS_DO=has_do, HAS_G=has_g, HAS_MASK=key_mask is not None,
                  G_INT64=qmax * vmax >= 2**31, CAUSAL=bool(causal),
-                 HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
+                 WINDOW=window_arg(window, N), HAS_WINDOW=window is not None, HEAD_DIM=D,
+                 BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
     grid_kv = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     if atomic_dq is None:
         atomic_dq = not deterministic()

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._common import check_window
 from .attention import (default_scale, flash_backward, flash_forward, interpreting,
                         stats_from_lse)
 from .visual_attention import inverse_index, visual_maps_from_lse, visual_row_terms
@@ -41,28 +42,30 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optional
                    query_index: Optional[Tensor], query_count: Optional[Tensor],
                    visual_index: Optional[Tensor], visual_count: Optional[Tensor],
                    causal: bool, scale: float,
-                   want_maps: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                   want_maps: bool = True, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(out or empty, row stats (P, B, Hq, N), maps or empty).
 
     With the index tensors the stats get the non-visual plane (P = 3) that makes the maps
     exact at large scores; ``want_maps=False`` stops there (teacher maps accumulated later).
+    ``window``: the sliding window (0: none), as in every op below.
     """
     visual_col = None if visual_index is None else \
         inverse_index(visual_index, visual_count, q.shape[2])
-    out, stats = flash_forward(q, k, v, key_mask, causal, scale, visual_col)
+    out, stats = flash_forward(q, k, v, key_mask, causal, scale, visual_col,
+                               window=window or None)
     if out is None:
         out = q.new_empty(0)
     if query_index is None or not want_maps:
         maps = q.new_empty(0, dtype=torch.float32)
     else:
         maps = visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index,
-                                    visual_count, causal, scale)
+                                    visual_count, causal, scale, window=window or None)
     return out, stats, maps
 
 
 @_attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, key_mask, query_index, query_count, visual_index,
-                        visual_count, causal, scale, want_maps=True):
+                        visual_count, causal, scale, want_maps=True, window=0):
     B, Hq, N, _ = q.shape
     out = q.new_empty(q.shape) if v is not None else q.new_empty(0)
     stats = q.new_empty((2 if visual_index is None else 3, B, Hq, N), dtype=torch.float32)
@@ -79,7 +82,7 @@ def _attention_bwd(dout: Optional[Tensor], dmaps: Optional[Tensor], q: Tensor, k
                    key_mask: Optional[Tensor], query_index: Optional[Tensor],
                    query_count: Optional[Tensor], visual_index: Optional[Tensor],
                    visual_count: Optional[Tensor], causal: bool,
-                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                   scale: float, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv or empty); ``dout``/``dmaps`` None when that output has no gradient."""
     if dout is None and dmaps is None:
         return torch.zeros_like(q), torch.zeros_like(k), q.new_empty(0)
@@ -90,18 +93,19 @@ def _attention_bwd(dout: Optional[Tensor], dmaps: Optional[Tensor], q: Tensor, k
         visual = dict(
             grad_maps=dmaps,
             row_terms=visual_row_terms(q, k, stats, query_index, query_count, visual_index,
-                                       visual_count, dmaps, causal, scale),
+                                       visual_count, dmaps, causal, scale,
+                                       window=window or None),
             query_row=inverse_index(query_index, query_count, n),
             visual_col=inverse_index(visual_index, visual_count, n),
         )
     dq, dk, dv = flash_backward(dout, q, k, v if dout is not None else None, out, stats,
-                                key_mask, causal, scale, **visual)
+                                key_mask, causal, scale, window=window or None, **visual)
     return dq, dk, dv if dv is not None else q.new_empty(0)
 
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, dmaps, q, k, v, out, stats, key_mask, query_index, query_count,
-                        visual_index, visual_count, causal, scale):
+                        visual_index, visual_count, causal, scale, window=0):
     dv = torch.empty_like(k, dtype=v.dtype) if (dout is not None and v is not None) \
         else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), dv
@@ -113,6 +117,8 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.has_v = v is not None
     ctx.has_maps = qi is not None and (inputs[10] if len(inputs) > 10 else True)
     ctx.causal, ctx.scale = causal, scale
+    ctx.window = inputs[11] if len(inputs) > 11 else 0
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(q, k, v, out if ctx.has_v else None, stats, key_mask, qi, qc, vi, vc)
     ctx.mark_non_differentiable(stats)
 
@@ -122,8 +128,9 @@ def _fwd_backward(ctx, dout, dlse, dmaps):
     dout = dout if ctx.has_v else None
     dmaps = dmaps if ctx.has_maps else None
     dq, dk, dv = torch.ops.compodistill.attention_bwd(
-        dout, dmaps, q, k, v, out, stats, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale)
-    return dq, dk, (dv if ctx.has_v else None), None, None, None, None, None, None, None, None
+        dout, dmaps, q, k, v, out, stats, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale,
+        ctx.window)
+    return (dq, dk, (dv if ctx.has_v else None)) + (None,) * (ctx.n_inputs - 3)
 
 
 _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -132,30 +139,34 @@ _attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context
 @torch.library.custom_op("compodistill::maps_from_stats", mutates_args=())
 def _maps_from_stats(q: Tensor, k: Tensor, stats: Tensor, key_mask: Optional[Tensor],
                      query_index: Tensor, query_count: Tensor, visual_index: Tensor,
-                     visual_count: Tensor, causal: bool, scale: float) -> Tensor:
+                     visual_count: Tensor, causal: bool, scale: float,
+                     window: int = 0) -> Tensor:
     """Maps from row statistics the caller already has (no lse-only forward)."""
     return visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index,
-                                visual_count, causal, scale)
+                                visual_count, causal, scale, window=window or None)
 
 
 @_maps_from_stats.register_fake
 def _maps_from_stats_fake(q, k, stats, key_mask, query_index, query_count, visual_index,
-                          visual_count, causal, scale):
+                          visual_count, causal, scale, window=0):
     return q.new_empty((q.shape[0], query_index.shape[1], visual_index.shape[1]),
                        dtype=torch.float32)
 
 
 def _stats_setup_context(ctx, inputs, output):
-    q, k, stats, key_mask, qi, qc, vi, vc, causal, scale = inputs
+    q, k, stats, key_mask, qi, qc, vi, vc, causal, scale = inputs[:10]
     ctx.causal, ctx.scale = causal, scale
+    ctx.window = inputs[10] if len(inputs) > 10 else 0
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(q, k, stats, key_mask, qi, qc, vi, vc)
 
 
 def _stats_backward(ctx, dmaps):
     q, k, stats, key_mask, qi, qc, vi, vc = ctx.saved_tensors
     dq, dk, _ = torch.ops.compodistill.attention_bwd(
-        None, dmaps, q, k, None, None, stats, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale)
-    return dq, dk, None, None, None, None, None, None, None, None
+        None, dmaps, q, k, None, None, stats, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale,
+        ctx.window)
+    return (dq, dk) + (None,) * (ctx.n_inputs - 2)
 
 
 _maps_from_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
@@ -165,15 +176,15 @@ _maps_from_stats.register_autograd(_stats_backward, setup_context=_stats_setup_c
 def _visual_maps_accumulate_(maps_out: Tensor, q: Tensor, k: Tensor, stats: Tensor,
                              query_index: Tensor, query_count: Tensor, visual_index: Tensor,
                              visual_count: Tensor, causal: bool, scale: float,
-                             weight: float) -> None:
+                             weight: float, window: int = 0) -> None:
     """``maps_out += weight * A`` in place (no gradient: teacher targets)."""
     visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index, visual_count,
-                         causal, scale, out=maps_out, weight=weight)
+                         causal, scale, out=maps_out, weight=weight, window=window or None)
 
 
 @_visual_maps_accumulate_.register_fake
 def _visual_maps_accumulate_fake(maps_out, q, k, stats, query_index, query_count, visual_index,
-                                 visual_count, causal, scale, weight):
+                                 visual_count, causal, scale, weight, window=0):
     return None
 
 
@@ -265,6 +276,15 @@ def _check_layout(q: Tensor, layout):
     return checked, key_mask, bool(layout.causal)
 
 
+def _window(layout, causal: bool) -> int:
+    """The layout's sliding window as the ops' int (0: none); read when the layout has one."""
+    window = getattr(layout, "window", None)
+    if window is None:
+        return 0
+    check_window(window, causal)
+    return int(window)
+
+
 def _layout_args(fn: str, layout, args: tuple, kwargs: dict) -> tuple[object, dict]:
     """Accept ``layout`` as a VisualLayout or as explicit tensors spread over the positionals.
 
@@ -296,7 +316,8 @@ def _scale(q: Tensor, scale: float | None) -> float:
 # --------------------------------------------------------------------------- public API
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None,
-                    causal: bool = True, scale: float | None = None) -> Tensor:
+                    causal: bool = True, scale: float | None = None,
+                    window: int | None = None) -> Tensor:
     """Flash attention ``softmax(q kᵀ · scale) v`` (GQA by head mapping), differentiable.
 
     Args:
@@ -304,13 +325,16 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = N
         key_mask: (B, N) bool/int, True = real token; None = no padding.
         causal: key j allowed for query i only if ``j <= i``.
         scale: default ``1 / sqrt(d)``.
+        window: sliding window (causal only): query i sees keys j with ``i - j < window``.
 
     Returns: (B, Hq, N, d) in q's dtype; rows with no allowed key are 0.
     """
     _check_qkv(q, k, v)
     key_mask = _check_key_mask(key_mask, q)
+    check_window(window, bool(causal))
     out, _, _ = torch.ops.compodistill.attention_fwd(q, k, v, key_mask, None, None, None, None,
-                                                     bool(causal), _scale(q, scale))
+                                                     bool(causal), _scale(q, scale), True,
+                                                     int(window or 0))
     return out
 
 
@@ -338,10 +362,11 @@ def attention_with_visual_maps(q: Tensor, k: Tensor, v: Tensor, layout, *args,
                                 dict(scale=scale, want_maps=want_maps))
     _check_qkv(q, k, v)
     index, key_mask, causal = _check_layout(q, layout)
+    window = _window(layout, causal)
     if not opts["want_maps"]:
-        return flash_attention(q, k, v, key_mask, causal, opts["scale"]), None
+        return flash_attention(q, k, v, key_mask, causal, opts["scale"], window or None), None
     out, _, maps = torch.ops.compodistill.attention_fwd(q, k, v, key_mask, *index, causal,
-                                                        _scale(q, opts["scale"]))
+                                                        _scale(q, opts["scale"]), True, window)
     return out, maps
 
 
@@ -361,13 +386,14 @@ def visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None = None,
     layout, opts = _layout_args("visual_maps", layout, args, dict(scale=scale))
     _check_qkv(q, k, None)
     index, key_mask, causal = _check_layout(q, layout)
+    window = _window(layout, causal)
     scale = _scale(q, opts["scale"])
     if lse is not None:
         stats = stats_from_lse(_check_lse(lse, q))
         return torch.ops.compodistill.maps_from_stats(q, k, stats, key_mask, *index, causal,
-                                                      scale)
+                                                      scale, window)
     _, _, maps = torch.ops.compodistill.attention_fwd(q, k, None, key_mask, *index, causal,
-                                                      scale)
+                                                      scale, True, window)
     return maps
 
 
@@ -425,16 +451,17 @@ def teacher_visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None
 
 def _teacher(q, k, v, layout, scale, maps_out, weight):
     index, key_mask, causal = _check_layout(q, layout)
+    window = _window(layout, causal)
     scale = _scale(q, scale)
     if not isinstance(weight, (int, float)):
         raise TypeError(f"weight must be a float, got {type(weight).__name__}")
     out, stats, _ = torch.ops.compodistill.attention_fwd(q, k, v, key_mask, *index, causal,
-                                                         scale, False)
+                                                         scale, False, window)
     if maps_out is None:
         maps_out = q.new_zeros((q.shape[0], index[0].shape[1], index[2].shape[1]),
                                dtype=torch.float32)
     else:
         _check_maps_out(maps_out, q, index[0], index[2])
     torch.ops.compodistill.visual_maps_accumulate_(maps_out, q, k, stats, *index, causal, scale,
-                                                   float(weight))
+                                                   float(weight), window)
     return out, maps_out

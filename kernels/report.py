@@ -56,6 +56,7 @@ class Case:
     head_dim: int
     group: int = 2  # query heads per kv head (GQA); 1 specialises the loop away
     causal: bool = True
+    window: int | None = None  # sliding window (Gemma 3's local layers): HAS_WINDOW kernels
 
 
 def default_cases() -> list[Case]:
@@ -71,6 +72,8 @@ def full_cases() -> list[Case]:
              for d in (64, 80, 96, 128)]
     cases += [Case("student", torch.float16, d, group=1) for d in (64, 128)]
     cases += [Case("student", torch.float16, d, causal=False) for d in (64, 128)]
+    cases += [Case("student", dt, d, window=100) for dt, d in ((torch.float16, 128),
+                                                             (torch.bfloat16, 64))]
     return cases
 
 
@@ -96,22 +99,25 @@ def record(case: Case) -> list[tuple]:
     qi, qc, vi, vc = _layout(B, N)
     with attention.recording_launches() as log:
         vcol = None if case.scenario == "plain" else inverse_index(vi, vc, N)
-        out, stats = attention.flash_forward(q, k, v, mask, case.causal, None, vcol)
+        out, stats = attention.flash_forward(q, k, v, mask, case.causal, None, vcol,
+                                             window=case.window)
         stats.zero_()
         visual = {}
         if vcol is not None:
-            visual_maps_from_lse(q, k, stats, qi, qc, vi, vc, case.causal, None)
+            visual_maps_from_lse(q, k, stats, qi, qc, vi, vc, case.causal, None,
+                                 window=case.window)
             g = torch.zeros(B, N, 64)
             visual = dict(grad_maps=g, query_row=inverse_index(qi, qc, N),
                           visual_col=vcol,
                           row_terms=visual_row_terms(q, k, stats, qi, qc, vi, vc, g,
-                                                                 case.causal, None))
+                                                     case.causal, None, window=case.window))
         do = torch.empty_like(q) if v is not None else None
         # Both backwards: the 5-matmul one (dq by atomics, the default) and the split one
         # of the deterministic mode.
         for atomic_dq in (True, False):
             attention.flash_backward(do, q, k, v, out if v is not None else None, stats,
-                                     mask, case.causal, None, atomic_dq=atomic_dq, **visual)
+                                     mask, case.causal, None, atomic_dq=atomic_dq,
+                                     window=case.window, **visual)
     return [(kern, args, kwargs) for kern, _grid, args, kwargs in log]
 
 
@@ -231,7 +237,8 @@ def sweep(cases, targets=TARGETS, with_linear_kd=False, progress=True) -> list[d
     rows, cache = [], {}
     for case, (kernel, args, kwargs), cap in work:
         for row in measure(kernel, args, kwargs, cap, cache):
-            row.update(scenario=case.scenario, dtype=str(case.dtype).replace("torch.", ""),
+            row.update(scenario=case.scenario + ("+window" if case.window else ""),
+                       dtype=str(case.dtype).replace("torch.", ""),
                        head_dim=case.head_dim, group=case.group, causal=case.causal)
             row["fits"] = fits(row)
             rows.append(row)

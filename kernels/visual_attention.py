@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (block_d, default_scale, dot_precision, kernel_input, launch,
-                      require_triton, triton, tl)
+                      require_triton, triton, tl, window_arg)
 
 if triton is not None:
     from ._common import load_row_stats, log2_scale
@@ -67,10 +67,11 @@ if triton is not None:
     def _visual_stats_kernel(Q, K, RowMax, RowLog2Text, QIdx, QCnt, VIdx, VCnt,
                              OutMax, OutLog2Sum,
                              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                             N, Hq, GROUP, QMAX, VMAX, scale,
+                             N, Hq, GROUP, QMAX, VMAX, scale, WINDOW,
                              CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-                             BLOCK_Q: tl.constexpr, BLOCK_V: tl.constexpr):
+                             BLOCK_Q: tl.constexpr, BLOCK_V: tl.constexpr,
+                             HAS_WINDOW: tl.constexpr = False):
         """Row statistics of the query rows with the visual keys rescored by the map tiles:
         the forward's non-visual sum (``RowLog2Text``, relative to ``RowMax``) plus an online
         softmax over the visual keys, written as (max, log2 sum) at the query positions."""
@@ -93,6 +94,8 @@ if triton is not None:
                 allowed = r_ok[:, None] & c_ok[None, :]
                 if CAUSAL:
                     allowed = allowed & (vpos[None, :] <= qpos[:, None])
+                if HAS_WINDOW:
+                    allowed = allowed & (qpos[:, None] - vpos[None, :] < WINDOW)
                 s = _gathered_logits(Q, K, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
                                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
                                      stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
@@ -117,11 +120,11 @@ if triton is not None:
     @triton.jit
     def _visual_maps_kernel(Q, K, RowMax, RowLog2Sum, QIdx, QCnt, VIdx, VCnt, Out,
                             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                            N, Hq, GROUP, QMAX, VMAX, scale, weight,
+                            N, Hq, GROUP, QMAX, VMAX, scale, weight, WINDOW,
                             ACCUMULATE: tl.constexpr, CAUSAL: tl.constexpr,
                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                             DOT_PREC: tl.constexpr, BLOCK_Q: tl.constexpr,
-                            BLOCK_V: tl.constexpr):
+                            BLOCK_V: tl.constexpr, HAS_WINDOW: tl.constexpr = False):
         # Column chunk fastest: the programs of one row block (which read the same q rows
         # of every head) are launched together, so q comes from DRAM once, not once per
         # column chunk.
@@ -142,6 +145,8 @@ if triton is not None:
             allowed = r_ok[:, None] & c_ok[None, :]
             if CAUSAL:
                 allowed = allowed & (vpos[None, :] <= qpos[:, None])
+            if HAS_WINDOW:
+                allowed = allowed & (qpos[:, None] - vpos[None, :] < WINDOW)
             acc = tl.zeros([BLOCK_Q, BLOCK_V], dtype=tl.float32)
             # Causal tiles entirely after every row of the block are all zeros: skip the heads.
             if tl.max(tl.where(allowed, 1, 0)) > 0:
@@ -161,10 +166,11 @@ if triton is not None:
     def _visual_row_terms_kernel(Q, K, RowMax, RowLog2Sum, QIdx, QCnt, VIdx, VCnt, G, C,
                                  stride_qb, stride_qh, stride_qn,
                                  stride_kb, stride_kh, stride_kn,
-                                 N, Hq, GROUP, QMAX, VMAX, scale,
+                                 N, Hq, GROUP, QMAX, VMAX, scale, WINDOW,
                                  CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-                                 BLOCK_Q: tl.constexpr, BLOCK_V: tl.constexpr):
+                                 BLOCK_Q: tl.constexpr, BLOCK_V: tl.constexpr,
+                                 HAS_WINDOW: tl.constexpr = False):
         pid_r = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -184,6 +190,8 @@ if triton is not None:
                 allowed = r_ok[:, None] & c_ok[None, :]
                 if CAUSAL:
                     allowed = allowed & (vpos[None, :] <= qpos[:, None])
+                if HAS_WINDOW:
+                    allowed = allowed & (qpos[:, None] - vpos[None, :] < WINDOW)
                 if tl.max(tl.where(allowed, 1, 0)) > 0:
                     g = tl.load(G + b * QMAX * VMAX + offs_r[:, None].to(tl.int64) * VMAX + offs_c[None, :],
                                 mask=allowed, other=0.0)
@@ -216,7 +224,8 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
 def refine_visual_stats(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
                         query_index: torch.Tensor, query_count: torch.Tensor,
                         visual_index: torch.Tensor, visual_count: torch.Tensor,
-                        causal: bool, scale: float | None) -> torch.Tensor:
+                        causal: bool, scale: float | None,
+                        window: int | None = None) -> torch.Tensor:
     """(2, B, Hq, N) row statistics whose visual keys are scored by the map tiles.
 
     ``stats`` (3, B, Hq, N) from :func:`kernels.attention.flash_forward` with ``visual_col``
@@ -238,6 +247,7 @@ def refine_visual_stats(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     launch(_visual_stats_kernel, (rows, Hq, B),
         q, k, stats[0], stats[2], *index, refined[0], refined[1], *strides, N, Hq,
         Hq // k.shape[1], query_index.shape[1], visual_index.shape[1], default_scale(D, scale),
+        window_arg(window, N), HAS_WINDOW=window is not None,
         # 8 warps at every head dim: 4 warps at d = 64 sit at 128 registers on sm_80 and
         # spill 4 B with Triton 3.6 (bf16).
         CAUSAL=bool(causal), **{**common, "num_warps": 8},
@@ -249,7 +259,8 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
                          query_index: torch.Tensor, query_count: torch.Tensor,
                          visual_index: torch.Tensor, visual_count: torch.Tensor,
                          causal: bool, scale: float | None, *,
-                         out: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
+                         out: torch.Tensor | None = None, weight: float = 1.0,
+                         window: int | None = None) -> torch.Tensor:
     """Head-mean visual map ``A`` (B, Qmax, Vmax) float32 from q, k and the forward's row
     statistics ``stats`` (P, B, Hq, N) (:func:`kernels.attention.flash_forward`, or
     :func:`kernels.attention.stats_from_lse` of an external lse). With P = 3 (the forward
@@ -270,12 +281,13 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
         return out
     if stats.shape[0] == 3:
         stats = refine_visual_stats(q, k, stats, query_index, query_count, visual_index,
-                                    visual_count, causal, scale)
+                                    visual_count, causal, scale, window)
     q, k, stats, index, strides, common, rows = _launch_args(
         q, k, stats, query_index, query_count, visual_index, visual_count)
     launch(_visual_maps_kernel, (triton.cdiv(shape[2], _BLOCK_V), rows, B),
         q, k, *stats, *index, out, *strides, N, Hq, Hq // k.shape[1], shape[1], shape[2],
-        default_scale(D, scale), float(weight), ACCUMULATE=accumulate, CAUSAL=bool(causal),
+        default_scale(D, scale), float(weight), window_arg(window, N),
+        HAS_WINDOW=window is not None, ACCUMULATE=accumulate, CAUSAL=bool(causal),
         **common,
     )
     return out
@@ -284,7 +296,8 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
 def visual_row_terms(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
                      query_index: torch.Tensor, query_count: torch.Tensor,
                      visual_index: torch.Tensor, visual_count: torch.Tensor,
-                     grad_maps: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor:
+                     grad_maps: torch.Tensor, causal: bool, scale: float | None,
+                     window: int | None = None) -> torch.Tensor:
     """Backward pre-pass: ``c`` (B, Hq, N) float32, ``c[b, h, i] = Σ_v P_h[i, v] G[r, v] / Hq``.
 
     ``G = grad_maps`` (B, Qmax, Vmax) in the gathered layout; ``i = query_index[b, r]``.
@@ -300,7 +313,8 @@ def visual_row_terms(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     launch(_visual_row_terms_kernel, (rows, Hq, B),
         q, k, *stats, *index, grad_maps.float().contiguous(), c, *strides, N, Hq,
         Hq // k.shape[1], grad_maps.shape[1], grad_maps.shape[2], default_scale(D, scale),
-        CAUSAL=bool(causal), **{**common, "num_warps": 8},  # 4 warps spill at d = 64
+        window_arg(window, N), HAS_WINDOW=window is not None, CAUSAL=bool(causal),
+        **{**common, "num_warps": 8},  # 4 warps spill at d = 64
     )
     return c
 

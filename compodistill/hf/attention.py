@@ -131,6 +131,12 @@ def enable_attention(model: nn.Module) -> nn.Module:
     Returns ``model``.
     """
     register()
+    top = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    sub_configs = getattr(getattr(top, "config", None), "sub_configs", None) or {}
+    if "text_config" in sub_configs and hasattr(top, "set_attn_implementation"):
+        # per sub-config: each vision tower keeps its own attention (Qwen3-VL's varlen path)
+        top.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION})
+        return model
     decoder = _decoder(model)
     if not hasattr(decoder, "set_attn_implementation"):
         raise ValueError(f"{type(decoder).__name__} is not a transformers PreTrainedModel")
@@ -156,36 +162,54 @@ def _check_captured_call(module, query, key, layout: VisualLayout, role: str, at
     if not causal or not layout.causal:
         raise ValueError(f"{role} layer {module.layer_idx}: visual maps are defined for causal "
                          f"decoder attention only")
-    window = kwargs.get("sliding_window")
-    if window is not None and window < n:
-        raise ValueError(f"{role} layer {module.layer_idx}: sliding-window attention (window "
-                         f"{window} < N = {n}) cannot be captured")
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{role} layer {module.layer_idx}: attention softcapping is not supported")
 
 
-def _check_mask(attention_mask, layout: VisualLayout, role: str) -> None:
-    """The model's mask must be the layout's: causal plus the capture's padding mask.
+def _check_mask(attention_mask, layout: VisualLayout, role: str, layer: int,
+                window: int | None = None) -> None:
+    """The model's mask must be the layout's on every query row: causal (within ``window``)
+    plus the capture's padding mask.
 
-    A causal mask's last row is exactly the key padding mask, an O(B·N) check that catches
-    a model called with a different ``attention_mask`` than the capture.
+    The fused layers rebuild exactly that pattern, so any other mask the model builds would
+    give a wrong loss: a different ``attention_mask`` than the capture's, or a non-causal
+    span such as Gemma 3's bidirectional attention among the tokens of one image (its
+    ``token_type_ids``) or a prefix-LM. Compared on the gathered query rows only, so
+    ``query="text"`` can still be served when the non-causal span lies on image rows.
     """
     b, n = layout.batch_size, layout.seq_len
-    expected = layout.key_mask
+    key_mask = layout.key_mask
     if attention_mask is None:
-        if expected is not None and not bool(expected.all()):
+        if key_mask is not None and not bool(key_mask.all()):
             raise ValueError(f"{role} forward ran without padding mask but the capture's "
                              f"attention_mask has padding; pass the same attention_mask to both")
         return
     if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
         return  # not sdpa's boolean mask: nothing cheap to compare with
-    last = attention_mask[:, 0, -1, :].expand(b, n)
-    if expected is None:
-        expected = torch.ones(b, n, dtype=torch.bool, device=last.device)
-    if not torch.equal(last, expected.to(last.device)):
-        raise ValueError(f"{role} forward's attention mask differs from the capture's "
-                         f"attention_mask (B, N) = ({b}, {n}); pass the same mask to the model "
-                         f"and to capture()")
+    device = attention_mask.device
+    qi = layout.query_index.to(device)
+    rows = attention_mask[:, 0].expand(b, n, n).gather(1, qi[:, :, None].expand(-1, -1, n))
+    keys = torch.arange(n, device=device)
+    expected = keys[None, None, :] <= qi[:, :, None]
+    if window is not None:
+        expected = expected & (qi[:, :, None] - keys[None, None, :] < window)
+    if key_mask is not None:
+        expected = expected & key_mask.to(device)[:, None, :]
+    bad = (rows != expected) & layout.query_valid.to(device)[:, :, None]
+    if not bool(bad.any()):
+        return
+    s, r, k = (int(x) for x in bad.nonzero()[0])
+    q = int(qi[s, r])
+    if bool(key_mask is None or key_mask[s, k]) and k > q and bool(rows[s, r, k]):
+        raise ValueError(
+            f"{role} layer {layer}: the model's attention mask lets query {q} of sample {s} "
+            f"see the later key {k} (a non-causal span, e.g. bidirectional attention among "
+            f"image tokens from Gemma 3's token_type_ids, or a prefix-LM); the fused layers "
+            f"are causal and would give a wrong loss. Use query='text' when only image rows "
+            f"attend bidirectionally, or run the models without token_type_ids")
+    raise ValueError(f"{role} layer {layer}: the forward's attention mask differs from the "
+                     f"capture's attention_mask (B, N) = ({b}, {n}) at sample {s}, query {q}, "
+                     f"key {k}; pass the same mask to the model and to capture()")
 
 
 def _fused_attention(query, key, value, layout: VisualLayout, scale: float, role: str,
@@ -228,9 +252,11 @@ def compodistill_attention_forward(module: nn.Module, query: torch.Tensor, key: 
     role, layer = site
     layout = sink.layout_for(role)
     _check_captured_call(module, query, key, layout, role, attention_mask, is_causal, kwargs)
+    # A sliding-window layer (Gemma 3's local layers): the same layout, windowed.
+    layout = layout.with_window(kwargs.get("sliding_window"))
     checked = getattr(sink, "checked_masks", None)  # one mask per forward: check it once
     if checked is not None and not any(m is attention_mask for m in checked):
-        _check_mask(attention_mask, layout, role)
+        _check_mask(attention_mask, layout, role, layer, layout.window)
         checked.append(attention_mask)
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     layout = layout.to(query.device)

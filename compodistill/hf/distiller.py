@@ -28,6 +28,7 @@ from torch import nn
 from ..visual_attention.layout import QueryArg, VisualLayout, visual_layout
 from ..visual_attention.map_losses import check_map_loss_options, visual_map_loss
 from ..matching import LayerMatch, adaptive_select, match_layers
+from .families import check_supported, visual_token_ids
 from .attention import (ATTN_IMPLEMENTATION, activate, decoder_attention_modules,
                         enable_attention, install_checkpoint_context)
 
@@ -36,15 +37,12 @@ __all__ = ["AttentionDistiller", "Capture"]
 LAYER_REDUCTIONS = ("mean", "sum")
 
 
-def _image_token_id(model: nn.Module, given: int | None) -> int | None:
+def _visual_token_ids(model: nn.Module, given) -> tuple[int, ...]:
+    """``image_token_id=`` when given (an id or a sequence of ids), else the image and video
+    placeholder ids of the model's own config (docs/families.md)."""
     if given is not None:
-        return int(given)
-    config = getattr(model, "config", None)
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    return None
+        return tuple(int(t) for t in given) if isinstance(given, (list, tuple)) else (int(given),)
+    return visual_token_ids(model)
 
 
 class AttentionDistiller:
@@ -54,8 +52,9 @@ class AttentionDistiller:
         student, teacher: Hugging Face models (causal LM, ``LlavaForConditionalGeneration``
             or PEFT wrappers). Their language models are switched to the ``"compodistill"``
             attention (``enable=False`` to leave that to the caller).
-        image_token_id: token id of image placeholders in ``input_ids``; by default each
-            model's ``config.image_token_id``. Not needed when :meth:`capture` gets a
+        image_token_id: token id (or ids) of visual placeholders in ``input_ids``; by
+            default each model's image and video token ids from its config
+            (docs/families.md). Not needed when :meth:`capture` gets a
             ``visual_mask``.
         student_layers, teacher_layers: explicit 0-based layer lists; else ``preset``.
         preset: ``"intermediate"`` (paper default), ``"early"``, ``"late"`` or ``"all"``,
@@ -69,7 +68,8 @@ class AttentionDistiller:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *,
-                 image_token_id: int | None = None, student_layers: Sequence[int] | None = None,
+                 image_token_id: int | Sequence[int] | None = None,
+                 student_layers: Sequence[int] | None = None,
                  teacher_layers: Sequence[int] | None = None, preset: str = "intermediate",
                  matching: str = "group", query: QueryArg = "all", loss: str = "cosine",
                  cosine: str = "flat", distribution: str = "renorm", beta: float = 0.5,
@@ -91,8 +91,10 @@ class AttentionDistiller:
         self.loss_options = dict(loss=loss, cosine=cosine, distribution=distribution, beta=beta,
                                  reduction=sample_reduction)
         self.layer_reduction = layer_reduction
-        self.student_image_token_id = _image_token_id(student, image_token_id)
-        self.teacher_image_token_id = _image_token_id(teacher, image_token_id)
+        check_supported(student, "student")
+        check_supported(teacher, "teacher")
+        self.student_visual_ids = _visual_token_ids(student, image_token_id)
+        self.teacher_visual_ids = _visual_token_ids(teacher, image_token_id)
         # Sites: which attention module reports which (role, layer).
         self._sites: dict[nn.Module, tuple[str, int]] = {}
         for m in self.matches:
@@ -118,11 +120,11 @@ class AttentionDistiller:
         if input_ids is None:
             raise ValueError(f"capture needs input_ids (to find image tokens) or visual_mask "
                              f"for the {role}")
-        token = self.student_image_token_id if role == "student" else self.teacher_image_token_id
-        if token is None:
+        tokens = self.student_visual_ids if role == "student" else self.teacher_visual_ids
+        if not tokens:
             raise ValueError(f"no image_token_id for the {role}: pass image_token_id= to the "
                              f"distiller or visual_mask= to capture()")
-        return input_ids == token
+        return torch.isin(input_ids, torch.tensor(tokens, device=input_ids.device))
 
     def capture(self, input_ids: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None,
@@ -134,7 +136,7 @@ class AttentionDistiller:
 
         Args:
             input_ids: (B, N) token ids the student (and, by default, the teacher) runs on;
-                image positions are ``input_ids == image_token_id`` (several images per
+                image positions are the visual placeholder ids (several images per
                 sample and samples without images are fine).
             attention_mask: (B, N) padding mask passed to the models (1 = real token).
             visual_mask: (B, N) bool image positions, instead of looking up the token id.
@@ -156,7 +158,7 @@ class AttentionDistiller:
         vis_s = self._visual_mask("student", input_ids, visual_mask)
         t_ids = input_ids if teacher_input_ids is None else teacher_input_ids
         if teacher_visual_mask is None and teacher_input_ids is None and \
-                self.teacher_image_token_id == self.student_image_token_id:
+                self.teacher_visual_ids == self.student_visual_ids:
             vis_t = vis_s
         else:
             vis_t = self._visual_mask("teacher", t_ids, teacher_visual_mask)

@@ -38,18 +38,20 @@ _REDUCTIONS = ("mean", "sum", "none")
 # --------------------------------------------------------------------------- attention
 
 def _key_allowed(batch: int, n: int, attention_mask: torch.Tensor | None, causal: bool,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, window: int | None = None) -> torch.Tensor:
     """(B, N, N) bool: ``[b, i, j]`` is True when query i may attend to key j."""
     allowed = torch.ones(batch, n, n, dtype=torch.bool, device=device)
     if attention_mask is not None:
         allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
     if causal:
         allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    if window is not None:  # i - j < window
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=device).triu(1 - window)
     return allowed
 
 
 def _masked_scores(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor | None,
-                   causal: bool, scale: float | None):
+                   causal: bool, scale: float | None, window: int | None = None):
     """fp32 scores with -inf on forbidden keys, plus the (B, 1, N, N) allowed mask."""
     batch, hq, n, d = q.shape
     hkv = k.shape[1]
@@ -59,7 +61,7 @@ def _masked_scores(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tenso
     # GQA: query head h reads kv head h // (hq // hkv), exactly Hugging Face's repeat_kv.
     k = k.float().repeat_interleave(hq // hkv, dim=1)
     scores = torch.einsum("bhid,bhjd->bhij", q.float(), k) * scale
-    allowed = _key_allowed(batch, n, attention_mask, causal, q.device)[:, None]
+    allowed = _key_allowed(batch, n, attention_mask, causal, q.device, window)[:, None]
     return scores.masked_fill(~allowed, float("-inf")), allowed
 
 
@@ -78,7 +80,7 @@ def _softmax_with_empty_rows(scores: torch.Tensor, allowed: torch.Tensor):
 
 def ref_attention_probs(q: torch.Tensor, k: torch.Tensor,
                         attention_mask: torch.Tensor | None = None, causal: bool = True,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """Full attention probabilities ``P`` (B, Hq, N, N) in float32.
 
     Args:
@@ -89,17 +91,19 @@ def ref_attention_probs(q: torch.Tensor, k: torch.Tensor,
             here; padded query rows still get a distribution over the real keys).
         causal: key j is allowed for query i only if ``j <= i``.
         scale: score scale, default ``1 / sqrt(d)``.
+        window: sliding window: key j is allowed for query i only if ``i - j < window``.
 
     Returns:
         ``P[b, h, i, j]``; a row with no allowed key is all zeros (never NaN).
     """
-    scores, allowed = _masked_scores(q, k, attention_mask, causal, scale)
+    scores, allowed = _masked_scores(q, k, attention_mask, causal, scale, window)
     return _softmax_with_empty_rows(scores, allowed)[0]
 
 
 def ref_attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          attention_mask: torch.Tensor | None = None, causal: bool = True,
-                         scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         scale: float | None = None, window: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and log-sum-exp, as a flash-attention forward would return them.
 
     Args: as :func:`ref_attention_probs`, plus ``v`` (B, Hkv, N, d) (same GQA mapping as k).
@@ -109,7 +113,7 @@ def ref_attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         ``lse`` (B, Hq, N) float32, the log-sum-exp of the allowed scaled scores
         (``-inf`` on rows with no allowed key).
     """
-    scores, allowed = _masked_scores(q, k, attention_mask, causal, scale)
+    scores, allowed = _masked_scores(q, k, attention_mask, causal, scale, window)
     probs, lse = _softmax_with_empty_rows(scores, allowed)
     v = v.float().repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     return probs @ v, lse
@@ -145,7 +149,8 @@ def ref_query_rows(query: QueryArg, visual_mask: torch.Tensor,
 
 def ref_visual_maps(q: torch.Tensor, k: torch.Tensor, visual_mask: torch.Tensor,
                     query: QueryArg = "all", attention_mask: torch.Tensor | None = None,
-                    causal: bool = True, scale: float | None = None) -> list[torch.Tensor]:
+                    causal: bool = True, scale: float | None = None,
+                    window: int | None = None) -> list[torch.Tensor]:
     """Head-mean attention on visual keys, one ``(|Q_b|, Nv_b)`` float32 map per sample.
 
     ``A_b[r, c] = mean_h P[b, h, rows_b[r], cols_b[c]]`` where ``rows_b`` are the query rows
@@ -153,7 +158,7 @@ def ref_visual_maps(q: torch.Tensor, k: torch.Tensor, visual_mask: torch.Tensor,
     ascending position order. These are full-softmax probabilities: a row does not sum to 1.
     Differentiable with respect to ``q`` and ``k``.
     """
-    probs = ref_attention_probs(q, k, attention_mask, causal, scale)
+    probs = ref_attention_probs(q, k, attention_mask, causal, scale, window)
     rows = ref_query_rows(query, visual_mask, attention_mask)
     vis = visual_mask.to(torch.bool)
     head_mean = probs.mean(dim=1)  # (B, N, N)
@@ -162,14 +167,14 @@ def ref_visual_maps(q: torch.Tensor, k: torch.Tensor, visual_mask: torch.Tensor,
 
 def ref_visual_allowed(visual_mask: torch.Tensor, query: QueryArg = "all",
                        attention_mask: torch.Tensor | None = None,
-                       causal: bool = True) -> list[torch.Tensor]:
+                       causal: bool = True, window: int | None = None) -> list[torch.Tensor]:
     """Allowed (query row, visual column) pairs, one ``(|Q_b|, Nv_b)`` bool tensor per sample.
 
     A pair is allowed when the key is not padding and, if causal, the image token does not
     come after the query. Same row/column order as :func:`ref_visual_maps`.
     """
     batch, n = visual_mask.shape
-    allowed = _key_allowed(batch, n, attention_mask, causal, visual_mask.device)
+    allowed = _key_allowed(batch, n, attention_mask, causal, visual_mask.device, window)
     rows = ref_query_rows(query, visual_mask, attention_mask)
     vis = visual_mask.to(torch.bool)
     return [allowed[b][rows[b]][:, vis[b]] for b in range(batch)]

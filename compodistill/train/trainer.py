@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from ..hf.families import check_trainer_checkpoint
 from ..hf.llava import TAFLlavaForConditionalGeneration, apply_taf, load_student
 from . import distributed
 from .checkpoint import atomic_directory_write, is_complete
@@ -44,6 +45,7 @@ def check_checkpoint(path: str, key: str) -> None:
         raise FileNotFoundError(f"{key}: checkpoint folder not found: {path}; expected {hint}")
     if not (where / "config.json").is_file():
         raise FileNotFoundError(f"{key}: {path} has no config.json; expected {hint}")
+    check_trainer_checkpoint(path, key)  # the family, from config.json (docs/families.md)
 
 
 class DistillationTrainer:

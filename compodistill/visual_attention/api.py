@@ -56,21 +56,23 @@ def _scale(scale: float | None, head_dim: int) -> float:
     return float(scale)
 
 
-def _layout_for(q: torch.Tensor, visual, query, attention_mask, causal) -> VisualLayout:
+def _layout_for(q: torch.Tensor, visual, query, attention_mask, causal,
+                window=None) -> VisualLayout:
     b, _, n, _ = q.shape
     if isinstance(visual, VisualLayout):
         if (visual.batch_size, visual.seq_len) != (b, n):
             raise ValueError(f"visual layout is for (B, N) = ({visual.batch_size}, "
                              f"{visual.seq_len}) but q has shape {tuple(q.shape)}")
-        return visual.to(q.device)
+        return visual.to(q.device).with_window(window)
     return visual_layout(visual, b, n, query=query, attention_mask=attention_mask,
-                         causal=causal, device=q.device)
+                         causal=causal, window=window, device=q.device)
 
 
 def visual_attention_maps(q: torch.Tensor, k: torch.Tensor, visual: VisualArg | VisualLayout, *,
                           query: QueryArg = "all", attention_mask: torch.Tensor | None = None,
                           causal: bool = True, scale: float | None = None,
-                          backend: str = "auto", lse: torch.Tensor | None = None) -> torch.Tensor:
+                          backend: str = "auto", lse: torch.Tensor | None = None,
+                          window: int | None = None) -> torch.Tensor:
     """Head-mean attention of the query rows on the visual keys, without the attention matrix.
 
     ``A[b, r, c] = (1/Hq) Σ_h softmax_j(q_h·k_j·scale)[query_index[b, r], visual_index[b, c]]``
@@ -87,6 +89,8 @@ def visual_attention_maps(q: torch.Tensor, k: torch.Tensor, visual: VisualArg | 
         query: rows entering the loss: ``"all"``, ``"visual"``, ``"text"`` or a (B, N) mask.
         attention_mask: (B, N) 1 for real tokens, 0 for padding.
         causal: apply the causal mask. scale: defaults to ``1/sqrt(d)``.
+        window: sliding-window attention (query i sees keys j with ``i - j < window``), as
+            in Gemma 3's local layers.
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"``, ``"torch"``.
         lse: optional (B, Hq, N) natural-log log-sum-exp of these scores (same masks and
             scale), e.g. from the layer's attention kernel: the Triton path then skips its
@@ -97,7 +101,7 @@ def visual_attention_maps(q: torch.Tensor, k: torch.Tensor, visual: VisualArg | 
         Rows before the first image (causal) and samples without images hold zeros.
     """
     check_qk(q, k)
-    layout = _layout_for(q, visual, query, attention_mask, causal)
+    layout = _layout_for(q, visual, query, attention_mask, causal, window)
     scale = _scale(scale, q.shape[-1])
     if resolve_backend(backend, q.device, "autograd") == "triton":
         return kernels_module("autograd").visual_maps(q, k, layout, scale, lse=lse)
@@ -110,7 +114,7 @@ def visual_attention_loss(q: torch.Tensor, k: torch.Tensor, target: torch.Tensor
                           scale: float | None = None, loss: str = "cosine",
                           cosine: str = "flat", distribution: str = "renorm",
                           beta: float = 0.5, reduction: str = "mean",
-                          backend: str = "auto") -> torch.Tensor:
+                          backend: str = "auto", window: int | None = None) -> torch.Tensor:
     """Visual-attention alignment loss (VAT) of one student layer against a target.
 
     Definitions: docs/visual_attention.md.
@@ -126,7 +130,7 @@ def visual_attention_loss(q: torch.Tensor, k: torch.Tensor, target: torch.Tensor
     """
     check_map_loss_options(loss, cosine, distribution, beta, reduction)
     check_qk(q, k)
-    layout = _layout_for(q, visual, query, attention_mask, causal)
+    layout = _layout_for(q, visual, query, attention_mask, causal, window)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.device != q.device:

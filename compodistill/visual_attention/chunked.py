@@ -59,10 +59,12 @@ def _grouped_key_grad(w: torch.Tensor, q_rows: torch.Tensor, hkv: int) -> torch.
 
 def _key_allowed(layout: VisualLayout, q_pos: torch.Tensor, q_ok: torch.Tensor,
                  k_pos: torch.Tensor, k_ok: torch.Tensor) -> torch.Tensor:
-    """(B, 1, R, K) mask: row real, key real/not padding, and causal order."""
+    """(B, 1, R, K) mask: row real, key real/not padding, causal order and window."""
     ok = q_ok[:, :, None] & k_ok[:, None, :]
     if layout.causal:
         ok = ok & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if layout.window is not None:
+        ok = ok & (q_pos[:, :, None] - k_pos[:, None, :] < layout.window)
     return ok[:, None]
 
 

@@ -12,6 +12,7 @@ share this layout, so a target computed by one backend is a valid target for ano
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class VisualLayout:
     key_mask: torch.Tensor | None  # (B, N) bool, True = real token; None = no padding
     seq_len: int
     causal: bool
+    # Sliding window (causal only): query i sees keys j with i - j < window; None = no window.
+    window: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -63,18 +66,33 @@ class VisualLayout:
         """(B, Qmax, Vmax) bool: pairs whose probability may be non-zero.
 
         A pair is allowed when both row and column are real, the key is not padding and,
-        if causal, the key does not come after the query.
+        if causal, the key does not come after the query (nor lie ``window`` or more
+        positions before it).
         """
         ok = self.query_valid[:, :, None] & self.visual_valid[:, None, :]
         if self.causal:
             ok = ok & (self.visual_index[:, None, :] <= self.query_index[:, :, None])
+        if self.window is not None:
+            ok = ok & (self.query_index[:, :, None] - self.visual_index[:, None, :] < self.window)
         return ok
+
+    def with_window(self, window: int | None) -> "VisualLayout":
+        """The same layout for a sliding-window layer (docs/families.md); a window of N or
+        more changes nothing and gives ``self``."""
+        if window is None or window >= self.seq_len:
+            return self
+        if not self.causal:
+            raise ValueError("a sliding window needs a causal layout")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        return dataclasses.replace(self, window=int(window))
 
     def to(self, device: torch.device | str) -> "VisualLayout":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return VisualLayout(
             move(self.query_index), move(self.query_count), move(self.visual_index),
             move(self.visual_count), move(self.key_mask), self.seq_len, self.causal,
+            self.window,
         )
 
 
@@ -155,7 +173,8 @@ def _gather_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def visual_layout(visual: VisualArg, batch_size: int, seq_len: int, *,
                   query: QueryArg = "all", attention_mask: torch.Tensor | None = None,
-                  causal: bool = True, device: torch.device | str = "cpu") -> VisualLayout:
+                  causal: bool = True, window: int | None = None,
+                  device: torch.device | str = "cpu") -> VisualLayout:
     """Resolve the visual keys and query rows of docs/visual_attention.md into a :class:`VisualLayout`.
 
     Args:
@@ -166,6 +185,8 @@ def visual_layout(visual: VisualArg, batch_size: int, seq_len: int, *,
             (non-padding rows that are not image tokens) or an explicit (B, N) bool mask.
         attention_mask: (B, N), 1/True for real tokens, 0 for padding (either side).
         causal: whether a query may only see keys at or before its own position.
+        window: sliding-window attention (causal only): query i sees keys j with
+            ``i - j < window``, as transformers' sliding-window layers (Gemma 3).
     """
     device = torch.device(device)
     if isinstance(visual, torch.Tensor):
@@ -203,4 +224,4 @@ def visual_layout(visual: VisualArg, batch_size: int, seq_len: int, *,
     query_index, query_count = _gather_positions(rows)
     visual_index, visual_count = _gather_positions(vis)
     return VisualLayout(query_index, query_count, visual_index, visual_count, key_mask,
-                        seq_len, bool(causal))
+                        seq_len, bool(causal)).with_window(window)
