@@ -18,10 +18,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..hf.families import check_trainer_checkpoint
-from ..hf.llava import TAFLlavaForConditionalGeneration, apply_taf, load_student
+# Every trainer family: LLaVA (TAF or not) as before, the others as AutoModelForImageTextToText.
+from ..hf.families import load_family_model as load_student
+from ..hf.llava import TAFLlavaForConditionalGeneration, apply_taf
+from ..data.family_inputs import family_image_inputs
 from .checkpoint import atomic_directory_write, is_complete
 from .config import DistillConfig, StageConfig, config_to_dict
 from .engine import StageLoop, StageResult
+from .families import check_family_options
 from .stages import finish_stage, llava_core, prepare_trainable
 
 
@@ -93,7 +97,9 @@ class DistillationTrainer:
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
             self.teacher.to(config.teacher_device or self.acc.device)
+        check_family_options(config, self.student)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
+        self.image_inputs = family_image_inputs(self.student.config, config.student)
         self.dataset = train_dataset if train_dataset is not None else self.load_dataset()
         # teacher: {cache: DIR}: the targets come from the cache, no teacher is ever loaded.
         self.teacher_cache = None
@@ -119,6 +125,11 @@ class DistillationTrainer:
         if not source and not isinstance(source, list):
             raise ValueError("config.data.train_json is empty: nothing to train on")
         cfg = self.student.config
+        if self.image_inputs is not None:  # a family with its own image inputs
+            return LlavaDataset(source, data.image_folder or None, self.tokenizer, 1,
+                                num_image_tokens=1, image_token_id=cfg.image_token_id,
+                                max_length=data.max_length, on_error=data.on_error,
+                                image_inputs=self.image_inputs)
         return LlavaDataset(source, data.image_folder or None, self.tokenizer,
                             cfg.vision_config.image_size, num_image_tokens=cfg.image_seq_length,
                             image_token_id=cfg.image_token_id, max_length=data.max_length,
@@ -142,7 +153,7 @@ class DistillationTrainer:
         # (seeded, reshuffled per epoch through the loader's set_epoch).
         sampler = (LengthGroupedSampler(self.dataset, micro, seed=self.config.seed)
                    if self.config.data.group_by_length else None)
-        collate = LlavaCollator(pad)
+        collate = LlavaCollator(pad, image_inputs=self.image_inputs)
         if self.teacher_cache is not None:  # batches name their samples for the cache
             collate = self.teacher_cache.collator(collate)
         return DataLoader(self.dataset, batch_size=micro, sampler=sampler,
@@ -164,6 +175,8 @@ class DistillationTrainer:
         def write(tmp: Path) -> None:
             self.acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
+            if self.image_inputs is not None:  # the family's image processor goes along
+                self.image_inputs.processor.save_pretrained(tmp)
 
         if self.acc.is_main_process:
             atomic_directory_write(folder, write)

@@ -1,0 +1,35 @@
+"""What the trainer allows per family (docs/families.md), checked before any step runs.
+
+TAF, the teacher cache and the recipes other than CompoDistill's are built on LLaVA's layout
+(its projector, its batch keys); for another family they are refused with a
+:class:`~compodistill.train.config.ConfigError` naming the key and the family, never run
+on inputs they would get wrong.
+"""
+from __future__ import annotations
+
+from ..hf.families import TAF_FAMILIES, family_of
+from .config import ConfigError, DistillConfig
+
+__all__ = ["check_family_options"]
+
+
+def check_family_options(config: DistillConfig, student) -> None:
+    """Refuse the options the student's family cannot train with.
+
+    Raises:
+        ConfigError: ``taf`` (LLaVA only: set ``taf: false`` and train the student's own
+            connector), ``teacher.cache`` or ``recipe`` for a non-LLaVA family.
+    """
+    family = family_of(student.config)
+    if family.name in TAF_FAMILIES:
+        return
+    if config.taf:
+        raise ConfigError("taf", f"TAF is implemented for LLaVA only, not for {family.title}; "
+                                 f"set `taf: false` and train the student's own connector "
+                                 f"(stages' trainable: connector, lora+connector)")
+    if config.teacher_cache is not None:
+        raise ConfigError("teacher.cache", f"the teacher cache is implemented for LLaVA only, "
+                                           f"not for {family.title}; run the teacher online")
+    if config.recipe != "compodistill":
+        raise ConfigError("recipe", f"recipe {config.recipe!r} is implemented for LLaVA only; "
+                                    f"{family.title} trains with 'compodistill'")

@@ -1,0 +1,178 @@
+"""The trainer on a non-LLaVA family (docs/families.md): tiny Qwen2.5-VL teacher and student
+saved to disk with a locally trained tokenizer and the family's own image processor, the
+project's records with images of three sizes (dynamic resolution), DPT -> DFT -> SFT with KD
+and VAT, the final model reloaded, and an interrupted stage resumed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from compodistill.train.config import ConfigError, config_from_dict  # noqa: E402
+from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+
+from _helpers import local_bpe_tokenizer  # noqa: E402
+
+# Per image (width, height) -> tokens after the 2x2 merge of 4-px patches, pixel budget
+# 16*16 .. 32*32: the Qwen processor keeps these sizes (multiples of 8).
+SIZES = {0: ((16, 16), 4), 1: ((24, 16), 6), 2: ((32, 32), 16)}
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(tmp_path_factory):
+    import transformers as tf
+    from PIL import Image
+
+    from compodistill.data import generate_synthetic
+    from compodistill.hf.families import tiny_family_pair
+
+    root = tmp_path_factory.mktemp("qwen")
+    generate_synthetic(str(root / "data"), num=6, num_eval=1, image_size=16, progress=False)
+    for index, ((w, h), _) in SIZES.items():  # dynamic resolution: three image sizes
+        path = root / "data" / "images" / f"train_{index:06d}.png"
+        Image.open(path).convert("RGB").resize((w, h)).save(path)
+    records = json.loads((root / "data" / "train.json").read_text())
+    texts = [t["value"] for r in records for t in r["conversations"]]
+    tok = local_bpe_tokenizer(root / "student", texts)
+    # The teacher's vocabulary has 8 extra rows (as Qwen2.5-VL 7B vs 3B): KD truncates it.
+    student, teacher = tiny_family_pair("qwen2_5_vl", vocab_size=len(tok),
+                                        teacher_vocab_size=len(tok) + 8)
+    processor = tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                            min_pixels=16 * 16, max_pixels=32 * 32)
+    student.save_pretrained(root / "student")
+    processor.save_pretrained(root / "student")
+    teacher.save_pretrained(root / "teacher")
+    return root, tok
+
+
+def make_config(root, stages, out, **extra):
+    return config_from_dict({
+        "student": str(root / "student"), "teacher": str(root / "teacher"),
+        "output_dir": str(root / out), "taf": False, "cpu_threads": 1,
+        "data": {"train_json": str(root / "data" / "train.json"),
+                 "image_folder": str(root / "data"), "max_length": 256},
+        "vat": {"student_layers": [0, 1], "teacher_layers": [1, 2, 3]},
+        "stages": stages, **extra})
+
+
+CHAIN = [dict(kind="dpt", trainable="connector", max_steps=2, batch_size=2, lr=1e-3),
+         dict(kind="dft", trainable="lora+connector", max_steps=2, batch_size=2, lora_r=4,
+              lora_alpha=8),
+         dict(kind="sft", max_steps=2, batch_size=2, lora_r=4, lora_alpha=8)]
+
+
+def test_dataset_and_collator_build_qwen_inputs(qwen_pair):
+    """Each image becomes vision_start + its own count of image tokens + vision_end; the
+    batch carries the pixel patches, one image_grid_thw row per image and the token types
+    that M-RoPE needs."""
+    root, tok = qwen_pair
+    trainer = DistillationTrainer(make_config(root, CHAIN, "data-check"), show_progress=False)
+    cfg = trainer.student.config
+    img = cfg.image_token_id
+    by_image = {}
+    for i, sample in enumerate(trainer.dataset.samples):
+        name = sample["images"][0].rsplit("train_", 1)[1]
+        by_image.setdefault(int(name.split(".")[0]), i)
+    for index, (_, count) in SIZES.items():
+        item = trainer.dataset[by_image[index]]
+        ids = item["input_ids"].tolist()
+        start = ids.index(cfg.vision_start_token_id)
+        assert ids[start + 1:start + 2 + count] == [img] * count + [cfg.vision_end_token_id]
+        assert ids.count(img) == count
+        assert int(item["image_grid_thw"].prod()) // 4 == count
+    loader = trainer.data_loader(trainer.config.stages[0])
+    batch = next(iter(loader))
+    n_img = int((batch["input_ids"] == img).sum())
+    assert n_img == int(batch["image_grid_thw"].prod(-1).sum()) // 4
+    assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(-1).sum())
+    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == img).long())
+    # The stages' forward gives the model its M-RoPE positions (3-D, from the image grids),
+    # not the 1-D fallback transformers takes silently when an input is missing.
+    from compodistill.train.stages import HiddenStates, family_inputs
+
+    model = trainer.student.eval()
+    with torch.no_grad():
+        got = HiddenStates(model)(batch["input_ids"], batch["attention_mask"],
+                                  batch["pixel_values"], **family_inputs(batch))
+        positions, _ = model.model.get_rope_index(
+            batch["input_ids"], image_grid_thw=batch["image_grid_thw"],
+            attention_mask=batch["attention_mask"],
+            mm_token_type_ids=batch["mm_token_type_ids"])
+        common = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+        want = model.model(position_ids=positions, **common).last_hidden_state
+        flat = batch["attention_mask"].cumsum(-1) - 1
+        one_d = model.model(position_ids=flat[None].expand(3, -1, -1), **common).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real])
+    assert not torch.allclose(one_d[real], want[real], atol=1e-3)
+
+
+def test_chain_with_kd_and_vat_and_reload(qwen_pair):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    root, _ = qwen_pair
+    trainer = DistillationTrainer(make_config(root, CHAIN, "run"), show_progress=False)
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    results = trainer.run()
+    assert [r.name for r in results] == ["dpt", "dft", "sft"]
+    terms = [set(r.final_losses) for r in results]
+    layers = {"loss_vat_layer0", "loss_vat_layer1"}
+    assert terms == [{"loss", "loss_lm", "loss_kd"},
+                     {"loss", "loss_lm", "loss_kd", "loss_vat"} | layers, {"loss", "loss_lm"}]
+    for r in results:
+        assert all(torch.isfinite(torch.tensor(v)) for v in r.final_losses.values())
+    assert results[1].final_losses["loss_vat"] > 0
+    final = root / "run" / "3-sft" / "model"
+    model = AutoModelForImageTextToText.from_pretrained(final, local_files_only=True)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(AutoImageProcessor.from_pretrained(final)).__name__ == "Qwen2VLImageProcessorPil"
+    state = model.state_dict()
+    assert not any("lora" in k for k in state)  # merged, plain weights
+    q_proj = "model.language_model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(state[q_proj], before[q_proj])  # LoRA updates were merged in
+    merger = "model.visual.merger.mlp.2.weight"
+    assert not torch.equal(state[merger], before[merger])  # the connector trained (DPT, DFT)
+    vision = "model.visual.patch_embed.proj.weight"
+    assert torch.equal(state[vision], before[vision])  # never trained
+
+
+def test_interrupted_stage_resumes_with_the_same_losses(qwen_pair, monkeypatch):
+    from compodistill.train import stages as stages_module
+    from compodistill.train.metrics import read_metrics
+
+    root, _ = qwen_pair
+    stage = [dict(kind="dft", trainable="lora+connector", max_steps=4, batch_size=2,
+                  lora_r=2, lora_alpha=4)]
+    DistillationTrainer(make_config(root, stage, "straight", save_every=2),
+                        show_progress=False).run()
+    original = stages_module.StageLosses.__call__
+    calls = {"n": 0}
+
+    def crash_on_third_step(self, prepared, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # stands in for a killed process
+        return original(self, prepared, batch)
+
+    monkeypatch.setattr(stages_module.StageLosses, "__call__", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        DistillationTrainer(make_config(root, stage, "crashed", save_every=2),
+                            show_progress=False).run()
+    monkeypatch.setattr(stages_module.StageLosses, "__call__", original)
+    DistillationTrainer(make_config(root, stage, "crashed", save_every=2),
+                        show_progress=False).run()
+    straight = [r["loss"] for r in read_metrics(root / "straight" / "1-dft" / "metrics.jsonl")]
+    resumed = [r["loss"] for r in read_metrics(root / "crashed" / "1-dft" / "metrics.jsonl")]
+    assert len(straight) == 4
+    assert resumed == pytest.approx(straight, rel=1e-5)
+
+
+def test_llava_only_options_are_refused_for_qwen(qwen_pair):
+    root, _ = qwen_pair
+    with pytest.raises(ConfigError, match=r"^taf: .*LLaVA only, not for Qwen2\.5-VL"):
+        DistillationTrainer(make_config(root, CHAIN, "taf", taf=True), show_progress=False)
