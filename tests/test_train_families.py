@@ -176,3 +176,21 @@ def test_llava_only_options_are_refused_for_qwen(qwen_pair):
     root, _ = qwen_pair
     with pytest.raises(ConfigError, match=r"^taf: .*LLaVA only, not for Qwen2\.5-VL"):
         DistillationTrainer(make_config(root, CHAIN, "taf", taf=True), show_progress=False)
+
+
+def test_cli_names_taf_and_the_family_in_one_line(qwen_pair, capsys):
+    """CompoDistill's recipe turns TAF on by default: for Qwen, `compodistill train` says in
+    one line which key to change, before any step runs."""
+    from compodistill.cli import main
+
+    from _helpers import assert_one_line_error
+
+    root, _ = qwen_pair
+    cfg = root / "default-taf.yaml"
+    cfg.write_text(f"student: {root / 'student'}\nteacher: {root / 'teacher'}\n"
+                   f"output_dir: {root / 'default-taf'}\n"
+                   f"data: {{train_json: {root / 'data' / 'train.json'}, "
+                   f"image_folder: {root / 'data'}}}\n")
+    code, err = main(["train", "--config", str(cfg)]), capsys.readouterr().err
+    assert_one_line_error(code, err, "taf:", "Qwen2.5-VL", "taf: false")
+    assert not (root / "default-taf" / "1-dpt").exists()

@@ -7,20 +7,29 @@ on inputs they would get wrong.
 """
 from __future__ import annotations
 
+import os
+
 from ..hf.families import TAF_FAMILIES, family_of
 from .config import ConfigError, DistillConfig
 
 __all__ = ["check_family_options"]
 
 
-def check_family_options(config: DistillConfig, student) -> None:
+def check_family_options(config: DistillConfig, student_config) -> None:
     """Refuse the options the student's family cannot train with.
+
+    ``student_config``: the student's model config, or its checkpoint folder (only
+    ``config.json`` is read, so a refusal costs no weight loading).
 
     Raises:
         ConfigError: ``taf`` (LLaVA only: set ``taf: false`` and train the student's own
             connector), ``teacher.cache`` or ``recipe`` for a non-LLaVA family.
     """
-    family = family_of(student.config)
+    if isinstance(student_config, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        student_config = AutoConfig.from_pretrained(student_config, local_files_only=True)
+    family = family_of(student_config)
     if family.name in TAF_FAMILIES:
         return
     if config.taf:

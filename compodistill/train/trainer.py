@@ -81,6 +81,7 @@ class DistillationTrainer:
                 config.data.train_json).is_file():
             raise FileNotFoundError(f"data.train_json: training data not found: "
                                     f"{config.data.train_json}")
+        check_family_options(config, student.config if student is not None else config.student)
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         self.config = config
@@ -97,7 +98,6 @@ class DistillationTrainer:
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
             self.teacher.to(config.teacher_device or self.acc.device)
-        check_family_options(config, self.student)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
         self.image_inputs = family_image_inputs(self.student.config, config.student)
         self.dataset = train_dataset if train_dataset is not None else self.load_dataset()
