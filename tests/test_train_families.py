@@ -1,10 +1,12 @@
-"""The trainer on a non-LLaVA family (docs/families.md): tiny Qwen2.5-VL teacher and student
+"""The trainer on the non-LLaVA families (docs/families.md): tiny Qwen2.5-VL and Qwen3-VL
+teachers and students
 saved to disk with a locally trained tokenizer and the family's own image processor, the
 project's records with images of three sizes (dynamic resolution), DPT -> DFT -> SFT with KD
 and VAT, the final model reloaded, and an interrupted stage resumed."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -22,15 +24,20 @@ from _helpers import local_bpe_tokenizer  # noqa: E402
 SIZES = {0: ((16, 16), 4), 1: ((24, 16), 6), 2: ((32, 32), 16)}
 
 
-@pytest.fixture(scope="module")
-def qwen_pair(tmp_path_factory):
+CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+           "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+
+
+@pytest.fixture(scope="module", params=sorted(CLASSES))
+def qwen_pair(request, tmp_path_factory):
     import transformers as tf
     from PIL import Image
 
     from compodistill.data import generate_synthetic
     from compodistill.hf.families import tiny_family_pair
 
-    root = tmp_path_factory.mktemp("qwen")
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
     generate_synthetic(str(root / "data"), num=6, num_eval=1, image_size=16, progress=False)
     for index, ((w, h), _) in SIZES.items():  # dynamic resolution: three image sizes
         path = root / "data" / "images" / f"train_{index:06d}.png"
@@ -39,14 +46,14 @@ def qwen_pair(tmp_path_factory):
     texts = [t["value"] for r in records for t in r["conversations"]]
     tok = local_bpe_tokenizer(root / "student", texts)
     # The teacher's vocabulary has 8 extra rows (as Qwen2.5-VL 7B vs 3B): KD truncates it.
-    student, teacher = tiny_family_pair("qwen2_5_vl", vocab_size=len(tok),
+    student, teacher = tiny_family_pair(family, vocab_size=len(tok),
                                         teacher_vocab_size=len(tok) + 8)
     processor = tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
                                             min_pixels=16 * 16, max_pixels=32 * 32)
     student.save_pretrained(root / "student")
     processor.save_pretrained(root / "student")
     teacher.save_pretrained(root / "teacher")
-    return root, tok
+    return root, family
 
 
 def make_config(root, stages, out, **extra):
@@ -69,7 +76,7 @@ def test_dataset_and_collator_build_qwen_inputs(qwen_pair):
     """Each image becomes vision_start + its own count of image tokens + vision_end; the
     batch carries the pixel patches, one image_grid_thw row per image and the token types
     that M-RoPE needs."""
-    root, tok = qwen_pair
+    root, _ = qwen_pair
     trainer = DistillationTrainer(make_config(root, CHAIN, "data-check"), show_progress=False)
     cfg = trainer.student.config
     img = cfg.image_token_id
@@ -115,7 +122,7 @@ def test_dataset_and_collator_build_qwen_inputs(qwen_pair):
 def test_chain_with_kd_and_vat_and_reload(qwen_pair):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-    root, _ = qwen_pair
+    root, family = qwen_pair
     trainer = DistillationTrainer(make_config(root, CHAIN, "run"), show_progress=False)
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     results = trainer.run()
@@ -129,14 +136,18 @@ def test_chain_with_kd_and_vat_and_reload(qwen_pair):
     assert results[1].final_losses["loss_vat"] > 0
     final = root / "run" / "3-sft" / "model"
     model = AutoModelForImageTextToText.from_pretrained(final, local_files_only=True)
-    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(model).__name__ == CLASSES[family]
     assert type(AutoImageProcessor.from_pretrained(final)).__name__ == "Qwen2VLImageProcessorPil"
     state = model.state_dict()
     assert not any("lora" in k for k in state)  # merged, plain weights
     q_proj = "model.language_model.layers.1.self_attn.q_proj.weight"
     assert not torch.equal(state[q_proj], before[q_proj])  # LoRA updates were merged in
-    merger = "model.visual.merger.mlp.2.weight"
-    assert not torch.equal(state[merger], before[merger])  # the connector trained (DPT, DFT)
+    merger = [k for k in state if k.startswith("model.visual.merger.")]
+    assert merger and not all(torch.equal(state[k], before[k]) for k in merger)  # DPT, DFT
+    # Qwen3-VL's DeepStack mergers are part of its connector: they train with it.
+    deepstack = [k for k in state if k.startswith("model.visual.deepstack_merger_list.")]
+    assert bool(deepstack) == (family == "qwen3_vl")
+    assert not deepstack or not all(torch.equal(state[k], before[k]) for k in deepstack)
     vision = "model.visual.patch_embed.proj.weight"
     assert torch.equal(state[vision], before[vision])  # never trained
 
@@ -173,8 +184,9 @@ def test_interrupted_stage_resumes_with_the_same_losses(qwen_pair, monkeypatch):
 
 
 def test_llava_only_options_are_refused_for_qwen(qwen_pair):
-    root, _ = qwen_pair
-    with pytest.raises(ConfigError, match=r"^taf: .*LLaVA only, not for Qwen2\.5-VL"):
+    root, family = qwen_pair
+    title = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}[family]
+    with pytest.raises(ConfigError, match=rf"^taf: .*LLaVA only, not for {re.escape(title)}"):
         DistillationTrainer(make_config(root, CHAIN, "taf", taf=True), show_progress=False)
 
 
@@ -185,12 +197,13 @@ def test_cli_names_taf_and_the_family_in_one_line(qwen_pair, capsys):
 
     from _helpers import assert_one_line_error
 
-    root, _ = qwen_pair
+    root, family = qwen_pair
     cfg = root / "default-taf.yaml"
     cfg.write_text(f"student: {root / 'student'}\nteacher: {root / 'teacher'}\n"
                    f"output_dir: {root / 'default-taf'}\n"
                    f"data: {{train_json: {root / 'data' / 'train.json'}, "
                    f"image_folder: {root / 'data'}}}\n")
     code, err = main(["train", "--config", str(cfg)]), capsys.readouterr().err
-    assert_one_line_error(code, err, "taf:", "Qwen2.5-VL", "taf: false")
+    assert_one_line_error(code, err, "taf:", {"qwen2_5_vl": "Qwen2.5-VL",
+                                              "qwen3_vl": "Qwen3-VL"}[family], "taf: false")
     assert not (root / "default-taf" / "1-dpt").exists()

@@ -12,8 +12,8 @@ before tokenizing, so truncation and lengths stay exact) and extra model inputs.
 * ``__call__(images)``: the model's pixel inputs for a sample's PIL images;
 * ``batch_extras(input_ids)``: inputs the family derives from the token ids of a batch.
 
-Qwen2.5-VL / Qwen2-VL (:class:`QwenVLImageInputs`): the image processor resizes each image to
-a multiple of ``patch_size * merge_size`` within its pixel budget; an image has
+Qwen2.5-VL / Qwen2-VL and Qwen3-VL (:class:`QwenVLImageInputs`): the image processor resizes
+each image to a multiple of ``patch_size * merge_size`` within its pixel budget; an image has
 ``grid_h * grid_w / merge_size**2`` tokens, bracketed by ``vision_start``/``vision_end`` as the
 Qwen processor writes them. The model needs ``pixel_values`` (patches of all images
 concatenated), ``image_grid_thw`` (one row per image) and ``mm_token_type_ids`` (1 on image
@@ -31,7 +31,8 @@ __all__ = ["QwenVLImageInputs", "family_image_inputs"]
 
 
 class QwenVLImageInputs:
-    """Qwen2.5-VL (and Qwen2-VL) image inputs from the family's own image processor.
+    """Qwen2.5-VL (and Qwen2-VL) and Qwen3-VL image inputs from the family's own image
+    processor (Qwen3-VL's is the same class).
 
     Args:
         image_processor: a ``Qwen2VLImageProcessor`` (either backend); its ``patch_size``,
@@ -69,7 +70,7 @@ class QwenVLImageInputs:
 
 def family_image_inputs(config, image_processor):
     """The ``image_inputs`` for a model config: None for LLaVA (the fixed-count default path),
-    :class:`QwenVLImageInputs` for Qwen2.5-VL / Qwen2-VL.
+    :class:`QwenVLImageInputs` for Qwen2.5-VL / Qwen2-VL and Qwen3-VL.
 
     ``image_processor``: the processor object, or the checkpoint folder it was saved to
     (``AutoImageProcessor.from_pretrained``; only read for a family that needs one).
@@ -83,7 +84,7 @@ def family_image_inputs(config, image_processor):
     family = family_of(config)
     if family.name == "llava":
         return None
-    if family.name != "qwen2_5_vl":
+    if family.name not in ("qwen2_5_vl", "qwen3_vl"):
         raise ValueError(f"no training inputs for the {family.title} family yet")
     if image_processor is None or isinstance(image_processor, (str, os.PathLike)):
         from transformers import AutoImageProcessor

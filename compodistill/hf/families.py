@@ -71,9 +71,9 @@ def family_of(model_or_config) -> Family:
                      f"supported: {supported}")
 
 
-# What `compodistill train` runs today (docs/families.md): LLaVA, and Qwen2.5-VL through
+# What `compodistill train` runs today (docs/families.md): LLaVA, and the Qwen families through
 # compodistill/data/family_inputs.py (TAF is LLaVA's only).
-TRAINER_FAMILIES = ("llava", "qwen2_5_vl")
+TRAINER_FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl")
 TAF_FAMILIES = ("llava",)
 
 
@@ -93,13 +93,18 @@ def load_family_model(path, **kwargs) -> nn.Module:
 
 def connector_of(model: nn.Module) -> nn.Module:
     """The module that maps vision features into the language model's width: LLaVA's
-    ``multi_modal_projector``, Qwen's vision ``merger``. ``model``: a ``...ForConditional
-    Generation`` (not a peft wrapper)."""
+    ``multi_modal_projector``, Qwen's vision ``merger`` (Qwen3-VL: with its DeepStack mergers,
+    which feed intermediate vision features into the language model, in one container that
+    holds the same parameters). ``model``: a ``...ForConditionalGeneration`` (not a peft
+    wrapper)."""
     inner = model.model
     if hasattr(inner, "multi_modal_projector"):
         return inner.multi_modal_projector
-    if hasattr(inner, "visual") and hasattr(inner.visual, "merger"):
-        return inner.visual.merger
+    visual = getattr(inner, "visual", None)
+    if visual is not None and hasattr(visual, "deepstack_merger_list"):
+        return nn.ModuleDict({"merger": visual.merger, "deepstack": visual.deepstack_merger_list})
+    if visual is not None and hasattr(visual, "merger"):
+        return visual.merger
     raise ValueError(f"cannot find the connector of {type(model).__name__}")
 
 
