@@ -6,7 +6,6 @@ and VAT, the final model reloaded, and an interrupted stage resumed."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -59,7 +58,7 @@ def qwen_pair(request, tmp_path_factory):
 def make_config(root, stages, out, **extra):
     return config_from_dict({
         "student": str(root / "student"), "teacher": str(root / "teacher"),
-        "output_dir": str(root / out), "taf": False, "cpu_threads": 1,
+        "output_dir": str(root / out), "taf": extra.pop("taf", False), "cpu_threads": 1,
         "data": {"train_json": str(root / "data" / "train.json"),
                  "image_folder": str(root / "data"), "max_length": 256},
         "vat": {"student_layers": [0, 1], "teacher_layers": [1, 2, 3]},
@@ -156,10 +155,11 @@ def test_interrupted_stage_resumes_with_the_same_losses(qwen_pair, monkeypatch):
     from compodistill.train import stages as stages_module
     from compodistill.train.metrics import read_metrics
 
-    root, _ = qwen_pair
-    stage = [dict(kind="dft", trainable="lora+connector", max_steps=4, batch_size=2,
-                  lora_r=2, lora_alpha=4)]
-    DistillationTrainer(make_config(root, stage, "straight", save_every=2),
+    root, family = qwen_pair
+    taf = family == "qwen2_5_vl"  # the post-connector's state is resumed too
+    stage = [dict(kind="dft", trainable="lora+post_connector" if taf else "lora+connector",
+                  max_steps=4, batch_size=2, lora_r=2, lora_alpha=4)]
+    DistillationTrainer(make_config(root, stage, "straight", save_every=2, taf=taf),
                         show_progress=False).run()
     original = stages_module.StageLosses.__call__
     calls = {"n": 0}
@@ -172,10 +172,10 @@ def test_interrupted_stage_resumes_with_the_same_losses(qwen_pair, monkeypatch):
 
     monkeypatch.setattr(stages_module.StageLosses, "__call__", crash_on_third_step)
     with pytest.raises(KeyboardInterrupt):
-        DistillationTrainer(make_config(root, stage, "crashed", save_every=2),
+        DistillationTrainer(make_config(root, stage, "crashed", save_every=2, taf=taf),
                             show_progress=False).run()
     monkeypatch.setattr(stages_module.StageLosses, "__call__", original)
-    DistillationTrainer(make_config(root, stage, "crashed", save_every=2),
+    DistillationTrainer(make_config(root, stage, "crashed", save_every=2, taf=taf),
                         show_progress=False).run()
     straight = [r["loss"] for r in read_metrics(root / "straight" / "1-dft" / "metrics.jsonl")]
     resumed = [r["loss"] for r in read_metrics(root / "crashed" / "1-dft" / "metrics.jsonl")]
@@ -183,10 +183,11 @@ def test_interrupted_stage_resumes_with_the_same_losses(qwen_pair, monkeypatch):
     assert resumed == pytest.approx(straight, rel=1e-5)
 
 
-def test_llava_only_options_are_refused_for_qwen(qwen_pair):
+def test_taf_is_refused_where_it_does_not_exist(qwen_pair):
     root, family = qwen_pair
-    title = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}[family]
-    with pytest.raises(ConfigError, match=rf"^taf: .*LLaVA only, not for {re.escape(title)}"):
+    if family != "qwen3_vl":
+        pytest.skip("Qwen2.5-VL has TAF")
+    with pytest.raises(ConfigError, match=r"^taf: .*, not for Qwen3-VL"):
         DistillationTrainer(make_config(root, CHAIN, "taf", taf=True), show_progress=False)
 
 
@@ -198,12 +199,54 @@ def test_cli_names_taf_and_the_family_in_one_line(qwen_pair, capsys):
     from _helpers import assert_one_line_error
 
     root, family = qwen_pair
+    if family != "qwen3_vl":
+        pytest.skip("Qwen2.5-VL has TAF")
     cfg = root / "default-taf.yaml"
     cfg.write_text(f"student: {root / 'student'}\nteacher: {root / 'teacher'}\n"
                    f"output_dir: {root / 'default-taf'}\n"
                    f"data: {{train_json: {root / 'data' / 'train.json'}, "
                    f"image_folder: {root / 'data'}}}\n")
     code, err = main(["train", "--config", str(cfg)]), capsys.readouterr().err
-    assert_one_line_error(code, err, "taf:", {"qwen2_5_vl": "Qwen2.5-VL",
-                                              "qwen3_vl": "Qwen3-VL"}[family], "taf: false")
+    assert_one_line_error(code, err, "taf:", "Qwen3-VL", "taf: false")
     assert not (root / "default-taf" / "1-dpt").exists()
+
+
+def test_taf_chain_saves_a_plain_checkpoint_and_reloads_the_taf_merger(qwen_pair):
+    """Qwen2.5-VL with TAF: the teacher's merger (frozen) plus a post-connector trains through
+    DPT -> DFT -> SFT; each output is a plain checkpoint (post-connector folded into the
+    merger's last layer) that computes what the TAF model computes, and the trainer's
+    loader rebuilds the TAF merger from it."""
+    from transformers import AutoModelForImageTextToText
+
+    from compodistill.hf.families import load_family_model
+    from compodistill.hf.family_taf import is_taf
+
+    root, family = qwen_pair
+    if family != "qwen2_5_vl":
+        pytest.skip("TAF: Qwen2.5-VL only")
+    stages = [dict(kind="dpt", max_steps=2, batch_size=2, lr=1e-3),
+              dict(kind="dft", max_steps=2, batch_size=2, lora_r=4, lora_alpha=8),
+              dict(kind="sft", max_steps=1, batch_size=2, lora_r=4, lora_alpha=8)]
+    trainer = DistillationTrainer(make_config(root, stages, "taf-run", taf=True),
+                                  show_progress=False)
+    results = trainer.run()
+    assert [r.name for r in results] == ["dpt", "dft", "sft"]
+    assert set(results[1].final_losses) >= {"loss_lm", "loss_kd", "loss_vat"}
+    assert all(torch.isfinite(torch.tensor(v)) for r in results for v in r.final_losses.values())
+    assert is_taf(trainer.student)
+    teacher = AutoModelForImageTextToText.from_pretrained(root / "teacher")
+    frozen = dict(trainer.student.model.visual.merger.teacher.named_parameters())
+    for name, p in teacher.model.visual.merger.named_parameters():  # the teacher's, untouched
+        assert torch.equal(frozen[name], p), name
+    final = root / "taf-run" / "3-sft" / "model"
+    plain = AutoModelForImageTextToText.from_pretrained(final).eval()
+    assert not is_taf(plain)
+    rebuilt = load_family_model(final).eval()
+    assert is_taf(rebuilt)
+    batch = next(iter(trainer.data_loader(trainer.config.stages[0])))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values",
+                                    "image_grid_thw", "mm_token_type_ids")}
+    with torch.no_grad():
+        want = trainer.student.eval()(**inputs).logits
+        torch.testing.assert_close(plain(**inputs).logits, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(rebuilt(**inputs).logits, want, rtol=1e-4, atol=1e-5)

@@ -72,9 +72,9 @@ def family_of(model_or_config) -> Family:
 
 
 # What `compodistill train` runs today (docs/families.md): LLaVA, and the Qwen families through
-# compodistill/data/family_inputs.py (TAF is LLaVA's only).
+# compodistill/data/family_inputs.py; TAF for LLaVA and Qwen2.5-VL (hf/family_taf.py).
 TRAINER_FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl")
-TAF_FAMILIES = ("llava",)
+TAF_FAMILIES = ("llava", "qwen2_5_vl")
 
 
 def load_family_model(path, **kwargs) -> nn.Module:
@@ -85,10 +85,13 @@ def load_family_model(path, **kwargs) -> nn.Module:
 
     from .taf import load_student
 
+    from .family_taf import load_taf_parts
+
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if family_of(config).name == "llava":
         return load_student(path, **kwargs)
-    return AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **kwargs)
+    return load_taf_parts(model, path)  # a TAF student saved folded (hf/family_taf.py)
 
 
 def connector_of(model: nn.Module) -> nn.Module:

@@ -1,7 +1,8 @@
 """What the trainer allows per family (docs/families.md), checked before any step runs.
 
-TAF, the teacher cache and the recipes other than CompoDistill's are built on LLaVA's layout
-(its projector, its batch keys); for another family they are refused with a
+The teacher cache and the recipes other than CompoDistill's are built on LLaVA's layout (its
+projector, its batch keys), TAF on LLaVA's projector or Qwen2.5-VL's merger; for another
+family they are refused with a
 :class:`~compodistill.train.config.ConfigError` naming the key and the family, never run
 on inputs they would get wrong.
 """
@@ -22,18 +23,19 @@ def check_family_options(config: DistillConfig, student_config) -> None:
     ``config.json`` is read, so a refusal costs no weight loading).
 
     Raises:
-        ConfigError: ``taf`` (LLaVA only: set ``taf: false`` and train the student's own
-            connector), ``teacher.cache`` or ``recipe`` for a non-LLaVA family.
+        ConfigError: ``taf`` for a family without TAF (set ``taf: false`` and train the
+            student's own connector), ``teacher.cache`` or ``recipe`` for a non-LLaVA family.
     """
     if isinstance(student_config, (str, os.PathLike)):
         from transformers import AutoConfig
 
         student_config = AutoConfig.from_pretrained(student_config, local_files_only=True)
     family = family_of(student_config)
-    if family.name in TAF_FAMILIES:
+    if family.name == "llava":
         return
-    if config.taf:
-        raise ConfigError("taf", f"TAF is implemented for LLaVA only, not for {family.title}; "
+    if config.taf and family.name not in TAF_FAMILIES:
+        raise ConfigError("taf", f"TAF is implemented for LLaVA and Qwen2.5-VL, not for "
+                                 f"{family.title}; "
                                  f"set `taf: false` and train the student's own connector "
                                  f"(stages' trainable: connector, lora+connector)")
     if config.teacher_cache is not None:

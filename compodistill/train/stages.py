@@ -72,6 +72,8 @@ def prepare_trainable(model: nn.Module, stage: StageConfig) -> tuple[nn.Module, 
             # A TAF connector's teacher half stays frozen (docs/taf.md).
             p.requires_grad_(not name.startswith(("linear_1", "linear_2"))
                              or not hasattr(_connector(model), "post"))
+        if hasattr(_connector(model), "freeze_teacher_part"):  # any family's TAF connector
+            _connector(model).freeze_teacher_part()
     elif kind == "all":  # every weight, vision tower included (e.g. a teacher from scratch)
         for p in model.parameters():
             p.requires_grad_(True)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..hf.families import check_trainer_checkpoint
+from ..hf.families import check_trainer_checkpoint, family_of
+from ..hf.family_taf import apply_family_taf, is_taf, save_taf
 # Every trainer family: LLaVA (TAF or not) as before, the others as AutoModelForImageTextToText.
 from ..hf.families import load_family_model as load_student
 from ..hf.llava import TAFLlavaForConditionalGeneration, apply_taf
@@ -173,7 +174,11 @@ class DistillationTrainer:
     def save_model(self, model, folder: Path) -> None:
         """``save_pretrained`` of the (unwrapped) model and the tokenizer, written atomically."""
         def write(tmp: Path) -> None:
-            self.acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            unwrapped = self.acc.unwrap_model(model)
+            if is_taf(unwrapped):  # a plain checkpoint, TAF folded in (hf/family_taf.py)
+                save_taf(unwrapped, tmp)
+            else:
+                unwrapped.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             if self.image_inputs is not None:  # the family's image processor goes along
                 self.image_inputs.processor.save_pretrained(tmp)
@@ -192,8 +197,9 @@ class DistillationTrainer:
             self.acc.print(f"stage {stage.name}: already finished, loaded {final}")
             return None
         if self.config.taf and self.teacher is not None and not isinstance(
-                self.student, TAFLlavaForConditionalGeneration):
-            self.student = apply_taf(self.student, self.teacher)
+                self.student, TAFLlavaForConditionalGeneration) and not is_taf(self.student):
+            taf = apply_taf if family_of(self.student).name == "llava" else apply_family_taf
+            self.student = taf(self.student, self.teacher)
         elif self.config.taf and self.teacher_cache is not None and not isinstance(
                 self.student, TAFLlavaForConditionalGeneration):
             self.student = self.teacher_cache.apply_taf(self.student)  # connector from the cache
