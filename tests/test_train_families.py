@@ -250,3 +250,22 @@ def test_taf_chain_saves_a_plain_checkpoint_and_reloads_the_taf_merger(qwen_pair
         want = trainer.student.eval()(**inputs).logits
         torch.testing.assert_close(plain(**inputs).logits, want, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(rebuilt(**inputs).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_unreadable_image_is_skipped_with_its_reason(qwen_pair, tmp_path):
+    """A family's per-image token count reads each image's header: a broken file is a
+    skipped record named "unreadable image", like LLaVA's."""
+    from compodistill.data import LlavaDataset
+    from compodistill.data.family_inputs import family_image_inputs
+    from transformers import AutoConfig, AutoTokenizer
+
+    root, _ = qwen_pair
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    records = [{"image": "broken.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat color"}, {"from": "gpt", "value": "red"}]}]
+    config = AutoConfig.from_pretrained(root / "student")
+    with pytest.warns(UserWarning, match="1 unreadable image"):
+        data = LlavaDataset(records, str(tmp_path), AutoTokenizer.from_pretrained(root / "student"),
+                            1, num_image_tokens=1, image_token_id=config.image_token_id,
+                            image_inputs=family_image_inputs(config, root / "student"))
+    assert len(data) == 0 and data.problems[0].reason == "unreadable image"

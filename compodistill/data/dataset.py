@@ -111,8 +111,9 @@ class LlavaDataset(Dataset):
     # -- encoding
     def _encode(self, sample: dict) -> dict:
         where = sample["where"]
+        image_ids = self._image_ids(sample)  # its own "unreadable image" error, not "template"
         try:
-            enc = self.encoder.encode(sample["messages"], image_ids=self._image_ids(sample))
+            enc = self.encoder.encode(sample["messages"], image_ids=image_ids)
         except ValueError as exc:
             raise MalformedRecordError(where, "template", str(exc)) from None
         if len(enc["input_ids"]) > self.max_length:
