@@ -269,3 +269,15 @@ def test_unreadable_image_is_skipped_with_its_reason(qwen_pair, tmp_path):
                             1, num_image_tokens=1, image_token_id=config.image_token_id,
                             image_inputs=family_image_inputs(config, root / "student"))
     assert len(data) == 0 and data.problems[0].reason == "unreadable image"
+
+
+def test_a_teacher_of_another_family_is_refused(qwen_pair, tmp_path):
+    from compodistill.hf import tiny_llava_pair
+
+    root, family = qwen_pair
+    _, llava = tiny_llava_pair(vocab_size=64, image_size=16, patch_size=8)
+    llava.save_pretrained(tmp_path / "llava")
+    config = make_config(root, CHAIN, "mixed")
+    config.teacher = str(tmp_path / "llava")
+    with pytest.raises(ConfigError, match=r"^teacher: a LLaVA \(1\.5\) teacher cannot teach"):
+        DistillationTrainer(config, show_progress=False)

@@ -16,21 +16,31 @@ from .config import ConfigError, DistillConfig
 __all__ = ["check_family_options"]
 
 
-def check_family_options(config: DistillConfig, student_config) -> None:
-    """Refuse the options the student's family cannot train with.
-
-    ``student_config``: the student's model config, or its checkpoint folder (only
-    ``config.json`` is read, so a refusal costs no weight loading).
-
-    Raises:
-        ConfigError: ``taf`` for a family without TAF (set ``taf: false`` and train the
-            student's own connector), ``teacher.cache`` or ``recipe`` for a non-LLaVA family.
-    """
-    if isinstance(student_config, (str, os.PathLike)):
+def _model_config(config_or_folder):
+    if isinstance(config_or_folder, (str, os.PathLike)):
         from transformers import AutoConfig
 
-        student_config = AutoConfig.from_pretrained(student_config, local_files_only=True)
-    family = family_of(student_config)
+        return AutoConfig.from_pretrained(config_or_folder, local_files_only=True)
+    return config_or_folder
+
+
+def check_family_options(config: DistillConfig, student_config, teacher_config=None) -> None:
+    """Refuse the options the student's family cannot train with, and a teacher of another
+    family (the batch is built once, for the student's family).
+
+    ``student_config``, ``teacher_config``: model configs, or checkpoint folders (only
+    ``config.json`` is read, so a refusal costs no weight loading); no teacher: None.
+
+    Raises:
+        ConfigError: ``teacher`` of another family than the student's; ``taf`` for a family without TAF (set ``taf: false`` and train the
+            student's own connector), ``teacher.cache`` or ``recipe`` for a non-LLaVA family.
+    """
+    family = family_of(_model_config(student_config))
+    if teacher_config is not None:
+        other = family_of(_model_config(teacher_config))
+        if other != family:
+            raise ConfigError("teacher", f"a {other.title} teacher cannot teach a "
+                                         f"{family.title} student: both must be one family")
     if family.name == "llava":
         return
     if config.taf and family.name not in TAF_FAMILIES:

@@ -82,7 +82,9 @@ class DistillationTrainer:
                 config.data.train_json).is_file():
             raise FileNotFoundError(f"data.train_json: training data not found: "
                                     f"{config.data.train_json}")
-        check_family_options(config, student.config if student is not None else config.student)
+        check_family_options(
+            config, student.config if student is not None else config.student,
+            teacher.config if teacher is not None else (config.teacher or None))
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         self.config = config
