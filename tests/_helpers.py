@@ -108,6 +108,30 @@ def keep_equal_length_records(root, multiple: int = 4) -> int:
     return len(records)
 
 
+def local_bpe_tokenizer(folder, texts=("a red circle left of a blue square",
+                                        "what color is it")):
+    """A byte-level BPE tokenizer trained here on ``texts`` with `tokenizers` (no download),
+    saved to ``folder`` and reloaded; the four placeholders (image, video, vision start,
+    vision end) take the last ids, as the tiny family models expect."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    core.train_from_iterator(list(texts), trainer)
+    core.add_special_tokens(["<image>", "<video>", "<vision_start>", "<vision_end>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    tok.save_pretrained(folder)
+    again = AutoTokenizer.from_pretrained(folder)
+    text = "a red circle<image><image>what color"
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    return again
+
+
 # --------------------------------------------------------------------------- kernel tests
 # Inputs, layouts and the fp32 / low-precision yardsticks of the Triton kernel tests.
 

@@ -184,11 +184,12 @@ def test_train_names_the_family_and_the_supported_ones(capsys, tmp_path):
     """`compodistill train` reads the family from config.json before loading weights."""
     from _helpers import assert_one_line_error
     from compodistill.cli import main
-    from transformers import Qwen2_5_VLConfig, SiglipVisionConfig
+    from transformers import Gemma3Config, SiglipVisionConfig
 
-    Qwen2_5_VLConfig().save_pretrained(tmp_path / "qwen")
+    Gemma3Config().save_pretrained(tmp_path / "gemma")
     SiglipVisionConfig().save_pretrained(tmp_path / "siglip")
-    for folder, words in (("qwen", ("student:", "Qwen2.5-VL checkpoints", "LLaVA (1.5) (llava)")),
+    supported = ("LLaVA (1.5) (llava)", "Qwen2.5-VL (qwen2_5_vl/qwen2_vl)", "Qwen3-VL (qwen3_vl)")
+    for folder, words in (("gemma", ("student:", "Gemma 3 checkpoints", *supported)),
                           ("siglip", ("student:", "'siglip_vision_model'", "LLaVA (1.5)"))):
         cfg = tmp_path / f"{folder}.yaml"
         cfg.write_text(f"student: {tmp_path / folder}\noutput_dir: {tmp_path}/out\n")
@@ -291,30 +292,6 @@ def test_lora_and_gradient_checkpointing_on_a_family(name):
 
 # --------------------------------------------------------------------------- real processors
 
-def _local_tokenizer(tmp_path):
-    """A byte-level BPE tokenizer trained here with `tokenizers` (no download); the four
-    placeholders (image, video, vision start, vision end) take the last ids, as the tiny
-    models expect."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    core.train_from_iterator(["a red circle left of a blue square", "what color is it"],
-                             trainer)
-    core.add_special_tokens(["<image>", "<video>", "<vision_start>", "<vision_end>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
-    tok.save_pretrained(tmp_path / "tokenizer")
-    again = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
-    text = "a red circle<image><image>what color"
-    assert again(text)["input_ids"] == tok(text)["input_ids"]
-    return again
-
-
 def _image_processor(name):
     """The family's own image processor class (PIL backend), defaults except the sizes
     of the tiny vision towers."""
@@ -342,7 +319,9 @@ def test_real_image_processor_and_tokenizer_feed_the_hook(name, tmp_path):
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    tok = _local_tokenizer(tmp_path)
+    from _helpers import local_bpe_tokenizer
+
+    tok = local_bpe_tokenizer(tmp_path / "tokenizer")
     student, teacher = tiny_family_pair(name, student_layers=2, teacher_layers=3,
                                         vocab_size=len(tok))
     assert visual_token_ids(student)[0] == tok.convert_tokens_to_ids("<image>")

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .encoding import IGNORE_INDEX, ConversationEncoder, truncate_encoding
+from .images import open_image
 from .records import MalformedRecordError, RecordProblem, parse_record, read_records
 
 __all__ = ["LlavaDataset"]
@@ -40,16 +41,20 @@ class LlavaDataset(Dataset):
             once). ``False`` tokenizes in ``__getitem__`` and estimates lengths from word counts;
             malformed samples found then are returned as ``None`` (``"skip"``), which
             :class:`LlavaCollator` drops.
+        image_inputs: a family's per-image token counts and pixel inputs
+            (:func:`~compodistill.data.family_inputs.family_image_inputs`); None: LLaVA's
+            ``num_image_tokens`` per image and ``image_processor_or_size``.
 
     Items are dicts: ``input_ids``, ``labels`` (LongTensor (L,)), ``pixel_values``
-    ((n_images, 3, H, W) or None).
+    ((n_images, 3, H, W) or None), plus the family's extra inputs (``image_grid_thw``).
     """
 
     def __init__(self, records_or_path, image_folder: str | None, tokenizer,
                  image_processor_or_size, *, num_image_tokens: int, image_token: str = "<image>",
                  image_token_id: int | None = None, max_length: int = 1536,
                  on_error: str = "skip", truncation: str = "truncate", preprocess: bool = True,
-                 system_prompt: str | None = None, progress: bool = False):
+                 system_prompt: str | None = None, progress: bool = False,
+                 image_inputs=None):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if truncation not in ("truncate", "drop"):
@@ -58,6 +63,7 @@ class LlavaDataset(Dataset):
             tokenizer, image_processor_or_size, num_image_tokens=num_image_tokens,
             image_token=image_token, image_token_id=image_token_id, system_prompt=system_prompt)
         self.max_length, self.on_error, self.truncation = max_length, on_error, truncation
+        self.image_inputs = image_inputs
         self.problems: list[RecordProblem] = []
         records, bad_lines = read_records(records_or_path)
         for problem in bad_lines:
@@ -105,8 +111,9 @@ class LlavaDataset(Dataset):
     # -- encoding
     def _encode(self, sample: dict) -> dict:
         where = sample["where"]
+        image_ids = self._image_ids(sample)  # its own "unreadable image" error, not "template"
         try:
-            enc = self.encoder.encode(sample["messages"])
+            enc = self.encoder.encode(sample["messages"], image_ids=image_ids)
         except ValueError as exc:
             raise MalformedRecordError(where, "template", str(exc)) from None
         if len(enc["input_ids"]) > self.max_length:
@@ -119,6 +126,20 @@ class LlavaDataset(Dataset):
                                            f"truncation to {self.max_length}")
         return {"input_ids": enc["input_ids"], "labels": enc["labels"],
                 "num_images": len(enc["image_blocks"])}
+
+    def _image_ids(self, sample: dict) -> list[list[int]] | None:
+        if self.image_inputs is None:
+            return None
+        from PIL import Image
+
+        sizes = []
+        for path in sample["images"]:
+            try:
+                with Image.open(path) as im:  # the header only: no pixels decoded
+                    sizes.append(im.size)
+            except OSError as exc:
+                raise MalformedRecordError(sample["where"], "unreadable image", str(exc)) from None
+        return [self.image_inputs.block(n) for n in self.image_inputs.token_counts(sizes)]
 
     @property
     def lengths(self) -> list[int]:
@@ -145,7 +166,10 @@ class LlavaDataset(Dataset):
             enc = sample if "input_ids" in sample else self._encode(sample)
             paths = sample["images"][: enc["num_images"]]
             try:
-                pixels = self.encoder.load_images(paths)
+                if self.image_inputs is not None and paths:
+                    extras = self.image_inputs([open_image(p) for p in paths])
+                else:
+                    extras = {"pixel_values": self.encoder.load_images(paths)}
             except (OSError, ValueError) as exc:
                 raise MalformedRecordError(sample["where"], "unreadable image", str(exc)) from None
         except MalformedRecordError as exc:
@@ -154,4 +178,4 @@ class LlavaDataset(Dataset):
             return None
         return {"input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
                 "labels": torch.tensor(enc["labels"], dtype=torch.long),
-                "pixel_values": pixels}
+                "pixel_values": None, **extras}

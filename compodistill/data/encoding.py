@@ -100,8 +100,12 @@ class ConversationEncoder:
             cursor = pos + len(m["content"])
         return spans
 
-    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> dict:
+    def encode(self, messages: list[dict], add_generation_prompt: bool = False,
+               image_ids: Sequence[list[int]] | None = None) -> dict:
         """Token ids, labels and image blocks of one conversation.
+
+        ``image_ids``: per image, the token ids it becomes (families with a token count per
+        image, :mod:`.family_inputs`); default ``num_image_tokens`` image token ids each.
 
         Returns a dict with ``input_ids`` and ``labels`` (lists of int, -100 outside assistant
         turns and on image tokens) and ``image_blocks``: the ``(start, end)`` token span of each
@@ -118,6 +122,9 @@ class ConversationEncoder:
             images.append(pos)
             cuts.update((pos, pos + len(self.image_token)))
             pos = full.find(self.image_token, pos + len(self.image_token))
+        if image_ids is not None and len(image_ids) != len(images):
+            raise ValueError(f"{len(images)} {self.image_token} tags but token ids for "
+                             f"{len(image_ids)} images")
         image_starts = set(images)
         ids: list[int] = []
         labels: list[int] = []
@@ -125,9 +132,11 @@ class ConversationEncoder:
         bounds = sorted(cuts)
         for a, b in zip(bounds[:-1], bounds[1:]):
             if a in image_starts:
-                blocks.append((len(ids), len(ids) + self.num_image_tokens))
-                ids += [self.image_token_id] * self.num_image_tokens
-                labels += [IGNORE_INDEX] * self.num_image_tokens
+                block = ([self.image_token_id] * self.num_image_tokens if image_ids is None
+                         else list(image_ids[len(blocks)]))
+                blocks.append((len(ids), len(ids) + len(block)))
+                ids += block
+                labels += [IGNORE_INDEX] * len(block)
                 continue
             piece = self.tokenizer(full[a:b], add_special_tokens=False)["input_ids"]
             supervised = any(s <= a and b <= e for s, e in spans)

@@ -22,9 +22,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["FAMILIES", "TRAINER_FAMILIES", "Family", "check_supported",
-           "check_trainer_checkpoint", "family_of", "tiny_family_batch", "tiny_family_pair",
-           "visual_token_ids"]
+__all__ = ["FAMILIES", "TAF_FAMILIES", "TRAINER_FAMILIES", "Family", "check_supported",
+           "check_trainer_checkpoint", "connector_of", "family_of", "load_family_model",
+           "tiny_family_batch", "tiny_family_pair", "visual_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,44 @@ def family_of(model_or_config) -> Family:
                      f"supported: {supported}")
 
 
-# What `compodistill train` runs today: its data pipeline and TAF are LLaVA's (docs/families.md).
-TRAINER_FAMILIES = ("llava",)
+# What `compodistill train` runs today (docs/families.md): LLaVA, and the Qwen families through
+# compodistill/data/family_inputs.py; TAF for LLaVA and Qwen2.5-VL (hf/family_taf.py).
+TRAINER_FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl")
+TAF_FAMILIES = ("llava", "qwen2_5_vl")
+
+
+def load_family_model(path, **kwargs) -> nn.Module:
+    """A local checkpoint of any trainer family: LLaVA (TAF or not) through
+    :func:`compodistill.hf.taf.load_student`, the others through
+    ``AutoModelForImageTextToText``. ``kwargs`` go to ``from_pretrained``."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from .taf import load_student
+
+    from .family_taf import load_taf_parts
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if family_of(config).name == "llava":
+        return load_student(path, **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **kwargs)
+    return load_taf_parts(model, path)  # a TAF student saved folded (hf/family_taf.py)
+
+
+def connector_of(model: nn.Module) -> nn.Module:
+    """The module that maps vision features into the language model's width: LLaVA's
+    ``multi_modal_projector``, Qwen's vision ``merger`` (Qwen3-VL: with its DeepStack mergers,
+    which feed intermediate vision features into the language model, in one container that
+    holds the same parameters). ``model``: a ``...ForConditionalGeneration`` (not a peft
+    wrapper)."""
+    inner = model.model
+    if hasattr(inner, "multi_modal_projector"):
+        return inner.multi_modal_projector
+    visual = getattr(inner, "visual", None)
+    if visual is not None and hasattr(visual, "deepstack_merger_list"):
+        return nn.ModuleDict({"merger": visual.merger, "deepstack": visual.deepstack_merger_list})
+    if visual is not None and hasattr(visual, "merger"):
+        return visual.merger
+    raise ValueError(f"cannot find the connector of {type(model).__name__}")
 
 
 def check_trainer_checkpoint(path, key: str) -> Family:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..hf.distiller import AttentionDistiller
+from ..hf.families import connector_of
 from ..logit_kd.linear import linear_distillation_loss
 from ..logit_kd.from_logits import shift_labels
 from .config import DistillConfig, StageConfig
@@ -33,7 +34,7 @@ def llava_core(model: nn.Module) -> nn.Module:
 
 
 def _connector(model: nn.Module) -> nn.Module:
-    return llava_core(model).model.multi_modal_projector
+    return connector_of(llava_core(model))
 
 
 def _post_connector(model: nn.Module) -> nn.Module:
@@ -71,6 +72,8 @@ def prepare_trainable(model: nn.Module, stage: StageConfig) -> tuple[nn.Module, 
             # A TAF connector's teacher half stays frozen (docs/taf.md).
             p.requires_grad_(not name.startswith(("linear_1", "linear_2"))
                              or not hasattr(_connector(model), "post"))
+        if hasattr(_connector(model), "freeze_teacher_part"):  # any family's TAF connector
+            _connector(model).freeze_teacher_part()
     elif kind == "all":  # every weight, vision tower included (e.g. a teacher from scratch)
         for p in model.parameters():
             p.requires_grad_(True)
@@ -104,11 +107,22 @@ class HiddenStates(nn.Module):
         # accelerate's FSDP auto-wrap reads this: one group per decoder/encoder layer.
         return getattr(llava_core(self.model), "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask, pixel_values=None):
+    def forward(self, input_ids, attention_mask, pixel_values=None, **family_inputs):
         core = llava_core(self.model)
         out = core.model(input_ids=input_ids, attention_mask=attention_mask,
-                         pixel_values=pixel_values, use_cache=False)
+                         pixel_values=pixel_values, use_cache=False, **family_inputs)
         return out.last_hidden_state
+
+
+# Batch keys some families need beyond LLaVA's (data/family_inputs.py): Qwen's image grid and
+# token types (without the latter transformers silently drops M-RoPE for 1-D positions).
+FAMILY_INPUTS = ("image_grid_thw", "mm_token_type_ids")
+
+
+def family_inputs(batch: dict, device=None) -> dict:
+    """The batch's :data:`FAMILY_INPUTS` (none for LLaVA), on ``device`` when given."""
+    return {k: batch[k] if device is None else batch[k].to(device)
+            for k in FAMILY_INPUTS if k in batch}
 
 
 def lm_head(model: nn.Module) -> nn.Linear:
@@ -163,7 +177,7 @@ class StageLosses:
                              attention_mask=batch["attention_mask"].to(device),
                              pixel_values=(batch["pixel_values"].to(device)
                                            if "pixel_values" in batch else None),
-                             use_cache=False)
+                             use_cache=False, **family_inputs(batch, device))
         return out.last_hidden_state.to(batch["input_ids"].device)
 
     def kd_options(self, batch: dict, head_s: nn.Linear, head_t: nn.Linear, **overrides) -> dict:
@@ -186,7 +200,7 @@ class StageLosses:
         with self.acc.autocast(), (capture or contextlib.nullcontext()) as cap:
             h_t = self._teacher_hidden(batch) if self.need_teacher else None
             out = prepared(batch["input_ids"], batch["attention_mask"],
-                           batch.get("pixel_values"))
+                           batch.get("pixel_values"), **family_inputs(batch))
         return shift_labels(batch["labels"]), h_t, out, cap
 
     def __call__(self, prepared: nn.Module, batch: dict) -> dict:

@@ -17,12 +17,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..hf.families import check_trainer_checkpoint
-from ..hf.llava import TAFLlavaForConditionalGeneration, apply_taf, load_student
+from ..hf.families import check_trainer_checkpoint, family_of
+from ..hf.family_taf import apply_family_taf, is_taf, save_taf
+# Every trainer family: LLaVA (TAF or not) as before, the others as AutoModelForImageTextToText.
+from ..hf.families import load_family_model as load_student
+from ..hf.llava import TAFLlavaForConditionalGeneration, apply_taf
+from ..data.family_inputs import family_image_inputs
 from . import distributed
 from .checkpoint import atomic_directory_write, is_complete
 from .config import DistillConfig, StageConfig, config_to_dict
 from .engine import StageLoop, StageResult
+from .families import check_family_options
 from .stages import finish_stage, llava_core, prepare_trainable
 
 
@@ -77,6 +82,9 @@ class DistillationTrainer:
                 config.data.train_json).is_file():
             raise FileNotFoundError(f"data.train_json: training data not found: "
                                     f"{config.data.train_json}")
+        check_family_options(
+            config, student.config if student is not None else config.student,
+            teacher.config if teacher is not None else (config.teacher or None))
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         self.config = config
@@ -97,6 +105,7 @@ class DistillationTrainer:
             self.teacher.eval().requires_grad_(False)
             self.teacher.to(config.teacher_device or self.acc.device)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
+        self.image_inputs = family_image_inputs(self.student.config, config.student)
         self.dataset = train_dataset if train_dataset is not None else self.load_dataset()
         # teacher: {cache: DIR}: the targets come from the cache, no teacher is ever loaded.
         self.teacher_cache = None
@@ -122,6 +131,11 @@ class DistillationTrainer:
         if not source and not isinstance(source, list):
             raise ValueError("config.data.train_json is empty: nothing to train on")
         cfg = self.student.config
+        if self.image_inputs is not None:  # a family with its own image inputs
+            return LlavaDataset(source, data.image_folder or None, self.tokenizer, 1,
+                                num_image_tokens=1, image_token_id=cfg.image_token_id,
+                                max_length=data.max_length, on_error=data.on_error,
+                                image_inputs=self.image_inputs)
         return LlavaDataset(source, data.image_folder or None, self.tokenizer,
                             cfg.vision_config.image_size, num_image_tokens=cfg.image_seq_length,
                             image_token_id=cfg.image_token_id, max_length=data.max_length,
@@ -145,7 +159,7 @@ class DistillationTrainer:
         # (seeded, reshuffled per epoch through the loader's set_epoch).
         sampler = (LengthGroupedSampler(self.dataset, micro, seed=self.config.seed)
                    if self.config.data.group_by_length else None)
-        collate = LlavaCollator(pad)
+        collate = LlavaCollator(pad, image_inputs=self.image_inputs)
         if self.teacher_cache is not None:  # batches name their samples for the cache
             collate = self.teacher_cache.collator(collate)
         return DataLoader(self.dataset, batch_size=micro, sampler=sampler,
@@ -165,8 +179,14 @@ class DistillationTrainer:
     def save_model(self, model, folder: Path) -> None:
         """``save_pretrained`` of the (unwrapped) model and the tokenizer, written atomically."""
         def write(tmp: Path) -> None:
-            self.acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            unwrapped = self.acc.unwrap_model(model)
+            if is_taf(unwrapped):  # a plain checkpoint, TAF folded in (hf/family_taf.py)
+                save_taf(unwrapped, tmp)
+            else:
+                unwrapped.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
+            if self.image_inputs is not None:  # the family's image processor goes along
+                self.image_inputs.processor.save_pretrained(tmp)
 
         if self.acc.is_main_process:
             atomic_directory_write(folder, write)
@@ -182,8 +202,9 @@ class DistillationTrainer:
             self.acc.print(f"stage {stage.name}: already finished, loaded {final}")
             return None
         if self.config.taf and self.teacher is not None and not isinstance(
-                self.student, TAFLlavaForConditionalGeneration):
-            self.student = apply_taf(self.student, self.teacher)
+                self.student, TAFLlavaForConditionalGeneration) and not is_taf(self.student):
+            taf = apply_taf if family_of(self.student).name == "llava" else apply_family_taf
+            self.student = taf(self.student, self.teacher)
         elif self.config.taf and self.teacher_cache is not None and not isinstance(
                 self.student, TAFLlavaForConditionalGeneration):
             self.student = self.teacher_cache.apply_taf(self.student)  # connector from the cache

@@ -1,0 +1,56 @@
+"""What the trainer allows per family (docs/families.md), checked before any step runs.
+
+The teacher cache and the recipes other than CompoDistill's are built on LLaVA's layout (its
+projector, its batch keys), TAF on LLaVA's projector or Qwen2.5-VL's merger; for another
+family they are refused with a
+:class:`~compodistill.train.config.ConfigError` naming the key and the family, never run
+on inputs they would get wrong.
+"""
+from __future__ import annotations
+
+import os
+
+from ..hf.families import TAF_FAMILIES, family_of
+from .config import ConfigError, DistillConfig
+
+__all__ = ["check_family_options"]
+
+
+def _model_config(config_or_folder):
+    if isinstance(config_or_folder, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(config_or_folder, local_files_only=True)
+    return config_or_folder
+
+
+def check_family_options(config: DistillConfig, student_config, teacher_config=None) -> None:
+    """Refuse the options the student's family cannot train with, and a teacher of another
+    family (the batch is built once, for the student's family).
+
+    ``student_config``, ``teacher_config``: model configs, or checkpoint folders (only
+    ``config.json`` is read, so a refusal costs no weight loading); no teacher: None.
+
+    Raises:
+        ConfigError: ``teacher`` of another family than the student's; ``taf`` for a family without TAF (set ``taf: false`` and train the
+            student's own connector), ``teacher.cache`` or ``recipe`` for a non-LLaVA family.
+    """
+    family = family_of(_model_config(student_config))
+    if teacher_config is not None:
+        other = family_of(_model_config(teacher_config))
+        if other != family:
+            raise ConfigError("teacher", f"a {other.title} teacher cannot teach a "
+                                         f"{family.title} student: both must be one family")
+    if family.name == "llava":
+        return
+    if config.taf and family.name not in TAF_FAMILIES:
+        raise ConfigError("taf", f"TAF is implemented for LLaVA and Qwen2.5-VL, not for "
+                                 f"{family.title}; "
+                                 f"set `taf: false` and train the student's own connector "
+                                 f"(stages' trainable: connector, lora+connector)")
+    if config.teacher_cache is not None:
+        raise ConfigError("teacher.cache", f"the teacher cache is implemented for LLaVA only, "
+                                           f"not for {family.title}; run the teacher online")
+    if config.recipe != "compodistill":
+        raise ConfigError("recipe", f"recipe {config.recipe!r} is implemented for LLaVA only; "
+                                    f"{family.title} trains with 'compodistill'")
