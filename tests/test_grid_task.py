@@ -13,7 +13,7 @@ from PIL import Image
 from compodistill.data.grid_task import (COLORS, CR_CATEGORIES, GRID, QUESTION_TYPES, SHAPES,
                                          generate_grid_task, presence_only_answer)
 
-CELL = 8
+CELL = 12
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +27,17 @@ def task(tmp_path_factory):
 @functools.lru_cache(maxsize=None)
 def _read_scene(path: Path) -> dict:
     """Cell -> (colour, ink mask) from the image alone: the nearest palette colour of the
-    non-white pixels of each cell and where they are (independent of the generator's scene
-    objects)."""
+    fill (neither white nor the black outline) of each cell, and where the ink is
+    (independent of the generator's scene objects)."""
     px = np.asarray(Image.open(path).convert("RGB"), dtype=np.int32)
     names, palette = list(COLORS), np.array(list(COLORS.values()))
     cells = {}
     for cell in range(GRID * GRID):
         r, c = divmod(cell, GRID)
         block = px[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL].reshape(-1, 3)
-        ink = block[(block != 255).any(-1)]
-        if len(ink):
-            dist = ((ink[:, None, :] - palette[None]) ** 2).sum(-1).argmin(-1)
+        fill = block[(block != 255).any(-1) & (block != 0).any(-1)]  # not white, not outline
+        if len(fill):
+            dist = ((fill[:, None, :] - palette[None]) ** 2).sum(-1).argmin(-1)
             mask = (block != 255).any(-1).tobytes()
             cells[cell] = (names[Counter(dist.tolist()).most_common(1)[0][0]], mask)
     return cells
@@ -46,7 +46,7 @@ def _read_scene(path: Path) -> dict:
 def _shape_by_count(task) -> dict:
     # Each shape is drawn with the same pixels in every cell, so its ink mask names it.
     counts = {}
-    for rec in task["train"]:
+    for rec in task["train"][1::2]:  # the caption records
         cells = _read_scene(Path(task["image_folder"]) / rec["image"])
         caption = rec["conversations"][-1]["value"].split(", ")
         for (cell, (color, n)), obj in zip(sorted(cells.items()), caption):
@@ -66,7 +66,7 @@ def test_deterministic_and_prefix_stable(tmp_path, task):
     img = "images/eval_000002.png"
     assert (Path(a["image_folder"], img).read_bytes() == Path(b["image_folder"], img).read_bytes())
     # Image i does not depend on how many images are asked for.
-    assert json.loads(Path(a["train"]).read_text()) == task["train"][:5]
+    assert json.loads(Path(a["train"]).read_text()) == task["train"][:10]
     assert json.loads(Path(a["questions"]).read_text()) == [
         q for q in json.loads(Path(generate_grid_task(
             str(tmp_path / "d"), num_train=2, num_eval=9, seed=3, cell=CELL)["questions"])
@@ -136,20 +136,23 @@ def test_dense_records_supervise_every_answer(task):
     from compodistill.data import ConversationEncoder
     from compodistill.grounded import make_tokenizer
 
+    assert [r["id"] for r in task["train"][:4]] == ["train_000000_q", "train_000000_c",
+                                                    "train_000001_q", "train_000001_c"]
     tok = make_tokenizer(task["train"])
     enc = ConversationEncoder(tok, GRID * CELL, num_image_tokens=GRID * GRID)
-    rec = task["train"][0]
+    rec, cap = task["train"][0], task["train"][1]
     conv = rec["conversations"]
-    assert conv[0]["value"].startswith("<image>\n") and len(conv) == 10
-    assert conv[-2]["value"] == "Describe the image."
+    assert conv[0]["value"].startswith("<image>\n") and len(conv) == 8
+    assert rec["image"] == cap["image"]
+    assert [t["value"] for t in cap["conversations"]][0] == "<image>\nDescribe the image."
     messages = [{"role": "user" if t["from"] == "human" else "assistant",
                  "content": t["value"]} for t in conv]
     out = enc.encode(messages)
-    supervised = tok.decode([i for i, lab in zip(out["input_ids"], out["labels"]) if lab != -100])
-    for t in conv[1::2]:
-        assert t["value"].replace(",", " ,") in supervised or t["value"] in supervised
-    # Never two questions about the same object in one record (no answer gives another away).
-    objs = [o.split() for o in conv[-1]["value"].split(", ")]
+    supervised = [i for i, lab in zip(out["input_ids"], out["labels"]) if lab != -100]
+    answers = [tok.convert_tokens_to_ids(t["value"]) for t in conv[1::2]]
+    assert [i for i in supervised if i != tok.eos_token_id] == answers
+    # One question about each object, so no answer gives another away.
+    objs = [o.split() for o in cap["conversations"][1]["value"].split(", ")]
     asked = []
     for t in conv[0:6:2]:
         w = t["value"].rstrip("?").split()

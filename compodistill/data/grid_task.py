@@ -17,8 +17,8 @@ Questions (single-word answers, scored by candidate likelihood in :mod:`compodis
   ``"red circle, blue square, green triangle"``. Its CR negatives swap the colours of two
   objects (``color_swap``) or the places of two objects (``position_swap``).
 
-Training records are dense multi-turn conversations: one question about each object, the
-``left`` question, then the caption, every answer supervised. Everything is a function of
+Each training image gives two records: a dense multi-turn one (a question about each object,
+then the ``left`` question, every answer supervised) and a caption record. Everything is a function of
 the seed and the image's split and index.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def position_swap(scene: GridScene, rng: random.Random) -> str:
     return ", ".join(f"{o.color} {o.shape}" for o in objs)
 
 
-def render(scene: GridScene, cell: int = 8):
+def render(scene: GridScene, cell: int = 12):
     """A white ``GRID*cell`` square image, each object filling its cell (no jitter)."""
     from PIL import Image, ImageDraw
 
@@ -110,19 +110,23 @@ def render(scene: GridScene, cell: int = 8):
 
 
 def _draw(draw, shape: str, x0: int, y0: int, s: int, fill) -> None:
-    m = s / 2
+    # Coloured fill with a black outline: the outline gives the patch embedding a shape
+    # signal that does not depend on the colour (a bare colour mask mixes the two).
+    m, ink = s / 2, dict(fill=fill, outline=(0, 0, 0))
     if shape == "circle":
-        draw.ellipse([x0, y0, x0 + s, y0 + s], fill=fill)
+        draw.ellipse([x0, y0, x0 + s, y0 + s], **ink)
     elif shape == "square":
-        draw.rectangle([x0 + 1, y0 + 1, x0 + s - 1, y0 + s - 1], fill=fill)
+        draw.rectangle([x0 + 1, y0 + 1, x0 + s - 1, y0 + s - 1], **ink)
     elif shape == "triangle":
-        draw.polygon([(x0 + m, y0), (x0, y0 + s), (x0 + s, y0 + s)], fill=fill)
+        draw.polygon([(x0 + m, y0), (x0, y0 + s), (x0 + s, y0 + s)], **ink)
     elif shape == "diamond":
-        draw.polygon([(x0 + m, y0), (x0 + s, y0 + m), (x0 + m, y0 + s), (x0, y0 + m)], fill=fill)
+        draw.polygon([(x0 + m, y0), (x0 + s, y0 + m), (x0 + m, y0 + s), (x0, y0 + m)], **ink)
     elif shape == "cross":
-        w = max(1, round(s / 4))
-        draw.rectangle([x0 + m - w, y0, x0 + m + w, y0 + s], fill=fill)
-        draw.rectangle([x0, y0 + m - w, x0 + s, y0 + m + w], fill=fill)
+        w = max(1, round(s / 5))
+        draw.polygon([(x0 + m - w, y0), (x0 + m + w, y0), (x0 + m + w, y0 + m - w),
+                      (x0 + s, y0 + m - w), (x0 + s, y0 + m + w), (x0 + m + w, y0 + m + w),
+                      (x0 + m + w, y0 + s), (x0 + m - w, y0 + s), (x0 + m - w, y0 + m + w),
+                      (x0, y0 + m + w), (x0, y0 + m - w), (x0 + m - w, y0 + m - w)], **ink)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
@@ -147,9 +151,11 @@ def question(kind: str, scene: GridScene, obj: GridObject) -> dict:
 
 
 def dense_turns(scene: GridScene, rng: random.Random) -> list[tuple[str, str]]:
-    """The turns of one training record: a colour or shape question about each object (in a
-    random order; never both about the same object, so no answer gives another away), the
-    ``left`` question, then the caption."""
+    """The turns of one dense question record: a colour or shape question about each object
+    (in a random order; never both about the same object, so no answer gives another away),
+    then the ``left`` question. The caption is a record of its own: after the questions its
+    words would be copied from the answers, and a prototype that ended every record with it
+    learnt to copy and never to look (its questions stayed at the presence-only level)."""
     turns = []
     for obj in rng.sample(scene.objects, OBJECTS):
         q = question(rng.choice(("color", "shape")), scene, obj)
@@ -157,7 +163,15 @@ def dense_turns(scene: GridScene, rng: random.Random) -> list[tuple[str, str]]:
     asked, _ = rng.choice(scene.left_questions())
     q = question("left", scene, asked)
     turns.append((q["question"], q["answer"]))
-    return turns + [(CAPTION_PROMPT, scene.caption())]
+    return turns
+
+
+def _record(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
+    conv = []
+    for j, (q, a) in enumerate(turns):
+        conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q},
+                 {"from": "gpt", "value": a}]
+    return {"id": rid, "image": image, "conversations": conv}
 
 
 def _scene(seed: int, split: str, i: int) -> tuple[GridScene, random.Random]:
@@ -166,11 +180,11 @@ def _scene(seed: int, split: str, i: int) -> tuple[GridScene, random.Random]:
 
 
 def generate_grid_task(out: str, num_train: int = 1000, num_eval: int = 600, seed: int = 0,
-                       cell: int = 8) -> dict:
+                       cell: int = 12) -> dict:
     """Write the grid task to ``out`` and return its file paths.
 
-    Files: ``images/*.png``; ``train.json`` (one dense record per training image, LLaVA
-    format); ``questions.json`` (one question of each type per eval image: ``image``,
+    Files: ``images/*.png``; ``train.json`` (LLaVA format, two records per training image,
+    in image order: ``train_<i>_q``, the dense questions, and ``train_<i>_c``, the caption); ``questions.json`` (one question of each type per eval image: ``image``,
     ``question``, ``answer``, ``candidates``, ``question_type``, ``target_cell``);
     ``cr_eval.json`` (one item per CR category per eval image: ``image``, ``caption``,
     ``negative_caption``, ``category``); ``meta.json``. Image paths are relative to ``out``.
@@ -185,11 +199,8 @@ def generate_grid_task(out: str, num_train: int = 1000, num_eval: int = 600, see
         scene, rng = _scene(seed, "train", i)
         name = f"images/train_{i:06d}.png"
         render(scene, cell).save(os.path.join(out, name))
-        conv = []
-        for j, (q, a) in enumerate(dense_turns(scene, rng)):
-            conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q},
-                     {"from": "gpt", "value": a}]
-        train.append({"id": f"train_{i:06d}", "image": name, "conversations": conv})
+        train.append(_record(f"train_{i:06d}_q", name, dense_turns(scene, rng)))
+        train.append(_record(f"train_{i:06d}_c", name, [(CAPTION_PROMPT, scene.caption())]))
     for i in range(num_eval):
         scene, rng = _scene(seed, "eval", i)
         name = f"images/eval_{i:06d}.png"
