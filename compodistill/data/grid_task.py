@@ -153,7 +153,7 @@ def question(kind: str, scene: GridScene, obj: GridObject) -> dict:
 def dense_turns(scene: GridScene, rng: random.Random) -> list[tuple[str, str]]:
     """The turns of one dense question record: a colour or shape question about each object
     (in a random order; never both about the same object, so no answer gives another away),
-    then the ``left`` question. The caption is a record of its own: after the questions its
+    and the ``left`` question at a random place. The caption is a record of its own: after the questions its
     words would be copied from the answers, and a prototype that ended every record with it
     learnt to copy and never to look (its questions stayed at the presence-only level)."""
     turns = []
@@ -162,7 +162,9 @@ def dense_turns(scene: GridScene, rng: random.Random) -> list[tuple[str, str]]:
         turns.append((q["question"], q["answer"]))
     asked, _ = rng.choice(scene.left_questions())
     q = question("left", scene, asked)
-    turns.append((q["question"], q["answer"]))
+    # At a random place: always last, after every object's answer, a prototype teacher learnt
+    # it from the earlier answers and failed it when asked alone.
+    turns.insert(rng.randrange(len(turns) + 1), (q["question"], q["answer"]))
     return turns
 
 
