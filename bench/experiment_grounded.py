@@ -167,15 +167,12 @@ def train_teacher(opts: dict, data: dict, tokenizer):
 
 
 def vat_layers(teacher_row: dict, student_layers: int, concentration: float):
-    """Teacher layers whose answer row concentrates on the target cell (share ≥
-    ``concentration`` × uniform; the most concentrated one when none does), all distilled
-    into the student's last layer (the layer that can read the target after its first layer
-    has read the question)."""
-    att, uniform = teacher_row["att_answer"], teacher_row["att_uniform"]
-    chosen = [i for i, a in enumerate(att) if a >= concentration * uniform]
-    if not chosen:
-        chosen = [max(range(len(att)), key=att.__getitem__)]
-    return ([student_layers - 1], chosen)
+    """The VAT layers from the teacher's attention (:func:`concentrated_layers`)."""
+    from compodistill.grounded import concentrated_layers
+
+    return concentrated_layers({"answer": teacher_row["att_answer"],
+                                "uniform": teacher_row["att_uniform"]}, student_layers,
+                               concentration)
 
 
 def run_student(job: dict) -> dict:

@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["grid_models", "encode_records", "train_model", "grid_encoder", "make_tokenizer"]
+__all__ = ["grid_models", "encode_records", "train_model", "grid_encoder", "make_tokenizer",
+           "concentrated_layers"]
 
 
 def make_tokenizer(records: Sequence[dict]):
@@ -103,7 +104,8 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
                 kd: float = 0.0, vat: float = 0.0, vat_layers: tuple | None = None,
                 shuffle_maps: bool = False, warmup: float = 0.05,
                 callback: Callable[[int, dict], None] | None = None) -> dict:
-    """Train every trainable parameter of ``model`` for ``steps`` AdamW steps (cosine lr).
+    """Train ``model`` for ``steps`` AdamW steps (cosine lr): every parameter that requires a
+    gradient, except the vision tower, which is always frozen.
 
     Args:
         kd, vat: weights of logit KD (KL on the answer tokens) and VAT (cosine, on the text
@@ -129,6 +131,8 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
     if shuffle_maps and batch_size < 2:
         raise ValueError(f"shuffle_maps needs batch_size >= 2, got {batch_size}")
     torch.manual_seed(seed)
+    # The shared vision tower never trains (a model loaded from disk has it unfrozen again).
+    model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(warmup * steps), steps)
@@ -191,3 +195,16 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
     model.eval()
     final = {k: round(sum(t[k] for t in tail) / len(tail), 4) for k in tail[-1]} if tail else {}
     return {"final_losses": final, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def concentrated_layers(attention: dict, student_layers: int, concentration: float = 2.0):
+    """``(student_layers, teacher_layers)`` for VAT from the teacher's
+    :func:`compodistill.eval.grid.target_attention`: the teacher layers whose answer row puts
+    at least ``concentration`` × uniform of its image attention on the target cell (the most
+    concentrated one when none does), all distilled into the student's last layer (the one
+    that can read the target once its first layer has read the question)."""
+    att, uniform = attention["answer"], attention["uniform"]
+    chosen = [i for i, a in enumerate(att) if a >= concentration * uniform]
+    if not chosen:
+        chosen = [max(range(len(att)), key=att.__getitem__)]
+    return [student_layers - 1], chosen
