@@ -23,13 +23,15 @@ from pathlib import Path
 
 import torch
 
-DEFAULTS = dict(num_images=600, eval_images=200, teacher_steps=500, student_warmup_steps=100,
-                dpt_steps=20, dft_steps=80, sft_steps=40, batch_size=16, seed=0)
+DEFAULTS = dict(num_images=2000, eval_images=200, teacher_steps=800, teacher_batch_size=32,
+                student_warmup_steps=100, dpt_steps=20, dft_steps=80, sft_steps=40,
+                batch_size=16, seed=0)
 HELP = dict(num_images="grid-task training images", eval_images="held-out images (one "
             "question of each type each)", teacher_steps="teacher training steps",
+            teacher_batch_size="batch size of the teacher's training",
             student_warmup_steps="student warm-up steps", dpt_steps="DPT steps",
             dft_steps="DFT steps", sft_steps="SFT steps",
-            batch_size="batch size of every phase", seed="random seed")
+            batch_size="batch size of the student's phases", seed="random seed")
 PHASES = ("data", "teacher", "warm-up", "student", "eval")
 TEACHER = dict(teacher_hidden=64, teacher_layers=4)
 STUDENT = dict(student_hidden=32, student_layers=2)
@@ -94,8 +96,8 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
-def _lm_training(model, feats, steps: int, opts: dict, pad_id: int, desc: str,
-                 progress: bool) -> dict:
+def _lm_training(model, feats, steps: int, batch_size: int, lr: float, seed: int, pad_id: int,
+                 desc: str, progress: bool) -> dict:
     """Connector + language model on the LM loss (the tower stays frozen), with a bar."""
     from .grounded import train_model
 
@@ -104,8 +106,8 @@ def _lm_training(model, feats, steps: int, opts: dict, pad_id: int, desc: str,
             bar.update(1)
             bar.set_postfix(lm=f"{losses['lm']:.3g}")
 
-        return train_model(model, feats, steps=steps, batch_size=opts["batch_size"], lr=1e-3,
-                           pad_id=pad_id, seed=opts["seed"], callback=tick)
+        return train_model(model, feats, steps=steps, batch_size=batch_size, lr=lr,
+                           pad_id=pad_id, seed=seed, callback=tick)
 
 
 def _run(out: Path, opts: dict, progress: bool) -> dict:
@@ -118,9 +120,10 @@ def _run(out: Path, opts: dict, progress: bool) -> dict:
     student_steps = opts["dpt_steps"] + opts["dft_steps"] + opts["sft_steps"]
     # Work per phase in teacher-step equivalents, for the time-left estimate (a student
     # step runs the teacher too; evaluation is about 100 teacher steps on 2 cores).
-    work = {"data": opts["num_images"] / 60, "teacher": opts["teacher_steps"],
-            "warm-up": 0.4 * opts["student_warmup_steps"], "student": 1.4 * student_steps,
-            "eval": opts["eval_images"] / 2}
+    work = {"data": opts["num_images"] / 20,
+            "teacher": opts["teacher_steps"] * opts["teacher_batch_size"] / 32,
+            "warm-up": 0.1 * opts["student_warmup_steps"], "student": 0.5 * student_steps,
+            "eval": opts["eval_images"] / 50}
     phase = _Phases(progress, work)
     start = phase.start
     torch.manual_seed(opts["seed"])
@@ -133,15 +136,20 @@ def _run(out: Path, opts: dict, progress: bool) -> dict:
     # 3. the teacher and the student's warm-up: connector and language model on the LM loss,
     #    the shared vision tower frozen. The warm-up stands in for the pretrained small LLM
     #    that real CompoDistill starts from (LoRA on a random network would learn nothing).
-    for name, label, steps, size in (
-            ("teacher", "teacher", opts["teacher_steps"], TEACHER),
-            ("student", "warm-up", opts["student_warmup_steps"], STUDENT)):
+    #    The teacher sees only the dense question records within the demo's budget: the
+    #    questions are what it must ground, and what the table scores.
+    for name, label, steps, size, bs, lr, recs in (
+            ("teacher", "teacher", opts["teacher_steps"], TEACHER, opts["teacher_batch_size"],
+             1e-3, [r for r in records if r["id"].endswith("_q")]),
+            ("student", "warm-up", opts["student_warmup_steps"], STUDENT, opts["batch_size"],
+             3e-3, records)):
         layers, hidden = size[f"{name}_layers"], size[f"{name}_hidden"]
         with phase(label, f"{steps} steps of LM training of the {name} ({layers} layers, "
                           f"width {hidden}; the shared vision tower stays frozen)"):
             model = load_student(str(paths[name]))
-            feats = encode_records(records, grid_encoder(model, tokenizer), data["image_folder"])
-            _lm_training(model, feats, steps, opts, tokenizer.pad_token_id, label, progress)
+            feats = encode_records(recs, grid_encoder(model, tokenizer), data["image_folder"])
+            _lm_training(model, feats, steps, bs, lr, opts["seed"], tokenizer.pad_token_id,
+                         label, progress)
             paths[name] = out / f"{name}-warmup" / f"1-{name}" / "model"
             model.save_pretrained(paths[name])
             tokenizer.save_pretrained(paths[name])
