@@ -10,7 +10,8 @@ from compodistill.cli import main  # noqa: E402
 from compodistill.demo import PHASES  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-TINY = ["--num-images", "24", "--teacher-steps", "4", "--student-warmup-steps", "2",
+TINY = ["--num-images", "24", "--eval-images", "4", "--teacher-steps", "4",
+        "--student-warmup-steps", "2",
         "--dpt-steps", "2", "--dft-steps", "2", "--sft-steps", "2", "--batch-size", "4"]
 
 
@@ -22,10 +23,15 @@ def test_demo_shows_every_phase_and_feeds_the_demo_config(tmp_path, monkeypatch,
         assert f"[{i}/{len(PHASES)}] {phase}:" in out, out
         assert f"      {phase} done in " in out, out
     assert "; total " in out.splitlines()[-2] or "; total " in out
+    # Every phase but the last ends with an estimate of the time left.
+    assert out.count(" s left)") == len(PHASES) - 1, out
+    assert "colour   shape  left of" in out and "teacher " in out
     summary = json.loads(Path("runs/demo/summary.json").read_text())
     assert list(summary["phase_seconds"]) == list(PHASES)
     assert sum(summary["phase_seconds"].values()) <= summary["total_seconds"] + 0.5
     assert Path(summary["student_model"], "config.json").is_file()
+    assert set(summary["scores"]["teacher"]) >= {"color", "shape", "left", "all"}
+    assert summary["scores"]["teacher"]["n_per_type"] == 4
 
     # The README's next step: retrain from the demo's checkpoints with configs/demo.yaml.
     assert main(["train", "--config", str(CONFIG), "--quiet"]) == 0

@@ -1,0 +1,210 @@
+"""Models and training for the grounded experiment on the grid task (docs/experiment.md).
+
+- :func:`grid_models`: a teacher and a student LLaVA pair for the grid task. The vision tower
+  is a SigLIP patch embedding (with position embeddings) whose output is read directly
+  (the hidden state before its single layer): one token per grid cell. It is random, frozen and shared by
+  both models, so only the connector and the language model learn to look.
+- :func:`encode_records`: LLaVA records → token ids, labels and pixels, once, in memory.
+- :func:`train_model`: one fixed-budget training run: the LM loss, plus logit KD and VAT
+  against a teacher when asked. ``shuffle_maps`` is the control: the teacher's attention
+  maps come from the teacher run on *another* sample's image (the batch rolled by one), so
+  VAT has the same strength and statistics but points at the wrong places.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["grid_models", "encode_records", "train_model", "grid_encoder", "make_tokenizer",
+           "concentrated_layers"]
+
+
+def make_tokenizer(records: Sequence[dict]):
+    """The word-level tokenizer over the records' text (answers are single tokens)."""
+    from .data import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(texts=[t["value"] for r in records for t in r["conversations"]])
+
+
+def grid_models(vocab_size: int, *, cell: int = 12, grid: int = 3, teacher_hidden: int = 64,
+                teacher_layers: int = 4, student_hidden: int = 32, student_layers: int = 2,
+                vision_hidden: int = 64, seed: int = 0):
+    """``(student, teacher)`` for the grid task, sharing one frozen random vision tower."""
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    from .hf.builders import build_llava
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                  num_hidden_layers=1, num_attention_heads=4, image_size=grid * cell,
+                  patch_size=cell)
+
+    def lm(hidden, layers):
+        return Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=vocab_size,
+                           max_position_embeddings=256, tie_word_embeddings=False)
+
+    # One vision layer and vision_feature_layer=-2: the connector reads the embeddings
+    # (patch + position), one token per cell. (Not 0: transformers 5 reads 0 as "no hidden
+    # states wanted" and returns none.)
+    teacher = build_llava(SiglipVisionConfig(**vision), lm(teacher_hidden, teacher_layers),
+                          vision_feature_layer=-2)
+    student = build_llava(SiglipVisionConfig(**vision), lm(student_hidden, student_layers),
+                          vision_feature_layer=-2)
+    student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
+    for model in (student, teacher):
+        model.model.vision_tower.requires_grad_(False)
+    return student, teacher
+
+
+def grid_encoder(model, tokenizer):
+    """The :class:`ConversationEncoder` of a grid-task model."""
+    from .data import ConversationEncoder
+
+    cfg = model.config
+    return ConversationEncoder(tokenizer, cfg.vision_config.image_size,
+                               num_image_tokens=cfg.image_seq_length,
+                               image_token_id=cfg.image_token_id)
+
+
+def encode_records(records: Sequence[dict], encoder, image_folder: str) -> list[dict]:
+    """Each record as ``{"input_ids", "labels", "pixel_values"}`` (one image per record)."""
+    from .data.records import parse_record
+
+    out = []
+    for i, rec in enumerate(records):
+        messages, paths = parse_record(rec, f"record {i}", image_folder, encoder.image_token)
+        enc = encoder.encode(messages)
+        out.append({"input_ids": enc["input_ids"], "labels": enc["labels"],
+                    "pixel_values": encoder.load_images(paths)})
+    return out
+
+
+def _batches(features: list[dict], batch_size: int, steps: int, seed: int, pad_id: int):
+    """``steps`` batches drawn epoch by epoch from a seeded permutation."""
+    from .data import LlavaCollator
+
+    collate = LlavaCollator(pad_id)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(features), generator=gen).tolist()
+        picked, order = order[:batch_size], order[batch_size:]
+        yield collate([features[i] for i in picked])
+
+
+def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_size: int,
+                lr: float, pad_id: int, seed: int = 0, teacher: nn.Module | None = None,
+                kd: float = 0.0, vat: float = 0.0, vat_layers: tuple | None = None,
+                shuffle_maps: bool = False, warmup: float = 0.05,
+                callback: Callable[[int, dict], None] | None = None) -> dict:
+    """Train ``model`` for ``steps`` AdamW steps (cosine lr): every parameter that requires a
+    gradient, except the vision tower, which is always frozen.
+
+    Args:
+        kd, vat: weights of logit KD (KL on the answer tokens) and VAT (cosine, on the text
+            query rows) against ``teacher``; the LM loss always has weight 1.
+        vat_layers: ``(student_layers, teacher_layers)`` for VAT (group matching, so each
+            student layer's target is the mean of its window of teacher layers).
+        shuffle_maps: the control: VAT targets from the teacher run on the batch's images
+            rolled by one sample (needs a batch of at least 2).
+        callback: called as ``callback(step, losses)`` after every step.
+
+    Returns the mean losses over the last 10% of the steps, and the seconds taken.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .hf.distiller import AttentionDistiller
+    from .logit_kd.from_logits import shift_labels
+    from .logit_kd.linear import linear_distillation_loss
+
+    if (kd or vat) and teacher is None:
+        raise ValueError("kd/vat weights need a teacher")
+    if vat and not vat_layers:
+        raise ValueError("vat needs vat_layers=(student_layers, teacher_layers)")
+    if shuffle_maps and batch_size < 2:
+        raise ValueError(f"shuffle_maps needs batch_size >= 2, got {batch_size}")
+    torch.manual_seed(seed)
+    # The shared vision tower never trains (a model loaded from disk has it unfrozen again).
+    model.model.vision_tower.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(warmup * steps), steps)
+    distiller = None
+    if vat:
+        distiller = AttentionDistiller(model, teacher, student_layers=list(vat_layers[0]),
+                                       teacher_layers=list(vat_layers[1]), matching="group",
+                                       query="text", loss="cosine")
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    tail, start = [], time.perf_counter()
+    for step, batch in enumerate(_batches(features, batch_size, steps, seed, pad_id), 1):
+        ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+        labels = shift_labels(batch["labels"])
+        losses = {}
+        h_t = None
+        if teacher is not None and (kd or (vat and shuffle_maps)):
+            with torch.no_grad():
+                h_t = teacher.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                    use_cache=False).last_hidden_state
+        if distiller is not None:
+            with distiller.capture(ids, attention_mask=mask) as cap:
+                with torch.no_grad():
+                    t_pixels = pixels.roll(1, 0) if shuffle_maps else pixels
+                    t_out = teacher.model(input_ids=ids, attention_mask=mask,
+                                          pixel_values=t_pixels, use_cache=False)
+                    if h_t is None:
+                        h_t = t_out.last_hidden_state
+                h_s = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                  use_cache=False).last_hidden_state
+            vat_loss = cap.loss()
+        else:
+            h_s = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                              use_cache=False).last_hidden_state
+            vat_loss = None
+        if kd:
+            total, parts = linear_distillation_loss(
+                h_s, model.lm_head.weight, h_t, teacher.lm_head.weight, labels, loss="kl",
+                positions="response", attention_mask=mask, ce_weight=1.0, kd_weight=kd,
+                return_terms=True)
+            losses.update(lm=float(parts["ce"]), kd=float(parts["kd"]))
+        else:
+            logits = model.lm_head(h_s).float()
+            total = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                ignore_index=-100)
+            losses["lm"] = float(total.detach())
+        if vat_loss is not None:
+            total = total + vat * vat_loss
+            losses["vat"] = float(vat_loss.detach())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step > 0.9 * steps:
+            tail.append(losses)
+        if callback is not None:
+            callback(step, losses)
+    model.eval()
+    final = {k: round(sum(t[k] for t in tail) / len(tail), 4) for k in tail[-1]} if tail else {}
+    return {"final_losses": final, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def concentrated_layers(attention: dict, student_layers: int, concentration: float = 2.0):
+    """``(student_layers, teacher_layers)`` for VAT from the teacher's
+    :func:`compodistill.eval.grid.target_attention`: the teacher layers whose answer row puts
+    at least ``concentration`` × uniform of its image attention on the target cell (the most
+    concentrated one when none does), all distilled into the student's last layer (the one
+    that can read the target once its first layer has read the question)."""
+    att, uniform = attention["answer"], attention["uniform"]
+    chosen = [i for i, a in enumerate(att) if a >= concentration * uniform]
+    if not chosen:
+        chosen = [max(range(len(att)), key=att.__getitem__)]
+    return [student_layers - 1], chosen
