@@ -42,7 +42,8 @@ from ..visual_attention.layout import VisualLayout
 from ..visual_attention.api import visual_attention_maps
 
 __all__ = ["ATTN_IMPLEMENTATION", "register", "enable_attention", "decoder_attention_modules",
-           "compodistill_attention_forward", "activate", "install_checkpoint_context"]
+           "compodistill_attention_forward", "activate", "install_checkpoint_context",
+           "SiteCapture"]
 
 ATTN_IMPLEMENTATION = "compodistill"
 
@@ -86,6 +87,34 @@ class _Replay:
 
     def window_target(self, role, layer, like):
         return None  # recomputation never accumulates again
+
+
+class SiteCapture:
+    """The part of a capture sink every sink shares: a ``{module: (role, layer)}`` table of
+    the attention modules it wants (``self.sites``), one batch layout (``self.layout``), no
+    in-place window buffer, and a context that makes it the active capture. Subclasses add
+    ``store`` and whatever they compute from the maps."""
+
+    sites: dict
+    layout: VisualLayout
+
+    def site(self, module: nn.Module) -> tuple[str, int] | None:
+        return self.sites.get(module)
+
+    def layout_for(self, role: str) -> VisualLayout:
+        return self.layout
+
+    def window_target(self, role: str, layer: int, like: torch.Tensor) -> torch.Tensor | None:
+        return None  # maps arrive one layer at a time through store()
+
+    def __enter__(self):
+        self._active = activate(self)
+        self._active.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        ctx, self._active = self._active, None
+        return ctx.__exit__(*exc)
 
 
 @contextlib.contextmanager

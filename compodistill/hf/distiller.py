@@ -29,7 +29,7 @@ from ..visual_attention.layout import QueryArg, VisualLayout, visual_layout
 from ..visual_attention.map_losses import check_map_loss_options, visual_map_loss
 from ..matching import LayerMatch, adaptive_select, match_layers
 from .families import check_supported, visual_token_ids
-from .attention import (ATTN_IMPLEMENTATION, activate, decoder_attention_modules,
+from .attention import (ATTN_IMPLEMENTATION, SiteCapture, decoder_attention_modules,
                         enable_attention, install_checkpoint_context)
 
 __all__ = ["AttentionDistiller", "Capture"]
@@ -186,7 +186,7 @@ def _check_lineup(vis_s, vis_t, mask_s, mask_t) -> None:
                          "positions")
 
 
-class Capture:
+class Capture(SiteCapture):
     """One step's captured maps; a context manager made by :meth:`AttentionDistiller.capture`.
 
     Attributes:
@@ -213,7 +213,6 @@ class Capture:
                 self._windows_of.setdefault(t, []).append(j)
         self._loss: torch.Tensor | None = None
         self._layer_losses: dict[int, torch.Tensor] = {}
-        self._ctx = None
         self.checked_masks: list = []  # model masks already compared with the layout
 
     @property
@@ -292,13 +291,7 @@ class Capture:
                                  f"build the distiller with enable=True)")
         install_checkpoint_context(d.student)
         install_checkpoint_context(d.teacher)
-        self._ctx = activate(self)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        ctx, self._ctx = self._ctx, None
-        return ctx.__exit__(*exc)
+        return super().__enter__()
 
     # -- loss ------------------------------------------------------------------------------
     def _target(self, j: int, match: LayerMatch, student_map: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..hf.attention import activate, decoder_attention_modules, enable_attention
+from ..hf.attention import SiteCapture, decoder_attention_modules, enable_attention
 from ..matching import LayerMatch
 from ..visual_attention.layout import VisualLayout
 
@@ -46,7 +46,7 @@ def logit_targets(h_t: torch.Tensor, W_t: torch.Tensor, b_t: torch.Tensor | None
     return torch.cat(out_lp), torch.cat(out_ix), torch.cat(out_rest)
 
 
-class TeacherMaps:
+class TeacherMaps(SiteCapture):
     """A capture sink for a teacher forward alone: the (B, Qmax, Vmax) float32 target of
     every match, ``mean`` over its teacher layers (group window or the one simple layer).
 
@@ -60,21 +60,13 @@ class TeacherMaps:
         enable_attention(teacher)
         modules = decoder_attention_modules(teacher)
         self.matches, self.layout = matches, layout
-        self._sites = {modules[t]: ("teacher", t) for m in matches for t in m.teacher_layers}
+        self.sites = {modules[t]: ("teacher", t) for m in matches for t in m.teacher_layers}
         self.sums: list[torch.Tensor | None] = [None] * len(matches)
         self.seen: set[int] = set()
         self.checked_masks: list = []
-        self._ctx = None
 
-    def site(self, module):
-        return self._sites.get(module)
-
-    def layout_for(self, role):
-        return self.layout
-
-    def window_target(self, role, layer, like):
-        return None  # each layer's map is added below, in the online capture's order
-
+    # window_target stays None: each layer's map is added in store(), in the online
+    # capture's order, so the cached sums equal the online ones bit for bit.
     def store(self, role, layer, maps, accumulated=False):
         if layer in self.seen:
             raise ValueError(f"teacher layer {layer} ran twice inside one capture")
@@ -84,15 +76,6 @@ class TeacherMaps:
             if layer in m.teacher_layers:
                 acc = self.sums[j]
                 self.sums[j] = maps.clone() if acc is None else acc.add_(maps)
-
-    def __enter__(self):
-        self._ctx = activate(self)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        ctx, self._ctx = self._ctx, None
-        return ctx.__exit__(*exc)
 
     def targets(self) -> list[torch.Tensor]:
         missing = sorted({t for m in self.matches for t in m.teacher_layers} - self.seen)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..hf.attention import (activate, decoder_attention_modules, enable_attention,
+from ..hf.attention import (SiteCapture, decoder_attention_modules, enable_attention,
                             install_checkpoint_context)
 from ..logit_kd.from_logits import selected_rows, shift_labels
 from ..matching import LayerMatch
@@ -62,7 +62,7 @@ class IndexCollator:
         return batch
 
 
-class CachedCapture:
+class CachedCapture(SiteCapture):
     """A capture of the student alone; :meth:`loss` compares its maps with cached targets.
 
     Same loss as :meth:`compodistill.hf.distiller.Capture.loss` (group or simple matching).
@@ -72,34 +72,18 @@ class CachedCapture:
                  loss_options: dict, layer_reduction: str):
         modules = decoder_attention_modules(student)
         self.student, self.matches, self.layout = student, matches, layout
-        self._sites = {modules[m.student_layer]: ("student", m.student_layer) for m in matches}
+        self.sites = {modules[m.student_layer]: ("student", m.student_layer) for m in matches}
         self.loss_options, self.layer_reduction = loss_options, layer_reduction
         self.maps: dict[int, torch.Tensor] = {}
         self.layer_losses: dict[int, torch.Tensor] = {}
         self.checked_masks: list = []
-        self._ctx = None
-
-    def site(self, module):
-        return self._sites.get(module)
-
-    def layout_for(self, role):
-        return self.layout
-
-    def window_target(self, role, layer, like):
-        return None
 
     def store(self, role, layer, maps, accumulated=False):
         self.maps[layer] = maps
 
     def __enter__(self):
         install_checkpoint_context(self.student)
-        self._ctx = activate(self)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        ctx, self._ctx = self._ctx, None
-        return ctx.__exit__(*exc)
+        return super().__enter__()
 
     def loss(self, targets: list[torch.Tensor]) -> torch.Tensor:
         missing = [m.student_layer for m in self.matches if m.student_layer not in self.maps]
