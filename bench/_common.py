@@ -93,6 +93,28 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
     return times[len(times) // 2], mem.mib
 
 
+def step_rows(fn: Callable[[], object], device: torch.device, model: torch.nn.Module, *,
+              bench: str, provider: str, b: int, n: int, extra: str, prov: dict,
+              repeat: int) -> list[dict]:
+    """Time one model step at batch ``b`` x ``n`` tokens: rows of time, tokens/s and peak
+    memory (NaN and " OOM" in ``extra`` when it runs out), gradients of ``model`` cleared
+    after. The line it prints is the one every model-step benchmark shows."""
+    try:
+        ms, mib = measure(fn, device, warmup=1, repeat=repeat)
+    except torch.cuda.OutOfMemoryError:
+        ms = mib = float("nan")
+        extra += " OOM"
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    tps = b * n / (ms / 1e3) if ms == ms else float("nan")
+    print(f"{provider:>24} {b}x{n:<6} {ms:9.1f} ms {tps:10.0f} tok/s {mib:9.1f} MiB  {extra}")
+    return [dict(benchmark=bench, provider=provider, x_name="BxN", x=f"{b}x{n}", metric=metric,
+                 value=f"{value:.4g}", unit=unit, extra=extra, **prov)
+            for metric, value, unit in (("time", ms, "ms"), ("tokens_per_s", tps, "tok/s"),
+                                        ("peak_memory", mib, "MiB"))]
+
+
 def write_rows(csv_path: Path, rows: Iterable[dict]) -> Path:
     """Append rows to ``csv_path`` (header written once)."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from bench._common import benchmark_main, measure, provenance, read_rows, write_rows  # noqa: E402
+from bench._common import benchmark_main, provenance, read_rows, step_rows, write_rows  # noqa: E402
 from compodistill import visual_layout, visual_map_loss  # noqa: E402
 from compodistill.hf import AttentionDistiller, enable_attention  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
@@ -187,22 +187,9 @@ def run(device: torch.device, csv_path: Path, shapes=None, repeat: int = 3,
                 student.set_attn_implementation(attn)
                 teacher.set_attn_implementation(attn)
             fn = _step(name, student, teacher, ids, visual, kd, distiller)
-            extra = f"B={b} N={n} Nv={setup['image'][1]} {dtype}"
-            try:
-                ms, mib = measure(fn, device, warmup=1, repeat=repeat)
-            except torch.cuda.OutOfMemoryError:
-                ms = mib = float("nan")
-                extra += " OOM"
-            student.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            tps = b * n / (ms / 1e3) if ms == ms else float("nan")
-            for metric, value, unit in (("time", ms, "ms"), ("tokens_per_s", tps, "tok/s"),
-                                        ("peak_memory", mib, "MiB")):
-                rows.append(dict(benchmark=BENCH, provider=name, x_name="BxN", x=f"{b}x{n}",
-                                 metric=metric, value=f"{value:.4g}", unit=unit, extra=extra,
-                                 **prov))
-            print(f"{name:>14} {b}x{n:<6} {ms:9.1f} ms {tps:10.0f} tok/s {mib:9.1f} MiB  {extra}")
+            rows += step_rows(fn, device, student, bench=BENCH, provider=name, b=b, n=n,
+                              extra=f"B={b} N={n} Nv={setup['image'][1]} {dtype}", prov=prov,
+                              repeat=repeat)
     write_rows(csv_path, rows)
     return rows
 

@@ -119,7 +119,7 @@ def step(name: str, student, teacher, batch: dict, distiller):
 
 def run_family(device: torch.device, shapes=None, repeat: int = 3, providers=None):
     """Rows of the family providers; ``shapes``: (B, N) overrides, images from the setup."""
-    from bench._common import measure, provenance
+    from bench._common import provenance, step_rows
     from compodistill.hf import AttentionDistiller, enable_attention
 
     setup = FAMILY_SETUPS["cuda" if device.type == "cuda" else "cpu"]
@@ -143,21 +143,7 @@ def run_family(device: torch.device, shapes=None, repeat: int = 3, providers=Non
                 for model in (student, teacher):
                     model.set_attn_implementation({"text_config": "sdpa"})
             fn = step(name, student, teacher, batch, distiller)
-            extra = f"B={b} N={n} Nv={nv} images={len(grids)} {dtype}"
-            try:
-                ms, mib = measure(fn, device, warmup=1, repeat=repeat)
-            except torch.cuda.OutOfMemoryError:
-                ms = mib = float("nan")
-                extra += " OOM"
-            student.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            tps = b * n / (ms / 1e3) if ms == ms else float("nan")
-            for metric, value, unit in (("time", ms, "ms"), ("tokens_per_s", tps, "tok/s"),
-                                        ("peak_memory", mib, "MiB")):
-                rows.append(dict(benchmark="model_step", provider=name, x_name="BxN",
-                                 x=f"{b}x{n}", metric=metric, value=f"{value:.4g}", unit=unit,
-                                 extra=extra, **prov))
-            print(f"{name:>24} {b}x{n:<6} {ms:9.1f} ms {tps:10.0f} tok/s {mib:9.1f} MiB  "
-                  f"{extra}")
+            rows += step_rows(fn, device, student, bench="model_step", provider=name, b=b,
+                              n=n, extra=f"B={b} N={n} Nv={nv} images={len(grids)} {dtype}",
+                              prov=prov, repeat=repeat)
     return rows
