@@ -294,3 +294,26 @@ def launched_kernels(fn) -> list[str]:
     with recording_launches() as log:
         fn()
     return [getattr(kern, "fn", kern).__name__ for kern, _grid, _args, _kwargs in log]
+
+
+def crash_and_resume(monkeypatch, make_trainer, *, at_step: int = 3) -> None:
+    """``make_trainer().run()`` interrupted at its ``at_step``-th loss call (a
+    KeyboardInterrupt stands in for a killed process), then a fresh trainer run to resume."""
+    import pytest
+
+    from compodistill.train import stages as stages_module
+
+    original = stages_module.StageLosses.__call__
+    calls = {"n": 0}
+
+    def crash(self, prepared, batch):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            raise KeyboardInterrupt
+        return original(self, prepared, batch)
+
+    monkeypatch.setattr(stages_module.StageLosses, "__call__", crash)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer().run()
+    monkeypatch.setattr(stages_module.StageLosses, "__call__", original)
+    make_trainer().run()

@@ -16,7 +16,7 @@ pytest.importorskip("accelerate")
 from compodistill.train.config import ConfigError, config_from_dict  # noqa: E402
 from compodistill.train.trainer import DistillationTrainer  # noqa: E402
 
-from _helpers import local_bpe_tokenizer  # noqa: E402
+from _helpers import crash_and_resume, local_bpe_tokenizer  # noqa: E402
 
 # Per image (width, height) -> tokens after the 2x2 merge of 4-px patches, pixel budget
 # 16*16 .. 32*32: the Qwen processor keeps these sizes (multiples of 8).
@@ -152,7 +152,6 @@ def test_chain_with_kd_and_vat_and_reload(qwen_pair):
 
 
 def test_interrupted_stage_resumes_with_the_same_losses(qwen_pair, monkeypatch):
-    from compodistill.train import stages as stages_module
     from compodistill.train.metrics import read_metrics
 
     root, family = qwen_pair
@@ -161,22 +160,8 @@ def test_interrupted_stage_resumes_with_the_same_losses(qwen_pair, monkeypatch):
                   max_steps=4, batch_size=2, lora_r=2, lora_alpha=4)]
     DistillationTrainer(make_config(root, stage, "straight", save_every=2, taf=taf),
                         show_progress=False).run()
-    original = stages_module.StageLosses.__call__
-    calls = {"n": 0}
-
-    def crash_on_third_step(self, prepared, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # stands in for a killed process
-        return original(self, prepared, batch)
-
-    monkeypatch.setattr(stages_module.StageLosses, "__call__", crash_on_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        DistillationTrainer(make_config(root, stage, "crashed", save_every=2, taf=taf),
-                            show_progress=False).run()
-    monkeypatch.setattr(stages_module.StageLosses, "__call__", original)
-    DistillationTrainer(make_config(root, stage, "crashed", save_every=2, taf=taf),
-                        show_progress=False).run()
+    crash_and_resume(monkeypatch, lambda: DistillationTrainer(
+        make_config(root, stage, "crashed", save_every=2, taf=taf), show_progress=False))
     straight = [r["loss"] for r in read_metrics(root / "straight" / "1-dft" / "metrics.jsonl")]
     resumed = [r["loss"] for r in read_metrics(root / "crashed" / "1-dft" / "metrics.jsonl")]
     assert len(straight) == 4

@@ -14,7 +14,7 @@ from compodistill.train.config import config_from_dict, default_stage  # noqa: E
 from compodistill.train.stages import prepare_trainable  # noqa: E402
 from compodistill.train.trainer import DistillationTrainer  # noqa: E402
 
-from _helpers import write_tiny_pair  # noqa: E402
+from _helpers import crash_and_resume, write_tiny_pair  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -108,29 +108,14 @@ def test_dataset_and_batch_errors(setup):
 
 
 def test_interrupted_stage_resumes_with_the_same_losses(setup, monkeypatch):
-    from compodistill.train import stages as stages_module
     from compodistill.train.metrics import read_metrics
 
     root, _ = setup
     stage = [dict(kind="dft", max_steps=4, batch_size=2, lora_r=2, lora_alpha=4)]
     DistillationTrainer(make_config(root, stage, out="straight", save_every=2),
                         show_progress=False).run()
-    original = stages_module.StageLosses.__call__
-    calls = {"n": 0}
-
-    def crash_on_third_step(self, prepared, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # stands in for a killed process
-        return original(self, prepared, batch)
-
-    monkeypatch.setattr(stages_module.StageLosses, "__call__", crash_on_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        DistillationTrainer(make_config(root, stage, out="crashed", save_every=2),
-                            show_progress=False).run()
-    monkeypatch.setattr(stages_module.StageLosses, "__call__", original)
-    DistillationTrainer(make_config(root, stage, out="crashed", save_every=2),
-                        show_progress=False).run()
+    crash_and_resume(monkeypatch, lambda: DistillationTrainer(
+        make_config(root, stage, out="crashed", save_every=2), show_progress=False))
     straight = [r["loss"] for r in read_metrics(root / "straight" / "1-dft" / "metrics.jsonl")]
     resumed = [r["loss"] for r in read_metrics(root / "crashed" / "1-dft" / "metrics.jsonl")]
     assert len(straight) == 4
