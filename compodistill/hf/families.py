@@ -48,9 +48,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 
 
 def _config(model_or_config):
-    config = getattr(model_or_config, "config", model_or_config)
-    # PEFT wrappers and TAF models keep the transformers config one level down.
-    return config
+    # a model (PEFT wrappers and TAF models forward .config) or already its config
+    return getattr(model_or_config, "config", model_or_config)
 
 
 def family_of(model_or_config) -> Family:

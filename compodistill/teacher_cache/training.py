@@ -177,7 +177,8 @@ class CacheSource:
         """One (B, Qmax, Vmax) float32 target per match, zero outside each sample's block."""
         shape = layout.map_shape
         q_count, v_count = layout.query_count.tolist(), layout.visual_count.tolist()
-        allowed = layout.allowed().cpu()
+        exact = self.manifest["vat"]["maps"] == "exact"
+        allowed = None if exact else layout.allowed().cpu()  # only top-k maps spread a rest
         out = [torch.zeros(shape, dtype=torch.float32) for _ in self.matches]
         for b, (s, i) in enumerate(zip(samples, indices)):
             q, v = q_count[b], v_count[b]
@@ -188,7 +189,7 @@ class CacheSource:
                     f"has ({q}, {v}); the data changed since the cache was written; rerun "
                     f"compodistill teacher-cache")
             for j in range(len(self.matches)):
-                if self.manifest["vat"]["maps"] == "exact":
+                if exact:
                     m = s[f"map{j}"].float()
                 else:
                     m = expand_map(s[f"map{j}.val"], s[f"map{j}.idx"], s[f"map{j}.rest"],
@@ -234,10 +235,11 @@ class CachedStageLosses:
         w = self.stage.weights
         ids, mask = batch["input_ids"], batch["attention_mask"]
         samples, indices = self.source.samples(batch)
+        visual = ids == self.image_token_id
         capture = None
         if w.vat:
             B, N = ids.shape
-            layout = visual_layout(ids == self.image_token_id, B, N, query=self.config.vat.query,
+            layout = visual_layout(visual, B, N, query=self.config.vat.query,
                                    attention_mask=mask, causal=True, device=ids.device)
             capture = CachedCapture(self.core, self.source.matches, layout, self.loss_options,
                                     self.config.vat.layer_reduction)
@@ -248,7 +250,6 @@ class CachedStageLosses:
         terms = {}
         if w.lm or w.kd:
             kd = self.config.kd
-            visual = ids == self.image_token_id
             sel = selected_rows(tuple(ids.shape), labels, kd.positions, mask, visual,
                                 ids.device).view(ids.shape)
             targets = (self.source.kd_targets(samples, indices, sel) if w.kd else
