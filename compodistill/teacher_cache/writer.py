@@ -30,16 +30,11 @@ def load_student_config(path: str):
 
 
 def build_dataset(config, student_config, tokenizer):
-    """The training data exactly as the trainer builds it (same tokenizer, image size,
-    image tokens, max_length), so that sample i is the same sample in both."""
-    from ..data import LlavaDataset
+    """The training data exactly as the trainer builds it (the trainer's own
+    ``training_dataset``), so that sample i is the same sample in both."""
+    from ..train.trainer import training_dataset
 
-    data = config.data
-    return LlavaDataset(data.train_json, data.image_folder or None, tokenizer,
-                        student_config.vision_config.image_size,
-                        num_image_tokens=student_config.image_seq_length,
-                        image_token_id=student_config.image_token_id,
-                        max_length=data.max_length, on_error=data.on_error)
+    return training_dataset(config, student_config, tokenizer)
 
 
 def _connector_files(teacher, root: Path) -> None:

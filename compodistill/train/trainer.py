@@ -53,6 +53,30 @@ def check_checkpoint(path: str, key: str) -> None:
     check_trainer_checkpoint(path, key)  # the family, from config.json (docs/families.md)
 
 
+def training_dataset(config: DistillConfig, model_config, tokenizer, source=None, *,
+                     image_inputs=None):
+    """The ``LlavaDataset`` a run trains on: ``source`` (a path or a list of records; default
+    ``config.data.train_json``) encoded for the student whose config is ``model_config``.
+    The teacher cache builds its data with this too, so sample i is the same in both.
+    ``image_inputs``: a family's own image inputs (data/family_inputs.py); None for LLaVA."""
+    from ..data import LlavaDataset
+
+    data = config.data
+    source = source if source is not None else data.train_json
+    if not source and not isinstance(source, list):
+        raise ValueError("config.data.train_json is empty: nothing to train on")
+    if image_inputs is not None:  # a family with its own image inputs
+        return LlavaDataset(source, data.image_folder or None, tokenizer, 1,
+                            num_image_tokens=1, image_token_id=model_config.image_token_id,
+                            max_length=data.max_length, on_error=data.on_error,
+                            image_inputs=image_inputs)
+    return LlavaDataset(source, data.image_folder or None, tokenizer,
+                        model_config.vision_config.image_size,
+                        num_image_tokens=model_config.image_seq_length,
+                        image_token_id=model_config.image_token_id, max_length=data.max_length,
+                        on_error=data.on_error)
+
+
 class DistillationTrainer:
     """Run the stages of a :class:`~compodistill.train.config.DistillConfig`.
 
@@ -124,22 +148,8 @@ class DistillationTrainer:
 
     def load_dataset(self, source=None):
         """``LlavaDataset`` of ``source`` (a path or a list of records; default the config's)."""
-        from ..data import LlavaDataset
-
-        data = self.config.data
-        source = source if source is not None else data.train_json
-        if not source and not isinstance(source, list):
-            raise ValueError("config.data.train_json is empty: nothing to train on")
-        cfg = self.student.config
-        if self.image_inputs is not None:  # a family with its own image inputs
-            return LlavaDataset(source, data.image_folder or None, self.tokenizer, 1,
-                                num_image_tokens=1, image_token_id=cfg.image_token_id,
-                                max_length=data.max_length, on_error=data.on_error,
+        return training_dataset(self.config, self.student.config, self.tokenizer, source,
                                 image_inputs=self.image_inputs)
-        return LlavaDataset(source, data.image_folder or None, self.tokenizer,
-                            cfg.vision_config.image_size, num_image_tokens=cfg.image_seq_length,
-                            image_token_id=cfg.image_token_id, max_length=data.max_length,
-                            on_error=data.on_error)
 
     # ------------------------------------------------------------------ pieces
     def data_loader(self, stage: StageConfig) -> DataLoader:
