@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from ..data.llava import LlavaCollator
+from ..data.llava import IGNORE_INDEX, LlavaCollator
 
 
 def model_device(model, device=None) -> torch.device:
@@ -62,6 +62,16 @@ def model_logits(model, batch: dict, position_ids: torch.Tensor | None = None) -
     if hasattr(out, "logits"):
         return out.logits
     return out[0]
+
+
+def label_logprobs(model, batch: dict) -> list[float]:
+    """Summed log-probability of each row's labelled tokens (``labels`` aligned with
+    ``input_ids``, as the collator gives them: token t is predicted at t - 1)."""
+    logp = model_logits(model, batch).float().log_softmax(-1)[:, :-1]
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    tok_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok_logp * keep).sum(-1).tolist()
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -30,9 +30,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data.llava import IGNORE_INDEX, LlavaCollator
-from .common import (batched, eos_ids, eval_mode, greedy_generate, last_token_logits,
-                     model_device, model_logits, pad_id, progress_bar, to_device)
+from ..data.llava import LlavaCollator
+from .common import (batched, eos_ids, eval_mode, greedy_generate, label_logprobs,
+                     last_token_logits, model_device, pad_id, progress_bar, to_device)
 
 CR_QUESTION = "Which caption describes the image?"
 CR_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -199,11 +199,7 @@ def _caption_logprobs(model, encoder, pixels, captions: Sequence[str], device) -
         feats.append({"input_ids": torch.tensor(enc["input_ids"]),
                       "labels": torch.tensor(enc["labels"]), "pixel_values": pixels})
     batch = to_device(LlavaCollator(pad_id(encoder.tokenizer), "right")(feats), device)
-    logp = model_logits(model, batch).float().log_softmax(-1)[:, :-1]
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    tok_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (tok_logp * keep).sum(-1).tolist()
+    return label_logprobs(model, batch)
 
 
 @torch.no_grad()

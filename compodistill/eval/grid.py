@@ -23,6 +23,7 @@ import torch
 
 from ..data.collate import LlavaCollator
 from ..data.grid_task import CAPTION_PROMPT
+from .common import batched, label_logprobs, model_device
 
 __all__ = ["score_questions", "score_captions", "target_attention", "with_se"]
 
@@ -49,10 +50,6 @@ def _candidate_ids(tokenizer, candidates: Sequence[str]) -> list[int]:
     return ids
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def score_questions(model, encoder, items: Sequence[dict], image_folder: str, *,
                     batch_size: int = 64) -> dict:
@@ -61,10 +58,9 @@ def score_questions(model, encoder, items: Sequence[dict], image_folder: str, *,
     tok = encoder.tokenizer
     collate = LlavaCollator(tok.pad_token_id, padding_side="left")
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     preds: list[str] = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
+    for chunk in batched(items, batch_size):
         feats = [encoder.encode_prompt(it["question"], [_image(it, image_folder)])
                  for it in chunk]
         batch = {k: v.to(device) for k, v in collate(feats).items()}
@@ -84,10 +80,9 @@ def score_questions(model, encoder, items: Sequence[dict], image_folder: str, *,
 @torch.no_grad()
 def _caption_logprobs(model, encoder, items, image_folder, key: str, batch_size: int):
     collate = LlavaCollator(encoder.tokenizer.pad_token_id)
-    device = _device(model)
+    device = model_device(model)
     out = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
+    for chunk in batched(items, batch_size):
         feats = []
         for it in chunk:
             enc = encoder.encode([{"role": "user", "content": "<image>\n" + CAPTION_PROMPT},
@@ -95,11 +90,7 @@ def _caption_logprobs(model, encoder, items, image_folder, key: str, batch_size:
             feats.append({"input_ids": enc["input_ids"], "labels": enc["labels"],
                           "pixel_values": encoder.load_images([_image(it, image_folder)])})
         batch = {k: v.to(device) for k, v in collate(feats).items()}
-        labels = batch.pop("labels")
-        logp = model(**batch).logits[:, :-1].float().log_softmax(-1)
-        target = labels[:, 1:]
-        picked = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
-        out += (picked * (target != -100)).sum(-1).tolist()
+        out += label_logprobs(model, batch)
     return out
 
 
@@ -135,11 +126,10 @@ def target_attention(model, encoder, items: Sequence[dict], image_folder: str, *
     impl = cfg.text_config._attn_implementation
     model.set_attn_implementation({"text_config": "eager"})
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     sums: dict[str, list[float]] | None = None
     try:
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
+        for chunk in batched(items, batch_size):
             feats = [encoder.encode_prompt(it["question"], [_image(it, image_folder)])
                      for it in chunk]
             q_len = [len(tok(it["question"], add_special_tokens=False)["input_ids"])
