@@ -1,8 +1,9 @@
 """compodistill: fused visual-attention distillation for vision-language models."""
 from setuptools import find_packages, setup
 
-# `kernels/` is installed as `compodistill.kernels`, never as a top-level `kernels`
-# module: that name belongs to Hugging Face's `kernels` package.
+# The Triton kernels live in compodistill/kernels/, never in a top-level `kernels` folder:
+# that name belongs to Hugging Face's `kernels` package (a transformers dependency), which a
+# folder of ours at the repository root would shadow whenever the root is on sys.path.
 setup(
     name="compodistill",
     version="0.1.0",
@@ -10,8 +11,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["compodistill", "compodistill.*"]) + ["compodistill.kernels"],
-    package_dir={"compodistill": "compodistill", "compodistill.kernels": "kernels"},
+    packages=find_packages(include=["compodistill", "compodistill.*"]),
     # torch 2.11 (GPU image) .. 2.13 (CPU machines); triton 3.6 .. 3.9 ship with them.
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

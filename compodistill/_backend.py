@@ -5,17 +5,13 @@ module imports, otherwise the chunked PyTorch path. ``"triton"`` on CPU tensors 
 only under ``TRITON_INTERPRET=1`` (the test suite runs the kernels that way). The
 environment variable ``COMPODISTILL_BACKEND`` overrides ``"auto"`` for a whole run.
 
-Kernel modules are imported as ``compodistill.kernels.<name>``; ``setup.py`` maps the
-top-level ``kernels/`` folder there only once installed, so a plain source checkout falls
-back to loading ``<repo>/kernels/<name>.py`` by path under the same module name.
+Kernel modules are imported as ``compodistill.kernels.<name>``.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -27,32 +23,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _load_from_checkout(full: str, name: str) -> ModuleType:
-    root = Path(__file__).resolve().parent.parent / "kernels"
-    if "compodistill.kernels" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "compodistill.kernels", root / "__init__.py", submodule_search_locations=[str(root)])
-        if spec is None or not (root / "__init__.py").is_file():
-            raise ImportError(f"cannot find {full} (looked in {root})")
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["compodistill.kernels"] = package
-        try:
-            spec.loader.exec_module(package)
-        except BaseException:
-            del sys.modules["compodistill.kernels"]
-            raise
-    return importlib.import_module(full)
-
-
 def load_kernel_module(name: str) -> ModuleType:
     """Import ``compodistill.kernels.<name>``; ImportError when it or triton is missing."""
-    full = f"compodistill.kernels.{name}"
-    try:
-        return importlib.import_module(full)
-    except ModuleNotFoundError as err:
-        if err.name not in ("compodistill.kernels", full):
-            raise  # e.g. triton itself is missing
-    return _load_from_checkout(full, name)
+    return importlib.import_module(f"compodistill.kernels.{name}")
 
 
 def kernels_module(name: str) -> ModuleType | None:

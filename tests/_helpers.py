@@ -276,7 +276,7 @@ def run_reference(q, k, v, mask, causal, layout=None, vis=None, query="all", d_o
     return results["ref"], results["lowp"]
 
 
-# The two backwards of kernels/attention.py: "atomic" (the default, 5 matmuls, dq by float32
+# The two backwards of compodistill/kernels/attention.py: "atomic" (the default, 5 matmuls, dq by float32
 # atomics inside the dk/dv kernel) and "split" (the deterministic mode: dk/dv, then dq).
 BACKWARD_MODES = ("atomic", "split")
 BACKWARD_KERNELS = {"atomic": ["_bwd_delta_kernel", "_bwd_dkdvdq_kernel"],

@@ -1,11 +1,11 @@
 """Every config the autotuner can choose compiles without register spills and within the
 block's shared memory, for sm_80 and sm_90 (CPU only: Triton compiles for a GPUTarget
-with the wheel's ptxas, no driver needed; see kernels/report.py).
+with the wheel's ptxas, no driver needed; see compodistill/kernels/report.py).
 
 Default run: the fused student scenario and plain attention, fp16/bf16, d = 64 and 128,
 both backwards (the default 5-matmul one with atomic dq and the deterministic split one),
 both targets (the representative set, a few minutes on 2 cores). ``-m slow``: the full
-sweep of kernels/report.py (head dims 80/96, maps-only, no GQA, non-causal, logit KD).
+sweep of compodistill/kernels/report.py (head dims 80/96, maps-only, no GQA, non-causal, logit KD).
 """
 import json
 import os

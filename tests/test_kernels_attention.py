@@ -1,4 +1,4 @@
-"""Triton flash attention (kernels/attention.py, kernels/autograd.py) against the fp32 reference.
+"""Triton flash attention (compodistill/kernels/attention.py, compodistill/kernels/autograd.py) against the fp32 reference.
 
 Runs on the CPU through the Triton interpreter (TRITON_INTERPRET=1, set before triton is
 imported), so shapes are small. Accuracy rule: the kernel's error against the materialising
@@ -23,10 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-try:  # installed layout: kernels/ is compodistill.kernels
-    from compodistill import kernels as K  # noqa: E402
-except ImportError:  # source checkout without installation
-    import kernels as K  # noqa: E402
+from compodistill import kernels as K  # noqa: E402
 
 from compodistill.testing.visual_attention import ref_attention_output  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Visual-map kernels (kernels/visual_attention.py) and the fused backward, against the fp32 reference.
+"""Visual-map kernels (compodistill/kernels/visual_attention.py) and the fused backward, against the fp32 reference.
 
 Runs through the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
 Gradients come from loss = (out * dO).sum() + (A * G).sum() with random dO and G (G random

@@ -17,13 +17,16 @@ def test_kernels_subpackage_imports():
 
 
 def test_no_top_level_kernels_module_is_ours(tmp_path):
-    # Run from an empty folder so the repository root is not on sys.path.
+    # From an empty folder, and from the repository root, which `python -m pytest` and
+    # `python -c` put on sys.path: a `kernels` folder there would shadow Hugging Face's
+    # `kernels` package, which transformers (5.25+) imports.
     code = ("import importlib.util, json; s = importlib.util.find_spec('kernels'); "
             "print(json.dumps(None if s is None else s.origin))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, check=True).stdout.strip()
-    repo = str(Path(compodistill.__file__).resolve().parent.parent)
-    assert out == "null" or repo not in out, f"a top-level `kernels` resolves to {out}"
+    repo = Path(compodistill.__file__).resolve().parent.parent
+    for cwd in (tmp_path, repo):
+        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == "null" or str(repo) not in out, f"a top-level `kernels` resolves to {out}"
 
 
 def test_distribution_declares_only_compodistill():

@@ -101,7 +101,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 
 # The head-dim classes (BLOCK_D <= 64, = 128) each config fits per target: measured by
-# kernels/report.py (zero spill bytes, shared memory within the block limit) with Triton
+# compodistill/kernels/report.py (zero spill bytes, shared memory within the block limit) with Triton
 # 3.8, and with 3.6 where that differs; tests/test_kernel_resources.py keeps the tables
 # honest under the installed version. BLOCK_D 16/32 use the 64 class.
 _FIT_TABLES: dict[str, dict[tuple, dict[int, tuple]]] = {}

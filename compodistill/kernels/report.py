@@ -11,7 +11,7 @@ compiled metadata, ``wgmma``/``mma`` from the PTX.
 The full sweep (default) covers head dims 64/80/96/128, fp16/bf16, the plain, student and
 maps-only scenarios, no GQA, non-causal and the logit-KD kernel; ``--quick`` is the
 representative set that CI checks (tests/test_kernel_resources.py). Head dims above 128
-are rejected by the API (kernels/autograd.py), so they are not compiled.
+are rejected by the API (compodistill/kernels/autograd.py), so they are not compiled.
 """
 from __future__ import annotations
 
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="CSV path (default bench/results/kernel_resources.csv)")
     opts = ap.parse_args(argv)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the repository root
     out = opts.out or root / "bench" / "results" / "kernel_resources.csv"
     rows = sweep(default_cases() if opts.quick else full_cases(), with_linear_kd=not opts.quick)
     write_csv(rows, out)
