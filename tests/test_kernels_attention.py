@@ -226,7 +226,7 @@ def test_argument_errors():
 
 def test_package_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None; sys.path.insert(0, %r); "
-            "import kernels; assert not kernels.HAS_TRITON; "
+            "import compodistill.kernels as kernels; assert not kernels.HAS_TRITON; "
             "import pytest\n"
             "try:\n    kernels.flash_forward(None, None, None, None, True, None)\n"
             "except RuntimeError as e:\n    assert 'triton' in str(e)\n"
