@@ -317,3 +317,46 @@ def crash_and_resume(monkeypatch, make_trainer, *, at_step: int = 3) -> None:
         make_trainer().run()
     monkeypatch.setattr(stages_module.StageLosses, "__call__", original)
     make_trainer().run()
+
+
+# --------------------------------------------------------------------------- family pairs
+# A family's image processor with default settings plus a pixel budget the tiny models
+# (4-px patches, 2x2 merge) keep small; a family `compodistill train` gains adds its own here.
+FAMILY_IMAGE_PROCESSORS = {
+    "qwen2_5_vl": lambda tf: tf.Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
+        max_pixels=32 * 32),
+}
+FAMILY_IMAGE_PROCESSORS["qwen3_vl"] = FAMILY_IMAGE_PROCESSORS["qwen2_5_vl"]
+
+
+def write_tiny_family_pair(root, family: str, *, num: int = 6,
+                           sizes=((16, 16), (24, 16), (32, 32))) -> None:
+    """Synthetic data in ``root/data`` (image i resized to ``sizes[i]``: dynamic resolution),
+    and a tiny ``family`` student (with a locally trained tokenizer and the family's image
+    processor) and teacher (8 extra vocabulary rows) saved to ``root/student`` and
+    ``root/teacher``."""
+    import json
+
+    import pytest
+    import transformers as tf
+    from PIL import Image
+
+    from compodistill.data import generate_synthetic
+    from compodistill.hf.families import tiny_family_pair
+
+    if family not in FAMILY_IMAGE_PROCESSORS:
+        pytest.fail(f"no tiny image processor for {family}: add it to "
+                    f"tests/_helpers.py::FAMILY_IMAGE_PROCESSORS")
+    generate_synthetic(str(root / "data"), num=num, num_eval=1, image_size=16, progress=False)
+    for index, (w, h) in enumerate(sizes):
+        path = root / "data" / "images" / f"train_{index:06d}.png"
+        Image.open(path).convert("RGB").resize((w, h)).save(path)
+    records = json.loads((root / "data" / "train.json").read_text())
+    tok = local_bpe_tokenizer(root / "student", [t["value"] for r in records
+                                                 for t in r["conversations"]])
+    student, teacher = tiny_family_pair(family, vocab_size=len(tok),
+                                        teacher_vocab_size=len(tok) + 8)
+    student.save_pretrained(root / "student")
+    FAMILY_IMAGE_PROCESSORS[family](tf).save_pretrained(root / "student")
+    teacher.save_pretrained(root / "teacher")

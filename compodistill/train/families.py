@@ -1,8 +1,8 @@
 """What the trainer allows per family (docs/families.md), checked before any step runs.
 
-The teacher cache and the recipes other than CompoDistill's are built on LLaVA's layout (its
-projector, its batch keys), TAF on LLaVA's projector or Qwen2.5-VL's merger; for another
-family they are refused with a
+The recipes other than CompoDistill's are built on LLaVA's layout (its projector, its batch
+keys), TAF on LLaVA's projector or Qwen2.5-VL's merger; for another family they are refused
+with a
 :class:`~compodistill.train.config.ConfigError` naming the key and the family, never run
 on inputs they would get wrong.
 """
@@ -48,9 +48,8 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
                                  f"{family.title}; "
                                  f"set `taf: false` and train the student's own connector "
                                  f"(stages' trainable: connector, lora+connector)")
-    if config.teacher_cache is not None:
-        raise ConfigError("teacher.cache", f"the teacher cache is implemented for LLaVA only, "
-                                           f"not for {family.title}; run the teacher online")
+    # teacher.cache: every trainer family (the family's inputs, visual ids and connector,
+    # compodistill/teacher_cache/); recipes other than compodistill are refused at load.
     if config.recipe != "compodistill":
         raise ConfigError("recipe", f"recipe {config.recipe!r} is implemented for LLaVA only; "
                                     f"{family.title} trains with 'compodistill'")
