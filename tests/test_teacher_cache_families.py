@@ -84,8 +84,18 @@ def test_manifest_records_the_family_its_image_processor_and_visual_ids(cached):
     assert facts["visual_token_ids"] == list(visual_token_ids(config))
     processor = AutoImageProcessor.from_pretrained(root / "student")
     assert facts["image_processor_sha256"] == image_processor_hash(processor)
-    files = {p.name for p in (root / "cache").iterdir()}
-    assert {"index.json", "teacher_connector.safetensors", "teacher_config.json"} <= files
+    # The teacher's whole connector (Qwen3-VL: with its DeepStack mergers), as TAF reads it.
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from compodistill.hf.families import connector_of
+
+    teacher = AutoModelForImageTextToText.from_pretrained(root / "teacher")
+    want = connector_of(teacher).state_dict()
+    saved = load_file(str(root / "cache" / "teacher_connector.safetensors"))
+    assert saved.keys() == want.keys()
+    assert all(torch.equal(saved[k], want[k]) for k in want)
+    assert any(k.startswith("deepstack.") for k in saved) == (family == "qwen3_vl")
 
 
 def test_losses_and_gradients_equal_online_at_full_vocabulary(cached):
