@@ -185,3 +185,19 @@ def test_dpt_and_dft_train_from_the_cache_without_the_teacher(cached, monkeypatc
     assert set(results[0].final_losses) >= {"loss_lm", "loss_kd"}
     assert set(results[1].final_losses) >= {"loss_lm", "loss_kd", "loss_vat"}
     assert all(v == v and v > 0 for r in results for v in r.final_losses.values())
+
+
+def test_same_inputs_give_byte_identical_files(cached):
+    """The family's data (image processor, per-image token counts) and teacher inputs are
+    deterministic: a second cache run writes the same bytes."""
+    from compodistill.teacher_cache import write_teacher_cache
+
+    root, family = cached
+    options = dict(cache_teacher(root), cache=str(root / "cache-again"))
+    again = write_teacher_cache(config_from_dict(make_config(
+        root, options, taf=family in TAF_FAMILIES)), show_progress=False)
+
+    def files(folder):
+        return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+    assert files(again) == files(root / "cache")
