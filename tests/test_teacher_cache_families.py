@@ -201,3 +201,22 @@ def test_same_inputs_give_byte_identical_files(cached):
         return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
     assert files(again) == files(root / "cache")
+
+
+def test_cache_run_refuses_taf_where_the_family_has_none(cached, tmp_path, capsys):
+    """The cache run checks the family's options before it loads the teacher: TAF where the
+    family has none is one line naming the key and the family (exit status 2)."""
+    from compodistill.cli import main
+    from compodistill.hf.families import FAMILIES
+
+    from _helpers import assert_one_line_error
+
+    root, family = cached
+    if family in TAF_FAMILIES:
+        pytest.skip(f"{family} has TAF")
+    config = tmp_path / "taf.json"
+    options = dict(cache_teacher(root), cache=str(tmp_path / "cache"))
+    config.write_text(json.dumps(make_config(root, options, taf=True)))
+    code = main(["teacher-cache", "--config", str(config), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, "taf:", FAMILIES[family].title)
+    assert not (tmp_path / "cache").exists()
