@@ -320,12 +320,17 @@ def crash_and_resume(monkeypatch, make_trainer, *, at_step: int = 3) -> None:
 
 
 # --------------------------------------------------------------------------- family pairs
-# A family's image processor with default settings plus a pixel budget the tiny models
-# (4-px patches, 2x2 merge) keep small; a family `compodistill train` gains adds its own here.
+# Each family's own image processor (PIL backend) with default settings except the sizes of
+# the tiny vision towers of compodistill.hf.families.tiny_family_pair.
+_TILE = {"height": 16, "width": 16}
 FAMILY_IMAGE_PROCESSORS = {
     "qwen2_5_vl": lambda tf: tf.Qwen2VLImageProcessorPil(
         patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
         max_pixels=32 * 32),
+    "llava_onevision": lambda tf: tf.LlavaOnevisionImageProcessorPil(
+        size=_TILE, image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]]),
+    "gemma3": lambda tf: tf.Gemma3ImageProcessorPil(size=_TILE),
+    "internvl": lambda tf: tf.GotOcr2ImageProcessorPil(size=_TILE, crop_to_patches=False),
 }
 FAMILY_IMAGE_PROCESSORS["qwen3_vl"] = FAMILY_IMAGE_PROCESSORS["qwen2_5_vl"]
 

@@ -27,13 +27,16 @@ STAGES = [{"kind": "dpt", "trainable": "connector", "max_steps": 1, "batch_size"
 
 
 def make_config(root, teacher, out="run", **extra):
+    family = json.loads((root / "student" / "config.json").read_text())["model_type"]
     return {
         "student": str(root / "student"), "teacher": teacher, "output_dir": str(root / out),
         "cpu_threads": 1, "taf": extra.pop("taf", False),
         "data": {"train_json": str(root / "data" / "train.json"),
                  "image_folder": str(root / "data"), "max_length": 256},
-        "vat": {"student_layers": [0, 1], "teacher_layers": [1, 2, 3]}, "stages": STAGES,
-        **extra}
+        # Gemma 3's image tokens attend both ways: its VAT serves text query rows only.
+        "vat": {"student_layers": [0, 1], "teacher_layers": [1, 2, 3],
+                "query": "text" if family == "gemma3" else "all"},
+        "stages": STAGES, **extra}
 
 
 def cache_teacher(root):

@@ -171,6 +171,7 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
     acc = accelerator or make_accelerator(mixed_precision=config.mixed_precision)
     root = Path(opts.cache)
     student_config = load_student_config(config.student)
+    tokenizer = AutoTokenizer.from_pretrained(config.student, local_files_only=True)
     # The family's own image inputs, as the trainer builds them (None for LLaVA).
     image_inputs = family_image_inputs(student_config, config.student)
     teacher = load_family_model(opts.path).eval().requires_grad_(False).to(acc.device)
@@ -198,7 +199,6 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
         _connector_files(teacher, root)
     acc.wait_for_everyone()
 
-    tokenizer = AutoTokenizer.from_pretrained(config.student, local_files_only=True)
     dataset = build_dataset(config, student_config, tokenizer, image_inputs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         tokenizer.eos_token_id or 0)
