@@ -15,6 +15,7 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 from compodistill.hf.families import TAF_FAMILIES, TRAINER_FAMILIES  # noqa: E402
+from compodistill.testing.accuracy import assert_accuracy, rounding_atol  # noqa: E402
 from compodistill.teacher_cache import TeacherCache, TeacherCacheError  # noqa: E402
 from compodistill.train.config import config_from_dict  # noqa: E402
 
@@ -72,6 +73,34 @@ def _first_batch_losses(trainer, stage, student):
         values.update({k: float(v) for k, v in term.parts.items()})
     params = [p for p in student.parameters() if p.requires_grad]
     return values, torch.autograd.grad(total, params), batch
+
+
+def _float64_kd(trainer, student, batch) -> torch.Tensor:
+    """The online KD of ``batch`` in float64 (the reference on float64 logits), from the
+    float32 hidden states of the student and the trainer's teacher."""
+    from compodistill.hf.families import visual_token_ids
+    from compodistill.logit_kd.from_logits import shift_labels
+    from compodistill.testing.logit_kd import ref_logit_kd
+    from compodistill.train.stages import HiddenStates, family_inputs, lm_head
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        h_s = HiddenStates(student)(ids, mask, batch.get("pixel_values"), **family_inputs(batch))
+        h_t = trainer.teacher.model(input_ids=ids, attention_mask=mask,
+                                    pixel_values=batch.get("pixel_values"), use_cache=False,
+                                    **family_inputs(batch)).last_hidden_state
+
+    def logits(h, head):
+        z = h.double() @ head.weight.double().T
+        return z if head.bias is None else z + head.bias.double()
+
+    kd = trainer.config.kd
+    return ref_logit_kd(logits(h_s, lm_head(student)), logits(h_t, trainer.teacher.lm_head),
+                        shift_labels(batch["labels"]), loss=kd.loss, beta=kd.beta,
+                        temperature=kd.temperature, positions=kd.positions,
+                        attention_mask=mask,
+                        visual_mask=torch.isin(ids, torch.tensor(visual_token_ids(student))),
+                        compute_dtype=torch.float64)
 
 
 def test_manifest_records_the_family_its_image_processor_and_visual_ids(cached):
@@ -135,9 +164,14 @@ def test_losses_and_gradients_equal_online_at_full_vocabulary(cached):
     if "image_grid_thw" in b_on:  # dynamic resolution: images of several sizes in the batch
         assert len({tuple(row) for row in b_on["image_grid_thw"].tolist()}) > 1
     assert set(v_on) == set(v_ca) == {"lm", "kd", "vat", "vat_layer0", "vat_layer1"}
-    for name in v_on:
+    for name in ("lm", "vat", "vat_layer0", "vat_layer1"):
         assert v_ca[name] == pytest.approx(v_on[name], rel=1e-5, abs=1e-7), name
     assert v_on["kd"] > 0 and v_on["vat"] > 0
+    # KD is a small difference of log-probabilities, so float32 rounding is large relative to
+    # it (about 1e-5 online on these pairs): the yardstick is float64 (the accuracy rule).
+    kd64 = _float64_kd(online, s_online, b_on)
+    assert_accuracy(torch.tensor(v_ca["kd"]), kd64, torch.tensor(v_on["kd"]),
+                    atol=rounding_atol(kd64, torch.float32), name="kd from the cache")
     assert len(g_on) == len(g_ca) > 0
     for a, b in zip(g_ca, g_on):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
