@@ -340,7 +340,8 @@ def write_tiny_family_pair(root, family: str, *, num: int = 6,
     """Synthetic data in ``root/data`` (image i resized to ``sizes[i]``: dynamic resolution),
     and a tiny ``family`` student (with a locally trained tokenizer and the family's image
     processor) and teacher (8 extra vocabulary rows) saved to ``root/student`` and
-    ``root/teacher``."""
+    ``root/teacher``. A family that `compodistill train` gains needs its entry in
+    :data:`FAMILY_IMAGE_PROCESSORS`."""
     import json
 
     import pytest
@@ -360,8 +361,16 @@ def write_tiny_family_pair(root, family: str, *, num: int = 6,
     records = json.loads((root / "data" / "train.json").read_text())
     tok = local_bpe_tokenizer(root / "student", [t["value"] for r in records
                                                  for t in r["conversations"]])
+    if family == "internvl":  # InternVL's tokenizer names its image start/end markers
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(root / "student", extra_special_tokens={
+            "start_image_token": "<vision_start>", "end_image_token": "<vision_end>"})
+        tok.save_pretrained(root / "student")
+    # Gemma 3: a window shorter than the samples, so its sliding layers really slide.
     student, teacher = tiny_family_pair(family, vocab_size=len(tok),
-                                        teacher_vocab_size=len(tok) + 8)
+                                        teacher_vocab_size=len(tok) + 8,
+                                        sliding_window=8 if family == "gemma3" else None)
     student.save_pretrained(root / "student")
     FAMILY_IMAGE_PROCESSORS[family](tf).save_pretrained(root / "student")
     teacher.save_pretrained(root / "teacher")

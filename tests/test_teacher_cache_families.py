@@ -184,7 +184,7 @@ def test_changed_image_processor_makes_the_cache_stale(cached, tmp_path):
     student = tmp_path / "student"
     shutil.copytree(root / "student", student)
     settings = json.loads((student / "preprocessor_config.json").read_text())
-    settings["image_mean"] = [0.5, 0.5, 0.5]  # same token counts, other pixels
+    settings["image_mean"] = [0.25, 0.5, 0.75]  # same token counts, other pixels
     (student / "preprocessor_config.json").write_text(json.dumps(settings))
     config = make_config(root, {"cache": str(root / "cache")})
     config["student"] = str(student)
