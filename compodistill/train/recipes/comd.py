@@ -61,7 +61,8 @@ FACTS = RecipeFacts(
     terms=("lm", "kd"),
     stage_defaults={kind: dict(trainable="lora", weights=dict(lm=1.0), batch_size=128)
                     for kind in ("dpt", "dft", "sft")},
-    default_stages=("sft",))
+    default_stages=("sft",),
+    families=("llava",))  # not yet ported to the other families
 
 
 class CoMDRecipe(CompoDistillRecipe):

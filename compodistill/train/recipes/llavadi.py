@@ -28,7 +28,8 @@ FACTS = RecipeFacts(
         "dft": dict(trainable="lora+connector", weights=dict(lm=1.0, kd=1.0, feat=1.0),
                     batch_size=128),
     },
-    default_stages=("dpt", "dft"))
+    default_stages=("dpt", "dft"),
+    families=("llava",))  # not yet ported to the other families
 
 __all__ = ["FeatureProjector", "ProjectedHiddenStates", "LlavaDILosses", "LlavaDIRecipe",
            "PROJECTOR_FILE", "feature_mse"]

@@ -1,0 +1,170 @@
+"""The LLaVA-KD, LLAVADI and CoMD recipes on the trainer families other than LLaVA
+(docs/stages.md#recipes-on-every-family): tiny teacher/student pairs of each family saved to
+disk with a local tokenizer and the family's image processor, images of three sizes (one token
+count each).
+
+On every family (cheap): each recipe's terms on one batch equal a direct computation from the
+models' own forwards with every input of the batch, so the family's inputs reach both models
+and the visual positions are the family's; CoMD's generator feeds the model the same logits as
+a direct forward. On Qwen2.5-VL (heavier): each recipe's stages, or one CoMD round, run end to
+end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from compodistill.data import LlavaCollator  # noqa: E402
+from compodistill.hf.families import FAMILIES as ALL_FAMILIES  # noqa: E402
+from compodistill.hf.families import TRAINER_FAMILIES, visual_token_ids  # noqa: E402
+from compodistill.logit_kd.from_logits import shift_labels  # noqa: E402
+from compodistill.testing.logit_kd import (ref_llavadi_feature_mse, ref_logit_kd,  # noqa: E402
+                                           ref_rdist)
+from compodistill.train.config import ConfigError, config_from_dict  # noqa: E402
+from compodistill.train.recipes import get_recipe  # noqa: E402
+from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+
+from _helpers import write_family_pair  # noqa: E402
+
+FAMILIES = [f for f in TRAINER_FAMILIES if f != "llava"]
+HEAVY = "qwen2_5_vl"  # the end-to-end runs: one family keeps the suite's time budget
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_pair(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    write_family_pair(root, request.param)
+    return root, request.param
+
+
+def make_config(root, recipe, stages, out, **extra):
+    return config_from_dict({
+        "recipe": recipe, "student": str(root / "student"), "teacher": str(root / "teacher"),
+        "output_dir": str(root / out), "cpu_threads": 1,
+        "data": {"train_json": str(root / "data" / "train.json"),
+                 "image_folder": str(root / "data"), "max_length": 256},
+        "stages": stages, **extra})
+
+
+def one_batch(trainer) -> dict:
+    """Every training sample in one right-padded batch (images of all three sizes)."""
+    collate = LlavaCollator(trainer.tokenizer.pad_token_id, image_inputs=trainer.image_inputs)
+    return collate([trainer.dataset[i] for i in range(len(trainer.dataset))])
+
+
+def direct(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last hidden state, logits) of the model called with every key of the batch but the
+    labels: what the family's own forward computes, independent of the recipes' plumbing."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        h = model.model(**inputs, use_cache=False).last_hidden_state
+        return h, model.lm_head(h)
+
+
+def stage_parts(trainer, recipe_name, stage):
+    from compodistill.train.stages import prepare_trainable
+
+    student, params = prepare_trainable(trainer.student, stage)
+    parts = get_recipe(recipe_name).stage_parts(trainer, student, params, stage,
+                                                trainer.stage_dir(stage))
+    return student, parts
+
+
+# ---------------------------------------------------------------------------- every family
+def test_llava_kd_terms_equal_the_family_forward(family_pair):
+    root, family = family_pair
+    stage = dict(kind="dft", trainable="connector", max_steps=1, batch_size=2)
+    trainer = DistillationTrainer(make_config(root, "llava_kd", [stage], "kd-terms"),
+                                  show_progress=False)
+    batch = one_batch(trainer)
+    _, parts = stage_parts(trainer, "llava_kd", trainer.config.stages[0])
+    terms = parts.losses(parts.module, batch)
+    assert set(terms) == {"lm", "kd", "kd_vis", "rdist"}
+    (h_s, z_s), (h_t, z_t) = direct(trainer.student, batch), direct(trainer.teacher, batch)
+    # Both forwards see the family's inputs (without mm_token_type_ids Qwen would take 1-D
+    # positions: a change of ~1e-3 here that the loss values alone can hide).
+    _, got_t, got_s, _ = parts.losses.forwards(parts.module, batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got_s[real], h_s[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_t[real], h_t[real], rtol=1e-5, atol=1e-5)
+    cfg = trainer.student.config
+    visual = torch.isin(batch["input_ids"], torch.tensor(visual_token_ids(cfg)))
+    # the image tokens of every image (its own count) and nothing else: no vision markers
+    assert int(visual.sum()) == int((batch["input_ids"] == cfg.image_token_id).sum()) > 0
+    assert not visual[batch["input_ids"] == cfg.vision_start_token_id].any()
+    labels, mask = shift_labels(batch["labels"]), batch["attention_mask"]
+    expect = {
+        "kd_vis": ref_logit_kd(z_s, z_t, labels, positions="visual", attention_mask=mask,
+                               visual_mask=visual),
+        "kd": ref_logit_kd(z_s, z_t, labels, positions="response"),
+        "rdist": ref_rdist(z_s, z_t, visual),
+        "lm": torch.nn.functional.cross_entropy(z_s.flatten(0, 1), labels.flatten()),
+    }
+    for name, value in expect.items():
+        assert terms[name].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6), name
+
+
+def test_every_builtin_recipe_is_accepted_and_a_llava_only_one_refused(family_pair):
+    from compodistill.train.families import check_family_options
+    from compodistill.train.recipes import RecipeFacts, register_recipe, unregister_recipe
+    from compodistill.train.recipes.llava_kd import LlavaKDRecipe
+
+    root, family = family_pair
+    stage = [dict(kind="sft", max_steps=1, batch_size=2)]
+    for name in ("llava_kd",):
+        check_family_options(make_config(root, name, stage, "check"), root / "student",
+                             root / "teacher")
+
+    class LlavaOnly(LlavaKDRecipe):
+        facts = RecipeFacts(terms=("lm",), stage_defaults={}, default_stages=("sft",),
+                            families=("llava",))
+
+    register_recipe("llava_only", LlavaOnly)
+    try:
+        with pytest.raises(ConfigError) as err:
+            DistillationTrainer(make_config(root, "llava_only", stage, "refused"),
+                                show_progress=False)
+    finally:
+        unregister_recipe("llava_only")
+    message = str(err.value)
+    assert message.startswith("recipe: ") and "'llava_only'" in message
+    assert "\n" not in message and ALL_FAMILIES[family].title in message
+
+
+# ---------------------------------------------------------------------------- end to end
+def heavy(family_pair):
+    root, family = family_pair
+    if family != HEAVY:
+        pytest.skip(f"end-to-end runs on {HEAVY} only (time budget); the terms are checked "
+                    f"on {family} above")
+    return root
+
+
+LORA = dict(lora_r=2, lora_alpha=4, warmup_ratio=0.0)
+
+
+def test_llava_kd_stages_end_to_end(family_pair):
+    from transformers import AutoModelForImageTextToText
+
+    root = heavy(family_pair)
+    stages = [dict(kind="dpt", max_steps=1, batch_size=2, warmup_ratio=0.0),
+              dict(kind="sft", max_steps=1, batch_size=2, **LORA),
+              dict(kind="dft", max_steps=2, batch_size=2, **LORA)]
+    trainer = DistillationTrainer(make_config(root, "llava_kd", stages, "kd-run"),
+                                  show_progress=False)
+    merger = {k: v.clone() for k, v in trainer.student.model.visual.merger.state_dict().items()}
+    results = trainer.run()
+    every = {"loss", "loss_lm", "loss_kd", "loss_kd_vis", "loss_rdist"}
+    assert [r.name for r in results] == ["dpt", "sft", "dft"]
+    assert [set(r.final_losses) for r in results] == [every, {"loss", "loss_lm"}, every]
+    assert all(torch.isfinite(torch.tensor(list(r.final_losses.values()))).all()
+               for r in results)
+    assert results[2].final_losses["loss_kd_vis"] > 0 and results[2].final_losses["loss_rdist"] > 0
+    final = AutoModelForImageTextToText.from_pretrained(root / "kd-run" / "3-dft" / "model")
+    assert type(final).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    after = final.model.visual.merger.state_dict()  # no TAF: the student's merger trained
+    assert any(not torch.equal(after[k], v) for k, v in merger.items())
