@@ -108,6 +108,32 @@ def test_llava_kd_terms_equal_the_family_forward(family_pair):
         assert terms[name].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6), name
 
 
+def test_llavadi_terms_and_projector_widths_on_the_family(family_pair):
+    root, family = family_pair
+    stage = dict(kind="dft", trainable="connector", max_steps=1, batch_size=2)
+    trainer = DistillationTrainer(make_config(root, "llavadi", [stage], "di-terms",
+                                              llavadi={"proj_hidden": 8}), show_progress=False)
+    batch = one_batch(trainer)
+    _, parts = stage_parts(trainer, "llavadi", trainer.config.stages[0])
+    projector = parts.extras["projector"]
+    # widths from each model's text config (tiny_family_pair: student 32, teacher 64)
+    assert projector.net[0].in_features == 32 and projector.net[2].out_features == 64
+    terms = parts.losses(parts.module, batch)
+    assert set(terms) == {"lm", "kd", "feat"}
+    h_s, z_s = direct(trainer.student, batch)
+    h_t, z_t = direct(trainer.teacher, batch)
+    mask = batch["attention_mask"]
+    keep = mask.bool()
+    _, got_t, (got_s, projected), _ = parts.losses.forwards(parts.module, batch)
+    torch.testing.assert_close(got_s[keep], h_s[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_t[keep], h_t[keep], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        feat = ref_llavadi_feature_mse(projector(h_s)[keep], h_t[keep])
+    kd = ref_logit_kd(z_s, z_t, positions="all", attention_mask=mask, zscore=True)
+    assert terms["feat"].item() == pytest.approx(feat.item(), rel=1e-5)
+    assert terms["kd"].item() == pytest.approx(kd.item(), rel=1e-4)
+
+
 def test_every_builtin_recipe_is_accepted_and_a_llava_only_one_refused(family_pair):
     from compodistill.train.families import check_family_options
     from compodistill.train.recipes import RecipeFacts, register_recipe, unregister_recipe
@@ -115,7 +141,7 @@ def test_every_builtin_recipe_is_accepted_and_a_llava_only_one_refused(family_pa
 
     root, family = family_pair
     stage = [dict(kind="sft", max_steps=1, batch_size=2)]
-    for name in ("llava_kd",):
+    for name in ("llava_kd", "llavadi"):
         check_family_options(make_config(root, name, stage, "check"), root / "student",
                              root / "teacher")
 
@@ -168,3 +194,25 @@ def test_llava_kd_stages_end_to_end(family_pair):
     assert type(final).__name__ == "Qwen2_5_VLForConditionalGeneration"
     after = final.model.visual.merger.state_dict()  # no TAF: the student's merger trained
     assert any(not torch.equal(after[k], v) for k, v in merger.items())
+
+
+def test_llavadi_stages_end_to_end(family_pair):
+    from safetensors.torch import load_file
+
+    root = heavy(family_pair)
+    stages = [dict(kind="dpt", max_steps=1, batch_size=2, warmup_ratio=0.0),
+              dict(kind="dft", max_steps=2, batch_size=2, **LORA)]
+    results = DistillationTrainer(make_config(root, "llavadi", stages, "di-run",
+                                              llavadi={"proj_hidden": 16}),
+                                  show_progress=False).run()
+    assert [set(r.final_losses) for r in results] == [
+        {"loss", "loss_lm"}, {"loss", "loss_lm", "loss_kd", "loss_feat"}]
+    assert all(torch.isfinite(torch.tensor(list(r.final_losses.values()))).all()
+               for r in results)
+    state = load_file(str(root / "di-run" / "2-dft" / "feature_projector.safetensors"))
+    assert tuple(state["net.0.weight"].shape) == (16, 32)
+    assert tuple(state["net.2.weight"].shape) == (64, 16)
+    keys = set()
+    for f in (root / "di-run" / "2-dft" / "model").glob("*.safetensors"):
+        keys |= set(load_file(str(f)))
+    assert keys and not any(k.startswith("projector") for k in keys)  # never exported
