@@ -134,6 +134,37 @@ def test_llavadi_terms_and_projector_widths_on_the_family(family_pair):
     assert terms["kd"].item() == pytest.approx(kd.item(), rel=1e-4)
 
 
+def test_comd_generation_gives_the_model_the_family_inputs(family_pair):
+    """CoMD's generator encodes each image with its own token count and hands ``generate`` the
+    family's keys: the prompt step's logits, left-padded in one batch, equal a direct forward
+    of each prompt alone; the first new token is their argmax."""
+    from compodistill.train.recipes.comd import CoMDRecipe
+
+    root, family = family_pair
+    stage = dict(kind="sft", max_steps=1, batch_size=2)
+    trainer = DistillationTrainer(make_config(root, "comd", [stage], "comd-gen"),
+                                  show_progress=False)
+    model = trainer.teacher
+    generator = CoMDRecipe().generator(trainer, model, 2)
+    images = [[str(root / "data" / "images" / f"train_{i:06d}.png")] for i in range(3)]
+    features = [generator.encode("<image>\nwhat is it", im) for im in images]
+    counts = [int((f["input_ids"] == model.config.image_token_id).sum()) for f in features]
+    assert len(set(counts)) == 3  # one token count per image size
+    seen = []
+    hook = model.register_forward_hook(lambda m, args, out: seen.append(out.logits[:, -1]))
+    try:
+        new = generator.generate_ids(features)
+    finally:
+        hook.remove()
+    prompt_step = seen[0]
+    for i, feature in enumerate(features):
+        batch = generator.batch([feature])
+        _, logits = direct(model, batch)
+        torch.testing.assert_close(prompt_step[i], logits[0, -1], rtol=1e-4, atol=1e-5)
+        if new[i]:
+            assert new[i][0] == int(logits[0, -1].argmax())
+
+
 def test_every_builtin_recipe_is_accepted_and_a_llava_only_one_refused(family_pair):
     from compodistill.train.families import check_family_options
     from compodistill.train.recipes import RecipeFacts, register_recipe, unregister_recipe
@@ -141,7 +172,7 @@ def test_every_builtin_recipe_is_accepted_and_a_llava_only_one_refused(family_pa
 
     root, family = family_pair
     stage = [dict(kind="sft", max_steps=1, batch_size=2)]
-    for name in ("llava_kd", "llavadi"):
+    for name in ("llava_kd", "llavadi", "comd"):
         check_family_options(make_config(root, name, stage, "check"), root / "student",
                              root / "teacher")
 
@@ -216,3 +247,32 @@ def test_llavadi_stages_end_to_end(family_pair):
     for f in (root / "di-run" / "2-dft" / "model").glob("*.safetensors"):
         keys |= set(load_file(str(f)))
     assert keys and not any(k.startswith("projector") for k in keys)  # never exported
+
+
+def test_comd_round_end_to_end(family_pair):
+    from transformers import AutoModelForImageTextToText
+
+    root = heavy(family_pair)
+    stage = [dict(kind="sft", max_steps=1, batch_size=2, **LORA)]
+    config = make_config(root, "comd", stage, "comd-run",
+                         comd={"rounds": 1, "judge": "overlap", "threshold": -9,
+                               "max_new_tokens": 3, "instruction_max_new_tokens": 4,
+                               "assess_samples": 3, "augment_prompt": "{instruction}"})
+    trainer = DistillationTrainer(config, show_progress=False)
+    results = trainer.run()
+    r1 = root / "comd-run" / "round-1"
+    answers = json.loads((r1 / "answers.json").read_text())
+    assert len(answers) == 3 and all(1.0 <= s["teacher"] <= 10.0 for s in
+                                     json.loads((r1 / "scores.json").read_text()))
+    augmented = json.loads((r1 / "augmented.json").read_text())
+    assert augmented and (r1 / "tune-augmented" / "1-sft" / "model").exists()
+    assert all(torch.isfinite(torch.tensor(list(r.final_losses.values()))).all()
+               for r in results) and len(results) == 2
+    # the augmented records train like the input data: each image its own token count
+    data = trainer.load_dataset(augmented)
+    img = trainer.student.config.image_token_id
+    for i in range(len(data)):
+        item = data[i]
+        assert int((item["input_ids"] == img).sum()) == int(item["image_grid_thw"].prod()) // 4
+    final = AutoModelForImageTextToText.from_pretrained(root / "comd-run" / "model")
+    assert type(final).__name__ == "Qwen2_5_VLForConditionalGeneration"
