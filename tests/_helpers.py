@@ -321,14 +321,15 @@ def crash_and_resume(monkeypatch, make_trainer, *, at_step: int = 3) -> None:
 
 # --------------------------------------------------------------------------- family pairs
 
-def family_image_processor(family: str):
+def family_image_processor(family: str, **overrides):
     """The family's own image processor class, sized for the tiny models of
-    ``tiny_family_pair`` (no download)."""
+    ``tiny_family_pair`` (no download); ``overrides`` go to its constructor."""
     import transformers as tf
 
     if family in ("qwen2_5_vl", "qwen3_vl"):  # 4-px patches, 2x2 merge: 4..16 tokens an image
-        return tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
-                                           min_pixels=16 * 16, max_pixels=32 * 32)
+        options = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
+                       max_pixels=32 * 32)
+        return tf.Qwen2VLImageProcessorPil(**{**options, **overrides})
     raise ValueError(f"tests/_helpers.py: no tiny image processor for family {family!r}; "
                      f"add it to family_image_processor")
 

@@ -276,3 +276,37 @@ def test_comd_round_end_to_end(family_pair):
         assert int((item["input_ids"] == img).sum()) == int(item["image_grid_thw"].prod()) // 4
     final = AutoModelForImageTextToText.from_pretrained(root / "comd-run" / "model")
     assert type(final).__name__ == "Qwen2_5_VLForConditionalGeneration"
+
+
+def test_comd_judge_model_of_the_family(family_pair, tmp_path):
+    """``comd.judge_model`` names a checkpoint of the family: it loads as that family's model
+    and judges with the image processor saved next to it (here one with a smaller pixel
+    budget than the student's, so another token count per image)."""
+    from transformers import AutoModelForImageTextToText
+
+    from compodistill.data.family_inputs import family_image_inputs
+    from compodistill.train.recipes.comd import CoMDRecipe
+    from compodistill.train.recipes.comd_judges import JudgeRequest, ModelJudge
+
+    from _helpers import family_image_processor
+
+    root, family = family_pair
+    judge_dir = tmp_path / "judge"
+    AutoModelForImageTextToText.from_pretrained(root / "student").save_pretrained(judge_dir)
+    family_image_processor(family, max_pixels=16 * 16).save_pretrained(judge_dir)
+    stage = [dict(kind="sft", max_steps=1, batch_size=2)]
+    config = make_config(root, "comd", stage, "comd-judge",
+                         comd={"judge": "model", "judge_model": str(judge_dir),
+                               "judge_max_new_tokens": 2})
+    trainer = DistillationTrainer(config, show_progress=False)
+    judge = CoMDRecipe().resolve_judge(trainer)
+    assert isinstance(judge, ModelJudge)
+    model = judge.generate.model
+    assert type(model) is type(trainer.student) and model is not trainer.student
+    own = family_image_inputs(model.config, judge_dir).token_counts([(32, 32)])[0]
+    assert own != trainer.image_inputs.token_counts([(32, 32)])[0]
+    image = str(root / "data" / "images" / "train_000002.png")  # 32 x 32
+    sample = judge.generate.encode("<image>\nwhich is better", [image])
+    assert int((sample["input_ids"] == model.config.image_token_id).sum()) == own
+    verdicts = judge([JudgeRequest("<image>\nwhat is it", "red", "blue", "red", [image])])
+    assert len(verdicts) == 1  # a random tiny judge: a verdict, or None when unparsable

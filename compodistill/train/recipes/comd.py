@@ -108,7 +108,9 @@ class CoMDRecipe(CompoDistillRecipe):
                                batch_size=trainer.config.comd.generation_batch_size,
                                image_inputs=image_inputs)
 
-    def _judge(self, trainer):
+    def resolve_judge(self, trainer):
+        """The judge of this run: the one given to the constructor, else ``config.comd.judge``
+        (a :class:`ModelJudge` on ``comd.judge_model``, of any trainer family, or the teacher)."""
         if self.judge is not None:
             return self.judge
         opts = trainer.config.comd
@@ -198,7 +200,7 @@ class CoMDRecipe(CompoDistillRecipe):
         return [{**it, "teacher": t, "student": s} for it, t, s in zip(items, teacher, student)]
 
     def _score(self, trainer, answers: list[dict]) -> list[dict]:
-        judge = self._judge(trainer)
+        judge = self.resolve_judge(trainer)
 
         def requests(first: str, second: str):
             return [JudgeRequest(a["instruction"], a[first], a[second], a["reference"],
