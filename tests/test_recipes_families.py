@@ -166,6 +166,8 @@ def test_comd_generation_gives_the_model_the_family_inputs(family_pair):
 
 
 def test_every_builtin_recipe_is_accepted_and_a_llava_only_one_refused(family_pair):
+    import transformers
+
     from compodistill.train.families import check_family_options
     from compodistill.train.recipes import RecipeFacts, register_recipe, unregister_recipe
     from compodistill.train.recipes.llava_kd import LlavaKDRecipe
@@ -180,15 +182,26 @@ def test_every_builtin_recipe_is_accepted_and_a_llava_only_one_refused(family_pa
         facts = RecipeFacts(terms=("lm",), stage_defaults={}, default_stages=("sft",),
                             families=("llava",))
 
+    class ThisFamilyOnly(LlavaKDRecipe):
+        facts = RecipeFacts(terms=("lm",), stage_defaults={}, default_stages=("sft",),
+                            families=(family,))
+
     register_recipe("llava_only", LlavaOnly)
+    register_recipe("family_only", ThisFamilyOnly)
     try:
         with pytest.raises(ConfigError) as err:
             DistillationTrainer(make_config(root, "llava_only", stage, "refused"),
                                 show_progress=False)
+        mine = make_config(root, "family_only", stage, "check")
+        check_family_options(mine, root / "student", root / "teacher")
+        with pytest.raises(ConfigError, match=r"^recipe: 'family_only' is implemented for "
+                                              r".*, not for LLaVA \(1\.5\)"):
+            check_family_options(mine, transformers.LlavaConfig())
     finally:
         unregister_recipe("llava_only")
+        unregister_recipe("family_only")
     message = str(err.value)
-    assert message.startswith("recipe: ") and "'llava_only'" in message
+    assert message.startswith("recipe: 'llava_only' is implemented for LLaVA (1.5), not for ")
     assert "\n" not in message and ALL_FAMILIES[family].title in message
 
 

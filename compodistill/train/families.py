@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ..hf.families import TAF_FAMILIES, family_of
+from ..hf.families import FAMILIES, TAF_FAMILIES, family_of
 from .config import ConfigError, DistillConfig
 
 __all__ = ["check_family_options"]
@@ -43,6 +43,14 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
         if other != family:
             raise ConfigError("teacher", f"a {other.title} teacher cannot teach a "
                                          f"{family.title} student: both must be one family")
+    from .recipes import recipe_facts
+
+    allowed = recipe_facts(config.recipe).families  # None: every trainer family
+    if allowed is not None and family.name not in allowed:
+        names = ", ".join(FAMILIES[n].title if n in FAMILIES else n for n in allowed)
+        raise ConfigError("recipe", f"{config.recipe!r} is implemented for {names}, "
+                                    f"not for {family.title}; {family.title} trains with "
+                                    f"'compodistill'")
     if family.name == "llava":
         return
     if config.taf and family.name not in TAF_FAMILIES:
@@ -53,10 +61,3 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
     if config.teacher_cache is not None:
         raise ConfigError("teacher.cache", f"the teacher cache is implemented for LLaVA only, "
                                            f"not for {family.title}; run the teacher online")
-    from .recipes import recipe_facts
-
-    allowed = recipe_facts(config.recipe).families  # None: every trainer family
-    if allowed is not None and family.name not in allowed:
-        raise ConfigError("recipe", f"recipe {config.recipe!r} is implemented for "
-                                    f"{', '.join(allowed)}, not for {family.title}; "
-                                    f"{family.title} trains with 'compodistill'")
