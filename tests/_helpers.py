@@ -320,40 +320,42 @@ def crash_and_resume(monkeypatch, make_trainer, *, at_step: int = 3) -> None:
 
 
 # --------------------------------------------------------------------------- family pairs
-# Each family's own image processor (PIL backend) with default settings except the sizes of
-# the tiny vision towers of compodistill.hf.families.tiny_family_pair.
-_TILE = {"height": 16, "width": 16}
-FAMILY_IMAGE_PROCESSORS = {
-    "qwen2_5_vl": lambda tf: tf.Qwen2VLImageProcessorPil(
-        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
-        max_pixels=32 * 32),
-    "llava_onevision": lambda tf: tf.LlavaOnevisionImageProcessorPil(
-        size=_TILE, image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]]),
-    "gemma3": lambda tf: tf.Gemma3ImageProcessorPil(size=_TILE),
-    "internvl": lambda tf: tf.GotOcr2ImageProcessorPil(size=_TILE, crop_to_patches=False),
-}
-FAMILY_IMAGE_PROCESSORS["qwen3_vl"] = FAMILY_IMAGE_PROCESSORS["qwen2_5_vl"]
+
+def family_image_processor(family: str, **overrides):
+    """The family's own image processor class, sized for the tiny models of
+    ``tiny_family_pair`` (no download); ``overrides`` go to its constructor."""
+    import transformers as tf
+
+    if family in ("qwen2_5_vl", "qwen3_vl"):  # 4-px patches, 2x2 merge: 4..16 tokens an image
+        options = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
+                       max_pixels=32 * 32)
+        return tf.Qwen2VLImageProcessorPil(**{**options, **overrides})
+    tile = {"size": {"height": 16, "width": 16}}  # the 16-px tiles of the tiny SigLIP towers
+    others = {"llava_onevision": (tf.LlavaOnevisionImageProcessorPil, dict(
+                  tile, image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]])),
+              "gemma3": (tf.Gemma3ImageProcessorPil, tile),
+              "internvl": (tf.GotOcr2ImageProcessorPil, dict(tile, crop_to_patches=False))}
+    if family in others:
+        cls, options = others[family]
+        return cls(**{**options, **overrides})
+    raise ValueError(f"tests/_helpers.py: no tiny image processor for family {family!r}; "
+                     f"add it to family_image_processor")
 
 
-def write_tiny_family_pair(root, family: str, *, num: int = 6,
-                           sizes=((16, 16), (24, 16), (32, 32))) -> None:
-    """Synthetic data in ``root/data`` (image i resized to ``sizes[i]``: dynamic resolution),
-    and a tiny ``family`` student (with a locally trained tokenizer and the family's image
-    processor) and teacher (8 extra vocabulary rows) saved to ``root/student`` and
-    ``root/teacher``. A family that `compodistill train` gains needs its entry in
-    :data:`FAMILY_IMAGE_PROCESSORS`."""
+def write_family_pair(root, family: str, *, num: int = 6, sizes=((16, 16), (24, 16), (32, 32)),
+                      sliding_window: int | None = None):
+    """Synthetic data in ``root/data`` (the first images resized to ``sizes``: one token count
+    each), a locally trained tokenizer, and a tiny student (with tokenizer and the family's
+    image processor) and teacher of ``family`` saved to ``root/student`` and
+    ``root/teacher``. The teacher's vocabulary has 8 extra rows (KD truncates it).
+    ``sliding_window``: Gemma 3's window (``tiny_family_pair``). Returns the tokenizer."""
     import json
 
-    import pytest
-    import transformers as tf
     from PIL import Image
 
     from compodistill.data import generate_synthetic
     from compodistill.hf.families import tiny_family_pair
 
-    if family not in FAMILY_IMAGE_PROCESSORS:
-        pytest.fail(f"no tiny image processor for {family}: add it to "
-                    f"tests/_helpers.py::FAMILY_IMAGE_PROCESSORS")
     generate_synthetic(str(root / "data"), num=num, num_eval=1, image_size=16, progress=False)
     for index, (w, h) in enumerate(sizes):
         path = root / "data" / "images" / f"train_{index:06d}.png"
@@ -367,10 +369,10 @@ def write_tiny_family_pair(root, family: str, *, num: int = 6,
         tok = AutoTokenizer.from_pretrained(root / "student", extra_special_tokens={
             "start_image_token": "<vision_start>", "end_image_token": "<vision_end>"})
         tok.save_pretrained(root / "student")
-    # Gemma 3: a window shorter than the samples, so its sliding layers really slide.
     student, teacher = tiny_family_pair(family, vocab_size=len(tok),
                                         teacher_vocab_size=len(tok) + 8,
-                                        sliding_window=8 if family == "gemma3" else None)
+                                        sliding_window=sliding_window)
     student.save_pretrained(root / "student")
-    FAMILY_IMAGE_PROCESSORS[family](tf).save_pretrained(root / "student")
+    family_image_processor(family).save_pretrained(root / "student")
     teacher.save_pretrained(root / "teacher")
+    return tok

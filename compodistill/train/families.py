@@ -1,8 +1,9 @@
 """What the trainer allows per family (docs/families.md), checked before any step runs.
 
-The recipes other than CompoDistill's are built on LLaVA's layout (its projector, its batch
-keys), TAF on LLaVA's projector or Qwen2.5-VL's merger; for another family they are refused
-with a
+TAF is built on LLaVA's projector or Qwen2.5-VL's merger, and a recipe may name the families
+it runs on
+(``RecipeFacts.families``; the built-in ones run on every trainer family); for another
+family they are refused with a
 :class:`~compodistill.train.config.ConfigError` naming the key and the family, never run
 on inputs they would get wrong.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ..hf.families import TAF_FAMILIES, family_of
+from ..hf.families import FAMILIES, TAF_FAMILIES, family_of
 from .config import ConfigError, DistillConfig
 
 __all__ = ["check_family_options"]
@@ -33,7 +34,8 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
 
     Raises:
         ConfigError: ``teacher`` of another family than the student's; ``taf`` for a family without TAF (set ``taf: false`` and train the
-            student's own connector), ``teacher.cache`` or ``recipe`` for a non-LLaVA family.
+            student's own connector), ``recipe`` for a family the recipe's
+            ``facts.families`` leaves out.
     """
     family = family_of(_model_config(student_config))
     if teacher_config is not None:
@@ -41,6 +43,14 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
         if other != family:
             raise ConfigError("teacher", f"a {other.title} teacher cannot teach a "
                                          f"{family.title} student: both must be one family")
+    from .recipes import recipe_facts
+
+    allowed = recipe_facts(config.recipe).families  # None: every trainer family
+    if allowed is not None and family.name not in allowed:
+        names = ", ".join(FAMILIES[n].title if n in FAMILIES else n for n in allowed)
+        raise ConfigError("recipe", f"{config.recipe!r} is implemented for {names}, "
+                                    f"not for {family.title}; {family.title} trains with "
+                                    f"'compodistill'")
     if family.name == "llava":
         return
     if config.taf and family.name not in TAF_FAMILIES:
@@ -50,6 +60,3 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
                                  f"(stages' trainable: connector, lora+connector)")
     # teacher.cache: every trainer family (the family's inputs, visual ids and connector,
     # compodistill/teacher_cache/); recipes other than compodistill are refused at load.
-    if config.recipe != "compodistill":
-        raise ConfigError("recipe", f"recipe {config.recipe!r} is implemented for LLaVA only; "
-                                    f"{family.title} trains with 'compodistill'")
