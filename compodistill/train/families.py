@@ -1,7 +1,7 @@
 """What the trainer allows per family (docs/families.md), checked before any step runs.
 
-The teacher cache is built on LLaVA's layout (its projector, its batch keys), TAF on LLaVA's
-projector or Qwen2.5-VL's merger, and a recipe may name the families it runs on
+TAF is built on LLaVA's projector or Qwen2.5-VL's merger, and a recipe may name the families
+it runs on
 (``RecipeFacts.families``; the built-in ones run on every trainer family); for another
 family they are refused with a
 :class:`~compodistill.train.config.ConfigError` naming the key and the family, never run
@@ -34,8 +34,8 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
 
     Raises:
         ConfigError: ``teacher`` of another family than the student's; ``taf`` for a family without TAF (set ``taf: false`` and train the
-            student's own connector), ``teacher.cache`` for a non-LLaVA family, ``recipe``
-            for a family the recipe's ``facts.families`` leaves out.
+            student's own connector), ``recipe`` for a family the recipe's
+            ``facts.families`` leaves out.
     """
     family = family_of(_model_config(student_config))
     if teacher_config is not None:
@@ -58,6 +58,5 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
                                  f"{family.title}; "
                                  f"set `taf: false` and train the student's own connector "
                                  f"(stages' trainable: connector, lora+connector)")
-    if config.teacher_cache is not None:
-        raise ConfigError("teacher.cache", f"the teacher cache is implemented for LLaVA only, "
-                                           f"not for {family.title}; run the teacher online")
+    # teacher.cache: every trainer family (the family's inputs, visual ids and connector,
+    # compodistill/teacher_cache/); recipes other than compodistill are refused at load.

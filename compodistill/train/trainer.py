@@ -136,7 +136,7 @@ class DistillationTrainer:
         if config.teacher_cache is not None:
             from ..teacher_cache.training import CacheSource
 
-            self.teacher_cache = CacheSource(config, self.student.config)
+            self.teacher_cache = CacheSource(config, self.student.config, self.image_inputs)
             self.dataset = self.teacher_cache.indexed(self.dataset)
 
     def _load_tokenizer(self):
@@ -216,7 +216,7 @@ class DistillationTrainer:
             taf = apply_taf if family_of(self.student).name == "llava" else apply_family_taf
             self.student = taf(self.student, self.teacher)
         elif self.config.taf and self.teacher_cache is not None and not isinstance(
-                self.student, TAFLlavaForConditionalGeneration):
+                self.student, TAFLlavaForConditionalGeneration) and not is_taf(self.student):
             self.student = self.teacher_cache.apply_taf(self.student)  # connector from the cache
         student, params = prepare_trainable(self.student, stage)
         if self.config.gradient_checkpointing:
