@@ -1,0 +1,188 @@
+"""`compodistill eval` on every non-LLaVA trainer family (docs/evaluation.md#families): a tiny
+saved model of the family with a locally trained tokenizer and the family's own image
+processor, CR and VQA through the CLI, the family's inputs checked against a direct forward
+of the model, and the processors a checkpoint may carry (saved and reloaded, no download)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+PIL = pytest.importorskip("PIL.Image")
+
+from compodistill.cli import main  # noqa: E402
+from compodistill.hf.families import TRAINER_FAMILIES  # noqa: E402
+
+from _helpers import assert_one_line_error, local_bpe_tokenizer, tiny_image_processor  # noqa: E402
+
+FAMILIES = [f for f in TRAINER_FAMILIES if f != "llava"]
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def saved(request, tmp_path_factory):
+    """(folder, family): a tiny student of the family saved with its tokenizer and image
+    processor, and an eval set of 2 CR examples and 3 VQA questions on images of two sizes."""
+    from compodistill.data import generate_synthetic
+    from compodistill.hf.families import tiny_family_pair
+
+    family = request.param
+    root = tmp_path_factory.mktemp(f"eval-{family}")
+    data = root / "data"
+    generate_synthetic(str(data), num=1, num_eval=2, image_size=16, progress=False)
+    # dynamic resolution where the family has it: the second image is wider
+    wide = data / "images" / "eval_000001.png"
+    PIL.open(wide).convert("RGB").resize((24, 16)).save(wide)
+    cr = json.loads((data / "cr_eval.json").read_text())
+    vqa = json.loads((data / "vqa_eval.json").read_text())
+    (data / "cr_eval.json").write_text(json.dumps([cr[0], cr[-1]]))
+    (data / "vqa_eval.json").write_text(json.dumps([vqa[0], vqa[1], vqa[-1]]))
+    texts = [r["caption"] for r in cr] + [r["question"] for r in vqa]
+    tok = local_bpe_tokenizer(root / "model", texts)
+    student, _ = tiny_family_pair(family, vocab_size=len(tok), teacher_layers=2)
+    student.save_pretrained(root / "model")
+    tiny_image_processor(family).save_pretrained(root / "model")
+    return root, family
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_cr_and_vqa_give_scores(saved, capsys):
+    root, _ = saved
+    data, model = root / "data", str(root / "model")
+    code, out, err = run_cli(capsys, "eval", "cr", "--model", model, "--data",
+                             str(data / "cr_eval.json"), "--scorers", "loglik", "generate",
+                             "caption", "--max-new-tokens", "2", "--out",
+                             str(root / "cr.json"), "--quiet")
+    assert code == 0, err
+    result = json.loads((root / "cr.json").read_text())
+    assert set(result) == {"loglik", "generate", "caption"} and "overall" in out
+    for scorer, r in result.items():
+        assert r["num_examples"] == 2 and 0.0 <= r["accuracy"] <= 1.0
+    assert all(a in ("A", "B") for ex in result["loglik"]["examples"] for a in ex["answers"])
+    code, out, err = run_cli(capsys, "eval", "vqa", "--model", model, "--data",
+                             str(data / "vqa_eval.json"), "--max-new-tokens", "3", "--out",
+                             str(root / "vqa.json"), "--quiet")
+    assert code == 0, err
+    result = json.loads((root / "vqa.json").read_text())
+    assert result["num_examples"] == 3 and 0.0 <= result["accuracy"] <= 1.0
+    assert "overall" in out
+
+
+def _reply_batch(root):
+    """The caption-likelihood batch of the eval path: two images of different sizes (two
+    samples), right padding, as `eval cr --scorers caption` builds it."""
+    from compodistill.eval.cli import load_model_and_encoder
+    from compodistill.eval.families import collate, encode_images, reply_sample
+
+    model, encoder = load_model_and_encoder(str(root / "model"))
+    feats = [reply_sample(encoder, "Describe the image in one sentence.", caption,
+                          encode_images(encoder, [root / "data" / "images" / name]))
+             for name, caption in (("eval_000000.png", "a red square"),
+                                   ("eval_000001.png", "a blue circle left of it"))]
+    return model, encoder, collate(encoder, feats, encoder.tokenizer.pad_token_id, "right")
+
+
+def _summed_logprobs(logits, labels):
+    logp = logits.float().log_softmax(-1)[:, :-1]
+    target = labels[:, 1:]
+    keep = target != -100
+    return (logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * keep).sum(-1)
+
+
+TOL = 1e-6
+
+
+def test_likelihood_eval_gives_the_model_the_family_inputs(saved):
+    """The eval's log-probability of a caption equals a direct forward with all of the
+    family's inputs, and differs when any one of them is left out (1-D positions instead of
+    M-RoPE without mm_token_type_ids: transformers takes that silently)."""
+    from compodistill.eval.common import label_logprobs
+    from compodistill.train.stages import family_inputs
+
+    root, family = saved
+    model, encoder, batch = _reply_batch(root)
+    extras = family_inputs(batch)
+    image_id = encoder.image_token_id
+    assert int((batch["input_ids"] == image_id).sum(-1)[0]) != int(
+        (batch["input_ids"] == image_id).sum(-1)[1]) or family not in ("qwen2_5_vl", "qwen3_vl")
+    with torch.no_grad():
+        got = torch.tensor(label_logprobs(model, batch))
+        full = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], **extras)
+        want = _summed_logprobs(model(**full).logits, batch["labels"])
+        # the same operations on the same inputs: equal to float rounding
+        torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+        for key in extras:  # each family input matters: an error or another result without it
+            try:
+                dropped = model(**{k: v for k, v in full.items() if k != key}).logits
+            except Exception:  # noqa: BLE001 - the model refuses the batch: also "matters"
+                continue
+            # the tiny random model barely depends on positions: still 100 x TOL apart
+            gap = (_summed_logprobs(dropped, batch["labels"]) - want).abs().max()
+            assert gap > 100 * TOL, (key, float(gap))
+
+
+class Recorder(torch.nn.Module):
+    """The model, recording the inputs of each call (it accepts position ids, as a
+    transformers model does, but has no ``generate``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, position_ids=None, **extra):
+        self.calls.append(dict(extra, input_ids=input_ids, position_ids=position_ids))
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          pixel_values=pixel_values, position_ids=position_ids, **extra)
+
+
+def test_generation_paths_agree_with_family_inputs(saved):
+    """Greedy decoding through transformers' generate and through the plain re-forward loop
+    (left padding, token types grown with the reply, positions left to the model) agree, and
+    the first token is the argmax of a direct forward with the family's inputs."""
+    from compodistill.eval.cli import load_model_and_encoder
+    from compodistill.eval.common import greedy_generate
+    from compodistill.train.stages import family_inputs
+
+    root, _ = saved
+    model, encoder = load_model_and_encoder(str(root / "model"))
+    images = root / "data" / "images"
+    feats = [encoder.encode_prompt("What color is the square?", [images / "eval_000000.png"]),
+             encoder.encode_prompt("Is it left?", [images / "eval_000001.png"])]
+    kw = dict(pad_token_id=encoder.tokenizer.pad_token_id, eos_token_ids=[-1],
+              max_new_tokens=3, image_inputs=encoder.image_inputs)
+    hf = greedy_generate(model, feats, use_hf_generate=True, **kw)
+    recorder = Recorder(model)
+    loop = greedy_generate(recorder, feats, **kw)  # no generate(): the re-forward loop
+    assert hf == loop and all(len(r) == 3 for r in hf)
+    # every step: the family's inputs for the grown sequence, and no 1-D positions
+    assert len(recorder.calls) == 3
+    for call in recorder.calls:
+        assert call["position_ids"] is None
+        for key, value in encoder.image_inputs.batch_extras(call["input_ids"]).items():
+            assert torch.equal(call[key], value), key
+    from compodistill.eval.families import collate
+
+    batch = collate(encoder, feats, encoder.tokenizer.pad_token_id, "left")
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], **family_inputs(batch)).logits
+    assert [r[0] for r in hf] == logits[:, -1].argmax(-1).tolist()
+
+
+def test_unsupported_family_is_one_line(saved, capsys, tmp_path):
+    root, _ = saved
+    config = json.loads((root / "model" / "config.json").read_text())
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(config, model_type="paligemma")))
+    code, _, err = run_cli(capsys, "eval", "vqa", "--model", str(tmp_path / "m"), "--data",
+                           str(root / "data" / "vqa_eval.json"))
+    assert_one_line_error(code, err, "--model", "paligemma", "Qwen2.5-VL", "LLaVA")
