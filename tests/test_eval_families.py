@@ -186,3 +186,35 @@ def test_unsupported_family_is_one_line(saved, capsys, tmp_path):
     code, _, err = run_cli(capsys, "eval", "vqa", "--model", str(tmp_path / "m"), "--data",
                            str(root / "data" / "vqa_eval.json"))
     assert_one_line_error(code, err, "--model", "paligemma", "Qwen2.5-VL", "LLaVA")
+
+
+def test_grid_scores_on_the_family(saved):
+    """The grid task's likelihood scorers (compodistill.eval.grid) with the family's inputs:
+    the picked candidate is the argmax of a direct forward; captions give a score each."""
+    from compodistill.eval.cli import load_model_and_encoder
+    from compodistill.eval.families import collate
+    from compodistill.eval.grid import score_captions, score_questions, target_attention
+    from compodistill.train.stages import family_inputs
+
+    root, _ = saved
+    model, encoder = load_model_and_encoder(str(root / "model"))
+    tok = encoder.tokenizer
+    words = [w for w in ("red", "blue", "square", "circle", "is", "a")
+             if len(tok(w, add_special_tokens=False)["input_ids"]) == 1][:3]
+    assert len(words) >= 2, words
+    items = [{"image": f"images/eval_00000{i}.png", "question": q, "candidates": words,
+              "answer": words[0], "question_type": "color", "caption": "a red square",
+              "negative_caption": "a blue square", "category": "attribute", "target_cell": 0}
+             for i, q in enumerate(("What color is it?", "Which colour is the big one?"))]
+    folder = str(root / "data")
+    got = score_questions(model, encoder, items, folder)
+    feats = [encoder.encode_prompt(it["question"], [root / "data" / it["image"]]) for it in items]
+    batch = collate(encoder, feats, tok.pad_token_id, "left")
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], **family_inputs(batch)).logits[:, -1]
+    ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in words]
+    assert got["predictions"] == [words[int(row[ids].argmax())] for row in logits]
+    assert score_captions(model, encoder, items, folder)["all"]["n"] == 2
+    with pytest.raises(ValueError, match="target_attention"):
+        target_attention(model, encoder, items, folder)
