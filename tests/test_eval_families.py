@@ -218,3 +218,104 @@ def test_grid_scores_on_the_family(saved):
     assert score_captions(model, encoder, items, folder)["all"]["n"] == 2
     with pytest.raises(ValueError, match="target_attention"):
         target_attention(model, encoder, items, folder)
+
+
+# --------------------------------------------------------------------------- processors
+
+def save_processor(family, folder, tok):
+    """The family's own processor saved to ``folder`` with a chat template. Gemma 3's
+    processor is built and saved whole; the others bundle a video processor, which needs
+    torchvision: they are written as hub checkpoints lay them out (the image processor's
+    ``preprocessor_config.json`` naming the processor class, ``chat_template.json``).
+    Returns the processor class name."""
+    import transformers as tf
+
+    image_processor = tiny_image_processor(family)
+    if family == "gemma3":
+        tokens = {"image_token": "<image>", "boi_token": "<vision_start>",
+                  "eoi_token": "<vision_end>"}
+        tok = tf.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer,
+                                         pad_token="<pad>", eos_token="<eos>",
+                                         extra_special_tokens=tokens)
+        tf.Gemma3Processor(image_processor=image_processor, tokenizer=tok,
+                           chat_template=TEMPLATE, image_seq_length=4).save_pretrained(folder)
+        return "Gemma3Processor"
+    name = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor",
+            "llava_onevision": "LlavaOnevisionProcessor", "internvl": "InternVLProcessor"}[family]
+    tok.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(dict(config,
+                                                                     processor_class=name)))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    return name
+
+
+@pytest.mark.filterwarnings("ignore:.*AutoProcessor failed")
+def test_checkpoint_processor_feeds_eval_and_training_data(saved, tmp_path):
+    """A checkpoint that carries the model's own processor: its tokenizer, chat template and
+    image processor are what eval and the training data use. AutoProcessor is used when the
+    class can be built here; otherwise (a bundled video processor without torchvision) the
+    parts load one by one, with a warning."""
+    import shutil
+    import warnings
+
+    from compodistill.data.processors import load_processor_parts
+    from compodistill.eval.cli import load_model_and_encoder
+    from compodistill.train.config import config_from_dict
+    from compodistill.train.trainer import DistillationTrainer
+
+    root, family = saved
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(root / "model" / name, folder / name)
+    tok = local_bpe_tokenizer(tmp_path / "tok")
+    assert not tok.chat_template
+    save_processor(family, folder, tok)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parts = load_processor_parts(folder)
+    failed = [w for w in caught if "AutoProcessor failed" in str(w.message)]
+    assert (parts.source == "parts") == bool(failed), [str(w.message) for w in caught]
+    assert parts.tokenizer.chat_template == TEMPLATE
+    assert type(parts.image_processor) is type(tiny_image_processor(family))
+    _, encoder = load_model_and_encoder(str(folder))
+    ids = encoder.encode_prompt("What color?", [root / "data" / "images" / "eval_000000.png"])
+    text = encoder.tokenizer.decode(ids["input_ids"])
+    assert text.startswith("<|user|>") and text.endswith("<|assistant|>"), text
+    records = [{"id": "0", "image": "images/eval_000000.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    trainer = DistillationTrainer(config_from_dict({
+        "student": str(folder), "output_dir": str(tmp_path / "run"), "cpu_threads": 1,
+        "taf": False,
+        "data": {"train_json": str(tmp_path / "train.json"), "image_folder": str(root / "data")},
+        "stages": [dict(kind="sft", max_steps=1, batch_size=1)]}), show_progress=False)
+    assert trainer.tokenizer.chat_template == TEMPLATE
+    sample = trainer.dataset[0]["input_ids"].tolist()
+    assert sample[:len(ids["input_ids"])] == ids["input_ids"].tolist()  # same prompt encoding
+
+
+def test_whole_processor_round_trip_is_used(tmp_path):
+    """A processor class that builds here (LLaVA's: image processor, tokenizer, chat
+    template): saved whole, AutoProcessor loads it, and its parts come back; a folder with a
+    tokenizer only gives no image processor."""
+    import transformers as tf
+
+    from compodistill.data.processors import has_processor, load_processor_parts
+
+    tok = local_bpe_tokenizer(tmp_path / "tok")
+    image_processor = tf.CLIPImageProcessorPil(size={"shortest_edge": 16},
+                                               crop_size={"height": 16, "width": 16})
+    tf.LlavaProcessor(image_processor=image_processor, tokenizer=tok,
+                      chat_template=TEMPLATE).save_pretrained(tmp_path / "proc")
+    assert has_processor(tmp_path / "proc") and not has_processor(tmp_path / "tok")
+    parts = load_processor_parts(tmp_path / "proc")
+    assert parts.source == "processor" and parts.tokenizer.chat_template == TEMPLATE
+    assert type(parts.image_processor) is tf.CLIPImageProcessorPil
+    assert parts.image_processor.crop_size == image_processor.crop_size
+    assert parts.tokenizer("a red circle<image>")["input_ids"] == tok("a red circle<image>")[
+        "input_ids"]
+    only = load_processor_parts(tmp_path / "tok")
+    assert only.source == "parts" and only.image_processor is None

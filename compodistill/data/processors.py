@@ -54,7 +54,8 @@ def load_processor_parts(path) -> ProcessorParts:
             processor = AutoProcessor.from_pretrained(path, local_files_only=True)
         except (AttributeError, ImportError, ValueError) as error:
             # e.g. a bundled video processor without torchvision: the parts still load.
-            warnings.warn(f"{path}: AutoProcessor failed ({type(error).__name__}: {error}); "
+            reason = " ".join(str(error).split())
+            warnings.warn(f"{path}: AutoProcessor failed ({type(error).__name__}: {reason}); "
                           f"loading its tokenizer and image processor separately", stacklevel=2)
         else:
             tokenizer = getattr(processor, "tokenizer", None)

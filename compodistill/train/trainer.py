@@ -140,11 +140,12 @@ class DistillationTrainer:
             self.dataset = self.teacher_cache.indexed(self.dataset)
 
     def _load_tokenizer(self):
-        from transformers import AutoTokenizer
+        from ..data.processors import load_processor_parts
 
         if not self.config.student:
             raise ValueError("pass tokenizer= or set config.student to a folder with a tokenizer")
-        return AutoTokenizer.from_pretrained(self.config.student, local_files_only=True)
+        # the student's own processor when saved with it: its chat template (docs/evaluation.md)
+        return load_processor_parts(self.config.student).tokenizer
 
     def load_dataset(self, source=None):
         """``LlavaDataset`` of ``source`` (a path or a list of records; default the config's)."""
