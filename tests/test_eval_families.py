@@ -331,3 +331,38 @@ def test_whole_processor_round_trip_is_used(tmp_path):
         "input_ids"]
     only = load_processor_parts(tmp_path / "tok")
     assert only.source == "parts" and only.image_processor is None
+
+
+def test_llava_student_image_processor_in_training_eval_and_saving(tmp_path):
+    """A LLaVA student saved with its image processor: the training data and eval both use
+    it (not the default resize with mean = std = 0.5), and the trainer saves it with every
+    stage output."""
+    import transformers as tf
+
+    from compodistill.data import ImageTransform
+    from compodistill.data.processors import load_image_processor
+    from compodistill.eval.cli import load_model_and_encoder
+    from compodistill.train.config import config_from_dict
+    from compodistill.train.trainer import DistillationTrainer
+
+    from _helpers import write_tiny_pair
+
+    write_tiny_pair(tmp_path, num=2, teacher=False)
+    processor = tf.CLIPImageProcessorPil(size={"shortest_edge": 16},
+                                         crop_size={"height": 16, "width": 16})
+    processor.save_pretrained(tmp_path / "student")
+    trainer = DistillationTrainer(config_from_dict({
+        "student": str(tmp_path / "student"), "output_dir": str(tmp_path / "run"),
+        "cpu_threads": 1, "taf": False,
+        "data": {"train_json": str(tmp_path / "data" / "train.json"),
+                 "image_folder": str(tmp_path / "data")},
+        "stages": [dict(kind="sft", max_steps=1, batch_size=1)]}), show_progress=False)
+    path = str(tmp_path / "data" / trainer.dataset.samples[0]["images"][0])
+    image = PIL.open(path).convert("RGB")
+    want = processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert torch.equal(trainer.dataset[0]["pixel_values"], want)
+    assert not torch.allclose(ImageTransform(16)(image)[None], want, atol=1e-2)
+    _, encoder = load_model_and_encoder(str(tmp_path / "student"))
+    assert torch.equal(encoder.pixels([path]), want)
+    trainer.save_model(trainer.student, tmp_path / "saved")
+    assert type(load_image_processor(tmp_path / "saved")) is tf.CLIPImageProcessorPil

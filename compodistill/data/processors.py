@@ -23,7 +23,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PROCESSOR_FILE", "ProcessorParts", "has_processor", "load_processor_parts"]
+__all__ = ["PROCESSOR_FILE", "ProcessorParts", "has_processor", "load_image_processor",
+           "load_processor_parts"]
 
 PROCESSOR_FILE = "processor_config.json"  # what ProcessorMixin.save_pretrained writes
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"  # an image processor saved on its own
@@ -65,15 +66,24 @@ def load_processor_parts(path) -> ProcessorParts:
                     tokenizer.chat_template = template
                 return ProcessorParts(tokenizer, getattr(processor, "image_processor", None),
                                       "processor")
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = _saved_template(path)
-    image_processor = None
-    if any(os.path.isfile(os.path.join(path, f)) for f in (PROCESSOR_FILE, IMAGE_PROCESSOR_FILE)):
-        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    return ProcessorParts(tokenizer, image_processor, "parts")
+    return ProcessorParts(tokenizer, load_image_processor(path), "parts")
+
+
+def load_image_processor(path):
+    """The image processor saved in the folder ``path`` (on its own or inside a processor),
+    or None when there is none."""
+    from transformers import AutoImageProcessor
+
+    path = os.fspath(path)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in (PROCESSOR_FILE,
+                                                                IMAGE_PROCESSOR_FILE)):
+        return None
+    return AutoImageProcessor.from_pretrained(path, local_files_only=True)
 
 
 def has_processor(path) -> bool:
