@@ -317,22 +317,3 @@ def crash_and_resume(monkeypatch, make_trainer, *, at_step: int = 3) -> None:
         make_trainer().run()
     monkeypatch.setattr(stages_module.StageLosses, "__call__", original)
     make_trainer().run()
-
-
-def tiny_image_processor(family: str):
-    """The family's own image processor class (PIL backend, no torchvision), defaults except
-    the sizes of the tiny vision towers of ``tiny_family_pair``."""
-    import transformers as tf
-
-    if family.startswith("qwen"):
-        return tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
-                                           min_pixels=16 * 16, max_pixels=32 * 32)
-    size = {"height": 16, "width": 16}
-    if family == "gemma3":
-        return tf.Gemma3ImageProcessorPil(size=size)
-    if family == "internvl":
-        return tf.GotOcr2ImageProcessorPil(size=size, crop_to_patches=False)
-    if family == "llava_onevision":
-        return tf.LlavaOnevisionImageProcessorPil(
-            size=size, image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]])
-    raise ValueError(f"no tiny image processor for family {family!r}")

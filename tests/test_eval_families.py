@@ -15,7 +15,7 @@ PIL = pytest.importorskip("PIL.Image")
 from compodistill.cli import main  # noqa: E402
 from compodistill.hf.families import TRAINER_FAMILIES  # noqa: E402
 
-from _helpers import assert_one_line_error, local_bpe_tokenizer, tiny_image_processor  # noqa: E402
+from _helpers import assert_one_line_error, local_bpe_tokenizer  # noqa: E402
 
 FAMILIES = [f for f in TRAINER_FAMILIES if f != "llava"]
 # The families' own tokenizers name their image markers (InternVL: start/end_image_token;
@@ -24,6 +24,25 @@ MARKERS = {"start_image_token": "<vision_start>", "end_image_token": "<vision_en
            "boi_token": "<vision_start>", "eoi_token": "<vision_end>", "image_token": "<image>"}
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_image_processor(family: str):
+    """The family's own image processor class (PIL backend, no torchvision), defaults except
+    the sizes of the tiny vision towers of ``tiny_family_pair``."""
+    import transformers as tf
+
+    if family.startswith("qwen"):
+        return tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                           min_pixels=16 * 16, max_pixels=32 * 32)
+    size = {"height": 16, "width": 16}
+    if family == "gemma3":
+        return tf.Gemma3ImageProcessorPil(size=size)
+    if family == "internvl":
+        return tf.GotOcr2ImageProcessorPil(size=size, crop_to_patches=False)
+    if family == "llava_onevision":
+        return tf.LlavaOnevisionImageProcessorPil(
+            size=size, image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]])
+    pytest.fail(f"no tiny image processor for family {family!r}: add it here")
 
 
 def named_tokenizer(folder, texts=()):
