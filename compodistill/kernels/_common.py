@@ -235,3 +235,17 @@ if triton is not None:
         m = tl.where(m == float("-inf"), float("inf"), m)
         l2 = tl.load(RowLog2Sum_row + offs_m, mask=m_ok, other=0.0)
         return m, l2
+
+    @triton.jit
+    def window_key_start(q_start, WINDOW, BLOCK_N: tl.constexpr):
+        """First key block (its start, a multiple of BLOCK_N) that a causal sliding window
+        lets some row of the query block starting at ``q_start`` see: the block holding key
+        ``q_start - WINDOW + 1``. Every earlier block is outside every row's window."""
+        return tl.maximum(q_start - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+
+    @triton.jit
+    def window_query_end(k_start, N, WINDOW, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+        """End (exclusive, a multiple of BLOCK_M or N) of the query blocks that see some key of
+        the key block starting at ``k_start`` under a causal sliding window: the last such
+        query is ``k_start + BLOCK_N - 1 + WINDOW - 1``; later query blocks see none of it."""
+        return tl.minimum(tl.cdiv(k_start + BLOCK_N - 1 + WINDOW, BLOCK_M) * BLOCK_M, N)

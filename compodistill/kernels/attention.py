@@ -42,7 +42,7 @@ from ._common import (LOG2E, all_configs, autotune_configs, block_d, check_windo
                       target_class, tl, triton)
 
 if triton is not None:
-    from ._common import load_row_stats, log2_scale
+    from ._common import load_row_stats, log2_scale, window_key_start, window_query_end
 
 
 # --------------------------------------------------------------------------- helpers
@@ -163,8 +163,7 @@ if triton is not None:
             hi = pid_m * BLOCK_M
             if HAS_WINDOW:
                 # Key blocks wholly before every row's window are skipped too.
-                lo = tl.minimum(tl.maximum(pid_m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N
-                                * BLOCK_N, hi)
+                lo = tl.minimum(window_key_start(pid_m * BLOCK_M, WINDOW, BLOCK_N), hi)
         acc, l_i, lt_i, m_i = _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base, KeyMask_row,
                                          VisualCol_row, stride_kn, stride_vn, offs_m, lo, hi, N,
                                          qk_scale, HAS_V, HAS_MASK, HAS_VIS, False, HEAD_DIM,
@@ -228,7 +227,7 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax, RowLog2Sum, Delta,
-                    G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq, GROUP, VMAX,
+                    G_b, QueryRow_b, DQ_b, b, hk, lo, hi, N, Hq, GROUP, VMAX,
                     stride_qh, stride_qn, stride_dh, stride_dn, stride_dqh, stride_dqn,
                     scale, qk_scale, inv_h,
                     HAS_DO: tl.constexpr, WITH_G: tl.constexpr, G_INT64: tl.constexpr,
@@ -236,7 +235,7 @@ if triton is not None:
                     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, WINDOW, HAS_WINDOW: tl.constexpr):
         """dk, dv of one key block summed over the query heads of its kv head and the query
-        blocks [lo, N). ``WITH_G`` (a key block holding image tokens) adds G / Hq to dP.
+        blocks [lo, hi). ``WITH_G`` (a key block holding image tokens) adds G / Hq to dP.
 
         ``ATOMIC_DQ`` (the 5-matmul backward): also ``dS K`` of this key block is added to
         the float32 dq buffer ``DQ_b`` with ``tl.atomic_add``, from the same dS as dk (so
@@ -246,7 +245,7 @@ if triton is not None:
         for g in range(GROUP):
             h = hk * GROUP + g
             bh = b * Hq + h
-            for start_m in range(lo, N, BLOCK_M):
+            for start_m in range(lo, hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 m_ok = offs_m < N
                 tile = offs_m[:, None] * stride_qn + offs_d[None, :]
@@ -406,8 +405,13 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         lo = 0
+        hi = N
         if CAUSAL:
             lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+            if HAS_WINDOW:
+                # Query blocks wholly after the window of this block's last key see none of
+                # its keys (P = 0 there, so dk, dv and dq are unchanged without them).
+                hi = window_query_end(pid_n * BLOCK_N, N, WINDOW, BLOCK_N, BLOCK_M)
         Q_b = Q + b * stride_qb
         DO_b = DO + b * stride_db
         G_b = G + b * QMAX * VMAX
@@ -418,21 +422,21 @@ if triton is not None:
         if HAS_G:
             if tl.max(vcol, 0) >= 0:
                 dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
-                                     RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq,
+                                     RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, hi, N, Hq,
                                      GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
                                      stride_dqh, stride_dqn, scale, qk_scale, inv_h, HAS_DO,
                                      True, G_INT64, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
                                      DOT_PREC, BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
             else:
                 dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
-                                     RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq,
+                                     RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, hi, N, Hq,
                                      GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
                                      stride_dqh, stride_dqn, scale, qk_scale, inv_h, HAS_DO,
                                      False, G_INT64, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
                                      DOT_PREC, BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
         else:
             dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
-                                 RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq,
+                                 RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, hi, N, Hq,
                                  GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
                                  stride_dqh, stride_dqn, scale, qk_scale, inv_h, HAS_DO, False,
                                  G_INT64, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D, DOT_PREC,
@@ -553,9 +557,14 @@ if triton is not None:
             qrow = tl.load(QueryRow + b * N + offs_m, mask=m_ok, other=-1)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        lo = 0
         hi = N
         if CAUSAL:
             hi = tl.minimum((pid_m + 1) * BLOCK_M, N)
+            if HAS_WINDOW:
+                # Key blocks wholly before every row's window (P = 0 there) are skipped, as in
+                # the forward; the spans below start there, still on BLOCK_N boundaries.
+                lo = tl.minimum(window_key_start(pid_m * BLOCK_M, WINDOW, BLOCK_N), hi)
         K_base = K + b * stride_kb + hk * stride_kh
         V_base = V + b * stride_vb + hk * stride_vh
         KeyMask_b = KeyMask + b * N
@@ -568,10 +577,11 @@ if triton is not None:
         if HAS_G:
             if tl.max(qrow, 0) >= 0:
                 vis_lo = tl.minimum(tl.load(VisualSpan + 2 * b) // BLOCK_N * BLOCK_N, hi)
+                vis_lo = tl.maximum(vis_lo, lo)
                 vis_hi = tl.load(VisualSpan + 2 * b + 1)
                 vis_hi = tl.maximum(tl.minimum(tl.cdiv(vis_hi, BLOCK_N) * BLOCK_N, hi), vis_lo)
         dq = _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
-                      KeyMask_b, VisualCol_b, G_b, 0, vis_lo, N, VMAX, stride_kn, stride_vn,
+                      KeyMask_b, VisualCol_b, G_b, lo, vis_lo, N, VMAX, stride_kn, stride_vn,
                       qk_scale, inv_h, HAS_DO, HAS_MASK, False, G_INT64, CAUSAL, HEAD_DIM,
                       BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
         if HAS_G:
