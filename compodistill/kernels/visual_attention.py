@@ -96,9 +96,13 @@ if triton is not None:
                     allowed = allowed & (vpos[None, :] <= qpos[:, None])
                 if HAS_WINDOW:
                     allowed = allowed & (qpos[:, None] - vpos[None, :] < WINDOW)
-                # A chunk with no allowed pair (after every row, or before every row's
-                # window) would leave (mv, lv) exactly as they are: skip its scores.
-                if tl.max(tl.where(allowed, 1, 0)) > 0:
+                # A chunk with no allowed pair (before every row's window) would leave
+                # (mv, lv) exactly as they are: skip its scores. Only with a window, where
+                # such chunks are common; the branch stops the loads being pipelined.
+                visit = True
+                if HAS_WINDOW:
+                    visit = tl.max(tl.where(allowed, 1, 0)) > 0
+                if visit:
                     s = _gathered_logits(Q, K, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
                                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
                                          stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
