@@ -172,6 +172,14 @@ def prune_configs(configs: list, table: dict, block_d: int, capability: int) -> 
     return keep or list(configs[:1])
 
 
+def fits_target(kernel_name: str, block_d: int, capability: int) -> bool:
+    """Whether some config of the fit table ``kernel_name`` (``"+window"`` for the sliding
+    window's) fits this head-dim class on this target; :func:`prune_configs` falls back to
+    an unmeasured first config when none does, so a launcher asks this first."""
+    target, size = target_class(capability), (64 if block_d <= 64 else 128)
+    return any(size in fits.get(target, ()) for fits in _FIT_TABLES[kernel_name].values())
+
+
 def prune_hook(kernel_name: str) -> dict:
     """``prune_configs_by`` of an autotuned kernel (runs on the launching GPU)."""
     def prune(configs, named_args, **kwargs):

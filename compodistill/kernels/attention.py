@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (LOG2E, all_configs, autotune_configs, block_d, check_window,  # noqa: F401
-                      config_key, window_arg,
+                      config_key, fits_target, window_arg,
                       configs_for, default_scale, deterministic, device_capability,
                       dot_precision, fit_table, fitted_configs, interpreting, kernel_input,
                       launch, prune_configs, prune_hook, recording_launches, require_triton,
@@ -227,7 +227,7 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax, RowLog2Sum, Delta,
-                    G_b, QueryRow_b, DQ_b, b, hk, lo, hi, N, Hq, GROUP, VMAX,
+                    G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq, GROUP, VMAX,
                     stride_qh, stride_qn, stride_dh, stride_dn, stride_dqh, stride_dqn,
                     scale, qk_scale, inv_h,
                     HAS_DO: tl.constexpr, WITH_G: tl.constexpr, G_INT64: tl.constexpr,
@@ -245,6 +245,11 @@ if triton is not None:
         for g in range(GROUP):
             h = hk * GROUP + g
             bh = b * Hq + h
+            hi = N
+            if HAS_WINDOW:
+                # Recomputed here from the program id rather than carried from the caller:
+                # one long-lived register less (the windowed kernels sit at 255).
+                hi = window_query_end(tl.program_id(0) * BLOCK_N, N, WINDOW, BLOCK_N, BLOCK_M)
             for start_m in range(lo, hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 m_ok = offs_m < N
@@ -256,10 +261,13 @@ if triton is not None:
                 sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
                 pT = tl.math.exp2((sT * qk_scale - m_row[None, :]) - l2_row[None, :])
                 allowed = key_ok[:, None] & m_ok[None, :]
-                if CAUSAL:
-                    allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
                 if HAS_WINDOW:
-                    allowed = allowed & (offs_m[None, :] - offs_n[:, None] < WINDOW)
+                    # Causal and in the window, 0 <= i - j < WINDOW, in one unsigned compare
+                    # (a window is always causal): fewer live mask registers.
+                    diff = (offs_m[None, :] - offs_n[:, None]).to(tl.uint32)
+                    allowed = allowed & (diff < tl.cast(WINDOW, tl.uint32))
+                elif CAUSAL:
+                    allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
                 pT = tl.where(allowed, pT, 0.0)
                 delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
                 if WITH_G:
@@ -325,25 +333,28 @@ if triton is not None:
         return dq
 
     # dk/dv (BLOCK_M query rows streamed, BLOCK_N keys held): 8 warps at d = 128, where
-    # k, v, dk and dv alone hold 4·BLOCK_N·128 values per program.
+    # k, v, dk and dv alone hold 4·BLOCK_N·128 values per program. "window": the fits with
+    # HAS_WINDOW (the window's query-block bound costs registers; measured with 3.8).
     _BWD_CONFIGS = fitted_configs("_bwd_dkdv_kernel", [
-        (32, 64, 8, 2, D128, ALL),
+        (32, 64, 8, 2, D128, ALL, {"window": (D128, D64)}),
         (32, 32, 4, 2, ALL, D128),
-        (64, 64, 8, 2, D128, NONE, {"3.6": (NONE, NONE)}),
-        (16, 128, 8, 2, D64, ALL, {"3.6": (D64, D64)}),
+        (64, 64, 8, 2, D128, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
+        (16, 128, 8, 2, D64, ALL, {"3.6": (D64, D64), "window": (D64, D64)}),
         (32, 128, 8, 2, NONE, D64),
     ])
     # dk/dv/dq with dq by atomics: dk, dv held, a (BLOCK_M, d) dq tile per step on top.
     # The first row is the split dk/dv kernel's first (the interpreter runs it: dk/dv agree
     # bitwise between the two backwards there).
+    # With a window nothing fits d = 128 on sm_80 (32x64 w8 spills 4 B, the others more):
+    # there the launcher runs the split backward instead (atomic_backward_fits).
     _BWD_ATOMIC_CONFIGS = fitted_configs("_bwd_dkdvdq_kernel", [
-        (32, 64, 8, 2, D128, ALL, {"3.6": (D128, D64)}),
-        (32, 32, 4, 2, NONE, ALL, {"3.6": (ALL, ALL)}),
+        (32, 64, 8, 2, D128, ALL, {"3.6": (D128, D64), "window": (NONE, D64)}),
+        (32, 32, 4, 2, NONE, ALL, {"3.6": (ALL, ALL), "window": (NONE, ALL)}),
         (16, 128, 8, 2, D64, D64, {"3.6": (NONE, D64)}),
-        (16, 64, 4, 2, D64, D64),
-        (64, 64, 8, 2, NONE, D64, {"3.6": (NONE, NONE)}),
+        (16, 64, 4, 2, D64, D64, {"window": (NONE, D64)}),
+        (64, 64, 8, 2, NONE, D64, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
         (32, 128, 8, 2, NONE, D64),
-        (32, 64, 4, 2, NONE, D64),
+        (32, 64, 4, 2, NONE, D64, {"window": (NONE, NONE)}),
     ])
     _BWD_DQ_CONFIGS = fitted_configs("_bwd_dq_kernel", [
         (64, 32, 8, 2, ALL, ALL),
@@ -405,13 +416,8 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         lo = 0
-        hi = N
         if CAUSAL:
             lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-            if HAS_WINDOW:
-                # Query blocks wholly after the window of this block's last key see none of
-                # its keys (P = 0 there, so dk, dv and dq are unchanged without them).
-                hi = window_query_end(pid_n * BLOCK_N, N, WINDOW, BLOCK_N, BLOCK_M)
         Q_b = Q + b * stride_qb
         DO_b = DO + b * stride_db
         G_b = G + b * QMAX * VMAX
@@ -422,21 +428,21 @@ if triton is not None:
         if HAS_G:
             if tl.max(vcol, 0) >= 0:
                 dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
-                                     RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, hi, N, Hq,
+                                     RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq,
                                      GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
                                      stride_dqh, stride_dqn, scale, qk_scale, inv_h, HAS_DO,
                                      True, G_INT64, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
                                      DOT_PREC, BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
             else:
                 dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
-                                     RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, hi, N, Hq,
+                                     RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq,
                                      GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
                                      stride_dqh, stride_dqn, scale, qk_scale, inv_h, HAS_DO,
                                      False, G_INT64, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
                                      DOT_PREC, BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
         else:
             dk, dv = _dkdv_heads(dk, dv, k, v, key_ok, vcol, offs_n, Q_b, DO_b, RowMax,
-                                 RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, hi, N, Hq,
+                                 RowLog2Sum, Delta, G_b, QueryRow_b, DQ_b, b, hk, lo, N, Hq,
                                  GROUP, VMAX, stride_qh, stride_qn, stride_dh, stride_dn,
                                  stride_dqh, stride_dqn, scale, qk_scale, inv_h, HAS_DO, False,
                                  G_INT64, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D, DOT_PREC,
@@ -704,6 +710,14 @@ def visual_span(visual_col: torch.Tensor) -> torch.Tensor:
     return span.to(torch.int32).contiguous()
 
 
+def atomic_backward_fits(window: int | None, head_dim: int, device: torch.device) -> bool:
+    """Whether the 5-matmul backward has a spill-free config on this GPU (with a window it
+    has none at d = 128 on sm_80; the split backward, which has, runs there)."""
+    if window is None or device.type != "cuda":
+        return True
+    return fits_target("_bwd_dkdvdq_kernel+window", block_d(head_dim), device_capability())
+
+
 def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor | None, out: torch.Tensor | None, stats: torch.Tensor,
                    key_mask: torch.Tensor | None, causal: bool, scale: float | None, *,
@@ -725,7 +739,8 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
         atomic_dq: True: the 5-matmul backward (one kernel, dq accumulated by float32
             atomics, whose order is not fixed); False: dk/dv and a separate dq kernel that
             recomputes QKᵀ and dP (7 matmuls, bitwise reproducible). None (default): False
-            exactly when :func:`deterministic` says so.
+            when :func:`deterministic` says so, and with a window where no 5-matmul config
+            fits the GPU (d = 128 on sm_80).
         window: the forward's sliding window (None for none).
 
     dq/dk/dv have the dtypes of q/k/v; dk/dv of a kv head sum over its query heads.
@@ -770,7 +785,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                  BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
     grid_kv = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     if atomic_dq is None:
-        atomic_dq = not deterministic()
+        atomic_dq = not deterministic() and atomic_backward_fits(window, D, q.device)
     if atomic_dq:
         dq_acc = torch.zeros((B, Hq, N, D), device=q.device, dtype=torch.float32)
         launch(_bwd_dkdvdq_kernel, grid_kv,
