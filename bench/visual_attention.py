@@ -11,11 +11,17 @@ Providers (x = sequence length N; ``[mha]``/``[gqa]`` suffix = head layout):
 - ``eager``: materialised softmax of both models (``P`` in full), maps from ``P``, loss.
 
 Student gradient = dO on the output (random) + the loss on the maps. TFLOP/s counts only the
-attention matmuls of student fwd+bwd and teacher fwd (4·B·H·N²·d/2 causal per forward, 2.5×
-that for a backward), the same numerator for every provider that runs the teacher, so the
+attention matmuls of student fwd+bwd and teacher fwd (4·B·H·pairs·d per forward, pairs = N²/2
+causal or N·W - W(W-1)/2 with a window W; 2.5× that for a backward), the same numerator for every provider that runs the teacher, so the
 column compares wall time on a common scale. An OOM is a row with value ``oom``.
 
-Usage: ``python bench/visual_attention.py [--device cuda|cpu] [--sizes N ...] [--out CSV] [--plot]``
+``--window W``: Gemma 3's sliding-window layers (query i sees keys j with i - j < W) in every
+provider: the kernels skip the key/query blocks outside the window, SDPA gets the boolean
+causal-window mask (no flash kernel takes one), eager and chunked mask the same pairs;
+providers are labelled ``name-wW[variant]``.
+
+Usage: ``python bench/visual_attention.py [--device cuda|cpu] [--sizes N ...] [--window W]
+[--out CSV] [--plot]``
 CUDA: N 1k..16k, B=2, student 16 heads, teacher 32 heads, d=128, Nv=576 image tokens from
 position 32, causal, bf16; GQA variant student kv 4, teacher kv 8.
 CPU: N 128/256, 2 and 4 heads, d=32, 32 image tokens, float32; the Triton providers run only
@@ -67,11 +73,18 @@ def _repeat(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def _allowed_pairs(n: int, window: int | None, device) -> torch.Tensor:
+    """(N, N) bool: causal, and inside the sliding window when there is one."""
+    i = torch.arange(n, device=device)
+    ok = i[:, None] >= i[None, :]
+    return ok if window is None else ok & (i[:, None] - i[None, :] < window)
+
+
 def _eager_attention(q, k, v, layout):
-    """Materialised causal softmax: output and gathered head-mean maps."""
+    """Materialised causal (windowed) softmax: output and gathered head-mean maps."""
     n = q.shape[2]
     s = (q @ _repeat(k, q.shape[1]).transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
-    s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    s = s.masked_fill(~_allowed_pairs(n, layout.window, q.device), float("-inf"))
     p = torch.softmax(s, dim=-1)
     out = p.to(q.dtype) @ _repeat(v, q.shape[1])
     head_mean = p.mean(1)
@@ -100,12 +113,15 @@ def providers(student, teacher, d_out, layout, device, use_triton):
     def grads(outputs, grad_outputs):
         return torch.autograd.grad(outputs, student, grad_outputs)
 
+    window = layout.window
+    mask = None if window is None else _allowed_pairs(qs.shape[2], window, qs.device)
+
     def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
     def flash():
-        out = K.flash_attention(qs, ks, vs, causal=True)
+        out = K.flash_attention(qs, ks, vs, causal=True, window=window)
         return grads([out], [d_out])
 
     def fused():
@@ -139,8 +155,10 @@ def providers(student, teacher, d_out, layout, device, use_triton):
     return by_name
 
 
-def _flops(name, batch, hs, ht, n, d):
-    fwd = lambda heads: 4 * batch * heads * n * n * d / 2  # noqa: E731  (causal)
+def _flops(name, batch, hs, ht, n, d, window=None):
+    # Attended pairs: n²/2 causal; with a window W, n·W - W(W-1)/2 (rows before W see fewer).
+    pairs = n * n / 2 if window is None else n * window - window * (window - 1) / 2
+    fwd = lambda heads: 4 * batch * heads * pairs * d  # noqa: E731
     student = fwd(hs) * 3.5  # forward + backward (2.5x)
     return student if name == "flash" else student + fwd(ht)
 
@@ -149,44 +167,49 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def run(device: torch.device, csv_path: Path, sizes=None, repeat: int = 5) -> list[dict]:
+def run(device: torch.device, csv_path: Path, sizes=None, repeat: int = 5,
+        window: int | None = None) -> list[dict]:
     shape = SHAPES["cuda" if device.type == "cuda" else "cpu"]
     sizes = sizes or shape["sizes"]
     use_triton = K is not None and K.HAS_TRITON and (device.type == "cuda" or K.interpreting())
     prov = provenance(device)
     batch, hs, ht, d = shape["batch"], shape["hs"], shape["ht"], shape["d"]
-    rows = []
+    rows, written = [], 0
     for variant, (hkv_s, hkv_t) in shape["variants"].items():
         for n in sizes:
             start = min(shape["image_start"], max(0, n - shape["nv"]))
             nv = min(shape["nv"], n - start)
             layout = visual_layout([[(start, start + nv)]] * batch, batch, n, query="all",
-                                   causal=True, device=device)
+                                   causal=True, device=device,
+                                   window=window if window is not None and window < n else None)
             inputs = make_inputs(n, batch, hs, ht, d, hkv_s, hkv_t, shape["dtype"], device)
             extra = (f"B={batch} Hs={hs}/{hkv_s} Ht={ht}/{hkv_t} d={d} Nv={nv} "
-                     f"{str(shape['dtype']).replace('torch.', '')} causal")
+                     f"{str(shape['dtype']).replace('torch.', '')} causal"
+                     + (f" window={layout.window}" if layout.window else ""))
             for name, fn in providers(*inputs, layout, device, use_triton).items():
                 try:
                     ms, mib = measure(fn, device, repeat=repeat)
                     values = (f"{ms:.4g}", f"{mib:.4g}",
-                              f"{_flops(name, batch, hs, ht, n, d) / (ms * 1e-3) / 1e12:.4g}")
+                              f"{_flops(name, batch, hs, ht, n, d, layout.window) / (ms * 1e-3) / 1e12:.4g}")
                 except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
                     if not _is_oom(err):
                         raise
                     values = ("oom",) * 3
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                label = f"{name}[{variant}]"
+                label = f"{name}{f'-w{window}' if window else ''}[{variant}]"
                 for metric, value, unit in zip(("time", "peak_memory", "tflops"), values,
                                                ("ms", "MiB", "TFLOP/s")):
                     rows.append(dict(benchmark=BENCH, provider=label, x_name="N", x=n,
                                      metric=metric, value=value, unit=unit, extra=extra, **prov))
                 print(f"{label:>14} N={n:>6}  {values[0]:>9} ms  {values[1]:>9} MiB  "
                       f"{values[2]:>7} TFLOP/s")
+            # Written per size: a run stopped by a time limit keeps the sizes it finished.
+            write_rows(csv_path, rows[written:])
+            written = len(rows)
             del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    write_rows(csv_path, rows)
     return rows
 
 
@@ -201,7 +224,17 @@ def _note_skipped_providers(device: torch.device) -> None:
 
 
 def main(argv=None) -> None:
-    benchmark_main(argv, doc=__doc__, bench=BENCH, run=run, plot=plot,
+    import argparse
+    import functools
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--window", type=int, default=None,
+                     help="sliding window W (Gemma 3's local layers; 1024 there)")
+    known, rest = pre.parse_known_args(argv)
+    if known.window is not None and known.window < 1:
+        raise SystemExit(f"--window must be >= 1, got {known.window}")
+    benchmark_main(rest, doc=__doc__, bench=BENCH, run=functools.partial(run, window=known.window),
+                   plot=plot,
                    sweep=("--sizes", dict(type=int, help="override the sequence lengths")),
                    before_run=_note_skipped_providers)
 

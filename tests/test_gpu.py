@@ -41,14 +41,17 @@ class ops_seen(TorchDispatchMode):
 
 
 def lowp_attention_and_maps(q, k, v, mask, layout):
-    """Materialised causal attention and head-mean maps computed at q's dtype (the plain
-    PyTorch yardstick of the accuracy rule), differentiable."""
+    """Materialised causal (windowed, with ``layout.window``) attention and head-mean maps
+    computed at q's dtype (the plain PyTorch yardstick of the accuracy rule), differentiable."""
     b, hq, n, d = q.shape
     rep = hq // k.shape[1]
     kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     s = (q @ kk.transpose(-1, -2)) / math.sqrt(d)
-    allowed = mask[:, None, None, :] & torch.ones(n, n, dtype=torch.bool,
-                                                  device=q.device).tril()
+    i = torch.arange(n, device=q.device)
+    pairs = i[:, None] >= i[None, :]
+    if layout.window is not None:
+        pairs = pairs & (i[:, None] - i[None, :] < layout.window)
+    allowed = mask[:, None, None, :] & pairs
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
     p = torch.nan_to_num(p)
     head_mean = p.mean(1)
@@ -64,23 +67,30 @@ def _inputs(b, hq, hkv, n, d, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,d,hq,hkv", [(1000, 128, 8, 2), (777, 64, 4, 4), (513, 80, 4, 1)])
-def test_fused_attention_and_maps_match_reference(dtype, n, d, hq, hkv):
+@pytest.mark.parametrize("n,d,hq,hkv,window,mode", [
+    (1000, 128, 8, 2, None, "atomic"), (777, 64, 4, 4, None, "atomic"),
+    (513, 80, 4, 1, None, "atomic"),
+    # Sliding window (Gemma 3): the autotuned block shapes skip the blocks outside it.
+    (1000, 128, 8, 2, 100, "atomic"), (777, 64, 4, 2, 45, "split")])
+def test_fused_attention_and_maps_match_reference(monkeypatch, dtype, n, d, hq, hkv, window,
+                                                  mode):
     from compodistill.kernels import attention_with_visual_maps
 
+    monkeypatch.setenv("COMPODISTILL_DETERMINISTIC", "1" if mode == "split" else "0")
     q32, k32, v32 = _inputs(2, hq, hkv, n, d, dtype)
     mask = torch.ones(2, n, dtype=torch.bool, device="cuda")
     mask[1, n - 37:] = False
     spans = [[(5, 5 + n // 8), (n // 2, n // 2 + 40)], []]
-    layout = cd.visual_layout(spans, 2, n, attention_mask=mask, device="cuda")
+    layout = cd.visual_layout(spans, 2, n, attention_mask=mask, window=window, device="cuda")
     q, k, v = (t.to(dtype).requires_grad_() for t in (q32, k32, v32))
     with ops_seen() as seen:
         out, maps = attention_with_visual_maps(q, k, v, layout)
     assert seen.ran("compodistill::attention_fwd"), "the Triton forward did not run"
     leaves32 = [t.detach().clone().requires_grad_() for t in (q32, k32, v32)]
-    ref_out, _ = ref_attention_output(*leaves32, mask)
+    ref_out, _ = ref_attention_output(*leaves32, mask, window=window)
     vis = cd.spans_to_mask(spans, 2, n, "cuda")
-    ref_maps = pad_maps(ref_visual_maps(leaves32[0], leaves32[1], vis, attention_mask=mask),
+    ref_maps = pad_maps(ref_visual_maps(leaves32[0], leaves32[1], vis, attention_mask=mask,
+                                        window=window),
                         layout.query_count, layout.visual_count)
     leaves_lp = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     lp_out, lp_maps = lowp_attention_and_maps(*leaves_lp, mask, layout)

@@ -81,13 +81,18 @@ def test_pruning_leaves_configs_for_every_head_dim_and_target():
     measured config left: the pruning never falls back to an unmeasured one."""
     from compodistill.kernels import attention as common  # its tables and pruning
     for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_dkdvdq_kernel"):
-        table = common.fit_table(name)
-        for cap in (80, 90):
-            for block_d, size in ((16, 64), (64, 64), (128, 128)):
-                kept = common.prune_configs(common.all_configs(name), table, block_d, cap)
-                assert kept, (name, cap, block_d)
-                for c in kept:
-                    assert size in table[common.config_key(c)][cap]
+        for table_name in (name, name + "+window"):
+            table = common.fit_table(table_name)
+            for cap in (80, 90):
+                for block_d, size in ((16, 64), (64, 64), (128, 128)):
+                    if table_name == "_bwd_dkdvdq_kernel+window" and (cap, size) == (80, 128):
+                        # Nothing fits: the launcher runs the split backward there.
+                        assert not common.fits_target(table_name, block_d, cap)
+                        continue
+                    assert common.fits_target(table_name, block_d, cap), (table_name, cap)
+                    kept = common.prune_configs(common.all_configs(name), table, block_d, cap)
+                    for c in kept:
+                        assert size in table[common.config_key(c)][cap], (table_name, cap, c)
 
 
 @pytest.mark.slow
@@ -98,3 +103,15 @@ def test_full_sweep_fits():
     """)
     bad = _failures(rows)
     assert not bad, "configs that spill or exceed shared memory:\n" + _describe(bad)
+
+
+def test_windowed_backward_falls_back_to_split_where_no_atomic_config_fits(monkeypatch):
+    """sm_80 at d = 128 with a window: the 5-matmul backward has no spill-free config, so the
+    default backward is the split one there (and only there)."""
+    from compodistill.kernels import attention
+    cuda = torch.device("cuda")
+    for cap, head_dim, window, want in ((80, 128, 100, False), (80, 64, 100, True),
+                                        (90, 128, 100, True), (80, 128, None, True)):
+        monkeypatch.setattr(attention, "device_capability", lambda cap=cap: cap)
+        assert attention.atomic_backward_fits(window, head_dim, cuda) is want, (cap, head_dim)
+    assert attention.atomic_backward_fits(100, 128, torch.device("cpu"))

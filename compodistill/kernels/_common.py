@@ -172,6 +172,14 @@ def prune_configs(configs: list, table: dict, block_d: int, capability: int) -> 
     return keep or list(configs[:1])
 
 
+def fits_target(kernel_name: str, block_d: int, capability: int) -> bool:
+    """Whether some config of the fit table ``kernel_name`` (``"+window"`` for the sliding
+    window's) fits this head-dim class on this target; :func:`prune_configs` falls back to
+    an unmeasured first config when none does, so a launcher asks this first."""
+    target, size = target_class(capability), (64 if block_d <= 64 else 128)
+    return any(size in fits.get(target, ()) for fits in _FIT_TABLES[kernel_name].values())
+
+
 def prune_hook(kernel_name: str) -> dict:
     """``prune_configs_by`` of an autotuned kernel (runs on the launching GPU)."""
     def prune(configs, named_args, **kwargs):
@@ -235,3 +243,17 @@ if triton is not None:
         m = tl.where(m == float("-inf"), float("inf"), m)
         l2 = tl.load(RowLog2Sum_row + offs_m, mask=m_ok, other=0.0)
         return m, l2
+
+    @triton.jit
+    def window_key_start(q_start, WINDOW, BLOCK_N: tl.constexpr):
+        """First key block (its start, a multiple of BLOCK_N) that a causal sliding window
+        lets some row of the query block starting at ``q_start`` see: the block holding key
+        ``q_start - WINDOW + 1``. Every earlier block is outside every row's window."""
+        return tl.maximum(q_start - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+
+    @triton.jit
+    def window_query_end(k_start, N, WINDOW, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+        """End (exclusive, a multiple of BLOCK_M or N) of the query blocks that see some key of
+        the key block starting at ``k_start`` under a causal sliding window: the last such
+        query is ``k_start + BLOCK_N - 1 + WINDOW - 1``; later query blocks see none of it."""
+        return tl.minimum(tl.cdiv(k_start + BLOCK_N - 1 + WINDOW, BLOCK_M) * BLOCK_M, N)

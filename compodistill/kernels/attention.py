@@ -35,14 +35,14 @@ from __future__ import annotations
 import torch
 
 from ._common import (LOG2E, all_configs, autotune_configs, block_d, check_window,  # noqa: F401
-                      config_key, window_arg,
+                      config_key, fits_target, window_arg,
                       configs_for, default_scale, deterministic, device_capability,
                       dot_precision, fit_table, fitted_configs, interpreting, kernel_input,
                       launch, prune_configs, prune_hook, recording_launches, require_triton,
                       target_class, tl, triton)
 
 if triton is not None:
-    from ._common import load_row_stats, log2_scale
+    from ._common import load_row_stats, log2_scale, window_key_start, window_query_end
 
 
 # --------------------------------------------------------------------------- helpers
@@ -163,8 +163,7 @@ if triton is not None:
             hi = pid_m * BLOCK_M
             if HAS_WINDOW:
                 # Key blocks wholly before every row's window are skipped too.
-                lo = tl.minimum(tl.maximum(pid_m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N
-                                * BLOCK_N, hi)
+                lo = tl.minimum(window_key_start(pid_m * BLOCK_M, WINDOW, BLOCK_N), hi)
         acc, l_i, lt_i, m_i = _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base, KeyMask_row,
                                          VisualCol_row, stride_kn, stride_vn, offs_m, lo, hi, N,
                                          qk_scale, HAS_V, HAS_MASK, HAS_VIS, False, HEAD_DIM,
@@ -236,7 +235,7 @@ if triton is not None:
                     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, WINDOW, HAS_WINDOW: tl.constexpr):
         """dk, dv of one key block summed over the query heads of its kv head and the query
-        blocks [lo, N). ``WITH_G`` (a key block holding image tokens) adds G / Hq to dP.
+        blocks [lo, hi). ``WITH_G`` (a key block holding image tokens) adds G / Hq to dP.
 
         ``ATOMIC_DQ`` (the 5-matmul backward): also ``dS K`` of this key block is added to
         the float32 dq buffer ``DQ_b`` with ``tl.atomic_add``, from the same dS as dk (so
@@ -246,7 +245,12 @@ if triton is not None:
         for g in range(GROUP):
             h = hk * GROUP + g
             bh = b * Hq + h
-            for start_m in range(lo, N, BLOCK_M):
+            hi = N
+            if HAS_WINDOW:
+                # Recomputed here from the program id rather than carried from the caller:
+                # one long-lived register less (the windowed kernels sit at 255).
+                hi = window_query_end(tl.program_id(0) * BLOCK_N, N, WINDOW, BLOCK_N, BLOCK_M)
+            for start_m in range(lo, hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 m_ok = offs_m < N
                 tile = offs_m[:, None] * stride_qn + offs_d[None, :]
@@ -257,10 +261,13 @@ if triton is not None:
                 sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
                 pT = tl.math.exp2((sT * qk_scale - m_row[None, :]) - l2_row[None, :])
                 allowed = key_ok[:, None] & m_ok[None, :]
-                if CAUSAL:
-                    allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
                 if HAS_WINDOW:
-                    allowed = allowed & (offs_m[None, :] - offs_n[:, None] < WINDOW)
+                    # Causal and in the window, 0 <= i - j < WINDOW, in one unsigned compare
+                    # (a window is always causal): fewer live mask registers.
+                    diff = (offs_m[None, :] - offs_n[:, None]).to(tl.uint32)
+                    allowed = allowed & (diff < tl.cast(WINDOW, tl.uint32))
+                elif CAUSAL:
+                    allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
                 pT = tl.where(allowed, pT, 0.0)
                 delta = tl.load(Delta + bh * N + offs_m, mask=m_ok, other=0.0)
                 if WITH_G:
@@ -326,25 +333,28 @@ if triton is not None:
         return dq
 
     # dk/dv (BLOCK_M query rows streamed, BLOCK_N keys held): 8 warps at d = 128, where
-    # k, v, dk and dv alone hold 4·BLOCK_N·128 values per program.
+    # k, v, dk and dv alone hold 4·BLOCK_N·128 values per program. "window": the fits with
+    # HAS_WINDOW (the window's query-block bound costs registers; measured with 3.8).
     _BWD_CONFIGS = fitted_configs("_bwd_dkdv_kernel", [
-        (32, 64, 8, 2, D128, ALL),
+        (32, 64, 8, 2, D128, ALL, {"window": (D128, D64)}),
         (32, 32, 4, 2, ALL, D128),
-        (64, 64, 8, 2, D128, NONE, {"3.6": (NONE, NONE)}),
-        (16, 128, 8, 2, D64, ALL, {"3.6": (D64, D64)}),
+        (64, 64, 8, 2, D128, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
+        (16, 128, 8, 2, D64, ALL, {"3.6": (D64, D64), "window": (D64, D64)}),
         (32, 128, 8, 2, NONE, D64),
     ])
     # dk/dv/dq with dq by atomics: dk, dv held, a (BLOCK_M, d) dq tile per step on top.
     # The first row is the split dk/dv kernel's first (the interpreter runs it: dk/dv agree
     # bitwise between the two backwards there).
+    # With a window nothing fits d = 128 on sm_80 (32x64 w8 spills 4 B, the others more):
+    # there the launcher runs the split backward instead (atomic_backward_fits).
     _BWD_ATOMIC_CONFIGS = fitted_configs("_bwd_dkdvdq_kernel", [
-        (32, 64, 8, 2, D128, ALL, {"3.6": (D128, D64)}),
-        (32, 32, 4, 2, NONE, ALL, {"3.6": (ALL, ALL)}),
+        (32, 64, 8, 2, D128, ALL, {"3.6": (D128, D64), "window": (NONE, D64)}),
+        (32, 32, 4, 2, NONE, ALL, {"3.6": (ALL, ALL), "window": (NONE, ALL)}),
         (16, 128, 8, 2, D64, D64, {"3.6": (NONE, D64)}),
-        (16, 64, 4, 2, D64, D64),
-        (64, 64, 8, 2, NONE, D64, {"3.6": (NONE, NONE)}),
+        (16, 64, 4, 2, D64, D64, {"window": (NONE, D64)}),
+        (64, 64, 8, 2, NONE, D64, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
         (32, 128, 8, 2, NONE, D64),
-        (32, 64, 4, 2, NONE, D64),
+        (32, 64, 4, 2, NONE, D64, {"window": (NONE, NONE)}),
     ])
     _BWD_DQ_CONFIGS = fitted_configs("_bwd_dq_kernel", [
         (64, 32, 8, 2, ALL, ALL),
@@ -553,9 +563,14 @@ if triton is not None:
             qrow = tl.load(QueryRow + b * N + offs_m, mask=m_ok, other=-1)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        lo = 0
         hi = N
         if CAUSAL:
             hi = tl.minimum((pid_m + 1) * BLOCK_M, N)
+            if HAS_WINDOW:
+                # Key blocks wholly before every row's window (P = 0 there) are skipped, as in
+                # the forward; the spans below start there, still on BLOCK_N boundaries.
+                lo = tl.minimum(window_key_start(pid_m * BLOCK_M, WINDOW, BLOCK_N), hi)
         K_base = K + b * stride_kb + hk * stride_kh
         V_base = V + b * stride_vb + hk * stride_vh
         KeyMask_b = KeyMask + b * N
@@ -568,10 +583,11 @@ if triton is not None:
         if HAS_G:
             if tl.max(qrow, 0) >= 0:
                 vis_lo = tl.minimum(tl.load(VisualSpan + 2 * b) // BLOCK_N * BLOCK_N, hi)
+                vis_lo = tl.maximum(vis_lo, lo)
                 vis_hi = tl.load(VisualSpan + 2 * b + 1)
                 vis_hi = tl.maximum(tl.minimum(tl.cdiv(vis_hi, BLOCK_N) * BLOCK_N, hi), vis_lo)
         dq = _dq_span(dq, q, do, m_row, l2_row, delta, qrow, offs_m, m_ok, K_base, V_base,
-                      KeyMask_b, VisualCol_b, G_b, 0, vis_lo, N, VMAX, stride_kn, stride_vn,
+                      KeyMask_b, VisualCol_b, G_b, lo, vis_lo, N, VMAX, stride_kn, stride_vn,
                       qk_scale, inv_h, HAS_DO, HAS_MASK, False, G_INT64, CAUSAL, HEAD_DIM,
                       BLOCK_D, DOT_PREC, BLOCK_M, BLOCK_N, WINDOW, HAS_WINDOW)
         if HAS_G:
@@ -694,6 +710,14 @@ def visual_span(visual_col: torch.Tensor) -> torch.Tensor:
     return span.to(torch.int32).contiguous()
 
 
+def atomic_backward_fits(window: int | None, head_dim: int, device: torch.device) -> bool:
+    """Whether the 5-matmul backward has a spill-free config on this GPU (with a window it
+    has none at d = 128 on sm_80; the split backward, which has, runs there)."""
+    if window is None or device.type != "cuda":
+        return True
+    return fits_target("_bwd_dkdvdq_kernel+window", block_d(head_dim), device_capability())
+
+
 def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor | None, out: torch.Tensor | None, stats: torch.Tensor,
                    key_mask: torch.Tensor | None, causal: bool, scale: float | None, *,
@@ -715,7 +739,8 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
         atomic_dq: True: the 5-matmul backward (one kernel, dq accumulated by float32
             atomics, whose order is not fixed); False: dk/dv and a separate dq kernel that
             recomputes QKᵀ and dP (7 matmuls, bitwise reproducible). None (default): False
-            exactly when :func:`deterministic` says so.
+            when :func:`deterministic` says so, and with a window where no 5-matmul config
+            fits the GPU (d = 128 on sm_80).
         window: the forward's sliding window (None for none).
 
     dq/dk/dv have the dtypes of q/k/v; dk/dv of a kv head sum over its query heads.
@@ -760,7 +785,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                  BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
     grid_kv = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     if atomic_dq is None:
-        atomic_dq = not deterministic()
+        atomic_dq = not deterministic() and atomic_backward_fits(window, D, q.device)
     if atomic_dq:
         dq_acc = torch.zeros((B, Hq, N, D), device=q.device, dtype=torch.float32)
         launch(_bwd_dkdvdq_kernel, grid_kv,

@@ -137,6 +137,9 @@ def candidate_configs(kernel, kwargs: dict, capability: int) -> list[tuple[str, 
     """(name, launch kwargs) per config the autotuner may pick on this target."""
     if not isinstance(kernel, triton.runtime.Autotuner):
         return [("fixed", kwargs)]
+    table = kernel.fn.__name__ + ("+window" if kwargs.get("HAS_WINDOW") else "")
+    if not attention.fits_target(table, kwargs.get("BLOCK_D", 16), capability):
+        return []  # the launchers never run it there (the windowed 5-matmul backward on sm_80)
     pruned = attention.configs_for(kernel, capability, kwargs)
     return [(_config_name(kernel.configs.index(c), c), {**kwargs, **c.all_kwargs()})
             for c in pruned]

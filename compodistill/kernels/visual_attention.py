@@ -96,14 +96,22 @@ if triton is not None:
                     allowed = allowed & (vpos[None, :] <= qpos[:, None])
                 if HAS_WINDOW:
                     allowed = allowed & (qpos[:, None] - vpos[None, :] < WINDOW)
-                s = _gathered_logits(Q, K, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
-                                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
-                                     stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
-                s = tl.where(allowed, s, float("-inf"))
-                m_new = tl.maximum(mv, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                lv = lv * tl.math.exp2(mv - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-                mv = m_new
+                # A chunk with no allowed pair (before every row's window) would leave
+                # (mv, lv) exactly as they are: skip its scores. Only with a window, where
+                # such chunks are common; the branch stops the loads being pipelined.
+                visit = True
+                if HAS_WINDOW:
+                    visit = tl.max(tl.where(allowed, 1, 0)) > 0
+                if visit:
+                    s = _gathered_logits(Q, K, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
+                                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                                         stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
+                    s = tl.where(allowed, s, float("-inf"))
+                    m_new = tl.maximum(mv, tl.max(s, 1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    lv = (lv * tl.math.exp2(mv - m_safe)
+                          + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1))
+                    mv = m_new
             rows = (b * Hq + h) * N + qpos
             m_t = tl.load(RowMax + rows, mask=r_ok, other=float("-inf"))
             lt2 = tl.load(RowLog2Text + rows, mask=r_ok, other=float("-inf"))
