@@ -74,8 +74,17 @@ def _config(demo: Path, data: Path, out: Path, teacher, weights=None):
         "output_dir": str(out / "run"), "cpu_threads": 1, "seed": 0,
         "data": {"train_json": str(data), "image_folder": str(demo / "data"),
                  "max_length": 256},
-        "vat": {"matching": "group", "preset": "intermediate", "loss": "cosine"},
+        "vat": demo_vat(),
         "stages": [stage]})
+
+
+def demo_vat() -> dict:
+    """The VAT section of configs/demo.yaml: the layers the demo's 2-layer pair is matched on
+    (a preset selects no layer of a model that shallow)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    return yaml.safe_load((root / "configs" / "demo.yaml").read_text())["vat"]
 
 
 def _cache_files(cache: Path) -> tuple[float, float, int, int, int]:
