@@ -1,8 +1,9 @@
 """What the trainer allows per family (docs/families.md), checked before any step runs.
 
 The teacher cache and the recipes other than CompoDistill's are built on LLaVA's layout (its
-projector, its batch keys), TAF on LLaVA's projector or Qwen2.5-VL's merger; for another
-family they are refused with a
+projector, its batch keys); TAF exists for the families in ``TAF_FAMILIES``; Gemma 3's VAT
+serves text query rows only (its image tokens attend both ways). Otherwise they are refused
+with a
 :class:`~compodistill.train.config.ConfigError` naming the key and the family, never run
 on inputs they would get wrong.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ..hf.families import TAF_FAMILIES, family_of
+from ..hf.families import FAMILIES, TAF_FAMILIES, family_of
 from .config import ConfigError, DistillConfig
 
 __all__ = ["check_family_options"]
@@ -44,10 +45,17 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
     if family.name == "llava":
         return
     if config.taf and family.name not in TAF_FAMILIES:
-        raise ConfigError("taf", f"TAF is implemented for LLaVA and Qwen2.5-VL, not for "
-                                 f"{family.title}; "
+        names = ", ".join(FAMILIES[n].title for n in TAF_FAMILIES)
+        raise ConfigError("taf", f"TAF is implemented for {names}, not for {family.title}; "
                                  f"set `taf: false` and train the student's own connector "
                                  f"(stages' trainable: connector, lora+connector)")
+    if family.name == "gemma3" and config.vat.query != "text" and any(
+            s.weights.vat for s in config.stages):
+        # the trainer gives Gemma 3 its token_type_ids, under which the tokens of one image
+        # attend to each other both ways: causal fused layers serve text query rows only
+        raise ConfigError("vat.query", f"{config.vat.query!r} is not served for Gemma 3: its "
+                                       f"image tokens attend bidirectionally (token_type_ids), "
+                                       f"the fused layers are causal; set `query: text`")
     if config.teacher_cache is not None:
         raise ConfigError("teacher.cache", f"the teacher cache is implemented for LLaVA only, "
                                            f"not for {family.title}; run the teacher online")
