@@ -396,3 +396,20 @@ def test_a_teacher_of_another_family_is_refused(qwen_pair, tmp_path):
     config.teacher = str(tmp_path / "llava")
     with pytest.raises(ConfigError, match=r"^teacher: a LLaVA \(1\.5\) teacher cannot teach"):
         DistillationTrainer(config, show_progress=False)
+
+
+def test_final_logit_softcapping_is_refused():
+    """The fused LM and KD losses never build the capped logits: a checkpoint that caps them
+    (Gemma 2 did; Gemma 3's default does not) is refused, naming the key."""
+    from transformers import Gemma3Config
+
+    from compodistill.train.families import check_family_options
+
+    config = config_from_dict({"student": "s", "teacher": "t", "output_dir": "o",
+                               "vat": {"query": "text"}})
+    plain, capped = Gemma3Config(), Gemma3Config(text_config={"final_logit_softcapping": 30.0})
+    check_family_options(config, plain, plain)
+    with pytest.raises(ConfigError, match=r"^student: Gemma 3 with final_logit_softcapping=30"):
+        check_family_options(config, capped, plain)
+    with pytest.raises(ConfigError, match=r"^teacher: Gemma 3 with final_logit_softcapping=30"):
+        check_family_options(config, plain, capped)

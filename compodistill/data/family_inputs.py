@@ -242,10 +242,13 @@ class InternVLImageInputs:
 def _internvl_markers(tokenizer) -> tuple[int, int]:
     # InternVL's tokenizer names its markers (start_image_token, end_image_token); its
     # config does not hold their ids
+    if tokenizer is None:
+        raise ValueError("tokenizer: InternVL needs the student's tokenizer (tokenizer=) for its "
+                         "start/end image tokens")
     ids = []
     for name, default in (("start_image_token", "<img>"), ("end_image_token", "</img>")):
         token = getattr(tokenizer, name, None) or default
-        index = tokenizer.convert_tokens_to_ids(token) if tokenizer is not None else None
+        index = tokenizer.convert_tokens_to_ids(token)
         if index is None or index == getattr(tokenizer, "unk_token_id", None):
             raise ValueError(f"tokenizer: InternVL needs its {name} ({token!r}) in the "
                              f"student's tokenizer")

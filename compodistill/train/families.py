@@ -34,7 +34,9 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
 
     Raises:
         ConfigError: ``teacher`` of another family than the student's; ``taf`` for a family without TAF (set ``taf: false`` and train the
-            student's own connector), ``teacher.cache`` or ``recipe`` for a non-LLaVA family.
+            student's own connector), ``teacher.cache`` or ``recipe`` for a non-LLaVA family;
+            ``student``/``teacher`` with final-logit softcapping; ``vat.query`` other than
+            ``text`` for Gemma 3 with VAT on.
     """
     family = family_of(_model_config(student_config))
     if teacher_config is not None:
@@ -44,6 +46,15 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
                                          f"{family.title} student: both must be one family")
     if family.name == "llava":
         return
+    for key, folder in (("student", student_config), ("teacher", teacher_config)):
+        model_config = _model_config(folder) if folder is not None else None
+        text = model_config.get_text_config() if model_config is not None else None
+        softcap = getattr(text, "final_logit_softcapping", None)
+        if softcap is not None:
+            # the fused LM/KD losses read lm_head's weights: capped logits are never built
+            raise ConfigError(key, f"{family.title} with final_logit_softcapping={softcap} is "
+                                   f"not supported: the fused LM and KD losses use uncapped "
+                                   f"logits; set it to null in the text config")
     if config.taf and family.name not in TAF_FAMILIES:
         names = ", ".join(FAMILIES[n].title for n in TAF_FAMILIES)
         raise ConfigError("taf", f"TAF is implemented for {names}, not for {family.title}; "
