@@ -413,3 +413,37 @@ def test_final_logit_softcapping_is_refused():
         check_family_options(config, capped, plain)
     with pytest.raises(ConfigError, match=r"^teacher: Gemma 3 with final_logit_softcapping=30"):
         check_family_options(config, plain, capped)
+
+
+def test_onevision_truncation_never_leaves_one_of_several_images(qwen_pair, tmp_path):
+    """A LLaVA-OneVision image among several has another count than a lone one: a record that
+    truncation would cut down to one of its images is skipped as too long."""
+    from PIL import Image
+    from transformers import AutoConfig, AutoTokenizer
+
+    from compodistill.data import LlavaDataset
+    from compodistill.data.family_inputs import family_image_inputs
+
+    root, family = qwen_pair
+    if family != "llava_onevision":
+        pytest.skip("LLaVA-OneVision only")
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (32, 16)).save(tmp_path / name)
+    records = [{"image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nwhat color"},
+        {"from": "gpt", "value": "red"}]}]
+    config = AutoConfig.from_pretrained(root / "student")
+    tokenizer = AutoTokenizer.from_pretrained(root / "student")
+    inputs = family_image_inputs(config, root / "student", tokenizer)
+
+    def dataset(max_length):
+        return LlavaDataset(records, str(tmp_path), tokenizer, 1, num_image_tokens=1,
+                            image_token_id=config.image_token_id, max_length=max_length,
+                            image_inputs=inputs)
+
+    whole = dataset(256)
+    assert whole[0]["input_ids"].tolist().count(config.image_token_id) == 10  # 5 + 5
+    first = whole[0]["input_ids"].tolist().index(config.image_token_id)
+    with pytest.warns(UserWarning, match="keeps 1 of 2 images"):
+        cut = dataset(first + 8)  # room for the first image's block, not the second's
+        assert len(cut) == 0 or cut[0] is None

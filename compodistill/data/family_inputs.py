@@ -109,6 +109,8 @@ class OnevisionImageInputs:
     """
 
     extra_keys = ("image_sizes", "batch_num_images")
+    # an image's count depends on how many share its sample: truncation must not leave one
+    counts_per_image_count = True
 
     def __init__(self, image_processor, config):
         if not hasattr(image_processor, "image_grid_pinpoints"):
