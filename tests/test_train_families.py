@@ -231,6 +231,10 @@ def test_image_blocks_match_the_models_own_feature_counts(qwen_pair):
                           "gemma3": {"token_type_ids"}, "internvl": set()}[family]
     if family == "gemma3":
         assert torch.equal(extra["token_type_ids"], (batch["input_ids"] == img).long())
+        # the local layers' window is shorter than every sample: the trainer's VAT runs
+        # through the windowed path
+        assert cfg.get_text_config().sliding_window == GEMMA_WINDOW
+        assert min(int(m.sum()) for m in batch["attention_mask"]) > GEMMA_WINDOW
     with torch.no_grad():  # the model raises when placeholders and features disagree
         hidden = HiddenStates(model)(batch["input_ids"], batch["attention_mask"],
                                      batch["pixel_values"], **extra)
@@ -447,3 +451,13 @@ def test_onevision_truncation_never_leaves_one_of_several_images(qwen_pair, tmp_
     with pytest.warns(UserWarning, match="keeps 1 of 2 images"):
         cut = dataset(first + 8)  # room for the first image's block, not the second's
         assert len(cut) == 0 or cut[0] is None
+
+
+def test_taf_needs_the_same_vision_features():
+    from compodistill.hf.families import tiny_family_pair
+    from compodistill.hf.family_taf import apply_family_taf
+
+    student, teacher = tiny_family_pair("internvl", vocab_size=64)
+    student.config.vision_config.hidden_size = 48  # another vision tower
+    with pytest.raises(ValueError, match=r"TAF needs the same vision features.*48.*32"):
+        apply_family_taf(student, teacher)

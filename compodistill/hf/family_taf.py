@@ -10,9 +10,13 @@ The saved checkpoint stays a plain model of the family: each post-connector is f
 connector's last layer, the same function, so ``from_pretrained`` and any tool load it. Where
 that layer is a Linear with a bias, ``post(W x + b) = (P W) x + (P b + c)``. Gemma 3's last
 layer is a bias-free matrix (``x @ W``), so its post-connector has no bias either and folds to
-``x @ (W P^T)``. The unfolded parts (each teacher last layer and post-connector) are written
-next to it in :data:`TAF_FILE`; :func:`load_taf_parts` rebuilds the TAF connectors from them,
-so training resumes on the same parameters.
+``x @ (W P^T)``. The unfolded TAF connectors are written next to it in :data:`TAF_FILE`;
+:func:`load_taf_parts` rebuilds them, so training resumes on the same parameters.
+
+LLaVA-OneVision's and InternVL's projectors are as wide inside as the language model: the
+teacher's is wider than the student's plain one, so their folded checkpoint has other shapes
+than the family's and plain ``from_pretrained`` refuses it (a size mismatch, never a silently
+different model); :func:`load_family_taf` loads it.
 """
 from __future__ import annotations
 
