@@ -67,7 +67,7 @@ def image_processor(family):
 
 
 @pytest.fixture(scope="module", params=sorted(CLASSES))
-def qwen_pair(request, tmp_path_factory):
+def family_pair(request, tmp_path_factory):
     from PIL import Image
     from transformers import AutoTokenizer
 
@@ -116,11 +116,11 @@ CHAIN = [dict(kind="dpt", trainable="connector", max_steps=2, batch_size=2, lr=1
          dict(kind="sft", max_steps=2, batch_size=2, lora_r=4, lora_alpha=8)]
 
 
-def test_dataset_and_collator_build_qwen_inputs(qwen_pair):
+def test_dataset_and_collator_build_qwen_inputs(family_pair):
     """Each image becomes vision_start + its own count of image tokens + vision_end; the
     batch carries the pixel patches, one image_grid_thw row per image and the token types
     that M-RoPE needs."""
-    root, family = qwen_pair
+    root, family = family_pair
     if family not in QWEN:
         pytest.skip("Qwen's inputs")
     trainer = DistillationTrainer(make_config(root, CHAIN, "data-check"), show_progress=False)
@@ -178,7 +178,7 @@ def model_image_tokens(model, family, extras) -> list[int]:
         return [int(f.shape[0]) for f in feats]
 
 
-def test_image_blocks_match_the_models_own_feature_counts(qwen_pair):
+def test_image_blocks_match_the_models_own_feature_counts(family_pair):
     """LLaVA-OneVision, Gemma 3, InternVL: each image's block is the family's markers around
     as many image tokens as the model makes features from the image processor's pixels; the
     collated batch (images of different crop counts, Gemma 3's token_type_ids) runs through
@@ -187,7 +187,7 @@ def test_image_blocks_match_the_models_own_feature_counts(qwen_pair):
 
     from compodistill.train.stages import HiddenStates, family_inputs
 
-    root, family = qwen_pair
+    root, family = family_pair
     if family in QWEN:
         pytest.skip("test_dataset_and_collator_build_qwen_inputs")
     trainer = DistillationTrainer(make_config(root, CHAIN, "data-check"), show_progress=False)
@@ -225,6 +225,18 @@ def test_image_blocks_match_the_models_own_feature_counts(qwen_pair):
             model, family, inputs(pair)) == [5, 5]
     else:
         assert set(counts.values()) == {4}
+    if family == "internvl":  # tiles: a processor saved with crop_to_patches=True
+        from transformers import GotOcr2ImageProcessorPil
+
+        from compodistill.data.family_inputs import InternVLImageInputs
+
+        tiled = InternVLImageInputs(GotOcr2ImageProcessorPil(
+            size={"height": 16, "width": 16}, crop_to_patches=True, max_patches=4), cfg,
+            *markers)
+        images = [Image.new("RGB", (32, 16)), Image.new("RGB", (16, 16))]
+        got = tiled.token_counts([im.size for im in images])
+        want = [sum(model_image_tokens(model, family, tiled([im]))) for im in images]
+        assert got == want and got[0] > got[1] == 4  # 2 tiles + thumbnail vs one tile
     batch = next(iter(trainer.data_loader(trainer.config.stages[0])))
     extra = family_inputs(batch)
     assert set(extra) == {"llava_onevision": {"image_sizes", "batch_num_images"},
@@ -241,10 +253,10 @@ def test_image_blocks_match_the_models_own_feature_counts(qwen_pair):
     assert torch.isfinite(hidden).all()
 
 
-def test_chain_with_kd_and_vat_and_reload(qwen_pair):
+def test_chain_with_kd_and_vat_and_reload(family_pair):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-    root, family = qwen_pair
+    root, family = family_pair
     trainer = DistillationTrainer(make_config(root, CHAIN, "run"), show_progress=False)
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     results = trainer.run()
@@ -277,10 +289,10 @@ def test_chain_with_kd_and_vat_and_reload(qwen_pair):
     assert vision and all(torch.equal(state[k], before[k]) for k in vision)
 
 
-def test_interrupted_stage_resumes_with_the_same_losses(qwen_pair, monkeypatch):
+def test_interrupted_stage_resumes_with_the_same_losses(family_pair, monkeypatch):
     from compodistill.train.metrics import read_metrics
 
-    root, family = qwen_pair
+    root, family = family_pair
     # with TAF: the post-connectors' state is resumed too
     stage = [dict(kind="dft", trainable="lora+post_connector", max_steps=4, batch_size=2,
                   lora_r=2, lora_alpha=4)]
@@ -294,7 +306,7 @@ def test_interrupted_stage_resumes_with_the_same_losses(qwen_pair, monkeypatch):
     assert resumed == pytest.approx(straight, rel=1e-5)
 
 
-def test_gemma3_vat_serves_text_queries_only(qwen_pair, capsys):
+def test_gemma3_vat_serves_text_queries_only(family_pair, capsys):
     """Gemma 3's image tokens attend to each other both ways under its token_type_ids: VAT
     on image query rows is refused when the config loads, in one line from the CLI (the
     default config's DFT has VAT with query "all"), before any step runs."""
@@ -302,7 +314,7 @@ def test_gemma3_vat_serves_text_queries_only(qwen_pair, capsys):
 
     from _helpers import assert_one_line_error
 
-    root, family = qwen_pair
+    root, family = family_pair
     if family != "gemma3":
         pytest.skip("Gemma 3 only")
     config = make_config(root, CHAIN, "query")
@@ -319,7 +331,7 @@ def test_gemma3_vat_serves_text_queries_only(qwen_pair, capsys):
     assert not (root / "default-query" / "1-dpt").exists()
 
 
-def test_taf_chain_saves_a_plain_checkpoint_and_reloads_the_taf_connectors(qwen_pair):
+def test_taf_chain_saves_a_plain_checkpoint_and_reloads_the_taf_connectors(family_pair):
     """TAF on every family: each connector of the student (Qwen3-VL: the merger and each
     DeepStack merger) is the teacher's (frozen) plus its own post-connector, trained through
     DPT -> DFT -> SFT with KD and VAT; each output is a plain checkpoint (post-connectors
@@ -331,7 +343,7 @@ def test_taf_chain_saves_a_plain_checkpoint_and_reloads_the_taf_connectors(qwen_
     from compodistill.hf.family_taf import TAFConnector, is_taf, taf_sites
     from compodistill.train.stages import family_inputs
 
-    root, family = qwen_pair
+    root, family = family_pair
     stages = [dict(kind="dpt", max_steps=2, batch_size=2, lr=1e-3),
               dict(kind="dft", max_steps=2, batch_size=2, lora_r=4, lora_alpha=8),
               dict(kind="sft", max_steps=1, batch_size=2, lora_r=4, lora_alpha=8)]
@@ -370,14 +382,14 @@ def test_taf_chain_saves_a_plain_checkpoint_and_reloads_the_taf_connectors(qwen_
         torch.testing.assert_close(plain(**inputs).logits, want, rtol=1e-4, atol=1e-5)
 
 
-def test_unreadable_image_is_skipped_with_its_reason(qwen_pair, tmp_path):
+def test_unreadable_image_is_skipped_with_its_reason(family_pair, tmp_path):
     """A family's per-image token count reads each image's header: a broken file is a
     skipped record named "unreadable image", like LLaVA's."""
     from compodistill.data import LlavaDataset
     from compodistill.data.family_inputs import family_image_inputs
     from transformers import AutoConfig, AutoTokenizer
 
-    root, _ = qwen_pair
+    root, _ = family_pair
     (tmp_path / "broken.png").write_bytes(b"not a png")
     records = [{"image": "broken.png", "conversations": [
         {"from": "human", "value": "<image>\nwhat color"}, {"from": "gpt", "value": "red"}]}]
@@ -390,10 +402,10 @@ def test_unreadable_image_is_skipped_with_its_reason(qwen_pair, tmp_path):
     assert len(data) == 0 and data.problems[0].reason == "unreadable image"
 
 
-def test_a_teacher_of_another_family_is_refused(qwen_pair, tmp_path):
+def test_a_teacher_of_another_family_is_refused(family_pair, tmp_path):
     from compodistill.hf import tiny_llava_pair
 
-    root, family = qwen_pair
+    root, family = family_pair
     _, llava = tiny_llava_pair(vocab_size=64, image_size=16, patch_size=8)
     llava.save_pretrained(tmp_path / "llava")
     config = make_config(root, CHAIN, "mixed")
@@ -419,7 +431,7 @@ def test_final_logit_softcapping_is_refused():
         check_family_options(config, plain, capped)
 
 
-def test_onevision_truncation_never_leaves_one_of_several_images(qwen_pair, tmp_path):
+def test_onevision_truncation_never_leaves_one_of_several_images(family_pair, tmp_path):
     """A LLaVA-OneVision image among several has another count than a lone one: a record that
     truncation would cut down to one of its images is skipped as too long."""
     from PIL import Image
@@ -428,7 +440,7 @@ def test_onevision_truncation_never_leaves_one_of_several_images(qwen_pair, tmp_
     from compodistill.data import LlavaDataset
     from compodistill.data.family_inputs import family_image_inputs
 
-    root, family = qwen_pair
+    root, family = family_pair
     if family != "llava_onevision":
         pytest.skip("LLaVA-OneVision only")
     for name in ("a.png", "b.png"):
