@@ -473,3 +473,16 @@ def test_taf_needs_the_same_vision_features():
     student.config.vision_config.hidden_size = 48  # another vision tower
     with pytest.raises(ValueError, match=r"TAF needs the same vision features.*48.*32"):
         apply_family_taf(student, teacher)
+
+
+def test_llava_next_is_refused_by_the_trainer(tmp_path):
+    """LLaVA-NeXT shares LLaVA-OneVision's family for the hook, not its anyres packing: the
+    trainer refuses it from config.json, naming the key."""
+    from transformers import LlavaNextConfig
+
+    from compodistill.hf.families import check_trainer_checkpoint
+
+    LlavaNextConfig().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^student: LLaVA-NeXT checkpoints .* not yet with "
+                                         r"`compodistill train`, which supports .*Gemma 3"):
+        check_trainer_checkpoint(tmp_path, "student")
