@@ -70,6 +70,9 @@ QUICK = dict(FULL, teacher_images=48, sizes=[16, 32], num_eval=12, teacher_hidde
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke version (seconds)")
+    p.add_argument("--replot", action="store_true",
+                   help="redraw the plot and print the table from an existing --csv; trains "
+                        "nothing")
     p.add_argument("--out", default=None, help="work folder (default runs/experiment_grounded"
                    "[_quick])")
     p.add_argument("--csv", default=None, help="result CSV (default bench/results/"
@@ -300,7 +303,7 @@ def claim(summary: list[dict], size: int) -> dict:
 
 def markdown_table(teacher: dict, summary: list[dict]) -> str:
     pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
-    lines = ["| model | records | seeds | all questions | colour | shape | left of "
+    lines = ["| model | images | seeds | all questions | colour | shape | left of "
              "| CR colour swap | CR position swap | answer-row share on target, last layer |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     t = teacher
@@ -333,9 +336,11 @@ def plot(teacher: dict, rows: list[dict], summary: list[dict], png: Path, title:
     ax.axhline(100 / 3, color="0.5", ls="--", lw=0.8, label="presence only (1/3)")
     ax.axhline(20, color="0.5", ls=":", lw=0.8, label="text prior (1/5)")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the sizes run
     ax.set_xticks(sorted({s["records"] for s in summary}),
                   [str(x) for x in sorted({s["records"] for s in summary})])
-    ax.set_xlabel("training records (dense, one image each)")
+    # `records` counts training images; each image gives two records (questions, caption)
+    ax.set_xlabel("training images (two dense records each)")
     ax.set_ylabel("held-out accuracy, all question types (%)")
     ax.set_title("students: mean ± std over seeds", fontsize=10)
     ax.legend(fontsize=7)
@@ -350,9 +355,10 @@ def plot(teacher: dict, rows: list[dict], summary: list[dict], png: Path, title:
             mean = [statistics.mean(r["att_answer"][j] for r in group)
                     for j in range(len(group[0]["att_answer"]))]
             bx.plot(range(len(mean)), mean, marker="s", color=f"C{i}",
-                    label=f"{name} ({largest} rec.), answer row")
+                    label=f"{name} ({largest} images), answer row")
     bx.axhline(teacher["att_uniform"], color="0.5", ls="--", lw=0.8, label="uniform")
     bx.set_xlabel("layer")
+    bx.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     bx.set_ylabel("share of image attention on the target cell")
     bx.set_title("attention on the target cell per layer", fontsize=10)
     bx.legend(fontsize=7)
@@ -449,10 +455,46 @@ def run(opts: dict, argv: list[str]) -> dict:
             "gate": True, "seconds": time.perf_counter() - start}
 
 
+def read_csv(path: Path) -> list[dict]:
+    """The rows :func:`write_csv` wrote, with numbers and JSON lists decoded."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = dict(raw)
+            for key, value in raw.items():
+                if value and value[0] in "[{":
+                    row[key] = json.loads(value)
+                elif key not in ("variant", "device", "date", "torch", "transformers",
+                                 "git_commit", "command") and value:
+                    row[key] = float(value) if "." in value or "e" in value else int(value)
+            rows.append(row)
+    return rows
+
+
+def replot(csv_path: Path) -> dict:
+    """Plot and table from a finished CSV, without training (``--replot``)."""
+    rows = read_csv(csv_path)
+    teacher = next((r for r in rows if r["variant"] == "teacher"), None)
+    if teacher is None:
+        raise SystemExit(f"--replot: {csv_path} has no teacher row")
+    students = [r for r in rows if r["variant"] != "teacher"]
+    summary = summarise(students)
+    title = (f"experiment_grounded on {teacher['device']}, {teacher['date']}, commit "
+             f"{teacher['git_commit']} (replotted from {csv_path.name})")
+    png = plot(teacher, students, summary, csv_path.with_suffix(".png"), title)
+    table = markdown_table(teacher, summary)
+    print(table + f"\nwrote {png}", flush=True)
+    return {"summary": summary, "table": table}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = run(resolve(build_parser().parse_args(argv)), argv)
+    args = build_parser().parse_args(argv)
+    if args.replot:
+        replot(resolve(args)["csv"])
+        return 0
+    result = run(resolve(args), argv)
     return 0 if result["gate"] else 3
 
 

@@ -317,3 +317,46 @@ def crash_and_resume(monkeypatch, make_trainer, *, at_step: int = 3) -> None:
         make_trainer().run()
     monkeypatch.setattr(stages_module.StageLosses, "__call__", original)
     make_trainer().run()
+
+
+# --------------------------------------------------------------------------- family pairs
+
+def family_image_processor(family: str, **overrides):
+    """The family's own image processor class, sized for the tiny models of
+    ``tiny_family_pair`` (no download); ``overrides`` go to its constructor."""
+    import transformers as tf
+
+    if family in ("qwen2_5_vl", "qwen3_vl"):  # 4-px patches, 2x2 merge: 4..16 tokens an image
+        options = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
+                       max_pixels=32 * 32)
+        return tf.Qwen2VLImageProcessorPil(**{**options, **overrides})
+    raise ValueError(f"tests/_helpers.py: no tiny image processor for family {family!r}; "
+                     f"add it to family_image_processor")
+
+
+def write_family_pair(root, family: str, *, num: int = 6, sizes=((16, 16), (24, 16), (32, 32))):
+    """Synthetic data in ``root/data`` (the first images resized to ``sizes``: one token count
+    each), a locally trained tokenizer, and a tiny student (with tokenizer and the family's
+    image processor) and teacher of ``family`` saved to ``root/student`` and
+    ``root/teacher``. The teacher's vocabulary has 8 extra rows (KD truncates it). Returns
+    the tokenizer."""
+    import json
+
+    from PIL import Image
+
+    from compodistill.data import generate_synthetic
+    from compodistill.hf.families import tiny_family_pair
+
+    generate_synthetic(str(root / "data"), num=num, num_eval=1, image_size=16, progress=False)
+    for index, (w, h) in enumerate(sizes):
+        path = root / "data" / "images" / f"train_{index:06d}.png"
+        Image.open(path).convert("RGB").resize((w, h)).save(path)
+    records = json.loads((root / "data" / "train.json").read_text())
+    tok = local_bpe_tokenizer(root / "student", [t["value"] for r in records
+                                                 for t in r["conversations"]])
+    student, teacher = tiny_family_pair(family, vocab_size=len(tok),
+                                        teacher_vocab_size=len(tok) + 8)
+    student.save_pretrained(root / "student")
+    family_image_processor(family).save_pretrained(root / "student")
+    teacher.save_pretrained(root / "teacher")
+    return tok

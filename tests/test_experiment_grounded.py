@@ -28,6 +28,11 @@ def test_smoke_run_writes_csv_plot_and_claims(tmp_path):
     # A second start reuses every finished run.
     again = ex.run(ex.resolve(ex.build_parser().parse_args(argv)), argv)
     assert [r["q_all"] for r in again["rows"]] == [r["q_all"] for r in result["rows"]]
+    # --replot redraws from the CSV alone: the same table as the run printed.
+    (tmp_path / "experiment_grounded.png").unlink()
+    assert ex.main(argv + ["--replot"]) == 0
+    assert (tmp_path / "experiment_grounded.png").stat().st_size > 10_000
+    assert ex.replot(tmp_path / "experiment_grounded.csv")["table"] == result["table"]
 
 
 def test_gate_stops_before_students(tmp_path):

@@ -1,7 +1,8 @@
 """What the trainer allows per family (docs/families.md), checked before any step runs.
 
-The teacher cache and the recipes other than CompoDistill's are built on LLaVA's layout (its
-projector, its batch keys); TAF exists for the families in ``TAF_FAMILIES``; Gemma 3's VAT
+The teacher cache is built on LLaVA's layout (its projector, its batch keys); TAF exists for
+the families in ``TAF_FAMILIES``; a recipe may name the families it runs on
+(``RecipeFacts.families``; the built-in ones run on every trainer family); Gemma 3's VAT
 serves text query rows only (its image tokens attend both ways). Otherwise they are refused
 with a
 :class:`~compodistill.train.config.ConfigError` naming the key and the family, never run
@@ -34,9 +35,10 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
 
     Raises:
         ConfigError: ``teacher`` of another family than the student's; ``taf`` for a family without TAF (set ``taf: false`` and train the
-            student's own connector), ``teacher.cache`` or ``recipe`` for a non-LLaVA family;
-            ``student``/``teacher`` with final-logit softcapping; ``vat.query`` other than
-            ``text`` for Gemma 3 with VAT on.
+            student's own connector), ``teacher.cache`` for a non-LLaVA family, ``recipe``
+            for a family the recipe's ``facts.families`` leaves out; ``student``/``teacher``
+            with final-logit softcapping; ``vat.query`` other than ``text`` for Gemma 3 with
+            VAT on.
     """
     family = family_of(_model_config(student_config))
     if teacher_config is not None:
@@ -44,6 +46,14 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
         if other != family:
             raise ConfigError("teacher", f"a {other.title} teacher cannot teach a "
                                          f"{family.title} student: both must be one family")
+    from .recipes import recipe_facts
+
+    allowed = recipe_facts(config.recipe).families  # None: every trainer family
+    if allowed is not None and family.name not in allowed:
+        names = ", ".join(FAMILIES[n].title if n in FAMILIES else n for n in allowed)
+        raise ConfigError("recipe", f"{config.recipe!r} is implemented for {names}, "
+                                    f"not for {family.title}; {family.title} trains with "
+                                    f"'compodistill'")
     if family.name == "llava":
         return
     for key, folder in (("student", student_config), ("teacher", teacher_config)):
@@ -70,6 +80,3 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
     if config.teacher_cache is not None:
         raise ConfigError("teacher.cache", f"the teacher cache is implemented for LLaVA only, "
                                            f"not for {family.title}; run the teacher online")
-    if config.recipe != "compodistill":
-        raise ConfigError("recipe", f"recipe {config.recipe!r} is implemented for LLaVA only; "
-                                    f"{family.title} trains with 'compodistill'")

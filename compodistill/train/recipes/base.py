@@ -25,12 +25,16 @@ class RecipeFacts:
             leaves out falls back to ``{"trainable": "lora", "weights": {"lm": 1.0}}``.
         default_stages: the stage chain when the config names none.
         taf: whether the student gets TAF when the config does not say.
+        families: the trainer families (``compodistill.hf.families``) it runs on; None: every
+            one. A LLaVA-only recipe sets ``("llava",)`` and is refused for another family
+            with a ``ConfigError`` naming ``recipe`` and the family.
     """
 
     terms: tuple
     stage_defaults: dict
     default_stages: tuple
     taf: bool = False
+    families: tuple | None = None
 
     def stage_default(self, kind: str) -> dict:
         base = self.stage_defaults.get(kind, {"trainable": "lora", "weights": {"lm": 1.0}})

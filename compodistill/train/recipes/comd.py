@@ -9,7 +9,8 @@ Each round k (``config.comd.rounds``, default 4) under ``<output_dir>/round-<k>/
    (``scores.json``); a sample is hard when mean teacher − mean student score ≥
    ``comd.threshold`` (``hard.json``);
 3. **augment**: the teacher writes a new instruction like each hard one (same images) and
-   answers it (``augmented.json``, LLaVA records);
+   answers it (``augmented.json``, LLaVA-format records, encoded for training like the
+   input data: with the family's image inputs, each image its own token count);
 4. **tune-augmented**: the student runs ``config.stages`` on the augmented records.
 
 The next round's instructions are this round's plus the augmented ones (``comd.accumulate``;
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...data.llava import MalformedRecordError, parse_record, read_records
+from ...hf.families import visual_token_ids
 from ..checkpoint import is_complete
 from .comd_judges import (GreedyGenerator, JudgeRequest, ModelJudge, ReferenceOverlapJudge,
                           strip_image_tags)
@@ -83,33 +85,48 @@ class CoMDRecipe(CompoDistillRecipe):
         self.judge, self.generator_factory = judge, generator_factory
 
     # ------------------------------------------------------------------ plumbing
-    def _generator(self, trainer, model, max_new_tokens: int):
+    def generator(self, trainer, model, max_new_tokens: int, image_inputs=None):
+        """A generator for ``model``; ``image_inputs``: its family's (data/family_inputs.py),
+        default the trainer's, which serve the student and the teacher (one family, checked
+        when the trainer starts). None for a LLaVA model: a fixed count per image."""
         if self.generator_factory is not None:
             return self.generator_factory(model, max_new_tokens)
         from ...data import ConversationEncoder
+        from ...hf.families import family_of
 
         cfg = model.config
-        encoder = ConversationEncoder(trainer.tokenizer, cfg.vision_config.image_size,
-                                      num_image_tokens=cfg.image_seq_length,
-                                      image_token_id=cfg.image_token_id)
+        if image_inputs is None and family_of(cfg).name != "llava":
+            image_inputs = trainer.image_inputs
+        if image_inputs is None:
+            encoder = ConversationEncoder(trainer.tokenizer, cfg.vision_config.image_size,
+                                          num_image_tokens=cfg.image_seq_length,
+                                          image_token_id=cfg.image_token_id)
+        else:  # each image's token block comes from image_inputs
+            encoder = ConversationEncoder(trainer.tokenizer, 1, num_image_tokens=1,
+                                          image_token_id=visual_token_ids(cfg)[0])
         return GreedyGenerator(model, encoder, trainer.tokenizer, max_new_tokens=max_new_tokens,
-                               batch_size=trainer.config.comd.generation_batch_size)
+                               batch_size=trainer.config.comd.generation_batch_size,
+                               image_inputs=image_inputs)
 
-    def _judge(self, trainer):
+    def resolve_judge(self, trainer):
+        """The judge of this run: the one given to the constructor, else ``config.comd.judge``
+        (a :class:`ModelJudge` on ``comd.judge_model``, of any trainer family, or the teacher)."""
         if self.judge is not None:
             return self.judge
         opts = trainer.config.comd
         if opts.judge == "overlap":
             return ReferenceOverlapJudge()
-        model = trainer.teacher
+        model, image_inputs = trainer.teacher, None
         if opts.judge_model:
-            from ...hf.llava import load_student
+            from ...data.family_inputs import family_image_inputs
+            from ...hf.families import load_family_model
 
-            model = load_student(opts.judge_model).eval().to(trainer.acc.device)
+            model = load_family_model(opts.judge_model).eval().to(trainer.acc.device)
+            image_inputs = family_image_inputs(model.config, opts.judge_model)
         if model is None:
             raise ValueError("comd.judge 'model' needs a teacher or comd.judge_model")
-        self.judge = ModelJudge(self._generator(trainer, model, opts.judge_max_new_tokens),
-                                opts.judge_prompt)
+        self.judge = ModelJudge(self.generator(trainer, model, opts.judge_max_new_tokens,
+                                                image_inputs), opts.judge_prompt)
         return self.judge
 
     def _save(self, trainer, path: Path, data) -> None:
@@ -178,12 +195,12 @@ class CoMDRecipe(CompoDistillRecipe):
     def _answer(self, trainer, items: list[dict]) -> list[dict]:
         prompts, images = [it["instruction"] for it in items], [it["images"] for it in items]
         tokens = trainer.config.comd.max_new_tokens
-        teacher = self._generator(trainer, trainer.teacher, tokens)(prompts, images)
-        student = self._generator(trainer, trainer.student, tokens)(prompts, images)
+        teacher = self.generator(trainer, trainer.teacher, tokens)(prompts, images)
+        student = self.generator(trainer, trainer.student, tokens)(prompts, images)
         return [{**it, "teacher": t, "student": s} for it, t, s in zip(items, teacher, student)]
 
     def _score(self, trainer, answers: list[dict]) -> list[dict]:
-        judge = self._judge(trainer)
+        judge = self.resolve_judge(trainer)
 
         def requests(first: str, second: str):
             return [JudgeRequest(a["instruction"], a[first], a[second], a["reference"],
@@ -211,11 +228,11 @@ class CoMDRecipe(CompoDistillRecipe):
         prompts = [template.format(instruction=strip_image_tags(h["instruction"]),
                                    reference=h["reference"]) for h in hard]
         images = [h["images"] for h in hard]
-        writer = self._generator(trainer, trainer.teacher, opts.instruction_max_new_tokens)
+        writer = self.generator(trainer, trainer.teacher, opts.instruction_max_new_tokens)
         new = [strip_image_tags(text) for text in writer(prompts, images)]
         keep = [i for i, text in enumerate(new)
                 if text and text != strip_image_tags(hard[i]["instruction"])]
-        answerer = self._generator(trainer, trainer.teacher, opts.max_new_tokens)
+        answerer = self.generator(trainer, trainer.teacher, opts.max_new_tokens)
         answers = answerer([new[i] for i in keep], [images[i] for i in keep])
         records = []
         for i, answer in zip(keep, answers):

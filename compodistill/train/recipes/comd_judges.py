@@ -2,7 +2,7 @@
 
 - A **generator** is ``generate(prompts, images) -> texts``: one user turn per prompt (images:
   a list of image paths per prompt), greedy answers as text. :class:`GreedyGenerator` wraps a
-  LLaVA model with :func:`~compodistill.eval.common.greedy_generate`.
+  model of any trainer family (its ``generate``, with the family's image inputs).
 - A **judge** is ``judge(requests) -> [(score_first, score_second) | None]``: it scores the two
   answers of each :class:`JudgeRequest` (None: no usable verdict). The assessor calls it with
   both orders. :class:`ModelJudge` asks a judge model for two 1–10 scores and parses them
@@ -79,32 +79,83 @@ def strip_image_tags(text: str) -> str:
 
 
 class GreedyGenerator:
-    """Greedy answers of a LLaVA model to single user turns, in batches.
+    """Greedy answers of a model of any trainer family to single user turns, in batches.
 
     Args:
-        model: a LLaVA model (eval mode is set for the call and restored after).
+        model: the model (eval mode is set for the call and restored after).
         encoder: a :class:`~compodistill.data.ConversationEncoder` for the model.
         tokenizer: decodes the new tokens (special tokens skipped).
         max_new_tokens: length cap per answer.
         batch_size: prompts per ``generate`` call.
+        image_inputs: the family's image inputs (:mod:`compodistill.data.family_inputs`, as
+            the trainer's ``image_inputs``): each image then becomes its own token block and
+            pixel inputs, and the batch carries the family's extra keys (Qwen's
+            ``image_grid_thw``, ``mm_token_type_ids``). None: LLaVA, the encoder's fixed count.
     """
 
     def __init__(self, model, encoder, tokenizer, *, max_new_tokens: int = 256,
-                 batch_size: int = 8):
+                 batch_size: int = 8, image_inputs=None):
         self.model, self.encoder, self.tokenizer = model, encoder, tokenizer
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
+        self.image_inputs = image_inputs
+
+    def encode(self, prompt: str, images: Sequence[str]) -> dict:
+        """One prompt (``<image>`` tags stripped, one per image put back in front) as a sample
+        for :class:`~compodistill.data.LlavaCollator`."""
+        if self.image_inputs is None:
+            return self.encoder.encode_prompt(strip_image_tags(prompt), list(images))
+        import torch
+
+        from ...data.images import open_image
+
+        pictures = [open_image(p) for p in images]
+        blocks = [self.image_inputs.block(n)
+                  for n in self.image_inputs.token_counts([im.size for im in pictures])]
+        text = (IMAGE_TAG + "\n") * len(pictures) + strip_image_tags(prompt)
+        enc = self.encoder.encode([{"role": "user", "content": text}],
+                                  add_generation_prompt=True, image_ids=blocks)
+        sample = {"input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
+                  "pixel_values": None}
+        if pictures:
+            sample.update(self.image_inputs(pictures))
+        return sample
+
+    def batch(self, features: list[dict]) -> dict:
+        """The left-padded generation batch of encoded prompts, family inputs included."""
+        from ...data import LlavaCollator
+        from ...eval.common import pad_id
+
+        return LlavaCollator(pad_id(self.tokenizer), "left",
+                             image_inputs=self.image_inputs)(features)
+
+    def generate_ids(self, features: list[dict]) -> list[list[int]]:
+        """Greedy new token ids of encoded prompts (:meth:`encode`), cut at the first end token."""
+        from ...eval.common import eos_ids, greedy_generate, model_device, pad_id, to_device
+
+        pad, eos = pad_id(self.tokenizer), eos_ids(self.tokenizer)
+        if self.image_inputs is None:
+            return greedy_generate(self.model, features, pad_token_id=pad, eos_token_ids=eos,
+                                   max_new_tokens=self.max_new_tokens)
+        # The family's keys must reach generate (eval's greedy_generate collates LLaVA's only).
+        batch = to_device(self.batch(features), model_device(self.model))
+        batch.pop("labels", None)
+        prompt = batch["input_ids"].shape[1]
+        out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  num_beams=1, pad_token_id=pad, eos_token_id=eos or None)
+        rows = out[:, prompt:].tolist()
+        return [row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
+                for row in rows]
 
     def __call__(self, prompts: Sequence[str], images: Sequence[Sequence[str]]) -> list[str]:
-        from ...eval.common import batched, eos_ids, eval_mode, greedy_generate, pad_id
+        from ...eval.common import batched, eval_mode
 
-        features = [self.encoder.encode_prompt(strip_image_tags(p), list(im))
-                    for p, im in zip(prompts, images)]
+        import torch
+
+        features = [self.encode(p, im) for p, im in zip(prompts, images)]
         out: list[str] = []
-        with eval_mode(self.model):
+        with eval_mode(self.model), torch.no_grad():
             for chunk in batched(features, self.batch_size):
-                ids = greedy_generate(self.model, list(chunk), pad_token_id=pad_id(self.tokenizer),
-                                      eos_token_ids=eos_ids(self.tokenizer),
-                                      max_new_tokens=self.max_new_tokens)
+                ids = self.generate_ids(list(chunk))
                 out += [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
         return out
 

@@ -7,6 +7,8 @@
   (d+1) × (d+1) matrix summed over vocab chunks of the lm_head. So only the visual hidden
   states are gathered, and the (Nv × V) logits exist for neither model, not even per chunk.
   The teacher's Gram (and a frozen student lm_head's) is computed once and cached.
+- Visual positions (KL_vis, RDist) are the family's image/video placeholder tokens
+  (:func:`.family.visual_mask`); both forwards get the batch's family inputs.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import torch
 from torch import nn
 
 from ...logit_kd.linear import linear_distillation_loss
-from ..stages import HiddenStates, StageLosses, lm_head, lm_loss
+from ..stages import HiddenStates, lm_head, lm_loss
 from .base import Recipe, RecipeFacts, StageParts
+from .family import RecipeLosses
 
 # DPT (connector, lr 1e-3) -> SFT (CE) -> DFT (CE + KL_res + KL_vis + RDist); no TAF, so the
 # connector itself trains.
@@ -113,10 +116,10 @@ def linear_rdist_loss(h_s: torch.Tensor, W_s: torch.Tensor, h_t: torch.Tensor,
     return (1.0 - cos[has]).mean()
 
 
-class LlavaKDLosses(StageLosses):
+class LlavaKDLosses(RecipeLosses):
     """``{"lm", "kd", "kd_vis", "rdist"}`` for one LLaVA-KD stage (terms with weight 0 skipped).
 
-    ``kd`` is KL_res (response positions) and ``kd_vis`` KL_vis (image positions) whatever
+    ``kd`` is KL_res (response positions) and ``kd_vis`` KL_vis (visual positions) whatever
     ``config.kd.positions`` says; loss / temperature / beta come from ``config.kd``.
     """
 

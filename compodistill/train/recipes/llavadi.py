@@ -3,7 +3,8 @@
 ``proj`` is an MLP d_s → ``llavadi.proj_hidden`` (default 5120) → d_t with GELU, trained with
 the student. It lives inside the module the engine wraps (so DDP syncs it and accelerate's
 checkpoints resume it), is saved as ``<stage_dir>/feature_projector.safetensors`` next to the
-stage's ``model/``, and is never part of the exported student: ``model/`` is a plain LLaVA.
+stage's ``model/``, and is never part of the exported student: ``model/`` is a plain
+checkpoint of the student's family. Widths come from each model's text config.
 A later stage with ``feat`` starts from the latest earlier stage's projector.
 """
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 from torch import nn
 
 from ...logit_kd.linear import linear_distillation_loss
-from ..stages import HiddenStates, StageLosses, lm_head, llava_core, lm_loss
+from ..stages import HiddenStates, lm_head, lm_loss
 from .base import Recipe, RecipeFacts, StageParts
+from .family import RecipeLosses, text_hidden_size
 
 # LLAVADI distils in fine-tuning; pre-training aligns the connector on the LM loss (the chain
 # is ours: the paper gives none).
@@ -54,8 +56,8 @@ class ProjectedHiddenStates(HiddenStates):
         super().__init__(model)
         self.projector = projector
 
-    def forward(self, input_ids, attention_mask, pixel_values=None):
-        h = super().forward(input_ids, attention_mask, pixel_values)
+    def forward(self, input_ids, attention_mask, pixel_values=None, **family_inputs):
+        h = super().forward(input_ids, attention_mask, pixel_values, **family_inputs)
         return h, self.projector(h)
 
 
@@ -71,7 +73,7 @@ def feature_mse(projected: torch.Tensor, h_t: torch.Tensor,
     return diff[keep].mean()
 
 
-class LlavaDILosses(StageLosses):
+class LlavaDILosses(RecipeLosses):
     """``{"lm", "kd", "feat"}``: CE, z-scored KL over all real tokens, projected-feature MSE.
 
     KD always uses ``zscore=True, positions="all"`` (LLAVADI's definition); loss, temperature
@@ -118,8 +120,7 @@ class LlavaDIRecipe(Recipe):
         losses = LlavaDILosses(student, trainer.teacher, stage, trainer.config, trainer.acc)
         if not stage.weights.feat:
             return StageParts(HiddenStates(student), params, losses)
-        d_s = llava_core(student).config.text_config.hidden_size
-        d_t = trainer.teacher.config.text_config.hidden_size
+        d_s, d_t = text_hidden_size(student), text_hidden_size(trainer.teacher)
         projector = FeatureProjector(d_s, d_t, trainer.config.llavadi.proj_hidden)
         previous = self._previous_projector(trainer, stage)
         if previous is not None:
