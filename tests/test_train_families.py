@@ -16,7 +16,7 @@ pytest.importorskip("accelerate")
 from compodistill.train.config import ConfigError, config_from_dict  # noqa: E402
 from compodistill.train.trainer import DistillationTrainer  # noqa: E402
 
-from _helpers import crash_and_resume, local_bpe_tokenizer  # noqa: E402
+from _helpers import crash_and_resume, write_family_pair  # noqa: E402
 
 # Per image (width, height) -> tokens after the 2x2 merge of 4-px patches, pixel budget
 # 16*16 .. 32*32: the Qwen processor keeps these sizes (multiples of 8).
@@ -53,48 +53,13 @@ WIDE_CONNECTOR = ("llava_onevision", "internvl")
 GEMMA_WINDOW = 8  # Gemma 3's local layers: a window shorter than the samples
 
 
-def image_processor(family):
-    import transformers as tf
-
-    cls = getattr(tf, PROCESSORS[family])
-    if family in QWEN:
-        return cls(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
-                   max_pixels=32 * 32)
-    if family == "llava_onevision":  # the tiny config's grid pinpoints
-        return cls(size={"height": 16, "width": 16},
-                   image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]])
-    return cls(size={"height": 16, "width": 16})
-
-
 @pytest.fixture(scope="module", params=sorted(CLASSES))
 def family_pair(request, tmp_path_factory):
-    from PIL import Image
-    from transformers import AutoTokenizer
-
-    from compodistill.data import generate_synthetic
-    from compodistill.hf.families import tiny_family_pair
-
     family = request.param
     root = tmp_path_factory.mktemp(family)
-    generate_synthetic(str(root / "data"), num=6, num_eval=1, image_size=16, progress=False)
-    sizes = {i: wh for i, (wh, _) in SIZES.items()} if family in QWEN else OTHER_SIZES
-    for index, (w, h) in sizes.items():  # three image sizes
-        path = root / "data" / "images" / f"train_{index:06d}.png"
-        Image.open(path).convert("RGB").resize((w, h)).save(path)
-    records = json.loads((root / "data" / "train.json").read_text())
-    texts = [t["value"] for r in records for t in r["conversations"]]
-    tok = local_bpe_tokenizer(root / "student", texts)
-    if family == "internvl":  # InternVL's tokenizer names its image start/end markers
-        tok = AutoTokenizer.from_pretrained(root / "student", extra_special_tokens={
-            "start_image_token": "<vision_start>", "end_image_token": "<vision_end>"})
-        tok.save_pretrained(root / "student")
-    # The teacher's vocabulary has 8 extra rows (as Qwen2.5-VL 7B vs 3B): KD truncates it.
-    student, teacher = tiny_family_pair(
-        family, vocab_size=len(tok), teacher_vocab_size=len(tok) + 8,
-        sliding_window=GEMMA_WINDOW if family == "gemma3" else None)
-    student.save_pretrained(root / "student")
-    image_processor(family).save_pretrained(root / "student")
-    teacher.save_pretrained(root / "teacher")
+    sizes = [wh for wh, _ in SIZES.values()] if family in QWEN else list(OTHER_SIZES.values())
+    write_family_pair(root, family, sizes=sizes,
+                      sliding_window=GEMMA_WINDOW if family == "gemma3" else None)
     return root, family
 
 

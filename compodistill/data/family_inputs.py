@@ -265,7 +265,8 @@ def family_image_inputs(config, image_processor, tokenizer=None):
 
     ``image_processor``: the processor object, or the checkpoint folder it was saved to
     (``AutoImageProcessor.from_pretrained``; only read for a family that needs one).
-    ``tokenizer``: the student's; InternVL reads its start/end image tokens from it.
+    ``tokenizer``: the student's; InternVL reads its start/end image tokens from it (default:
+    the one saved in the ``image_processor`` folder).
 
     Raises:
         ValueError: for a family whose training inputs are not built yet, naming it, or no
@@ -280,11 +281,13 @@ def family_image_inputs(config, image_processor, tokenizer=None):
             config.model_type == "llava_next"):
         raise ValueError(f"no training inputs for {config.model_type} ({family.title}) yet")
     if image_processor is None or isinstance(image_processor, (str, os.PathLike)):
-        from transformers import AutoImageProcessor
+        from transformers import AutoImageProcessor, AutoTokenizer
 
         if not image_processor:
             raise ValueError(f"student: {family.title} needs its image processor: set "
                              f"config.student to the checkpoint folder that holds it")
+        if family.name == "internvl" and tokenizer is None:  # saved next to it
+            tokenizer = AutoTokenizer.from_pretrained(image_processor, local_files_only=True)
         image_processor = AutoImageProcessor.from_pretrained(image_processor,
                                                              local_files_only=True)
     if family.name == "llava_onevision":
