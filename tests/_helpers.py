@@ -330,15 +330,14 @@ def family_image_processor(family: str, **overrides):
         options = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
                        max_pixels=32 * 32)
         return tf.Qwen2VLImageProcessorPil(**{**options, **overrides})
-    # PIL backends: the default ones need torchvision; tiles of 16 px as the tiny towers
-    if family == "llava_onevision":  # the tiny config's grid pinpoints
-        return tf.LlavaOnevisionImageProcessorPil(**{
-            "size": {"height": 16, "width": 16},
-            "image_grid_pinpoints": [[16, 16], [16, 32], [32, 16], [32, 32]], **overrides})
-    if family == "gemma3":
-        return tf.Gemma3ImageProcessorPil(**{"size": {"height": 16, "width": 16}, **overrides})
-    if family == "internvl":
-        return tf.GotOcr2ImageProcessorPil(**{"size": {"height": 16, "width": 16}, **overrides})
+    tile = {"size": {"height": 16, "width": 16}}  # the 16-px tiles of the tiny SigLIP towers
+    others = {"llava_onevision": (tf.LlavaOnevisionImageProcessorPil, dict(
+                  tile, image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]])),
+              "gemma3": (tf.Gemma3ImageProcessorPil, tile),
+              "internvl": (tf.GotOcr2ImageProcessorPil, dict(tile, crop_to_patches=False))}
+    if family in others:
+        cls, options = others[family]
+        return cls(**{**options, **overrides})
     raise ValueError(f"tests/_helpers.py: no tiny image processor for family {family!r}; "
                      f"add it to family_image_processor")
 
@@ -349,8 +348,7 @@ def write_family_pair(root, family: str, *, num: int = 6, sizes=((16, 16), (24, 
     each), a locally trained tokenizer, and a tiny student (with tokenizer and the family's
     image processor) and teacher of ``family`` saved to ``root/student`` and
     ``root/teacher``. The teacher's vocabulary has 8 extra rows (KD truncates it).
-    InternVL's tokenizer names its image start/end markers (the vision start/end tokens);
-    ``sliding_window``: Gemma 3's. Returns the tokenizer."""
+    ``sliding_window``: Gemma 3's window (``tiny_family_pair``). Returns the tokenizer."""
     import json
 
     from PIL import Image
@@ -365,7 +363,7 @@ def write_family_pair(root, family: str, *, num: int = 6, sizes=((16, 16), (24, 
     records = json.loads((root / "data" / "train.json").read_text())
     tok = local_bpe_tokenizer(root / "student", [t["value"] for r in records
                                                  for t in r["conversations"]])
-    if family == "internvl":
+    if family == "internvl":  # InternVL's tokenizer names its image start/end markers
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(root / "student", extra_special_tokens={

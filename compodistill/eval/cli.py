@@ -1,14 +1,18 @@
-"""``compodistill eval cr|vqa``: evaluate a saved LLaVA-style model on local files.
+"""``compodistill eval cr|vqa``: evaluate a saved model of any trainer family on local files.
 
-The model directory is what ``save_pretrained`` wrote (model and tokenizer; an image
-processor config is used when present, else a resize to the vision tower's ``image_size``
-with mean = std = 0.5). Image tokens per image come from the config's ``image_seq_length``
-and the image token id from its ``image_token_id``, so prompts are expanded exactly as the
-training data was.
+The model directory is what ``save_pretrained`` wrote: a LLaVA, Qwen2.5-VL, Qwen3-VL (or any
+family in ``compodistill.hf.families.TRAINER_FAMILIES``) model, read from its config.json,
+with its tokenizer and image processor, or the model's own processor
+(:func:`compodistill.data.processors.load_processor_parts`). LLaVA prompts give every image
+the config's ``image_seq_length`` tokens (an image processor when saved, else a resize to the
+vision tower's ``image_size`` with mean = std = 0.5); the other families encode each image as
+the training data does (:func:`compodistill.data.family_inputs.family_image_inputs`), with
+its own token count and the family's extra model inputs.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -17,26 +21,40 @@ FORMATS = ("synthetic", "sugarcrepe", "winoground")
 
 
 def load_model_and_encoder(path: str, num_image_tokens: int | None = None):
-    """Load a model, tokenizer and matching :class:`ConversationEncoder` from a local folder."""
-    from transformers import AutoTokenizer
+    """Load a model and its prompt encoder from a local checkpoint folder of a trainer family:
+    a :class:`~compodistill.data.ConversationEncoder` for LLaVA, a
+    :class:`~compodistill.eval.families.FamilyEncoder` for the others.
 
+    Raises:
+        ValueError: a family ``compodistill train`` does not support (listing those it
+            does), or ``num_image_tokens`` for a family that counts each image's tokens.
+    """
     from ..data import ConversationEncoder, ImageTransform
-    try:  # the HF integration knows TAF students too
-        from ..hf.llava import load_student as _load
-    except ImportError:  # pragma: no cover - fallback while the HF layer is absent
-        from transformers import LlavaForConditionalGeneration
+    from ..data.family_inputs import family_image_inputs
+    from ..data.processors import load_processor_parts
+    from ..hf.families import check_trainer_checkpoint, load_family_model, visual_token_ids
+    from .families import FamilyEncoder
 
-        def _load(p):
-            return LlavaForConditionalGeneration.from_pretrained(p, local_files_only=True)
-    model = _load(path).eval()
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    family = check_trainer_checkpoint(path, "--model")
+    if family.name != "llava" and num_image_tokens is not None:
+        raise ValueError(f"--num-image-tokens: {family.title} gives each image its own token "
+                         f"count from its size; the option is for LLaVA only")
+    model = load_family_model(path).eval()
+    parts = load_processor_parts(path)
     cfg = model.config
-    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-        from transformers import AutoImageProcessor
-        images = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    else:
-        images = ImageTransform(cfg.vision_config.image_size)
-    encoder = ConversationEncoder(tok, images,
+    if family.name != "llava":
+        if parts.image_processor is None:
+            raise ValueError(f"--model: {path} has no image processor ({family.title} needs "
+                             f"it: save the model's processor or image processor next to it)")
+        # Families whose markers live in the tokenizer (InternVL) take it as a third argument.
+        takes_tokenizer = "tokenizer" in inspect.signature(family_image_inputs).parameters
+        image_inputs = family_image_inputs(cfg, parts.image_processor,
+                                           **({"tokenizer": parts.tokenizer}
+                                              if takes_tokenizer else {}))
+        return model, FamilyEncoder(parts.tokenizer, image_inputs,
+                                    image_token_id=visual_token_ids(cfg)[0])
+    images = parts.image_processor or ImageTransform(cfg.vision_config.image_size)
+    encoder = ConversationEncoder(parts.tokenizer, images,
                                   num_image_tokens=num_image_tokens or cfg.image_seq_length,
                                   image_token_id=cfg.image_token_id)
     return model, encoder
@@ -48,14 +66,17 @@ TASKS = {"cr": "compositional reasoning: which of two captions fits the image",
 
 def add_task_arguments(s: argparse.ArgumentParser, task: str) -> argparse.ArgumentParser:
     """The options of ``compodistill eval cr`` / ``eval vqa``."""
-    s.add_argument("--model", required=True, help="saved model folder (save_pretrained output)")
+    s.add_argument("--model", required=True,
+                   help="saved model folder (save_pretrained output) of a family `compodistill "
+                        "train` supports; its own processor is used when saved with it")
     s.add_argument("--data", required=True, help="eval file (or SugarCrepe folder)")
     s.add_argument("--image-folder", default=None, help="default: the data file's folder")
     s.add_argument("--batch-size", type=int, default=8, help="default 8")
     s.add_argument("--max-new-tokens", type=int, default=3 if task == "cr" else 8,
                    help="generation length for the generate scorer / the answer")
     s.add_argument("--num-image-tokens", type=int, default=None,
-                   help="image tokens per image (default: the model config's image_seq_length)")
+                   help="LLaVA only: image tokens per image (default: the model config's "
+                        "image_seq_length; the other families count each image's tokens)")
     s.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
     s.add_argument("--out", default=None, help="write the results (with details) as JSON")
     if task == "cr":

@@ -2,8 +2,11 @@
 
 The model is any callable taking ``input_ids``, ``attention_mask`` and (when the batch has
 images) ``pixel_values`` keyword arguments and returning logits (B, L, V), directly or as an
-object with ``.logits`` (a transformers model). Prompts are encoded by the same
-:class:`~compodistill.data.ConversationEncoder` as the training data.
+object with ``.logits`` (a transformers model). A batch of a family with its own image inputs
+also carries that family's inputs (``image_grid_thw``, ``mm_token_type_ids``, ...: the keys of
+:func:`compodistill.train.stages.family_inputs`), and the model gets them too. Prompts are
+encoded by the same :class:`~compodistill.data.ConversationEncoder` as the training data (or
+its family form, :class:`~compodistill.eval.families.FamilyEncoder`).
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ def model_logits(model, batch: dict, position_ids: torch.Tensor | None = None) -
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if batch.get("pixel_values") is not None:
         kwargs["pixel_values"] = batch["pixel_values"]
+    kwargs.update(_family_inputs(batch))
     if position_ids is not None and _accepts(model, "position_ids"):
         kwargs["position_ids"] = position_ids
     out = model(**kwargs)
@@ -62,6 +66,12 @@ def model_logits(model, batch: dict, position_ids: torch.Tensor | None = None) -
     if hasattr(out, "logits"):
         return out.logits
     return out[0]
+
+
+def _family_inputs(batch: dict) -> dict:
+    from ..train.stages import family_inputs  # the trainer's list of them: one list
+
+    return family_inputs(batch)
 
 
 def label_logprobs(model, batch: dict) -> list[float]:
@@ -83,9 +93,12 @@ def batched(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[i: i + size]
 
 
-def last_token_logits(model, features: list[dict], pad_token_id: int, device) -> torch.Tensor:
-    """Next-token logits (B, V) after each prompt (right padding: real positions unchanged)."""
-    batch = to_device(LlavaCollator(pad_token_id, "right")(features), device)
+def last_token_logits(model, features: list[dict], pad_token_id: int, device,
+                      image_inputs=None) -> torch.Tensor:
+    """Next-token logits (B, V) after each prompt (right padding: real positions unchanged).
+    ``image_inputs``: the family's (``FamilyEncoder.image_inputs``), None for LLaVA."""
+    batch = to_device(LlavaCollator(pad_token_id, "right", image_inputs=image_inputs)(features),
+                      device)
     logits = model_logits(model, batch)
     last = batch["attention_mask"].sum(-1) - 1
     return logits[torch.arange(len(features), device=logits.device), last.to(logits.device)]
@@ -94,17 +107,21 @@ def last_token_logits(model, features: list[dict], pad_token_id: int, device) ->
 @torch.no_grad()
 def greedy_generate(model, features: list[dict], *, pad_token_id: int,
                     eos_token_ids: Iterable[int], max_new_tokens: int, device=None,
-                    use_hf_generate: bool = True) -> list[list[int]]:
+                    use_hf_generate: bool = True, image_inputs=None) -> list[list[int]]:
     """Greedy continuation of each prompt, cut at the first end-of-sequence token.
 
     Uses the model's ``generate`` (KV cache) when it has one and ``use_hf_generate``; otherwise
     re-runs the full forward per new token with left padding and position ids from the
     attention mask (when the model accepts ``position_ids``), so any logits callable works.
+    ``image_inputs``: the family's (``FamilyEncoder.image_inputs``), None for LLaVA; the
+    family's inputs go to the model, and the positions are left to the model (M-RoPE is not
+    the mask's running count).
     Returns the new token ids per prompt, without the end token.
     """
     eos = set(int(e) for e in eos_token_ids if e is not None)
     device = model_device(model, device)
-    batch = to_device(LlavaCollator(pad_token_id, "left")(features), device)
+    collator = LlavaCollator(pad_token_id, "left", image_inputs=image_inputs)
+    batch = to_device(collator(features), device)
     prompt_len = batch["input_ids"].shape[1]
     if use_hf_generate and hasattr(model, "generate"):
         kwargs = {k: v for k, v in batch.items() if k != "labels"}
@@ -117,9 +134,10 @@ def greedy_generate(model, features: list[dict], *, pad_token_id: int,
         done = torch.zeros(len(features), dtype=torch.bool, device=device)
         steps = []
         for _ in range(max_new_tokens):
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            step = {"input_ids": ids, "attention_mask": mask,
-                    "pixel_values": batch.get("pixel_values")}
+            pos = None if image_inputs is not None else (mask.cumsum(-1) - 1).clamp(min=0)
+            step = {**batch, "input_ids": ids, "attention_mask": mask}
+            if collator.batch_extras is not None:  # token types grow with the reply
+                step.update(to_device(collator.batch_extras(ids), device))
             nxt = model_logits(model, step, pos)[:, -1].argmax(-1).to(device)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             steps.append(nxt)

@@ -30,9 +30,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data.llava import LlavaCollator
 from .common import (batched, eos_ids, eval_mode, greedy_generate, label_logprobs,
                      last_token_logits, model_device, pad_id, progress_bar, to_device)
+from .families import collate, encode_images, prompt_sample, reply_sample
 
 CR_QUESTION = "Which caption describes the image?"
 CR_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -190,15 +190,10 @@ def _summarise(scorer: str, examples: Sequence[CRExample], correct: list[list[fl
                     sum(cats.values()) / max(len(cats), 1), n, unparsed, details)
 
 
-def _caption_logprobs(model, encoder, pixels, captions: Sequence[str], device) -> list[float]:
+def _caption_logprobs(model, encoder, images, captions: Sequence[str], device) -> list[float]:
     # Summed log p(caption tokens and end of turn | image, captioning question), per caption.
-    feats, question = [], encoder.image_token + "\n" + CAPTION_PROMPT
-    for cap in captions:
-        enc = encoder.encode([{"role": "user", "content": question},
-                              {"role": "assistant", "content": cap}])
-        feats.append({"input_ids": torch.tensor(enc["input_ids"]),
-                      "labels": torch.tensor(enc["labels"]), "pixel_values": pixels})
-    batch = to_device(LlavaCollator(pad_id(encoder.tokenizer), "right")(feats), device)
+    feats = [reply_sample(encoder, CAPTION_PROMPT, cap, images) for cap in captions]
+    batch = to_device(collate(encoder, feats, pad_id(encoder.tokenizer), "right"), device)
     return label_logprobs(model, batch)
 
 
@@ -227,21 +222,21 @@ def evaluate_cr(model, examples: Sequence[CRExample], encoder, *,
     tok = encoder.tokenizer
     device = model_device(model, device)
     letters = _letter_ids(tok)
+    family = getattr(encoder, "image_inputs", None)  # None: LLaVA's fixed image tokens
     # Two prompts per example: positive as A, then positive as B. One image transform each.
     prompts = []
     correct = {s: [[0.0, 0.0] for _ in examples] for s in scorers}
     answers = {s: [["", ""] for _ in examples] for s in scorers}
     for i, ex in enumerate(examples):
-        pixels = encoder.pixels([ex.image])
+        images = encode_images(encoder, [ex.image])
         if "caption" in scorers:  # one comparison, counted for both "orders"
             with eval_mode(model):
-                pos, neg = _caption_logprobs(model, encoder, pixels, [ex.positive, ex.negative],
+                pos, neg = _caption_logprobs(model, encoder, images, [ex.positive, ex.negative],
                                              device)
             answers["caption"][i] = [f"{pos:.3f}", f"{neg:.3f}"]
             correct["caption"][i] = [float(pos > neg)] * 2
         for order, (a, b) in enumerate(((ex.positive, ex.negative), (ex.negative, ex.positive))):
-            prompts.append((i, order, {"input_ids": encoder.prompt_ids(cr_prompt(a, b), 1),
-                                       "pixel_values": pixels}))
+            prompts.append((i, order, prompt_sample(encoder, cr_prompt(a, b), images)))
     unparsed = 0
     if not {"loglik", "generate"} & set(scorers):
         prompts = []
@@ -249,7 +244,7 @@ def evaluate_cr(model, examples: Sequence[CRExample], encoder, *,
         for chunk in progress_bar(list(batched(prompts, batch_size)), "CR eval", progress):
             feats = [f for _, _, f in chunk]
             if "loglik" in scorers:
-                logits = last_token_logits(model, feats, pad_id(tok), device)
+                logits = last_token_logits(model, feats, pad_id(tok), device, family)
                 pick_a = (logits[:, letters[0]] > logits[:, letters[1]]).tolist()
                 for (i, order, _), a in zip(chunk, pick_a):
                     answer = "A" if a else "B"
@@ -258,7 +253,8 @@ def evaluate_cr(model, examples: Sequence[CRExample], encoder, *,
             if "generate" in scorers:
                 outs = greedy_generate(model, feats, pad_token_id=pad_id(tok),
                                        eos_token_ids=eos_ids(tok), max_new_tokens=max_new_tokens,
-                                       device=device, use_hf_generate=use_hf_generate)
+                                       device=device, use_hf_generate=use_hf_generate,
+                                       image_inputs=family)
                 for (i, order, _), out in zip(chunk, outs):
                     text = tok.decode(out, skip_special_tokens=True).strip()
                     unparsed += text not in LETTERS

@@ -24,6 +24,7 @@ import torch
 from ..data.collate import LlavaCollator
 from ..data.grid_task import CAPTION_PROMPT
 from .common import batched, label_logprobs, model_device
+from .families import collate, encode_images, reply_sample
 
 __all__ = ["score_questions", "score_captions", "target_attention", "with_se"]
 
@@ -56,7 +57,8 @@ def score_questions(model, encoder, items: Sequence[dict], image_folder: str, *,
     """Accuracy (with standard error) per ``question_type`` and ``"all"``; also returns
     ``predictions`` in item order."""
     tok = encoder.tokenizer
-    collate = LlavaCollator(tok.pad_token_id, padding_side="left")
+    collate = LlavaCollator(tok.pad_token_id, padding_side="left",
+                            image_inputs=getattr(encoder, "image_inputs", None))
     model.eval()
     device = model_device(model)
     preds: list[str] = []
@@ -79,17 +81,14 @@ def score_questions(model, encoder, items: Sequence[dict], image_folder: str, *,
 
 @torch.no_grad()
 def _caption_logprobs(model, encoder, items, image_folder, key: str, batch_size: int):
-    collate = LlavaCollator(encoder.tokenizer.pad_token_id)
     device = model_device(model)
     out = []
     for chunk in batched(items, batch_size):
-        feats = []
-        for it in chunk:
-            enc = encoder.encode([{"role": "user", "content": "<image>\n" + CAPTION_PROMPT},
-                                  {"role": "assistant", "content": it[key]}])
-            feats.append({"input_ids": enc["input_ids"], "labels": enc["labels"],
-                          "pixel_values": encoder.load_images([_image(it, image_folder)])})
-        batch = {k: v.to(device) for k, v in collate(feats).items()}
+        feats = [reply_sample(encoder, CAPTION_PROMPT, it[key],
+                              encode_images(encoder, [_image(it, image_folder)]))
+                 for it in chunk]
+        batch = {k: v.to(device) for k, v in
+                 collate(encoder, feats, encoder.tokenizer.pad_token_id, "right").items()}
         out += label_logprobs(model, batch)
     return out
 
@@ -118,6 +117,9 @@ def target_attention(model, encoder, items: Sequence[dict], image_folder: str, *
     question's words, ``answer`` the last prompt row; ``image_mass_answer`` is the total
     attention the answer row puts on the image tokens (how much it looks at all).
     """
+    if getattr(encoder, "image_inputs", None) is not None:
+        raise ValueError(f"target_attention: the grid cells are LLaVA's fixed image tokens; "
+                         f"{model.config.model_type} gives each image its own token count")
     cfg = model.config
     image_id, cells = cfg.image_token_id, cfg.image_seq_length
     tok = encoder.tokenizer

@@ -132,7 +132,8 @@ def evaluate_vqa(model, examples: Sequence[VQAExample], encoder, *, max_new_toke
     """Greedy-decode an answer per question and score it (see the module docstring).
 
     The prompt is ``question + suffix`` with the image tag first, encoded by ``encoder`` (the
-    training data's :class:`~compodistill.data.ConversationEncoder`).
+    training data's :class:`~compodistill.data.ConversationEncoder`, or a
+    :class:`~compodistill.eval.families.FamilyEncoder`).
     """
     tok = encoder.tokenizer
     device = model_device(model, device)
@@ -142,7 +143,8 @@ def evaluate_vqa(model, examples: Sequence[VQAExample], encoder, *, max_new_toke
         for chunk in progress_bar(list(batched(feats, batch_size)), "VQA eval", progress):
             outs = greedy_generate(model, list(chunk), pad_token_id=pad_id(tok),
                                    eos_token_ids=eos_ids(tok), max_new_tokens=max_new_tokens,
-                                   device=device, use_hf_generate=use_hf_generate)
+                                   device=device, use_hf_generate=use_hf_generate,
+                                   image_inputs=getattr(encoder, "image_inputs", None))
             preds += [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
     per_type: dict[str, list[float]] = defaultdict(list)
     details = []

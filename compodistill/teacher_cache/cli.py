@@ -9,7 +9,8 @@ Run the teacher once over the training data of the stages that need it (a kd or 
 weight) and write its targets to the directory `teacher: {cache: DIR}` names: top-k
 log-probabilities + ids + rest mass at the KD positions, and the window-mean visual maps
 of every matched student layer (exact, or top-k per query row with `maps: topk`).
-Training with the same config then never loads the teacher.
+Training with the same config then never loads the teacher. Any family `compodistill
+train` supports: the teacher gets the family's own inputs (e.g. Qwen's image grid).
 
 Config (the `teacher:` mapping):
   teacher:

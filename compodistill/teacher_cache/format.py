@@ -27,7 +27,7 @@ __all__ = ["FORMAT", "VERSION", "TeacherCacheError", "sha256_file", "hash_files"
            "DTYPES", "sample_fields"]
 
 FORMAT = "compodistill-teacher-cache"
-VERSION = 1
+VERSION = 2  # 2: the family, its image processor and visual token ids
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 

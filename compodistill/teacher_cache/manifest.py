@@ -6,12 +6,15 @@ have, else the cache is stale (:func:`check_manifest`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
+from ..hf.families import family_of, visual_token_ids
 from ..matching import match_layers
 from .format import FORMAT, VERSION, TeacherCacheError, hash_files, sha256_file
 
-__all__ = ["student_facts", "build_manifest", "check_manifest", "needs"]
+__all__ = ["student_facts", "build_manifest", "check_manifest", "image_processor_hash", "needs"]
 
 # Files of a tokenizer / processor saved next to the student (hashed when present).
 PROCESSOR_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -21,13 +24,30 @@ PROCESSOR_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 TEACHER_SUFFIXES = (".safetensors", ".bin")
 
 
-def student_facts(student_config) -> dict:
-    """What the targets depend on in the student: its depth, vocabulary and image input."""
-    text = student_config.text_config
-    return {"num_layers": int(text.num_hidden_layers), "vocab_size": int(text.vocab_size),
-            "image_token_id": int(student_config.image_token_id),
-            "image_size": int(student_config.vision_config.image_size),
-            "image_seq_length": int(student_config.image_seq_length)}
+def image_processor_hash(image_processor) -> str:
+    """sha256 of an image processor's settings (its ``to_dict()``, keys sorted)."""
+    text = json.dumps(image_processor.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def student_facts(student_config, image_processor=None) -> dict:
+    """What the targets depend on in the student: its family, depth, vocabulary, visual
+    token ids and image input. ``image_processor``: the family's (data/family_inputs.py);
+    None for LLaVA, whose images are resized to a fixed size with a fixed token count."""
+    text = student_config.get_text_config()
+    family = family_of(student_config)
+    if image_processor is None and family.name != "llava":
+        raise ValueError(f"teacher cache: the {family.title} student needs its image processor "
+                         f"(saved next to it in config.student) to record its settings")
+    facts = {"family": family.name,
+             "num_layers": int(text.num_hidden_layers), "vocab_size": int(text.vocab_size),
+             "visual_token_ids": list(visual_token_ids(student_config))}
+    if image_processor is None:
+        facts.update(image_size=int(student_config.vision_config.image_size),
+                     image_seq_length=int(student_config.image_seq_length))
+    else:  # dynamic resolution: the processor's settings decide every image's token count
+        facts["image_processor_sha256"] = image_processor_hash(image_processor)
+    return facts
 
 
 def needs(config, stages: list[str] | None = None) -> dict:
@@ -47,9 +67,9 @@ def _matches(config, student: dict, teacher_layers: int) -> list:
 
 
 def build_manifest(config, student_config, *, teacher_layers: int, teacher_hash: str | None,
-                   kd: bool, vat: bool, stages: list[str]) -> dict:
+                   kd: bool, vat: bool, stages: list[str], image_processor=None) -> dict:
     opts = config.teacher_cache
-    student = student_facts(student_config)
+    student = student_facts(student_config, image_processor)
     data = config.data
     return {
         "format": FORMAT, "version": VERSION,
@@ -74,17 +94,18 @@ def teacher_hash(path: str | Path) -> str:
 
 
 def check_manifest(cached: dict, config, student_config, where: Path, *,
-                   teacher_path: str = "") -> None:
+                   teacher_path: str = "", image_processor=None) -> None:
     """Raise :class:`TeacherCacheError` naming ``where`` when the cache does not match this run.
 
-    Checked: the data file, the tokenizer/processor and the student facts, the KD temperature
+    Checked: the data file, the student facts (family, image processor settings, visual
+    token ids, ...), the tokenizer/processor files, the KD temperature
     and positions, the layer matching and query rows, and (when ``teacher_path`` is given)
     the teacher's weights.
     """
     hint = "; rerun compodistill teacher-cache for this config (or point teacher.cache elsewhere)"
     if cached.get("format") != FORMAT or cached.get("version") != VERSION:
         raise TeacherCacheError(f"{where} is not a {FORMAT} v{VERSION} manifest" + hint)
-    student = student_facts(student_config)
+    student = student_facts(student_config, image_processor)
     data = config.data
 
     def stale(what: str, have, now) -> TeacherCacheError:
@@ -93,10 +114,11 @@ def check_manifest(cached: dict, config, student_config, where: Path, *,
 
     checks = [("data file hash", cached["data"]["train_json_sha256"],
                sha256_file(data.train_json)),
-              ("data.max_length", cached["data"]["max_length"], data.max_length),
-              ("tokenizer/processor hash", cached["processor"]["sha256"],
-               hash_files(config.student, PROCESSOR_FILES))]
-    checks += [(f"student {k}", cached["processor"][k], v) for k, v in student.items()]
+              ("data.max_length", cached["data"]["max_length"], data.max_length)]
+    # The student facts before the files' hash, so a changed setting is named, not just a file.
+    checks += [(f"student {k}", cached["processor"].get(k), v) for k, v in student.items()]
+    checks.append(("tokenizer/processor hash", cached["processor"]["sha256"],
+                   hash_files(config.student, PROCESSOR_FILES)))
     if cached["kd"]["stored"]:
         checks += [("kd.temperature", cached["kd"]["temperature"], config.kd.temperature),
                    ("kd.positions", cached["kd"]["positions"], config.kd.positions)]

@@ -51,10 +51,11 @@ class TeacherCache:
         self.open_files = open_files
 
     # ------------------------------------------------------------------ checks
-    def check(self, config, student_config, teacher_path: str = "") -> "TeacherCache":
+    def check(self, config, student_config, teacher_path: str = "",
+              image_processor=None) -> "TeacherCache":
         """Refuse a stale cache (:func:`~compodistill.teacher_cache.manifest.check_manifest`)."""
         check_manifest(self.manifest, config, student_config, self.manifest_path,
-                       teacher_path=teacher_path)
+                       teacher_path=teacher_path, image_processor=image_processor)
         return self
 
     @property

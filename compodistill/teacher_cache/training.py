@@ -105,13 +105,17 @@ class CacheSource:
         config: the run's :class:`~compodistill.train.config.DistillConfig` (with
             ``teacher_cache``).
         student_config: the student's config (depth, vocabulary, image tokens).
+        image_inputs: the family's image inputs (data/family_inputs.py; None for LLaVA):
+            its image processor's settings are checked against the manifest.
     """
 
-    def __init__(self, config, student_config):
+    def __init__(self, config, student_config, image_inputs=None):
         opts = config.teacher_cache
         self.config = config
         teacher_path = opts.path if opts.path and Path(opts.path).is_dir() else ""
-        self.cache = TeacherCache(opts.cache).check(config, student_config, teacher_path)
+        self.cache = TeacherCache(opts.cache).check(
+            config, student_config, teacher_path,
+            image_processor=getattr(image_inputs, "processor", None))
         self.manifest = self.cache.manifest
         self.matches = [LayerMatch(s, tuple(t)) for s, t in self.manifest["vat"]["matches"]]
 
@@ -124,17 +128,23 @@ class CacheSource:
 
     # -- TAF
     def apply_taf(self, student: nn.Module) -> nn.Module:
-        """:func:`compodistill.hf.llava.apply_taf` with the teacher's connector from the cache
-        (the teacher shell is built on the meta device: no weights are loaded)."""
+        """The TAF online training applies (LLaVA: :func:`compodistill.hf.llava.apply_taf`,
+        other families: :func:`compodistill.hf.family_taf.apply_family_taf`), with the
+        teacher's connector from the cache (the teacher shell is built on the meta device: no
+        weights are loaded)."""
         from safetensors.torch import load_file
         from transformers import LlavaConfig, LlavaForConditionalGeneration
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+        from ..hf.families import family_of
         from ..hf.llava import apply_taf
         from .format import read_json
 
         root = self.cache.root
-        cfg = LlavaConfig.from_dict(read_json(root / "teacher_config.json", "teacher config"))
+        raw = read_json(root / "teacher_config.json", "teacher config")
+        if family_of(student).name != "llava":
+            return self._apply_family_taf(student, raw)
+        cfg = LlavaConfig.from_dict(raw)
         with torch.device("meta"):  # no weights, and no draw from the random stream
             shell = LlavaForConditionalGeneration(cfg)
             projector = LlavaMultiModalProjector(cfg)
@@ -142,6 +152,23 @@ class CacheSource:
                                   assign=True)
         shell.model.multi_modal_projector = projector
         return apply_taf(student, shell)
+
+    def _apply_family_taf(self, student: nn.Module, raw: dict) -> nn.Module:
+        """A teacher shell of the student's family on the meta device, its connector
+        (``connector_of``) loaded from the cache, handed to ``apply_family_taf``."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForImageTextToText
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        from ..hf.families import connector_of
+        from ..hf.family_taf import apply_family_taf
+
+        cfg = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+        with torch.device("meta"):  # no weights, and no draw from the random stream
+            shell = AutoModelForImageTextToText.from_config(cfg)
+        state = load_file(str(self.cache.root / "teacher_connector.safetensors"))
+        connector_of(shell).load_state_dict(state, assign=True)
+        return apply_family_taf(student, shell)
 
     # -- losses
     def stage_losses(self, student, stage, config, accelerator) -> "CachedStageLosses":
@@ -216,12 +243,14 @@ class CachedStageLosses:
     """
 
     def __init__(self, student, source: CacheSource, stage, config, accelerator):
+        from ..hf.families import visual_token_ids
         from ..train.stages import llava_core
 
         self.student, self.source, self.stage, self.config = student, source, stage, config
         self.acc = accelerator
         self.core = llava_core(student)
-        self.image_token_id = self.core.config.image_token_id
+        # The visual keys the cache was written with (the manifest checked them).
+        self.visual_ids = torch.tensor(visual_token_ids(self.core.config))
         if stage.weights.vat:
             enable_attention(self.core)
             v = config.vat
@@ -230,12 +259,12 @@ class CachedStageLosses:
 
     def __call__(self, prepared: nn.Module, batch: dict) -> dict:
         from ..train.engine import Combined
-        from ..train.stages import lm_head
+        from ..train.stages import family_inputs, lm_head
 
         w = self.stage.weights
         ids, mask = batch["input_ids"], batch["attention_mask"]
         samples, indices = self.source.samples(batch)
-        visual = ids == self.image_token_id
+        visual = torch.isin(ids, self.visual_ids.to(ids.device))
         capture = None
         if w.vat:
             B, N = ids.shape
@@ -244,7 +273,7 @@ class CachedStageLosses:
             capture = CachedCapture(self.core, self.source.matches, layout, self.loss_options,
                                     self.config.vat.layer_reduction)
         with self.acc.autocast(), (capture or contextlib.nullcontext()):
-            h_s = prepared(ids, mask, batch.get("pixel_values"))
+            h_s = prepared(ids, mask, batch.get("pixel_values"), **family_inputs(batch))
         labels = shift_labels(batch["labels"])
         head = lm_head(self.student)
         terms = {}

@@ -29,20 +29,24 @@ def load_student_config(path: str):
     return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
-def build_dataset(config, student_config, tokenizer):
+def build_dataset(config, student_config, tokenizer, image_inputs=None):
     """The training data exactly as the trainer builds it (the trainer's own
-    ``training_dataset``), so that sample i is the same sample in both."""
+    ``training_dataset``, with the family's ``image_inputs``), so that sample i is the same
+    sample in both."""
     from ..train.trainer import training_dataset
 
-    return training_dataset(config, student_config, tokenizer)
+    return training_dataset(config, student_config, tokenizer, image_inputs=image_inputs)
 
 
 def _connector_files(teacher, root: Path) -> None:
-    """The teacher's connector and config, so a TAF student can be built without it."""
+    """The teacher's connector (``connector_of``: LLaVA's projector, Qwen's merger, Qwen3-VL's
+    with its DeepStack mergers) and config, so a TAF student can be built without it."""
     from safetensors.torch import save
 
+    from ..hf.families import connector_of
+
     state = {k: v.detach().cpu().contiguous()
-             for k, v in teacher.model.multi_modal_projector.state_dict().items()}
+             for k, v in connector_of(teacher).state_dict().items()}
     write_atomic(root / "teacher_connector.safetensors", save(state))
     write_json_atomic(root / "teacher_config.json", teacher.config.to_dict())
 
@@ -53,14 +57,17 @@ def _batch_tensors(teacher, batch: dict, indices: list[int], manifest: dict, mat
     from ..logit_kd.from_logits import selected_rows, shift_labels
     from ..visual_attention.layout import visual_layout
     from ..matching import LayerMatch
+    from ..train.stages import family_inputs
 
     device = acc.device
     dtype = DTYPES[manifest["dtype"]]
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
     pixels = batch["pixel_values"].to(device) if "pixel_values" in batch else None
+    extra = family_inputs(batch, device)  # Qwen's image grid and token types (M-RoPE)
     B, N = ids.shape
-    visual = ids == manifest["processor"]["image_token_id"]
+    visual = torch.isin(ids, torch.tensor(manifest["processor"]["visual_token_ids"],
+                                          device=device))
     sink = None
     if manifest["vat"]["stored"]:
         layout = visual_layout(visual, B, N, query=manifest["vat"]["query"],
@@ -70,10 +77,10 @@ def _batch_tensors(teacher, batch: dict, indices: list[int], manifest: dict, mat
         if sink is not None:
             with sink:
                 out = teacher.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
-                                    use_cache=False)
+                                    use_cache=False, **extra)
         else:
             out = teacher.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
-                                use_cache=False)
+                                use_cache=False, **extra)
     h_t = out.last_hidden_state
     tensors = {}
     kd = manifest["kd"]
@@ -135,7 +142,9 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
     from transformers import AutoTokenizer
 
     from ..data import LlavaCollator
-    from ..hf.llava import load_student
+    from ..data.family_inputs import family_image_inputs
+    from ..hf.families import load_family_model
+    from ..train.families import check_family_options
     from ..train.trainer import check_checkpoint
 
     opts = config.teacher_cache
@@ -152,6 +161,7 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
                          f"(no kd or vat weight); nothing to cache")
     check_checkpoint(opts.path, "teacher.path")
     check_checkpoint(config.student, "student")
+    check_family_options(config, config.student, opts.path)  # e.g. TAF where it is missing
     if not Path(config.data.train_json).is_file():
         raise FileNotFoundError(f"data.train_json: training data not found: "
                                 f"{config.data.train_json}")
@@ -161,16 +171,20 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
     acc = accelerator or make_accelerator(mixed_precision=config.mixed_precision)
     root = Path(opts.cache)
     student_config = load_student_config(config.student)
-    teacher = load_student(opts.path).eval().requires_grad_(False).to(acc.device)
+    tokenizer = AutoTokenizer.from_pretrained(config.student, local_files_only=True)
+    # The family's own image inputs, as the trainer builds them (None for LLaVA).
+    image_inputs = family_image_inputs(student_config, config.student)
+    teacher = load_family_model(opts.path).eval().requires_grad_(False).to(acc.device)
     t_vocab = teacher.lm_head.weight.shape[0]
-    if t_vocab < student_config.text_config.vocab_size:
+    s_vocab = student_config.get_text_config().vocab_size
+    if t_vocab < s_vocab:
         raise ValueError(f"teacher.path: the teacher's vocabulary ({t_vocab}) is smaller than the "
-                         f"student's ({student_config.text_config.vocab_size}); KD truncates the "
-                         f"teacher's, never pads it")
+                         f"student's ({s_vocab}); KD truncates the teacher's, never pads it")
     manifest = build_manifest(config, student_config,
-                              teacher_layers=teacher.config.text_config.num_hidden_layers,
+                              teacher_layers=teacher.config.get_text_config().num_hidden_layers,
                               teacher_hash=teacher_hash(opts.path), kd=need["kd"],
-                              vat=need["vat"], stages=need["stages"])
+                              vat=need["vat"], stages=need["stages"],
+                              image_processor=getattr(image_inputs, "processor", None))
     manifest_path = root / "manifest.json"
     if manifest_path.is_file():
         old = read_json(manifest_path, "manifest")
@@ -185,11 +199,10 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
         _connector_files(teacher, root)
     acc.wait_for_everyone()
 
-    tokenizer = AutoTokenizer.from_pretrained(config.student, local_files_only=True)
-    dataset = build_dataset(config, student_config, tokenizer)
+    dataset = build_dataset(config, student_config, tokenizer, image_inputs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         tokenizer.eos_token_id or 0)
-    collate = LlavaCollator(pad)
+    collate = LlavaCollator(pad, image_inputs=image_inputs)
     per_shard, n = opts.shard_samples, len(dataset)
     shards = list(range(acc.process_index, math.ceil(n / per_shard), acc.num_processes))
     progress = None

@@ -1,10 +1,9 @@
 """What the trainer allows per family (docs/families.md), checked before any step runs.
 
-The teacher cache is built on LLaVA's layout (its projector, its batch keys); TAF exists for
-the families in ``TAF_FAMILIES``; a recipe may name the families it runs on
+TAF exists for the families in ``TAF_FAMILIES``; a recipe may name the families it runs on
 (``RecipeFacts.families``; the built-in ones run on every trainer family); Gemma 3's VAT
-serves text query rows only (its image tokens attend both ways). Otherwise they are refused
-with a
+serves text query rows only (its image tokens attend both ways); the final logits must not be
+softcapped. Otherwise they are refused with a
 :class:`~compodistill.train.config.ConfigError` naming the key and the family, never run
 on inputs they would get wrong.
 """
@@ -35,10 +34,9 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
 
     Raises:
         ConfigError: ``teacher`` of another family than the student's; ``taf`` for a family without TAF (set ``taf: false`` and train the
-            student's own connector), ``teacher.cache`` for a non-LLaVA family, ``recipe``
-            for a family the recipe's ``facts.families`` leaves out; ``student``/``teacher``
-            with final-logit softcapping; ``vat.query`` other than ``text`` for Gemma 3 with
-            VAT on.
+            student's own connector), ``recipe`` for a family the recipe's
+            ``facts.families`` leaves out; ``student``/``teacher`` with final-logit
+            softcapping; ``vat.query`` other than ``text`` for Gemma 3 with VAT on.
     """
     family = family_of(_model_config(student_config))
     if teacher_config is not None:
@@ -77,6 +75,5 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
         raise ConfigError("vat.query", f"{config.vat.query!r} is not served for Gemma 3: its "
                                        f"image tokens attend bidirectionally (token_type_ids), "
                                        f"the fused layers are causal; set `query: text`")
-    if config.teacher_cache is not None:
-        raise ConfigError("teacher.cache", f"the teacher cache is implemented for LLaVA only, "
-                                           f"not for {family.title}; run the teacher online")
+    # teacher.cache: every trainer family (the family's inputs, visual ids and connector,
+    # compodistill/teacher_cache/); recipes other than compodistill are refused at load.

@@ -70,11 +70,21 @@ def training_dataset(config: DistillConfig, model_config, tokenizer, source=None
                             num_image_tokens=1, image_token_id=model_config.image_token_id,
                             max_length=data.max_length, on_error=data.on_error,
                             image_inputs=image_inputs)
+    images = llava_image_processor(config)
     return LlavaDataset(source, data.image_folder or None, tokenizer,
-                        model_config.vision_config.image_size,
+                        images if images is not None else model_config.vision_config.image_size,
                         num_image_tokens=model_config.image_seq_length,
                         image_token_id=model_config.image_token_id, max_length=data.max_length,
                         on_error=data.on_error)
+
+
+def llava_image_processor(config: DistillConfig):
+    """The image processor saved with a LLaVA student (alone or in its processor), as eval
+    uses it; None: the default resize to the tower's size (docs/evaluation.md#processors)."""
+    from ..data.processors import load_image_processor
+
+    student = config.student
+    return load_image_processor(student) if student and Path(student).is_dir() else None
 
 
 class DistillationTrainer:
@@ -137,15 +147,16 @@ class DistillationTrainer:
         if config.teacher_cache is not None:
             from ..teacher_cache.training import CacheSource
 
-            self.teacher_cache = CacheSource(config, self.student.config)
+            self.teacher_cache = CacheSource(config, self.student.config, self.image_inputs)
             self.dataset = self.teacher_cache.indexed(self.dataset)
 
     def _load_tokenizer(self):
-        from transformers import AutoTokenizer
+        from ..data.processors import load_processor_parts
 
         if not self.config.student:
             raise ValueError("pass tokenizer= or set config.student to a folder with a tokenizer")
-        return AutoTokenizer.from_pretrained(self.config.student, local_files_only=True)
+        # the student's own processor when saved with it: its chat template (docs/evaluation.md)
+        return load_processor_parts(self.config.student).tokenizer
 
     def load_dataset(self, source=None):
         """``LlavaDataset`` of ``source`` (a path or a list of records; default the config's)."""
@@ -198,6 +209,10 @@ class DistillationTrainer:
             self.tokenizer.save_pretrained(tmp)
             if self.image_inputs is not None:  # the family's image processor goes along
                 self.image_inputs.processor.save_pretrained(tmp)
+            else:  # LLaVA's, when the student came with one
+                image_processor = llava_image_processor(self.config)
+                if image_processor is not None:
+                    image_processor.save_pretrained(tmp)
 
         if self.acc.is_main_process:
             atomic_directory_write(folder, write)
@@ -217,7 +232,7 @@ class DistillationTrainer:
             taf = apply_taf if family_of(self.student).name == "llava" else apply_family_taf
             self.student = taf(self.student, self.teacher)
         elif self.config.taf and self.teacher_cache is not None and not isinstance(
-                self.student, TAFLlavaForConditionalGeneration):
+                self.student, TAFLlavaForConditionalGeneration) and not is_taf(self.student):
             self.student = self.teacher_cache.apply_taf(self.student)  # connector from the cache
         student, params = prepare_trainable(self.student, stage)
         if self.config.gradient_checkpointing:
