@@ -184,13 +184,14 @@ def test_train_names_the_family_and_the_supported_ones(capsys, tmp_path):
     """`compodistill train` reads the family from config.json before loading weights."""
     from _helpers import assert_one_line_error
     from compodistill.cli import main
-    from transformers import Gemma3Config, SiglipVisionConfig
+    from transformers import SiglipVisionConfig
 
-    Gemma3Config().save_pretrained(tmp_path / "gemma")
     SiglipVisionConfig().save_pretrained(tmp_path / "siglip")
-    supported = ("LLaVA (1.5) (llava)", "Qwen2.5-VL (qwen2_5_vl/qwen2_vl)", "Qwen3-VL (qwen3_vl)")
-    for folder, words in (("gemma", ("student:", "Gemma 3 checkpoints", *supported)),
-                          ("siglip", ("student:", "'siglip_vision_model'", "LLaVA (1.5)"))):
+    # every family trains now (TRAINER_FAMILIES); the message lists them all
+    supported = ("LLaVA (1.5) (llava)", "Qwen2.5-VL (qwen2_5_vl/qwen2_vl)", "Qwen3-VL (qwen3_vl)",
+                 "LLaVA-OneVision / LLaVA-NeXT (llava_onevision/llava_next)",
+                 "Gemma 3 (gemma3)", "InternVL (HF-native) (internvl)")
+    for folder, words in (("siglip", ("student:", "'siglip_vision_model'", *supported)),):
         cfg = tmp_path / f"{folder}.yaml"
         cfg.write_text(f"student: {tmp_path / folder}\noutput_dir: {tmp_path}/out\n")
         code, err = main(["train", "--config", str(cfg)]), capsys.readouterr().err

@@ -120,7 +120,13 @@ class LlavaDataset(Dataset):
             if self.truncation == "drop":
                 raise MalformedRecordError(where, "too long", f"{len(enc['input_ids'])} tokens "
                                            f"> max_length {self.max_length}")
-            enc, _ = truncate_encoding(enc, self.max_length)
+            enc, kept = truncate_encoding(enc, self.max_length)
+            total = len(image_ids or ())
+            if kept == 1 < total and getattr(self.image_inputs, "counts_per_image_count", False):
+                # LLaVA-OneVision: a lone image is packed otherwise than one of several
+                raise MalformedRecordError(where, "too long", f"truncation to max_length "
+                                           f"{self.max_length} keeps 1 of {total} images, whose "
+                                           f"token counts were made for {total}")
             if all(t == IGNORE_INDEX for t in enc["labels"]):
                 raise MalformedRecordError(where, "too long", "no assistant token left after "
                                            f"truncation to {self.max_length}")

@@ -17,6 +17,7 @@ Definitions and the list of what was verified per family: docs/families.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -70,10 +71,10 @@ def family_of(model_or_config) -> Family:
                      f"supported: {supported}")
 
 
-# What `compodistill train` runs today (docs/families.md): LLaVA, and the Qwen families through
-# compodistill/data/family_inputs.py; TAF for LLaVA and Qwen2.5-VL (hf/family_taf.py).
-TRAINER_FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl")
-TAF_FAMILIES = ("llava", "qwen2_5_vl")
+# What `compodistill train` runs today (docs/families.md): LLaVA, and the other families through
+# compodistill/data/family_inputs.py; TAF on every one of them (hf/taf.py, hf/family_taf.py).
+TRAINER_FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "gemma3", "internvl")
+TAF_FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "gemma3", "internvl")
 
 
 def load_family_model(path, **kwargs) -> nn.Module:
@@ -84,13 +85,15 @@ def load_family_model(path, **kwargs) -> nn.Module:
 
     from .taf import load_student
 
-    from .family_taf import load_taf_parts
+    from .family_taf import TAF_FILE, load_family_taf
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if family_of(config).name == "llava":
         return load_student(path, **kwargs)
-    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **kwargs)
-    return load_taf_parts(model, path)  # a TAF student saved folded (hf/family_taf.py)
+    if (Path(path) / TAF_FILE).is_file():  # a TAF student, saved folded (hf/family_taf.py)
+        return load_family_taf(AutoModelForImageTextToText, path, local_files_only=True,
+                               **kwargs)
+    return AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **kwargs)
 
 
 def connector_of(model: nn.Module) -> nn.Module:
@@ -129,6 +132,10 @@ def check_trainer_checkpoint(path, key: str) -> Family:
     except ValueError:
         raise ValueError(f"{key}: model_type {model_type!r} in {path} is not a supported "
                          f"family; `compodistill train` supports {supported}") from None
+    if model_type == "llava_next":  # its anyres packing is not LLaVA-OneVision's
+        raise ValueError(f"{key}: LLaVA-NeXT checkpoints ({path}) work with "
+                         f"compodistill.hf.AttentionDistiller but not yet with `compodistill "
+                         f"train`, which supports {supported} (docs/families.md)")
     if family.name not in TRAINER_FAMILIES:
         raise ValueError(f"{key}: {family.title} checkpoints ({path}) work with "
                          f"compodistill.hf.AttentionDistiller but not yet with `compodistill "

@@ -1,9 +1,9 @@
 """What the trainer allows per family (docs/families.md), checked before any step runs.
 
-TAF is built on LLaVA's projector or Qwen2.5-VL's merger, and a recipe may name the families
-it runs on
-(``RecipeFacts.families``; the built-in ones run on every trainer family); for another
-family they are refused with a
+TAF exists for the families in ``TAF_FAMILIES``; a recipe may name the families it runs on
+(``RecipeFacts.families``; the built-in ones run on every trainer family); Gemma 3's VAT
+serves text query rows only (its image tokens attend both ways); the final logits must not be
+softcapped. Otherwise they are refused with a
 :class:`~compodistill.train.config.ConfigError` naming the key and the family, never run
 on inputs they would get wrong.
 """
@@ -35,7 +35,8 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
     Raises:
         ConfigError: ``teacher`` of another family than the student's; ``taf`` for a family without TAF (set ``taf: false`` and train the
             student's own connector), ``recipe`` for a family the recipe's
-            ``facts.families`` leaves out.
+            ``facts.families`` leaves out; ``student``/``teacher`` with final-logit
+            softcapping; ``vat.query`` other than ``text`` for Gemma 3 with VAT on.
     """
     family = family_of(_model_config(student_config))
     if teacher_config is not None:
@@ -53,10 +54,26 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
                                     f"'compodistill'")
     if family.name == "llava":
         return
+    for key, folder in (("student", student_config), ("teacher", teacher_config)):
+        model_config = _model_config(folder) if folder is not None else None
+        text = model_config.get_text_config() if model_config is not None else None
+        softcap = getattr(text, "final_logit_softcapping", None)
+        if softcap is not None:
+            # the fused LM/KD losses read lm_head's weights: capped logits are never built
+            raise ConfigError(key, f"{family.title} with final_logit_softcapping={softcap} is "
+                                   f"not supported: the fused LM and KD losses use uncapped "
+                                   f"logits; set it to null in the text config")
     if config.taf and family.name not in TAF_FAMILIES:
-        raise ConfigError("taf", f"TAF is implemented for LLaVA and Qwen2.5-VL, not for "
-                                 f"{family.title}; "
+        names = ", ".join(FAMILIES[n].title for n in TAF_FAMILIES)
+        raise ConfigError("taf", f"TAF is implemented for {names}, not for {family.title}; "
                                  f"set `taf: false` and train the student's own connector "
                                  f"(stages' trainable: connector, lora+connector)")
+    if family.name == "gemma3" and config.vat.query != "text" and any(
+            s.weights.vat for s in config.stages):
+        # the trainer gives Gemma 3 its token_type_ids, under which the tokens of one image
+        # attend to each other both ways: causal fused layers serve text query rows only
+        raise ConfigError("vat.query", f"{config.vat.query!r} is not served for Gemma 3: its "
+                                       f"image tokens attend bidirectionally (token_type_ids), "
+                                       f"the fused layers are causal; set `query: text`")
     # teacher.cache: every trainer family (the family's inputs, visual ids and connector,
     # compodistill/teacher_cache/); recipes other than compodistill are refused at load.

@@ -38,11 +38,13 @@ def _connector(model: nn.Module) -> nn.Module:
 
 
 def _post_connector(model: nn.Module) -> nn.Module:
-    projector = _connector(model)
-    if not hasattr(projector, "post"):
+    # Qwen3-VL's connector holds several TAF connectors (merger, DeepStack), a post each.
+    posts = [m.post for m in _connector(model).modules()
+             if hasattr(m, "freeze_teacher_part") and isinstance(getattr(m, "post", None), nn.Module)]
+    if not posts:
         raise ValueError("trainable='post_connector' needs a TAF student (apply_taf / taf: true); "
                          "use trainable='connector' for a student with its own connector")
-    return projector.post
+    return posts[0] if len(posts) == 1 else nn.ModuleList(posts)
 
 
 def prepare_trainable(model: nn.Module, stage: StageConfig) -> tuple[nn.Module, list]:
@@ -72,14 +74,15 @@ def prepare_trainable(model: nn.Module, stage: StageConfig) -> tuple[nn.Module, 
             # A TAF connector's teacher half stays frozen (docs/taf.md).
             p.requires_grad_(not name.startswith(("linear_1", "linear_2"))
                              or not hasattr(_connector(model), "post"))
-        if hasattr(_connector(model), "freeze_teacher_part"):  # any family's TAF connector
-            _connector(model).freeze_teacher_part()
+        for part in _connector(model).modules():  # any family's TAF connector(s)
+            if hasattr(part, "freeze_teacher_part"):
+                part.freeze_teacher_part()
     elif kind == "all":  # every weight, vision tower included (e.g. a teacher from scratch)
         for p in model.parameters():
             p.requires_grad_(True)
-        projector = _connector(model)
-        if hasattr(projector, "freeze_teacher_part"):
-            projector.freeze_teacher_part()
+        for part in _connector(model).modules():
+            if hasattr(part, "freeze_teacher_part"):
+                part.freeze_teacher_part()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params
 
@@ -115,8 +118,10 @@ class HiddenStates(nn.Module):
 
 
 # Batch keys some families need beyond LLaVA's (data/family_inputs.py): Qwen's image grid and
-# token types (without the latter transformers silently drops M-RoPE for 1-D positions).
-FAMILY_INPUTS = ("image_grid_thw", "mm_token_type_ids")
+# token types (without the latter transformers silently drops M-RoPE for 1-D positions),
+# LLaVA-OneVision's image sizes and images per sample (anyres), Gemma 3's token types.
+FAMILY_INPUTS = ("image_grid_thw", "mm_token_type_ids", "image_sizes", "batch_num_images",
+                 "token_type_ids")
 
 
 def family_inputs(batch: dict, device=None) -> dict:

@@ -139,7 +139,8 @@ class DistillationTrainer:
             self.teacher.eval().requires_grad_(False)
             self.teacher.to(config.teacher_device or self.acc.device)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
-        self.image_inputs = family_image_inputs(self.student.config, config.student)
+        self.image_inputs = family_image_inputs(self.student.config, config.student,
+                                                 self.tokenizer)
         self.dataset = train_dataset if train_dataset is not None else self.load_dataset()
         # teacher: {cache: DIR}: the targets come from the cache, no teacher is ever loaded.
         self.teacher_cache = None

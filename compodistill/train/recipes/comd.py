@@ -122,7 +122,8 @@ class CoMDRecipe(CompoDistillRecipe):
             from ...hf.families import load_family_model
 
             model = load_family_model(opts.judge_model).eval().to(trainer.acc.device)
-            image_inputs = family_image_inputs(model.config, opts.judge_model)
+            image_inputs = family_image_inputs(model.config, opts.judge_model,
+                                               trainer.tokenizer)  # InternVL's markers
         if model is None:
             raise ValueError("comd.judge 'model' needs a teacher or comd.judge_model")
         self.judge = ModelJudge(self.generator(trainer, model, opts.judge_max_new_tokens,
