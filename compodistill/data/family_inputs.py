@@ -37,11 +37,29 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Gemma3ImageInputs", "InternVLImageInputs", "OnevisionImageInputs",
+__all__ = ["BracketedImageInputs", "Gemma3ImageInputs", "InternVLImageInputs", "OnevisionImageInputs",
            "QwenVLImageInputs", "family_image_inputs"]
 
 
-class QwenVLImageInputs:
+class BracketedImageInputs:
+    """What the one-block families share: an image is ``start``, ``count`` image tokens,
+    ``end`` (the subclass sets ``processor``, ``image_token_id``, ``start`` and ``end``), and
+    its pixels are the image processor's ``pixel_values``."""
+
+    extra_keys: tuple[str, ...] = ()
+
+    def block(self, count: int) -> list[int]:
+        return [self.start] + [self.image_token_id] * count + [self.end]
+
+    def __call__(self, images: list) -> dict[str, torch.Tensor]:
+        out = self.processor(images=_rgb(images), return_tensors="pt")
+        return {"pixel_values": out["pixel_values"]}
+
+    def batch_extras(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class QwenVLImageInputs(BracketedImageInputs):
     """Qwen2.5-VL (and Qwen2-VL) and Qwen3-VL image inputs from the family's own image
     processor (Qwen3-VL's is the same class).
 
@@ -68,11 +86,8 @@ class QwenVLImageInputs:
         return [self.processor.get_number_of_image_patches(h, w) // self.merge ** 2
                 for w, h in sizes]
 
-    def block(self, count: int) -> list[int]:
-        return [self.start] + [self.image_token_id] * count + [self.end]
-
     def __call__(self, images: list) -> dict[str, torch.Tensor]:
-        out = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        out = self.processor(images=_rgb(images), return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
     def batch_extras(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -171,13 +186,11 @@ class OnevisionImageInputs:
         return {}
 
 
-class Gemma3ImageInputs:
+class Gemma3ImageInputs(BracketedImageInputs):
     """Gemma 3 image inputs from ``Gemma3ImageProcessor`` (either backend): every image is
     ``mm_tokens_per_image`` tokens between ``boi`` and ``eoi``; ``token_type_ids`` mark them
     (the model lets the tokens of one image attend to each other both ways). Pan-and-scan
     crops are refused: each crop would be one more image block."""
-
-    extra_keys = ()
 
     def __init__(self, image_processor, config):
         if not hasattr(image_processor, "do_pan_and_scan"):
@@ -196,24 +209,15 @@ class Gemma3ImageInputs:
     def token_counts(self, sizes: Sequence[tuple[int, int]]) -> list[int]:
         return [self.count] * len(sizes)
 
-    def block(self, count: int) -> list[int]:
-        return [self.start] + [self.image_token_id] * count + [self.end]
-
-    def __call__(self, images: list) -> dict[str, torch.Tensor]:
-        out = self.processor(images=_rgb(images), return_tensors="pt")
-        return {"pixel_values": out["pixel_values"]}
-
     def batch_extras(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"token_type_ids": (input_ids == self.image_token_id).long()}
 
 
-class InternVLImageInputs:
+class InternVLImageInputs(BracketedImageInputs):
     """InternVL (HF-native) image inputs from ``GotOcr2ImageProcessor`` (either backend):
     ``image_seq_length`` tokens per tile between the tokenizer's start and end image tokens;
     one tile per image unless the processor was saved with ``crop_to_patches=True`` (then its
     own tile count, thumbnail included)."""
-
-    extra_keys = ()
 
     def __init__(self, image_processor, config, start: int, end: int):
         if not hasattr(image_processor, "get_number_of_image_patches") or not hasattr(
@@ -229,16 +233,6 @@ class InternVLImageInputs:
     def token_counts(self, sizes: Sequence[tuple[int, int]]) -> list[int]:
         return [self.per_tile * self.processor.get_number_of_image_patches(h, w, {})
                 for w, h in sizes]
-
-    def block(self, count: int) -> list[int]:
-        return [self.start] + [self.image_token_id] * count + [self.end]
-
-    def __call__(self, images: list) -> dict[str, torch.Tensor]:
-        out = self.processor(images=_rgb(images), return_tensors="pt")
-        return {"pixel_values": out["pixel_values"]}
-
-    def batch_extras(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {}
 
 
 def _internvl_markers(tokenizer) -> tuple[int, int]:
