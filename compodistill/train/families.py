@@ -33,8 +33,9 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
     ``config.json`` is read, so a refusal costs no weight loading); no teacher: None.
 
     Raises:
-        ConfigError: ``teacher`` of another family than the student's; ``taf`` for a family without TAF (set ``taf: false`` and train the
-            student's own connector), ``recipe`` for a family the recipe's
+        ConfigError: ``teacher`` of another family than the student's; ``taf`` for a
+            family without TAF (set ``taf: false`` and train the student's own connector),
+            ``recipe`` for a family the recipe's
             ``facts.families`` leaves out; ``student``/``teacher`` with final-logit
             softcapping; ``vat.query`` other than ``text`` for Gemma 3 with VAT on.
     """
