@@ -5,7 +5,9 @@ Usage: python tests/distributed_families_run.py ROOT OUT GRAD_ACCUM STEPS [VAT_Q
 
 Each process writes ``OUT/report-rank<r>.json``: the weighted loss of every micro-batch it
 computed, the names of the final loss terms, the local and full shapes of every sharded
-(DTensor) student and teacher parameter with all parameter names, and the number of processes.
+(DTensor) student and teacher parameter with all parameter names, the classes of their FSDP
+groups, how many all-gathers included each model's ``lm_head`` weight, and the number of
+processes.
 """
 import json
 import sys
@@ -16,7 +18,8 @@ if __name__ == "__main__":
 
 from compodistill.train import engine  # noqa: E402
 from compodistill.train.config import config_from_dict  # noqa: E402
-from compodistill.train.distributed import local_shard_shapes  # noqa: E402
+from compodistill.train.distributed import is_fsdp2, local_shard_shapes  # noqa: E402
+from compodistill.train.stages import lm_head  # noqa: E402
 from compodistill.train.trainer import DistillationTrainer  # noqa: E402
 
 MAX_GRAD_NORM = 100.0
@@ -37,7 +40,18 @@ def main(root: Path, out: str, grad_accum: str, steps: str, query: str = "all") 
                     # 3's tiny pair has gradient norms of 2-3
                     "max_grad_norm": MAX_GRAD_NORM}]})
     trainer = DistillationTrainer(config, show_progress=False)
-    run, seen, report = engine.StageLoop.run, [], {}
+    run, seen, report, gathered = engine.StageLoop.run, [], {}, []
+
+    if is_fsdp2(trainer.acc):  # count the all-gathers, as tests/fsdp_run.py does
+        from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
+
+        gather = group.foreach_all_gather
+
+        def counted(fsdp_params, *args, **kwargs):
+            gathered.append({id(p.sharded_param) for p in fsdp_params})
+            return gather(fsdp_params, *args, **kwargs)
+
+        group.foreach_all_gather = counted
 
     def traced_run(loop, resume=True):
         losses = loop.loss_terms
@@ -48,13 +62,21 @@ def main(root: Path, out: str, grad_accum: str, steps: str, query: str = "all") 
             return terms
 
         loop.loss_terms = loss_terms
+        heads = {"student": lm_head(loop.acc.unwrap_model(loop.model).model).weight,
+                 "teacher": lm_head(trainer.teacher).weight}
         result = run(loop, resume)
         report.update(losses=seen, processes=trainer.acc.num_processes,
                       terms=sorted(result.final_losses),
                       student=local_shard_shapes(loop.model),
                       student_params=[n for n, _ in loop.model.named_parameters()],
                       teacher=local_shard_shapes(trainer.teacher),
-                      teacher_params=[n for n, _ in trainer.teacher.named_parameters()])
+                      teacher_params=[n for n, _ in trainer.teacher.named_parameters()],
+                      groups={who: sorted({type(m).__name__ for m in model.modules()
+                                           if type(m).__name__.startswith("FSDP")})
+                              for who, model in (("student", loop.model),
+                                                 ("teacher", trainer.teacher))},
+                      lm_head_gathers={who: sum(id(w) in ids for ids in gathered)
+                                       for who, w in heads.items()})
         return result
 
     engine.StageLoop.run = traced_run

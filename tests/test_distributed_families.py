@@ -103,8 +103,16 @@ def test_qwen2_5_vl_fsdp2_dft_with_taf_matches_one_process(tmp_path):
     steps = 2
     reports = _run(tmp_path, "fsdp2_cpu_2proc.yaml", steps)
     _assert_same_run(tmp_path, reports, steps)
-    # Every parameter of both models is sharded: each rank holds its rows of dim 0.
     ranks = reports["two"]
+    for report in ranks:
+        # One group per decoder layer and per vision block (the model's _no_split_modules);
+        # the roots hold the rest, the TAF connector included; the teacher's untied lm_head
+        # is a group of its own. Each lm_head is gathered once per step (docs/distributed.md).
+        layers = {"FSDPQwen2_5_VLDecoderLayer", "FSDPQwen2_5_VLVisionBlock"}
+        assert set(report["groups"]["student"]) == layers | {"FSDPHiddenStates"}
+        assert set(report["groups"]["teacher"]) == layers | {"FSDPQwen2_5_VLModel", "FSDPLinear"}
+        assert report["lm_head_gathers"] == {"student": steps, "teacher": steps}
+    # Every parameter of both models is sharded: each rank holds its rows of dim 0.
     for kind in ("student", "teacher"):
         assert set(ranks[0][kind]) == set(ranks[0][f"{kind}_params"]), kind
         assert any(".visual.blocks." in name for name in ranks[0][kind])  # the vision blocks
@@ -132,4 +140,5 @@ def test_gemma3_ddp_matches_one_process(tmp_path):
     steps = 2
     reports = _run(tmp_path, "cpu_2proc.yaml", steps, query="text")
     _assert_same_run(tmp_path, reports, steps)
-    assert reports["two"][0]["student"] == {}  # DDP: nothing sharded
+    report = reports["two"][0]
+    assert report["student"] == {} and report["groups"] == {"student": [], "teacher": []}  # DDP
