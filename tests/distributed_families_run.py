@@ -3,6 +3,9 @@ on a saved tiny family pair, in one process or under ``accelerate launch`` (FSDP
 
 Usage: python tests/distributed_families_run.py ROOT OUT GRAD_ACCUM STEPS [VAT_QUERY]
 
+``FAMILY_TEST_KILL=CALL`` checkpoints every 2 steps and SIGKILLs process 0 at that loss call
+(a crash mid-run); relaunching with ``FAMILY_TEST_KILL=`` (empty) resumes it. By hand only.
+
 Each process writes ``OUT/report-rank<r>.json``: the weighted loss of every micro-batch it
 computed, the names of the final loss terms, the local and full shapes of every sharded
 (DTensor) student and teacher parameter with all parameter names, the classes of their FSDP
@@ -10,6 +13,8 @@ groups, how many all-gathers included each model's ``lm_head`` weight, and the n
 processes.
 """
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -30,6 +35,7 @@ def main(root: Path, out: str, grad_accum: str, steps: str, query: str = "all") 
     config = config_from_dict({
         "student": str(root / "student"), "teacher": str(root / "teacher"),
         "output_dir": out, "taf": True, "cpu_threads": 1,
+        "save_every": 2 if "FAMILY_TEST_KILL" in os.environ else 0,
         "data": {"train_json": str(root / "data" / "train.json"),
                  "image_folder": str(root / "data"), "max_length": 256},
         "vat": {"student_layers": [0, 1], "teacher_layers": [1, 2, 3], "query": query},
@@ -57,6 +63,9 @@ def main(root: Path, out: str, grad_accum: str, steps: str, query: str = "all") 
         losses = loop.loss_terms
 
         def loss_terms(prepared, batch):
+            if os.environ.get("FAMILY_TEST_KILL") == str(len(seen) + 1) and \
+                    trainer.acc.is_main_process:
+                os.kill(os.getpid(), signal.SIGKILL)
             terms = losses(prepared, batch)
             seen.append(float(loop._weighted(terms).detach()))
             return terms
