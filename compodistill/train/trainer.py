@@ -128,7 +128,11 @@ class DistillationTrainer:
             # The loop steps the scheduler once per optimiser step itself (accelerate would
             # step it once per process: a schedule that many times too fast).
             step_scheduler_with_optimizer=False,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+            # Each process collates its own samples: dispatching (one process slicing whole
+            # batches on dim 0) would cut per-image rows (pixel patches, image_grid_thw) apart
+            # from their samples.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                      dispatch_batches=False))
         set_seed(config.seed)
         self.output_dir = Path(config.output_dir)
         self.show_progress = show_progress
