@@ -15,7 +15,8 @@ PIL = pytest.importorskip("PIL.Image")
 from compodistill.cli import main  # noqa: E402
 from compodistill.hf.families import TRAINER_FAMILIES  # noqa: E402
 
-from _helpers import assert_one_line_error, local_bpe_tokenizer  # noqa: E402
+from _helpers import (assert_one_line_error, family_image_processor,  # noqa: E402
+                      local_bpe_tokenizer)
 
 FAMILIES = [f for f in TRAINER_FAMILIES if f != "llava"]
 # The families' own tokenizers name their image markers (InternVL: start/end_image_token;
@@ -24,25 +25,6 @@ MARKERS = {"start_image_token": "<vision_start>", "end_image_token": "<vision_en
            "boi_token": "<vision_start>", "eoi_token": "<vision_end>", "image_token": "<image>"}
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def tiny_image_processor(family: str):
-    """The family's own image processor class (PIL backend, no torchvision), defaults except
-    the sizes of the tiny vision towers of ``tiny_family_pair``."""
-    import transformers as tf
-
-    if family.startswith("qwen"):
-        return tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
-                                           min_pixels=16 * 16, max_pixels=32 * 32)
-    size = {"height": 16, "width": 16}
-    if family == "gemma3":
-        return tf.Gemma3ImageProcessorPil(size=size)
-    if family == "internvl":
-        return tf.GotOcr2ImageProcessorPil(size=size, crop_to_patches=False)
-    if family == "llava_onevision":
-        return tf.LlavaOnevisionImageProcessorPil(
-            size=size, image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]])
-    pytest.fail(f"no tiny image processor for family {family!r}: add it here")
 
 
 def named_tokenizer(folder, texts=()):
@@ -77,7 +59,7 @@ def saved(request, tmp_path_factory):
     tok = named_tokenizer(root / "model", texts)
     student, _ = tiny_family_pair(family, vocab_size=len(tok), teacher_layers=2)
     student.save_pretrained(root / "model")
-    tiny_image_processor(family).save_pretrained(root / "model")
+    family_image_processor(family).save_pretrained(root / "model")
     return root, family
 
 
@@ -266,7 +248,7 @@ def save_processor(family, folder, tok):
     Returns the processor class name."""
     import transformers as tf
 
-    image_processor = tiny_image_processor(family)
+    image_processor = family_image_processor(family)
     if family == "gemma3":  # its tokenizer names boi, eoi and the image token (MARKERS)
         tf.Gemma3Processor(image_processor=image_processor, tokenizer=tok,
                            chat_template=TEMPLATE, image_seq_length=4).save_pretrained(folder)
@@ -310,7 +292,7 @@ def test_checkpoint_processor_feeds_eval_and_training_data(saved, tmp_path):
     failed = [w for w in caught if "AutoProcessor failed" in str(w.message)]
     assert (parts.source == "parts") == bool(failed), [str(w.message) for w in caught]
     assert parts.tokenizer.chat_template == TEMPLATE
-    assert type(parts.image_processor) is type(tiny_image_processor(family))
+    assert type(parts.image_processor) is type(family_image_processor(family))
     _, encoder = load_model_and_encoder(str(folder))
     ids = encoder.encode_prompt("What color?", [root / "data" / "images" / "eval_000000.png"])
     text = encoder.tokenizer.decode(ids["input_ids"])

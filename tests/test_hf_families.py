@@ -293,23 +293,6 @@ def test_lora_and_gradient_checkpointing_on_a_family(name):
 
 # --------------------------------------------------------------------------- real processors
 
-def _image_processor(name):
-    """The family's own image processor class (PIL backend), defaults except the sizes
-    of the tiny vision towers."""
-    import transformers as tf
-
-    if name.startswith("qwen"):
-        return tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
-                                           min_pixels=16 * 16, max_pixels=32 * 32)
-    size = {"height": 16, "width": 16}
-    if name == "gemma3":
-        return tf.Gemma3ImageProcessorPil(size=size)
-    if name == "internvl":
-        return tf.GotOcr2ImageProcessorPil(size=size, crop_to_patches=False)
-    return tf.LlavaOnevisionImageProcessorPil(
-        size=size, image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]])
-
-
 @pytest.mark.parametrize("name", TINY_FAMILIES)
 def test_real_image_processor_and_tokenizer_feed_the_hook(name, tmp_path):
     """A locally trained tokenizer and the family's image processor: save_pretrained /
@@ -326,7 +309,9 @@ def test_real_image_processor_and_tokenizer_feed_the_hook(name, tmp_path):
     student, teacher = tiny_family_pair(name, student_layers=2, teacher_layers=3,
                                         vocab_size=len(tok))
     assert visual_token_ids(student)[0] == tok.convert_tokens_to_ids("<image>")
-    processor = _image_processor(name)
+    from _helpers import family_image_processor
+
+    processor = family_image_processor(name)
     processor.save_pretrained(tmp_path / "proc")
     again = AutoImageProcessor.from_pretrained(tmp_path / "proc")
     assert type(again) is type(processor)
