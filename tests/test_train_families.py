@@ -294,6 +294,14 @@ def test_gemma3_vat_serves_text_queries_only(family_pair, capsys):
     code, err = main(["train", "--config", str(cfg)]), capsys.readouterr().err
     assert_one_line_error(code, err, "vat.query:", "Gemma 3", "query: text")
     assert not (root / "default-query" / "1-dpt").exists()
+    # configs/gemma3.yaml, the template users start from, passes the family checks
+    from pathlib import Path
+
+    from compodistill.train.config import load_config
+    from compodistill.train.families import check_family_options
+
+    template = load_config(Path(__file__).resolve().parents[1] / "configs" / "gemma3.yaml")
+    check_family_options(template, root / "student", root / "teacher")
 
 
 def test_taf_chain_saves_a_plain_checkpoint_and_reloads_the_taf_connectors(family_pair):
