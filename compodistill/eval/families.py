@@ -22,8 +22,8 @@ from ..data.collate import LlavaCollator
 from ..data.encoding import ConversationEncoder
 from ..data.images import open_image
 
-__all__ = ["EncodedImages", "FamilyEncoder", "collate", "encode_images", "prompt_sample",
-           "reply_sample"]
+__all__ = ["EncodedImages", "FamilyEncoder", "collate", "encode_images", "family_images",
+           "prompt_sample", "reply_sample"]
 
 
 def _refuse_pixels(images):
@@ -50,13 +50,7 @@ class FamilyEncoder(ConversationEncoder):
         self.image_inputs = image_inputs
 
     def encode_images(self, images: Sequence) -> "EncodedImages":
-        pil = [open_image(im) if isinstance(im, (str, os.PathLike)) else im.convert("RGB")
-               for im in images]
-        if not pil:
-            return EncodedImages({}, [], 0)
-        counts = self.image_inputs.token_counts([im.size for im in pil])
-        return EncodedImages(dict(self.image_inputs(pil)),
-                             [list(self.image_inputs.block(n)) for n in counts], len(pil))
+        return family_images(self.image_inputs, images)
 
     def prompt_ids(self, prompt: str, num_images: int = 0) -> torch.Tensor:
         raise TypeError("FamilyEncoder.prompt_ids: an image's token count depends on its size; "
@@ -75,6 +69,18 @@ class EncodedImages:
     inputs: dict = field(default_factory=dict)
     image_ids: list[list[int]] | None = None
     count: int = 0
+
+
+def family_images(image_inputs, images: Sequence) -> EncodedImages:
+    """A sample's images (paths or PIL images) through a family's ``image_inputs``: each its
+    own token block (from its size) and the family's pixel inputs."""
+    pil = [open_image(im) if isinstance(im, (str, os.PathLike)) else im.convert("RGB")
+           for im in images]
+    if not pil:
+        return EncodedImages({}, [], 0)
+    counts = image_inputs.token_counts([im.size for im in pil])
+    return EncodedImages(dict(image_inputs(pil)), [list(image_inputs.block(n)) for n in counts],
+                         len(pil))
 
 
 def encode_images(encoder, images: Sequence) -> EncodedImages:

@@ -101,50 +101,29 @@ class GreedyGenerator:
 
     def encode(self, prompt: str, images: Sequence[str]) -> dict:
         """One prompt (``<image>`` tags stripped, one per image put back in front) as a sample
-        for :class:`~compodistill.data.LlavaCollator`."""
+        for :class:`~compodistill.data.LlavaCollator`; a family's images as eval encodes them."""
         if self.image_inputs is None:
             return self.encoder.encode_prompt(strip_image_tags(prompt), list(images))
-        import torch
+        from ...eval.families import family_images, prompt_sample
 
-        from ...data.images import open_image
-
-        pictures = [open_image(p) for p in images]
-        blocks = [self.image_inputs.block(n)
-                  for n in self.image_inputs.token_counts([im.size for im in pictures])]
-        text = (IMAGE_TAG + "\n") * len(pictures) + strip_image_tags(prompt)
-        enc = self.encoder.encode([{"role": "user", "content": text}],
-                                  add_generation_prompt=True, image_ids=blocks)
-        sample = {"input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
-                  "pixel_values": None}
-        if pictures:
-            sample.update(self.image_inputs(pictures))
-        return sample
+        return prompt_sample(self.encoder, strip_image_tags(prompt),
+                             family_images(self.image_inputs, images))
 
     def batch(self, features: list[dict]) -> dict:
         """The left-padded generation batch of encoded prompts, family inputs included."""
-        from ...data import LlavaCollator
         from ...eval.common import pad_id
+        from ...eval.families import collate
 
-        return LlavaCollator(pad_id(self.tokenizer), "left",
-                             image_inputs=self.image_inputs)(features)
+        return collate(self, features, pad_id(self.tokenizer), "left")
 
     def generate_ids(self, features: list[dict]) -> list[list[int]]:
-        """Greedy new token ids of encoded prompts (:meth:`encode`), cut at the first end token."""
-        from ...eval.common import eos_ids, greedy_generate, model_device, pad_id, to_device
+        """Greedy new token ids of encoded prompts (:meth:`encode`), cut at the first end token
+        (eval's :func:`~compodistill.eval.common.greedy_generate`, the family's inputs included)."""
+        from ...eval.common import eos_ids, greedy_generate, pad_id
 
-        pad, eos = pad_id(self.tokenizer), eos_ids(self.tokenizer)
-        if self.image_inputs is None:
-            return greedy_generate(self.model, features, pad_token_id=pad, eos_token_ids=eos,
-                                   max_new_tokens=self.max_new_tokens)
-        # The family's keys must reach generate (eval's greedy_generate collates LLaVA's only).
-        batch = to_device(self.batch(features), model_device(self.model))
-        batch.pop("labels", None)
-        prompt = batch["input_ids"].shape[1]
-        out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  num_beams=1, pad_token_id=pad, eos_token_id=eos or None)
-        rows = out[:, prompt:].tolist()
-        return [row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
-                for row in rows]
+        return greedy_generate(self.model, features, pad_token_id=pad_id(self.tokenizer),
+                               eos_token_ids=eos_ids(self.tokenizer),
+                               max_new_tokens=self.max_new_tokens, image_inputs=self.image_inputs)
 
     def __call__(self, prompts: Sequence[str], images: Sequence[Sequence[str]]) -> list[str]:
         from ...eval.common import batched, eval_mode
