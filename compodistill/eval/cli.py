@@ -12,7 +12,6 @@ its own token count and the family's extra model inputs.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -46,11 +45,8 @@ def load_model_and_encoder(path: str, num_image_tokens: int | None = None):
         if parts.image_processor is None:
             raise ValueError(f"--model: {path} has no image processor ({family.title} needs "
                              f"it: save the model's processor or image processor next to it)")
-        # Families whose markers live in the tokenizer (InternVL) take it as a third argument.
-        takes_tokenizer = "tokenizer" in inspect.signature(family_image_inputs).parameters
-        image_inputs = family_image_inputs(cfg, parts.image_processor,
-                                           **({"tokenizer": parts.tokenizer}
-                                              if takes_tokenizer else {}))
+        # the tokenizer: InternVL's image markers live there
+        image_inputs = family_image_inputs(cfg, parts.image_processor, parts.tokenizer)
         return model, FamilyEncoder(parts.tokenizer, image_inputs,
                                     image_token_id=visual_token_ids(cfg)[0])
     images = parts.image_processor or ImageTransform(cfg.vision_config.image_size)
