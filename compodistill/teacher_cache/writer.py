@@ -139,9 +139,9 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
     holds a cache made from other inputs.
     """
     from ..train.distributed import make_accelerator
-    from transformers import AutoTokenizer
 
     from ..data import LlavaCollator
+    from ..data.processors import load_processor_parts
     from ..data.family_inputs import family_image_inputs
     from ..hf.families import load_family_model
     from ..train.families import check_family_options
@@ -171,9 +171,10 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
     acc = accelerator or make_accelerator(mixed_precision=config.mixed_precision)
     root = Path(opts.cache)
     student_config = load_student_config(config.student)
-    tokenizer = AutoTokenizer.from_pretrained(config.student, local_files_only=True)
-    # The family's own image inputs, as the trainer builds them (None for LLaVA).
-    image_inputs = family_image_inputs(student_config, config.student)
+    # The tokenizer (the processor's, with its chat template, when saved) and the family's
+    # image inputs (None for LLaVA) exactly as the trainer builds them: sample i must match.
+    tokenizer = load_processor_parts(config.student).tokenizer
+    image_inputs = family_image_inputs(student_config, config.student, tokenizer)
     teacher = load_family_model(opts.path).eval().requires_grad_(False).to(acc.device)
     t_vocab = teacher.lm_head.weight.shape[0]
     s_vocab = student_config.get_text_config().vocab_size
