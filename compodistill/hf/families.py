@@ -25,7 +25,7 @@ from torch import nn
 
 __all__ = ["FAMILIES", "TAF_FAMILIES", "TRAINER_FAMILIES", "Family", "check_supported",
            "check_trainer_checkpoint", "connector_of", "family_of", "load_family_model",
-           "tiny_family_batch", "tiny_family_pair", "visual_token_ids"]
+           "tiny_family_batch", "tiny_family_pair", "visual_positions", "visual_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,20 @@ def visual_token_ids(model_or_config) -> tuple[int, ...]:
                 ids.append(int(value))
                 break
     return tuple(dict.fromkeys(ids))
+
+
+def visual_positions(input_ids: torch.Tensor, model_or_config) -> torch.Tensor:
+    """(B, N) bool: the positions of ``input_ids`` that hold visual features of the model's
+    family (any of its :func:`visual_token_ids`).
+
+    Raises:
+        ValueError: a config with no image or video token id, naming the family.
+    """
+    ids = visual_token_ids(model_or_config)
+    if not ids:
+        raise ValueError(f"{family_of(model_or_config).title}: the config names no image or "
+                         f"video token id, so the visual positions cannot be found")
+    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
 
 def _text_config(config):

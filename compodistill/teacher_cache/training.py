@@ -16,6 +16,7 @@ from torch import nn
 
 from ..hf.attention import (SiteCapture, decoder_attention_modules, enable_attention,
                             install_checkpoint_context)
+from ..hf.families import visual_positions
 from ..logit_kd.from_logits import selected_rows, shift_labels
 from ..matching import LayerMatch
 from ..visual_attention.layout import VisualLayout, visual_layout
@@ -243,14 +244,11 @@ class CachedStageLosses:
     """
 
     def __init__(self, student, source: CacheSource, stage, config, accelerator):
-        from ..hf.families import visual_token_ids
         from ..train.stages import llava_core
 
         self.student, self.source, self.stage, self.config = student, source, stage, config
         self.acc = accelerator
         self.core = llava_core(student)
-        # The visual keys the cache was written with (the manifest checked them).
-        self.visual_ids = torch.tensor(visual_token_ids(self.core.config))
         if stage.weights.vat:
             enable_attention(self.core)
             v = config.vat
@@ -264,7 +262,8 @@ class CachedStageLosses:
         w = self.stage.weights
         ids, mask = batch["input_ids"], batch["attention_mask"]
         samples, indices = self.source.samples(batch)
-        visual = torch.isin(ids, self.visual_ids.to(ids.device))
+        # the visual keys the cache was written with (the manifest checked them)
+        visual = visual_positions(ids, self.core.config)
         capture = None
         if w.vat:
             B, N = ids.shape

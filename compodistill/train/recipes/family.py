@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...hf.families import family_of, visual_token_ids
+from ...hf.families import family_of, visual_positions
 from ..stages import StageLosses, llava_core
 
 __all__ = ["RecipeLosses", "text_hidden_size", "visual_mask"]
@@ -19,17 +19,9 @@ __all__ = ["RecipeLosses", "text_hidden_size", "visual_mask"]
 
 def visual_mask(input_ids: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """(B, N) bool: the positions of ``input_ids`` that hold visual features of ``model``'s
-    family (any of its image/video placeholder ids; vision start/end markers excluded).
-
-    Raises:
-        ValueError: a config with no image or video token id, naming the family.
-    """
-    config = llava_core(model).config
-    ids = visual_token_ids(config)
-    if not ids:
-        raise ValueError(f"{family_of(config).title}: the config names no image or video token "
-                         f"id, so the recipe cannot find the visual positions")
-    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+    family (:func:`~compodistill.hf.families.visual_positions`: any of its image/video
+    placeholder ids; vision start/end markers excluded)."""
+    return visual_positions(input_ids, llava_core(model).config)
 
 
 def text_hidden_size(model: nn.Module) -> int:
