@@ -234,7 +234,8 @@ def test_truncated_shard_is_one_line_from_the_cli(setup, tmp_path, capsys):
     config.write_text(json.dumps(make_config(root, {"cache": str(cache)}, out="truncated")))
     code = main(["train", "--config", str(config), "--quiet"])
     assert_one_line_error(code, capsys.readouterr().err, "is truncated or damaged",
-                          "cache-truncated/shard-00000.safetensors", "sample ")
+                          "cache-truncated/shard-00000.safetensors", "samples 0–3",
+                          "no step was trained")
 
 
 def test_config_refuses_what_a_cache_cannot_serve(setup):
@@ -283,3 +284,71 @@ def test_compressed_cache_stores_topk_and_trains(setup):
     (result,) = DistillationTrainer(config_from_dict(config), show_progress=False).run()
     assert {"loss_kd", "loss_vat"} <= set(result.final_losses)
     assert all(value == value for value in result.final_losses.values())
+
+
+# ------------------------------------------------------------------ integrity (sha256)
+def _flip_tensor_bytes(shard: Path) -> None:
+    """Invert 16 bytes in the middle of the tensor data: same size, valid header."""
+    data = bytearray(shard.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # past the safetensors header
+    middle = (start + len(data)) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    shard.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_fail_before_any_step_and_a_rerun_rewrites_only_that_shard(
+        setup, tmp_path, capsys):
+    from compodistill.cli import main
+    from compodistill.teacher_cache.format import sha256_file
+
+    root = setup
+    cache = _copy_cache(root, "cache-flipped")
+    shard = cache / "shard-00001.safetensors"
+    size, expected = shard.stat().st_size, sha256_file(shard)
+    _flip_tensor_bytes(shard)
+    assert shard.stat().st_size == size
+    found = sha256_file(shard)
+    out = tmp_path / "flipped-run"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(make_config(root, {"cache": str(cache)}, out=str(out))))
+    code = main(["train", "--config", str(config), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, "cache-flipped/shard-00001.safetensors",
+                          "is corrupted", expected, found, "no step was trained",
+                          "compodistill teacher-cache", "rewrites only the bad shards")
+    assert not list(out.rglob("metrics.jsonl"))  # no step ran
+    # --verify lists exactly that shard and fails; the clean cache passes.
+    assert main(["teacher-cache", "--verify", str(cache)]) == 1
+    captured = capsys.readouterr()
+    shards = len(json.loads((cache / "index.json").read_text())["shards"])
+    (line,) = captured.out.strip().splitlines()  # one line per bad shard: only this one
+    assert "shard-00001.safetensors is corrupted" in line and expected in line and found in line
+    assert f"1 of {shards} shards" in captured.err
+    assert main(["teacher-cache", "--verify", str(root / "cache")]) == 0
+    assert f"all {shards} shards match their sha256" in capsys.readouterr().out
+    # The cache run rewrites the bad shard and leaves the good one untouched.
+    before = (cache / "shard-00000.safetensors").stat().st_mtime_ns
+    write_cache(root, "cache-flipped")
+    assert (cache / "shard-00000.safetensors").stat().st_mtime_ns == before
+    assert files(cache) == files(root / "cache")
+
+
+def test_verify_option_is_checked_when_the_config_loads_and_size_skips_hashing(setup, tmp_path,
+                                                                                monkeypatch):
+    from compodistill.teacher_cache import format as cache_format
+    from compodistill.train.trainer import DistillationTrainer
+
+    root = setup
+    with pytest.raises(ConfigError, match="teacher.verify.*'md5'"):
+        config_from_dict(make_config(root, {"cache": "x", "verify": "md5"}))
+    calls = []
+    real = cache_format.sha256_file
+    monkeypatch.setattr(cache_format, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    config = make_config(root, {"cache": str(root / "cache"), "verify": "size"}, out="size-run")
+    trainer = DistillationTrainer(config_from_dict(config), show_progress=False)
+    assert trainer.teacher_cache.cache.verified == "size"
+    assert not [p for p in calls if str(p).endswith(".safetensors")]
+    config["teacher"]["verify"] = "full"
+    trainer = DistillationTrainer(config_from_dict(config), show_progress=False)
+    assert trainer.teacher_cache.cache.verified == "sha256"
+    shards = len(json.loads((root / "cache" / "index.json").read_text())["shards"])
+    assert len([p for p in calls if str(p).endswith(".safetensors")]) == shards

@@ -1,4 +1,5 @@
-"""``compodistill teacher-cache --config FILE [--stage NAME ...]`` (docs/teacher_cache.md)."""
+"""``compodistill teacher-cache --config FILE [--stage NAME ...]`` and
+``compodistill teacher-cache --verify DIR`` (docs/teacher_cache.md)."""
 from __future__ import annotations
 
 import argparse
@@ -26,19 +27,47 @@ Config (the `teacher:` mapping):
 Several processes: `accelerate launch --config_file configs/accelerate/ddp.yaml
 -m compodistill.cli teacher-cache --config FILE`; each process writes its own shards,
 and the files are the same as one process writes. A run killed mid-way resumes: finished
-shards are kept, a half-written one is redone.
+shards are kept, a half-written or damaged one is redone.
+
+`--verify DIR` checks every shard of a finished cache against the sha256 in its record
+and lists the bad ones (exit status 1 when any is bad).
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML or JSON config with "
-                        "`teacher: {path: TEACHER, cache: DIR}`")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", help="YAML or JSON config with "
+                      "`teacher: {path: TEACHER, cache: DIR}`")
+    what.add_argument("--verify", metavar="DIR", help="check every shard of the cache in DIR "
+                      "against its sha256 and list the bad ones")
     parser.add_argument("--stage", nargs="*", default=None, dest="stages",
                         help="only the needs of these stages, by name (default: every stage "
                              "with a kd or vat weight)")
 
 
+def verify(root: str) -> int:
+    """Print every bad shard of ``root``; 0 when all match their sha256, else 1."""
+    import sys
+
+    from .format import REWRITE
+    from .reader import TeacherCache
+
+    cache = TeacherCache(root)  # no manifest or index: a TeacherCacheError, one line
+    bad = cache.bad_shards(full=True)
+    total = len(cache.index["shards"])
+    if not bad:
+        print(f"teacher cache {root}: all {total} shards match their sha256")
+        return 0
+    for line in bad:
+        print(line)
+    print(f"compodistill teacher-cache: {len(bad)} of {total} shards of {root} are bad; {REWRITE}",
+          file=sys.stderr)
+    return 1
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.verify:
+        return verify(args.verify)
     from ..train.config import load_config
     from .writer import write_teacher_cache
 

@@ -24,7 +24,11 @@ import torch
 
 __all__ = ["FORMAT", "VERSION", "TeacherCacheError", "sha256_file", "hash_files",
            "shard_name", "write_atomic", "write_json_atomic", "read_json", "shard_record",
-           "DTYPES", "sample_fields"]
+           "DTYPES", "sample_fields", "shard_problem", "REWRITE"]
+
+# What to do about a damaged shard: the cache run redoes exactly the shards that fail this check.
+REWRITE = ("rerun `compodistill teacher-cache --config FILE` with the config that wrote it: it "
+           "rewrites only the bad shards")
 
 FORMAT = "compodistill-teacher-cache"
 VERSION = 2  # 2: the family, its image processor and visual token ids
@@ -104,3 +108,25 @@ def sample_fields(i: int, kd: bool, maps: str | None, num_maps: int) -> list[str
         names += ([f"{i}.map{j}"] if maps == "exact" else
                   [f"{i}.map{j}.val", f"{i}.map{j}.idx", f"{i}.map{j}.rest"])
     return names
+
+
+def shard_problem(root: Path, record: dict, full: bool = True) -> str | None:
+    """Why the shard of ``record`` does not match its record (None: it does).
+
+    ``full``: also its sha256 (reads the whole file); else the size only. A mismatch here is
+    damage to the file after it was written (disk, copy, edit), never a change in the data:
+    the record was taken from the very bytes the cache run wrote.
+    """
+    path = Path(root) / record["file"]
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return (f"{path} is truncated or damaged: {size} bytes, its record says "
+                f"{record['bytes']}")
+    if full:
+        found = sha256_file(path)
+        if found != record["sha256"]:
+            return (f"{path} is corrupted: sha256 {found}, its record says {record['sha256']} "
+                    f"(same size: bytes changed on disk after the cache run wrote it)")
+    return None

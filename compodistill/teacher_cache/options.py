@@ -14,6 +14,9 @@ from ..train.config import ConfigError, check_fields, choice
 
 CACHE_DTYPES = ("bf16", "fp32")
 MAP_STORAGE = ("exact", "topk")
+# How training checks each shard before its data first trains: its sha256 against the shard's
+# record (full: reads every shard once per process) or only its size.
+VERIFY = ("full", "size")
 # Default k of the logit top-k (docs/teacher_cache.md#choosing-k). On the demo pair every k
 # of bench/results/teacher_cache.csv from 8 up is within bf16 rounding of online KD, but its
 # vocabulary has 345 ids and its teacher is very peaked; 64 keeps a margin for real
@@ -36,6 +39,9 @@ class TeacherCacheOptions:
         map_topk: columns kept per query row when ``maps: topk``.
         shard_samples: samples per shard (the unit of resuming and of the per-rank split).
         batch_size: teacher batch size inside a shard.
+        verify: how training checks each shard before its data first trains: ``full``
+            (its sha256 against its record; reads each shard once per process) or ``size``
+            (the file size only, for caches too large to hash at every start).
     """
 
     cache: str = ""
@@ -46,6 +52,7 @@ class TeacherCacheOptions:
     map_topk: int = 32
     shard_samples: int = 64
     batch_size: int = 8
+    verify: str = choice("full", VERIFY)
 
     def __post_init__(self):
         check_fields(self)

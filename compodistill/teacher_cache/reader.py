@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .format import TeacherCacheError, read_json, sample_fields, shard_name
+from .format import REWRITE, TeacherCacheError, read_json, sample_fields, shard_name, shard_problem
 from .manifest import check_manifest
 
 __all__ = ["TeacherCache"]
@@ -49,6 +49,7 @@ class TeacherCache:
         self.num_maps = len(self.manifest["vat"]["matches"])
         self._open: OrderedDict[int, object] = OrderedDict()
         self.open_files = open_files
+        self.verified = ""  # "sha256" or "size" once verify() passed
 
     # ------------------------------------------------------------------ checks
     def check(self, config, student_config, teacher_path: str = "",
@@ -56,6 +57,27 @@ class TeacherCache:
         """Refuse a stale cache (:func:`~compodistill.teacher_cache.manifest.check_manifest`)."""
         check_manifest(self.manifest, config, student_config, self.manifest_path,
                        teacher_path=teacher_path, image_processor=image_processor)
+        return self
+
+    def bad_shards(self, full: bool = True) -> list[str]:
+        """One line per shard that does not match its record in index.json (sha256 with
+        ``full``, else the size); empty for a sound cache."""
+        out = []
+        for record in self.index["shards"]:
+            problem = shard_problem(self.root, record, full)
+            if problem is not None:
+                last = record["first"] + record["count"] - 1
+                out.append(f"teacher cache shard {problem} (samples {record['first']}–{last})")
+        return out
+
+    def verify(self, full: bool = True) -> "TeacherCache":
+        """Raise :class:`TeacherCacheError` at the first shard that does not match its record
+        (``teacher.verify``: ``full`` hashes every shard, ``size`` compares sizes)."""
+        bad = self.bad_shards(full)
+        if bad:
+            more = f" ({len(bad)} bad shards in all)" if len(bad) > 1 else ""
+            raise TeacherCacheError(f"{bad[0]}{more}; no step was trained; {REWRITE}")
+        self.verified = "sha256" if full else "size"
         return self
 
     @property

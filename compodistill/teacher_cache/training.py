@@ -117,6 +117,8 @@ class CacheSource:
         self.cache = TeacherCache(opts.cache).check(
             config, student_config, teacher_path,
             image_processor=getattr(image_inputs, "processor", None))
+        # Every shard against its record before any step (each process: each reads them all).
+        self.cache.verify(full=opts.verify == "full")
         self.manifest = self.cache.manifest
         self.matches = [LayerMatch(s, tuple(t)) for s, t in self.manifest["vat"]["matches"]]
 
@@ -193,9 +195,8 @@ class CacheSource:
             if not torch.equal(pos, cached):
                 raise TeacherCacheError(
                     f"sample {i} of teacher cache {self.cache.root}: its KD positions differ "
-                    f"from the batch's ({cached.numel()} cached, {pos.numel()} now); the data "
-                    f"or tokenizer changed since the cache was written; rerun compodistill "
-                    f"teacher-cache")
+                    f"from the batch's ({cached.numel()} cached, {pos.numel()} now); "
+                    f"{self.changed()}")
             lp.append(s["kd_logp"].float())
             ix.append(s["kd_idx"])
             rest.append(s["kd_rest"])
@@ -214,8 +215,7 @@ class CacheSource:
                 raise TeacherCacheError(
                     f"sample {i} of teacher cache {self.cache.root}: cached map block "
                     f"{tuple(s['shape'][1:].tolist())} (query rows, image tokens) but the batch "
-                    f"has ({q}, {v}); the data changed since the cache was written; rerun "
-                    f"compodistill teacher-cache")
+                    f"has ({q}, {v}); {self.changed()}")
             for j in range(len(self.matches)):
                 if exact:
                     m = s[f"map{j}"].float()
@@ -225,6 +225,17 @@ class CacheSource:
                 out[j][b, :q, :v] = m
         return out
 
+    def changed(self) -> str:
+        """Why a sample disagrees with the batch: changed data, unless the shards were not
+        hashed (``teacher.verify: size``), when damage cannot be ruled out."""
+        if self.cache.verified == "sha256":
+            return ("the shards match their sha256, so the data, images or tokenizer changed "
+                    "since the cache was written; rerun compodistill teacher-cache for this data")
+        return ("the data, images or tokenizer changed since the cache was written, or a shard is "
+                "damaged (teacher.verify: size does not hash the shards; `compodistill "
+                f"teacher-cache --verify {self.cache.root}` checks them); rerun compodistill "
+                "teacher-cache")
+
     def samples(self, batch: dict) -> tuple[list[dict], list[int]]:
         indices = batch[INDEX_KEY].tolist()
         samples = [self.cache.sample(i) for i in indices]
@@ -233,8 +244,7 @@ class CacheSource:
             if int(s["shape"][0]) != int(n):
                 raise TeacherCacheError(
                     f"sample {i} of teacher cache {self.cache.root}: {int(s['shape'][0])} tokens "
-                    f"cached, {int(n)} in the batch; the data changed since the cache was "
-                    f"written; rerun compodistill teacher-cache")
+                    f"cached, {int(n)} in the batch; {self.changed()}")
         return samples, indices
 
 

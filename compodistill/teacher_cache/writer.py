@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .format import (DTYPES, TeacherCacheError, read_json, shard_name, shard_record,
-                     write_atomic, write_json_atomic)
+                     shard_problem, write_atomic, write_json_atomic)
 from .manifest import build_manifest, needs, teacher_hash
 from .targets import TeacherMaps, compress_map, logit_targets
 
@@ -118,14 +118,13 @@ def _batch_tensors(teacher, batch: dict, indices: list[int], manifest: dict, mat
 
 
 def _shard_done(root: Path, shard: int) -> bool:
-    """A shard counts only with its record, and only if the file still matches it."""
+    """A shard counts only with its record, and only if the file still matches it, sha256
+    included: a rerun rewrites exactly the shards that are missing, partial or damaged."""
     record_path = root / f"{shard_name(shard)}.json"
     if not record_path.is_file():
         return False
     try:
-        record = json.loads(record_path.read_text())
-        path = root / record["file"]
-        return path.is_file() and path.stat().st_size == record["bytes"]
+        return shard_problem(root, json.loads(record_path.read_text()), full=True) is None
     except (OSError, ValueError, KeyError):
         return False
 
