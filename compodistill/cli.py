@@ -38,6 +38,16 @@ def quiet_libraries(logs: bool = True) -> None:
     hf_logging.disable_progress_bar()
     if logs:
         hf_logging.set_verbosity_error()
+    keep_data_loss_warnings()
+
+
+def keep_data_loss_warnings() -> None:
+    """Our own warnings that records were dropped are shown whatever a library filtered."""
+    import warnings
+
+    from .data.dataset import DataLossWarning
+
+    warnings.filterwarnings("always", category=DataLossWarning)
 
 
 def _demo_losses(args: argparse.Namespace) -> int:
@@ -68,17 +78,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .data import records_skipped_line
     from .train.config import load_config
-    from .train.trainer import DistillationTrainer
+    from .train.trainer import DistillationTrainer, records_skipped
 
     config = load_config(args.config)
     if args.output_dir:
         config.output_dir = args.output_dir
     # The recipe (config.recipe) decides what run() does: a stage chain, or CoMD's rounds.
-    results = DistillationTrainer(config, show_progress=not args.quiet).run(args.stages)
+    trainer = DistillationTrainer(config, show_progress=not args.quiet)
+    results = trainer.run(args.stages)
     for r in results:
-        print(f"{r.name}: {r.steps} steps in {r.seconds:.1f} s, skipped {r.skipped_steps}, "
-              f"final {r.final_losses}; metrics in {r.metrics_path}")
+        dropped = sum(r.records_skipped.values())
+        print(f"{r.name}: {r.steps} steps in {r.seconds:.1f} s, {r.skipped_steps} non-finite "
+              f"steps skipped, {dropped} records skipped, final {r.final_losses}; metrics in "
+              f"{r.metrics_path}")
+    print(records_skipped_line(*records_skipped(trainer.dataset)))
     if config.recipe == "comd":
         print(f"comd: round files in {config.output_dir}/round-*/, final student in "
               f"{config.output_dir}/model")

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
 
-from compodistill.data import (IGNORE_INDEX, LengthGroupedSampler, LlavaCollator,  # noqa: E402
-                               LlavaDataset, MalformedRecordError, build_tiny_tokenizer,
+from compodistill.data import (IGNORE_INDEX, DataLossWarning, LengthGroupedSampler,  # noqa: E402
+                               LlavaCollator, LlavaDataset, MalformedRecordError, build_tiny_tokenizer,
                                length_grouped_indices)
 
 NIMG = 5  # image tokens per image
@@ -197,18 +197,40 @@ def test_json_list_reports_record_index(tok, folder):
         make(str(path), folder, tok, on_error="raise")
 
 
-def test_unreadable_image_found_lazily(tok, folder):
+def test_unreadable_image_found_when_built(tok, folder):
+    """The header is opened for the token count anyway: a broken image is counted when the data
+    set is built, once, not inside the loader at every epoch."""
+    recs = [conv(("human", "hi"), ("gpt", "red"), image="broken.png", rid="b0"),
+            conv(("human", "hi"), ("gpt", "blue"), image="a.png")]
+    with pytest.warns(DataLossWarning, match="record 0 \\(id 'b0'\\): unreadable image"):
+        ds = make(recs, folder, tok)
+    assert len(ds) == 1 and ds.num_skipped == 1
+    assert ds.records_skipped() == {"unreadable image": 1}
+    assert ds.first_skipped() == ["record 0 (id 'b0')"]
+    with pytest.raises(MalformedRecordError, match="unreadable image"):
+        make(recs, folder, tok, on_error="raise")
+
+
+def test_unreadable_image_found_lazily_is_counted_once(tok, folder):
     recs = [conv(("human", "hi"), ("gpt", "red"), image="broken.png"),
             conv(("human", "hi"), ("gpt", "blue"), image="a.png")]
-    ds = make(recs, folder, tok)
-    with pytest.warns(UserWarning, match="record 0: unreadable image"):
+    ds = make(recs, folder, tok, preprocess=False)
+    with pytest.warns(DataLossWarning, match="record 0: unreadable image"):
         assert ds[0] is None
-    assert ds.num_skipped == 1
-    with pytest.warns(UserWarning):
-        batch = LlavaCollator(tok.pad_token_id)([ds[0], ds[1]])  # the None is dropped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second epoch meets it again: no second warning
+        assert ds[0] is None
+    assert ds.num_skipped == 1 and ds.records_skipped() == {"unreadable image": 1}
+    batch = LlavaCollator(tok.pad_token_id)([ds[0], ds[1]])  # the None is dropped
     assert batch["input_ids"].shape[0] == 1
-    with pytest.raises(MalformedRecordError, match="unreadable image"):
-        make(recs, folder, tok, on_error="raise")[0]
+
+
+def test_records_skipped_by_reason(tok, folder):
+    with pytest.warns(DataLossWarning):
+        ds = make(str(_bad_jsonl(folder)), folder, tok)
+    assert ds.records_skipped() == {"bad JSON": 1, "missing image": 1, "no assistant turn": 1,
+                                    "image tag mismatch": 1}
+    assert ds.first_skipped(2) == ["line 2", "line 3"]
 
 
 def test_lazy_encoding_matches_preprocessed(tok, folder):

@@ -10,7 +10,7 @@
 - :func:`build_tiny_tokenizer`: a word-level tokenizer for tests and the CPU demo.
 """
 from .collate import LlavaCollator
-from .dataset import LlavaDataset
+from .dataset import DataLossWarning, LlavaDataset, records_skipped_line
 from .encoding import IGNORE_INDEX, ConversationEncoder
 from .images import ImageTransform
 from .records import MalformedRecordError, RecordProblem
@@ -21,6 +21,8 @@ from .tiny_tokenizer import build_tiny_tokenizer
 __all__ = [
     "IGNORE_INDEX",
     "ConversationEncoder",
+    "DataLossWarning",
+    "records_skipped_line",
     "ImageTransform",
     "LengthGroupedSampler",
     "LlavaCollator",

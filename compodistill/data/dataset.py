@@ -17,9 +17,25 @@ from torch.utils.data import Dataset
 
 from .encoding import IGNORE_INDEX, ConversationEncoder, truncate_encoding
 from .images import open_image
-from .records import MalformedRecordError, RecordProblem, parse_record, read_records
+from .records import (MalformedRecordError, RecordProblem, parse_record, read_records,
+                      record_where)
 
-__all__ = ["LlavaDataset"]
+__all__ = ["LlavaDataset", "DataLossWarning", "records_skipped_line"]
+
+
+class DataLossWarning(UserWarning):
+    """Records were dropped from the training data. ``--quiet`` never hides it."""
+
+
+def records_skipped_line(counts: dict, first: list[str]) -> str:
+    """``records_skipped: {missing image: 1, unreadable image: 1} (first: record 1 (id 'a'),
+    ...)``; ``records_skipped: none`` when every record was used."""
+    if not counts:
+        return "records_skipped: none"
+    # most first, then by name: the same line from a data set and from a cache's index.json
+    text = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items(),
+                                                               key=lambda kv: (-kv[1], kv[0])))
+    return f"records_skipped: {{{text}}} (first: {'; '.join(first)})"
 
 
 class LlavaDataset(Dataset):
@@ -75,6 +91,7 @@ class LlavaDataset(Dataset):
             from tqdm.auto import tqdm
             iterator = tqdm(records, desc="encoding records")
         for rec, where in iterator:
+            where = record_where(rec, where)  # every problem names the record's id
             try:
                 messages, paths = parse_record(rec, where, image_folder, image_token)
                 sample = {"messages": messages, "images": paths, "where": where}
@@ -85,15 +102,25 @@ class LlavaDataset(Dataset):
                 self._report(exc)
         self.num_records = len(records) + len(bad_lines)
         if self.problems:
-            warnings.warn(self.summary(), stacklevel=2)
+            warnings.warn(self.summary(), DataLossWarning, stacklevel=2)
 
     # -- errors
-    def _report(self, exc: MalformedRecordError) -> None:
+    def _report(self, exc: MalformedRecordError) -> bool:
+        """Count ``exc``'s record; True the first time it is met."""
         if self.on_error == "raise":
             raise exc
         if any(p.where == exc.where for p in self.problems):
-            return  # a lazily found problem is met again every epoch: count it once
+            return False  # a lazily found problem is met again every epoch: count it once
         self.problems.append(RecordProblem(exc.where, exc.reason, str(exc)))
+        return True
+
+    def records_skipped(self) -> dict[str, int]:
+        """How many records were skipped, by reason (``{"missing image": 1, ...}``)."""
+        return dict(Counter(p.reason for p in self.problems).most_common())
+
+    def first_skipped(self, n: int = 3) -> list[str]:
+        """Where the first ``n`` skipped records are (``"record 3 (id '7')"``)."""
+        return [p.where for p in self.problems[:n]]
 
     @property
     def num_skipped(self) -> int:
@@ -134,8 +161,8 @@ class LlavaDataset(Dataset):
                 "num_images": len(enc["image_blocks"])}
 
     def _image_ids(self, sample: dict) -> list[list[int]] | None:
-        if self.image_inputs is None:
-            return None
+        # Every image's header, for every family: an unreadable image is found when the data
+        # set is built, not later inside the loader (the family's token counts need the size).
         from PIL import Image
 
         sizes = []
@@ -145,6 +172,8 @@ class LlavaDataset(Dataset):
                     sizes.append(im.size)
             except OSError as exc:
                 raise MalformedRecordError(sample["where"], "unreadable image", str(exc)) from None
+        if self.image_inputs is None:
+            return None
         return [self.image_inputs.block(n) for n in self.image_inputs.token_counts(sizes)]
 
     @property
@@ -179,8 +208,8 @@ class LlavaDataset(Dataset):
             except (OSError, ValueError) as exc:
                 raise MalformedRecordError(sample["where"], "unreadable image", str(exc)) from None
         except MalformedRecordError as exc:
-            self._report(exc)
-            warnings.warn(str(exc), stacklevel=2)
+            if self._report(exc):  # once per record, not once per epoch
+                warnings.warn(f"LlavaDataset: skipped {exc}", DataLossWarning, stacklevel=2)
             return None
         return {"input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
                 "labels": torch.tensor(enc["labels"], dtype=torch.long),

@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ROLE_MAP", "MalformedRecordError", "RecordProblem", "parse_record", "read_records"]
+__all__ = ["ROLE_MAP", "MalformedRecordError", "RecordProblem", "parse_record", "read_records",
+           "record_where"]
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
             "system": "system"}
@@ -70,6 +71,14 @@ def read_records(source) -> tuple[list[tuple[dict, str]], list[RecordProblem]]:
         return out, problems
 
 
+def record_where(rec: Any, where: str) -> str:
+    """``where`` with the record's id when it has one: ``"record 3 (id '7')"``."""
+    if isinstance(rec, dict) and rec.get("id") is not None:
+        tag = f" (id {rec['id']!r})"
+        return where if where.endswith(tag) else where + tag
+    return where
+
+
 def parse_record(rec: Any, where: str, image_folder: str | None,
                  image_token: str = "<image>") -> tuple[list[dict], list[str]]:
     """Validate one LLaVA record; return chat messages and image paths.
@@ -78,8 +87,7 @@ def parse_record(rec: Any, where: str, image_folder: str | None,
     file, no assistant turn, or a mismatch between ``<image>`` tags and images. A record with
     images but no tag gets them prepended to its first user turn (the LLaVA convention).
     """
-    if isinstance(rec, dict) and rec.get("id") is not None:
-        where = f"{where} (id {rec['id']!r})"
+    where = record_where(rec, where)
     if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
         raise MalformedRecordError(where, "bad record", "no 'conversations' list")
     messages = []

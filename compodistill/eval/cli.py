@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run ``cr`` or ``vqa``; print a table and optionally write ``--out`` JSON."""
     from . import cr, vqa
+    from .unscored import Unscored
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model: model folder not found: {args.model}")
@@ -118,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size)
         print("  ".join(f"{k}: {100 * v:.1f}%" for k, v in res.per_type.items())
               + f"  overall: {100 * res.accuracy:.1f}% (n={res.num_examples})")
+        if res.unscored:
+            print(Unscored(res.unscored).line(res.num_examples + len(res.unscored)))
         payload = res.to_dict(with_predictions=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -33,6 +33,7 @@ import torch
 from .common import (batched, eos_ids, eval_mode, greedy_generate, label_logprobs,
                      last_token_logits, model_device, pad_id, progress_bar, to_device)
 from .families import collate, encode_images, prompt_sample, reply_sample
+from .unscored import Unscored, encode_or_skip
 
 CR_QUESTION = "Which caption describes the image?"
 CR_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -70,7 +71,8 @@ class CRResult:
 
     ``category_mean`` is the unweighted mean of the per-category accuracies. ``unparsed``
     counts generated replies that were not exactly A or B (always 0 for ``loglik``).
-    ``examples`` holds per-example answers and scores.
+    ``examples`` holds per-example answers and scores. ``num_examples`` counts the scored
+    examples; ``unscored`` lists those that could not be (an unreadable image), with reasons.
     """
 
     scorer: str
@@ -80,11 +82,12 @@ class CRResult:
     num_examples: int
     unparsed: int = 0
     examples: list[dict] = field(default_factory=list, repr=False)
+    unscored: list[dict] = field(default_factory=list)
 
     def to_dict(self, with_examples: bool = False) -> dict:
         d = {"scorer": self.scorer, "accuracy": self.accuracy, "per_category": self.per_category,
              "category_mean": self.category_mean, "num_examples": self.num_examples,
-             "unparsed": self.unparsed}
+             "unparsed": self.unparsed, "unscored": self.unscored}
         if with_examples:
             d["examples"] = self.examples
         return d
@@ -223,12 +226,20 @@ def evaluate_cr(model, examples: Sequence[CRExample], encoder, *,
     device = model_device(model, device)
     letters = _letter_ids(tok)
     family = getattr(encoder, "image_inputs", None)  # None: LLaVA's fixed image tokens
+    # An unreadable image: its example is counted and reported, and scored over the rest.
+    unscored, encoded = Unscored(), []
+    for ex in examples:
+        images = encode_or_skip(lambda im: encode_images(encoder, [im]), ex.image, ex.id,
+                                unscored)
+        if images is not None:
+            encoded.append((ex, images))
+    unscored.warn("CR", len(examples))
+    examples = [ex for ex, _ in encoded]
     # Two prompts per example: positive as A, then positive as B. One image transform each.
     prompts = []
     correct = {s: [[0.0, 0.0] for _ in examples] for s in scorers}
     answers = {s: [["", ""] for _ in examples] for s in scorers}
-    for i, ex in enumerate(examples):
-        images = encode_images(encoder, [ex.image])
+    for i, (ex, images) in enumerate(encoded):
         if "caption" in scorers:  # one comparison, counted for both "orders"
             with eval_mode(model):
                 pos, neg = _caption_logprobs(model, encoder, images, [ex.positive, ex.negative],
@@ -260,8 +271,11 @@ def evaluate_cr(model, examples: Sequence[CRExample], encoder, *,
                     unparsed += text not in LETTERS
                     answers["generate"][i][order] = text
                     correct["generate"][i][order] = float(text == LETTERS[order])
-    return {s: _summarise(s, examples, correct[s], answers[s], unparsed if s == "generate" else 0)
-            for s in scorers}
+    results = {s: _summarise(s, examples, correct[s], answers[s],
+                             unparsed if s == "generate" else 0) for s in scorers}
+    for r in results.values():
+        r.unscored = list(unscored.items)
+    return results
 
 
 def format_cr_results(results: dict[str, CRResult]) -> str:
@@ -273,4 +287,8 @@ def format_cr_results(results: dict[str, CRResult]) -> str:
         rows.append(f"{name:<9}" + "".join(f"{100 * r.per_category.get(c, float('nan')):>10.1f}%"
                                            for c in cats)
                     + f"{100 * r.accuracy:>8.1f}%{r.unparsed:>10d}")
+    first = next(iter(results.values()), None)
+    if first is not None and first.unscored:
+        unscored = Unscored(first.unscored)
+        rows.append(unscored.line(first.num_examples + len(unscored.items)))
     return "\n".join(rows)

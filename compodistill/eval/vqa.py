@@ -22,6 +22,7 @@ import torch
 
 from .common import (batched, eos_ids, eval_mode, greedy_generate, model_device, pad_id,
                      progress_bar)
+from .unscored import Unscored, encode_or_skip
 
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -86,15 +87,19 @@ class VQAExample:
 
 @dataclass
 class VQAResult:
-    """Mean VQA score overall and per question type; ``predictions`` per example."""
+    """Mean VQA score overall and per question type; ``predictions`` per example.
+    ``num_examples`` counts the scored questions; ``unscored`` lists those that could not be
+    (an unreadable image), with reasons."""
 
     accuracy: float
     per_type: dict[str, float]
     num_examples: int
     predictions: list[dict] = field(default_factory=list, repr=False)
+    unscored: list[dict] = field(default_factory=list)
 
     def to_dict(self, with_predictions: bool = False) -> dict:
-        d = {"accuracy": self.accuracy, "per_type": self.per_type, "num_examples": self.num_examples}
+        d = {"accuracy": self.accuracy, "per_type": self.per_type, "num_examples": self.num_examples,
+             "unscored": self.unscored}
         if with_predictions:
             d["predictions"] = self.predictions
         return d
@@ -137,7 +142,16 @@ def evaluate_vqa(model, examples: Sequence[VQAExample], encoder, *, max_new_toke
     """
     tok = encoder.tokenizer
     device = model_device(model, device)
-    feats = [encoder.encode_prompt(ex.question + suffix, [ex.image]) for ex in examples]
+    # An unreadable image: its question is counted and reported, and scored over the rest.
+    unscored, kept, feats = Unscored(), [], []
+    for ex in examples:
+        feat = encode_or_skip(lambda im: encoder.encode_prompt(ex.question + suffix, [im]),
+                              ex.image, ex.id, unscored)
+        if feat is not None:
+            kept.append(ex)
+            feats.append(feat)
+    unscored.warn("VQA", len(examples))
+    examples = kept
     preds: list[str] = []
     with eval_mode(model):
         for chunk in progress_bar(list(batched(feats, batch_size)), "VQA eval", progress):
@@ -155,4 +169,5 @@ def evaluate_vqa(model, examples: Sequence[VQAExample], encoder, *, max_new_toke
                         "answers": list(ex.answers), "score": score})
     n = len(examples)
     return VQAResult(sum(d["score"] for d in details) / max(n, 1),
-                     {k: sum(v) / len(v) for k, v in sorted(per_type.items())}, n, details)
+                     {k: sum(v) / len(v) for k, v in sorted(per_type.items())}, n, details,
+                     list(unscored.items))

@@ -68,11 +68,15 @@ def verify(root: str) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.verify:
         return verify(args.verify)
+    from ..data import records_skipped_line
     from ..train.config import load_config
+    from .format import read_json
     from .writer import write_teacher_cache
 
     config = load_config(args.config)
     root = write_teacher_cache(config, stages=args.stages, show_progress=not args.quiet)
+    index = read_json(root / "index.json", "index")
+    print(records_skipped_line(index.get("records_skipped", {}), index.get("first_skipped", [])))
     print(f"teacher cache written to {root} (manifest.json, index.json, shard-*.safetensors); "
           f"train from it with `compodistill train --config {args.config}`")
     return 0

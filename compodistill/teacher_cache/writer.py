@@ -239,6 +239,12 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
     if acc.is_main_process:
         records = [read_json(root / f"{shard_name(s)}.json", "shard record")
                    for s in range(math.ceil(n / per_shard))]
-        write_json_atomic(root / "index.json", {"num_samples": n, "shards": records})
+        # The records the cache has no targets for (training skips the same ones), by reason.
+        from ..train.trainer import records_skipped
+
+        counts, first = records_skipped(dataset)
+        write_json_atomic(root / "index.json", {"num_samples": n, "shards": records,
+                                                "records_skipped": counts,
+                                                "first_skipped": first})
     acc.wait_for_everyone()
     return root

@@ -70,7 +70,7 @@ VAT_COSINE = ("flat", "row", "pooled")
 VAT_DISTRIBUTIONS = ("renorm", "rest")
 LAYER_REDUCTIONS = ("mean", "sum")
 SCHEDULERS = ("cosine", "linear")
-ON_ERROR = ("skip", "raise")
+ON_BAD_RECORD = ("skip", "error")  # data.on_bad_record (docs/stages.md#bad-records)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -376,7 +376,9 @@ class DataConfig:
     train_json: str = ""
     image_folder: str = ""
     max_length: int = 1536
-    on_error: str = choice("skip", ON_ERROR)
+    # A record that cannot be used (missing or unreadable image, no conversations...): skip
+    # it (counted by reason in the summaries and metrics) or stop before the first step.
+    on_bad_record: str = choice("skip", ON_BAD_RECORD)
     num_workers: int = 0
     # Batch samples of similar token counts (LengthGroupedSampler): less padding per batch.
     group_by_length: bool = False
@@ -452,6 +454,10 @@ class DistillConfig:
             check_cacheable(self)
 
 
+# Keys renamed before the first release: the error says what the key is called now.
+RENAMED = {"DataConfig": {"on_error": "on_bad_record (skip | error)"}}
+
+
 def _build(cls, data, where: str) -> dict:
     """The keys of a config section, rejecting unknown keys by name (typos must not pass)."""
     if data is None:
@@ -461,7 +467,10 @@ def _build(cls, data, where: str) -> dict:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(where, f"unknown keys {unknown}; expected some of {sorted(known)}")
+        renamed = "".join(f"; {old} is now {new}" for old, new in RENAMED.get(cls.__name__, {})
+                          .items() if old in unknown)
+        raise ConfigError(where, f"unknown keys {unknown}; expected some of {sorted(known)}"
+                                 f"{renamed}")
     return dict(data)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +47,8 @@ class StageResult:
     seconds: float
     metrics_path: Path
     plot_path: Path | None
+    # records of the data set dropped, by reason ({"missing image": 1, ...}); not steps
+    records_skipped: dict = field(default_factory=dict)
 
 
 def total_optimizer_steps(stage: StageConfig, batches_per_epoch: int) -> int:
@@ -67,7 +69,8 @@ class StageLoop:
     def __init__(self, accelerator, model: torch.nn.Module, params: list[torch.nn.Parameter],
                  loader, stage: StageConfig, loss_terms: Callable[[torch.nn.Module, dict], dict],
                  stage_dir: str | Path, *, save_every: int = 0, log_every: int = 1,
-                 max_bad_steps: int = 5, show_progress: bool = True, keep_last: int = 0):
+                 max_bad_steps: int = 5, show_progress: bool = True, keep_last: int = 0,
+                 records_skipped: Callable[[], dict] | None = None):
         from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
         if not params:
@@ -97,6 +100,8 @@ class StageLoop:
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.logger = MetricsLogger(self.stage_dir, enabled=accelerator.is_main_process)
         self.weights = stage.weights.as_dict()  # every term's weight, by name
+        # The data set's dropped records by reason (read at each log: the loader finds some).
+        self.records_skipped = records_skipped or dict
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, step: int, skipped: int) -> None:
@@ -219,7 +224,8 @@ class StageLoop:
                                   "lr": self.scheduler.get_last_lr()[0],
                                   "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
                                   "peak_mem_mib": _peak_memory_mib(self.acc.device),
-                                  "skipped_steps": skipped}
+                                  "skipped_steps": skipped,
+                                  **_skipped_columns(self.records_skipped())}
                         self.logger.log(record)
                         tokens, window_start = 0, time.perf_counter()
                         if progress is not None:
@@ -244,7 +250,14 @@ class StageLoop:
                                     self.stage_dir / "loss_curves.png",
                                     title=f"stage {self.stage.name}")
         return StageResult(self.stage.name, step, skipped, last, time.perf_counter() - start,
-                           self.logger.jsonl_path, plot)
+                           self.logger.jsonl_path, plot, dict(self.records_skipped()))
+
+
+def _skipped_columns(counts: dict) -> dict:
+    """``records_skipped`` (total) and ``records_skipped_<reason>`` for a metrics record."""
+    out = {"records_skipped": sum(counts.values())}
+    out.update({f"records_skipped_{reason.replace(' ', '_')}": n for reason, n in counts.items()})
+    return out
 
 
 def _term_values(terms: dict) -> dict:

@@ -59,23 +59,39 @@ def training_dataset(config: DistillConfig, model_config, tokenizer, source=None
     ``config.data.train_json``) encoded for the student whose config is ``model_config``.
     The teacher cache builds its data with this too, so sample i is the same in both.
     ``image_inputs``: a family's own image inputs (data/family_inputs.py); None for LLaVA."""
-    from ..data import LlavaDataset
+    from ..data import LlavaDataset, MalformedRecordError
 
     data = config.data
     source = source if source is not None else data.train_json
     if not source and not isinstance(source, list):
         raise ValueError("config.data.train_json is empty: nothing to train on")
-    if image_inputs is not None:  # a family with its own image inputs
-        return LlavaDataset(source, data.image_folder or None, tokenizer, 1,
-                            num_image_tokens=1, image_token_id=model_config.image_token_id,
-                            max_length=data.max_length, on_error=data.on_error,
-                            image_inputs=image_inputs)
-    images = llava_image_processor(config)
-    return LlavaDataset(source, data.image_folder or None, tokenizer,
-                        images if images is not None else model_config.vision_config.image_size,
-                        num_image_tokens=model_config.image_seq_length,
-                        image_token_id=model_config.image_token_id, max_length=data.max_length,
-                        on_error=data.on_error)
+    # data.on_bad_record: error stops here, before the first step, at the first bad record.
+    on_error = "raise" if data.on_bad_record == "error" else "skip"
+    try:
+        if image_inputs is not None:  # a family with its own image inputs
+            return LlavaDataset(source, data.image_folder or None, tokenizer, 1,
+                                num_image_tokens=1, image_token_id=model_config.image_token_id,
+                                max_length=data.max_length, on_error=on_error,
+                                image_inputs=image_inputs)
+        images = llava_image_processor(config)
+        return LlavaDataset(source, data.image_folder or None, tokenizer,
+                            images if images is not None else model_config.vision_config.image_size,
+                            num_image_tokens=model_config.image_seq_length,
+                            image_token_id=model_config.image_token_id,
+                            max_length=data.max_length, on_error=on_error)
+    except MalformedRecordError as exc:
+        raise MalformedRecordError(exc.where, exc.reason, f"{exc.detail} (data.on_bad_record: "
+                                   f"error stops at the first bad record, before training; fix "
+                                   f"or remove it, or set on_bad_record: skip)") from None
+
+
+def records_skipped(dataset) -> tuple[dict[str, int], list[str]]:
+    """The records ``dataset`` dropped, by reason, and where the first few are; ({}, []) for
+    a data set that does not count them (a user's own)."""
+    inner = getattr(dataset, "dataset", dataset)  # the teacher cache's IndexedDataset
+    if not hasattr(inner, "records_skipped"):
+        return {}, []
+    return inner.records_skipped(), inner.first_skipped()
 
 
 def llava_image_processor(config: DistillConfig):
@@ -255,7 +271,8 @@ class DistillationTrainer:
         loop = StageLoop(self.acc, parts.module, parts.params, self.data_loader(stage), stage,
                          losses, stage_dir, save_every=self.config.save_every,
                          log_every=self.config.log_every, max_bad_steps=self.config.max_bad_steps,
-                         show_progress=self.show_progress)
+                         show_progress=self.show_progress,
+                         records_skipped=lambda: records_skipped(self.dataset)[0])
         result = loop.run()
         if frame is not None:
             return self._finish_sharded_stage(loop, parts, frame, stage, stage_dir, result)
