@@ -36,5 +36,7 @@ def test_demo_shows_every_phase_and_feeds_the_demo_config(tmp_path, monkeypatch,
     # The README's next step: retrain from the demo's checkpoints with configs/demo.yaml.
     assert main(["train", "--config", str(CONFIG), "--quiet"]) == 0
     trained = capsys.readouterr().out
-    assert [line.split(":")[0] for line in trained.splitlines()] == ["dpt", "dft", "sft"]
+    assert [line.split(":")[0] for line in trained.splitlines()] == ["dpt", "dft", "sft",
+                                                                   "records_skipped"]
+    assert trained.splitlines()[-1] == "records_skipped: none"
     assert Path("runs/demo-train/3-sft/model/config.json").is_file()
