@@ -42,12 +42,22 @@ def quiet_libraries(logs: bool = True) -> None:
 
 
 def keep_data_loss_warnings() -> None:
-    """Our own warnings that records were dropped are shown whatever a library filtered."""
+    """Our own warnings (records dropped, a model blind to its images) are shown whatever a
+    library or PYTHONWARNINGS filtered."""
     import warnings
 
     from .data.dataset import DataLossWarning
+    from .train.image_reliance import BlindModelWarning
 
     warnings.filterwarnings("always", category=DataLossWarning)
+    warnings.filterwarnings("always", category=BlindModelWarning)
+
+
+def reliance_text(reliance: dict) -> str:
+    """``image reliance student +0.412, teacher +0.630; `` ('' when not measured)."""
+    if not reliance:
+        return ""
+    return "image reliance " + ", ".join(f"{who} {v:+.3f}" for who, v in reliance.items()) + "; "
 
 
 def _demo_losses(args: argparse.Namespace) -> int:
@@ -91,8 +101,8 @@ def _train(args: argparse.Namespace) -> int:
     for r in results:
         dropped = sum(r.records_skipped.values())
         print(f"{r.name}: {r.steps} steps in {r.seconds:.1f} s, {r.skipped_steps} non-finite "
-              f"steps skipped, {dropped} records skipped, final {r.final_losses}; metrics in "
-              f"{r.metrics_path}")
+              f"steps skipped, {dropped} records skipped, {reliance_text(r.image_reliance)}final "
+              f"{r.final_losses}; metrics in {r.metrics_path}")
     print(records_skipped_line(*records_skipped(trainer.dataset)))
     if config.recipe == "comd":
         print(f"comd: round files in {config.output_dir}/round-*/, final student in "

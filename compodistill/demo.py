@@ -194,7 +194,9 @@ def _run(out: Path, opts: dict, progress: bool) -> dict:
             scores[name]["n_per_type"] = res["color"]["n"]
     summary = {
         "stages": [{"stage": r.name, "steps": r.steps, "skipped": r.skipped_steps,
-                    "seconds": round(r.seconds, 1), **{k: round(v, 4)
+                    "seconds": round(r.seconds, 1),
+                    **{f"image_reliance_{who}": v for who, v in r.image_reliance.items()},
+                    **{k: round(v, 4)
                                                         for k, v in r.final_losses.items()}}
                    for r in results],
         "scores": scores, "phase_seconds": phase.seconds, "train_seconds": round(train_seconds, 1),
@@ -227,10 +229,14 @@ def _make_models(out: Path, data: dict, opts: dict):
 
 
 def format_summary(summary: dict) -> str:
-    lines = ["", "stage     steps  seconds  final losses"]
+    lines = ["", "stage     steps  seconds  image reliance s/t  final losses"]
     for s in summary["stages"]:
         losses = ", ".join(f"{k}={v}" for k, v in s.items() if k.startswith("loss"))
-        lines.append(f"{s['stage']:<9}{s['steps']:>6}{s['seconds']:>9}  {losses}")
+        # LM-loss rise with the images replaced, at the stage's start (docs/stages.md)
+        reliance = " ".join(f"{k.rsplit('_', 1)[1][0]}{v:+.2f}" for k, v in s.items()
+                            if k.startswith("image_reliance_")) or "-"
+        lines.append(f"{s['stage']:<9}{s['steps']:>6}{s['seconds']:>9}  {reliance:<18}  "
+                     f"{losses}")
     n = next(iter(summary["scores"].values()), {}).get("n_per_type", 0)
     lines += ["", f"held-out questions, {n} per type, answer = most likely candidate "
                   f"(chance 20%, knowing only what is present 33%)",

@@ -414,6 +414,8 @@ class DistillConfig:
     log_every: int = 1
     save_every: int = 0
     max_bad_steps: int = 5
+    # Batches on which each stage starts by measuring image_reliance (0: not measured).
+    image_reliance_batches: int = 2
     teacher_device: str | None = None
     # torch's CPU threads for this run (None: torch's default). Tiny models on a shared CPU
     # run fastest with 1: more threads spin-wait each other when other jobs take the cores.
@@ -430,6 +432,9 @@ class DistillConfig:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError("cpu_threads", f"must be >= 1 or null, got {self.cpu_threads}")
+        if self.image_reliance_batches < 0:
+            raise ConfigError("image_reliance_batches", f"must be >= 0 (0: not measured), "
+                                                        f"got {self.image_reliance_batches}")
         if self.save_every < 0:
             raise ConfigError("save_every", f"must be >= 0 (0: only at the end), "
                                             f"got {self.save_every}")

@@ -239,6 +239,32 @@ class DistillationTrainer:
         self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ stages
+    def image_reliance(self, stage: StageConfig, student, with_teacher: bool) -> dict:
+        """The student's (and the teacher's, when the stage runs it) LM-loss rise with the
+        images replaced, on the first ``image_reliance_batches`` batches; a one-line warning
+        for a model that does not depend on its images (docs/stages.md#image-reliance)."""
+        from ..data import LlavaCollator
+        from . import image_reliance as ir
+
+        n = self.config.image_reliance_batches
+        if not n or distributed.is_fsdp2(self.acc):  # FSDP2: the weights are not whole here
+            return {}
+        pad = self.tokenizer.pad_token_id
+        collate = LlavaCollator(pad if pad is not None else (self.tokenizer.eos_token_id or 0),
+                                image_inputs=self.image_inputs)
+        micro = max(1, stage.batch_size // (stage.grad_accum * self.acc.num_processes))
+        batches = ir.reliance_batches(self.dataset, collate, micro, n)
+        models = [("student", student)]
+        if with_teacher and self.teacher is not None:
+            models.append(("teacher", self.teacher))
+        out = {}
+        for who, model in models:
+            reliance = ir.measure(model, batches)
+            if reliance is not None:
+                out[who] = round(reliance.value, 6)
+                ir.warn_if_blind(stage.name, who, reliance)
+        return out
+
     def run_stage(self, stage: StageConfig) -> StageResult | None:
         """Train one stage on ``self.student``; returns None when it had already finished."""
         stage_dir = self.stage_dir(stage)
@@ -262,6 +288,7 @@ class DistillationTrainer:
                 student.enable_input_require_grads()
         parts = self.recipe.stage_parts(self, student, params, stage, stage_dir)
         losses, frame = parts.losses, None
+        reliance = self.image_reliance(stage, student, getattr(losses, "need_teacher", False))
         if distributed.is_fsdp2(self.acc):  # docs/distributed.md
             if self.teacher is not None:
                 distributed.shard_teacher(self.teacher, self.acc)
@@ -272,7 +299,8 @@ class DistillationTrainer:
                          losses, stage_dir, save_every=self.config.save_every,
                          log_every=self.config.log_every, max_bad_steps=self.config.max_bad_steps,
                          show_progress=self.show_progress,
-                         records_skipped=lambda: records_skipped(self.dataset)[0])
+                         records_skipped=lambda: records_skipped(self.dataset)[0],
+                         image_reliance=reliance)
         result = loop.run()
         if frame is not None:
             return self._finish_sharded_stage(loop, parts, frame, stage, stage_dir, result)
