@@ -16,7 +16,7 @@ Feature packages: :mod:`compodistill.visual_attention`, :mod:`compodistill.logit
 :mod:`compodistill.train`, :mod:`compodistill.data`, :mod:`compodistill.eval`, and the fp32
 references in :mod:`compodistill.testing`.
 
-- :class:`AttentionDistiller` (Hugging Face models), :class:`DistillationTrainer`,
+- :class:`AttentionDistiller` (Hugging Face models), :class:`CompoDistillTrainer`,
   :class:`DistillConfig`, :func:`load_config` (the DPT → DFT → SFT trainer; ``train`` extra)
 """
 from .logit_kd import (FusedLinearKDLoss, LinearDistillationLoss, linear_distillation_loss, logit_distillation_loss,
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 # imported on first use so `import compodistill` needs only torch.
 _LAZY = {
     "AttentionDistiller": "compodistill.hf",
-    "DistillationTrainer": "compodistill.train.trainer",
+    "CompoDistillTrainer": "compodistill.train.trainer",
     "DistillConfig": "compodistill.train.config",
     "load_config": "compodistill.train.config",
 }
@@ -46,8 +46,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "AttentionDistiller",
+    "CompoDistillTrainer",
     "DistillConfig",
-    "DistillationTrainer",
     "FusedLinearKDLoss",
     "LayerMatch",
     "LinearDistillationLoss",

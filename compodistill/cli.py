@@ -69,13 +69,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from .train.config import load_config
-    from .train.trainer import DistillationTrainer
+    from .train.trainer import CompoDistillTrainer
 
     config = load_config(args.config)
     if args.output_dir:
         config.output_dir = args.output_dir
     # The recipe (config.recipe) decides what run() does: a stage chain, or CoMD's rounds.
-    results = DistillationTrainer(config, show_progress=not args.quiet).run(args.stages)
+    results = CompoDistillTrainer(config, show_progress=not args.quiet).run(args.stages)
     for r in results:
         print(f"{r.name}: {r.steps} steps in {r.seconds:.1f} s, skipped {r.skipped_steps}, "
               f"final {r.final_losses}; metrics in {r.metrics_path}")
