@@ -146,3 +146,44 @@ def test_trainer_trains_and_refuses_bad_setup(tmp_path):
     with pytest.raises(TypeError, match="kd_loss must be a FusedLinearKDLoss"):
         FusedDistillTrainer(model=student, teacher_model=teacher, args=train_args(tmp_path),
                             kd_loss=torch.nn.KLDivLoss())
+
+
+def test_trainer_qwen2_5_vl_kd_vat(tmp_path):
+    # A VLM family whose pixels are flattened patches: a collator hands Trainer the
+    # family's own micro-batches (one sample each, different token counts).
+    from compodistill.hf.families import tiny_family_batch, tiny_family_pair
+
+    student, teacher = tiny_family_pair("qwen2_5_vl")
+    batch = tiny_family_batch(student, [[4], [4]], seq_len=20)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels = labels.masked_fill(batch["mm_token_type_ids"] != 0, -100)
+    labels[:, :8] = -100
+    batch["labels"] = labels
+    per = batch["pixel_values"].shape[0] // 2
+    micro = [{k: (v[i * per:(i + 1) * per] if k == "pixel_values" else v[i:i + 1])
+              for k, v in batch.items()} for i in range(2)]
+    distiller = AttentionDistiller(student, teacher, preset="all")
+    kd = cd.FusedLinearKDLoss(weight_hard_loss=1.0, weight_soft_loss=1.0, loss="kl")
+    trainer = FusedDistillTrainer(model=student, teacher_model=teacher,
+                                  args=train_args(tmp_path, remove_unused_columns=False),
+                                  train_dataset=[0, 1], data_collator=lambda idx: micro[idx[0]],
+                                  kd_loss=kd, vat=distiller, vat_weight=1000.0)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    student.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        h_t, head_t = cd.hf.hidden_states_and_head(teacher, **inputs)
+        h_s, head_s = cd.hf.hidden_states_and_head(student, **inputs)
+        kd_all = float(kd(h_s, head_s.weight, h_t, head_t.weight, labels))
+    vats = []
+    for mb in micro:
+        one = {k: v for k, v in mb.items() if k != "labels"}
+        with torch.no_grad(), distiller.capture(one["input_ids"],
+                                                attention_mask=one["attention_mask"]) as cap:
+            teacher(**one)
+            student(**one)
+        vats.append(float(cap.loss()))
+    assert 1000.0 * sum(vats) / 2 > 1e-2
+    expected = kd_all + 1000.0 * sum(vats) / 2
+    assert math.isclose(logged["loss"], expected, rel_tol=1e-5), (logged, expected)

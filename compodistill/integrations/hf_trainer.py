@@ -7,12 +7,15 @@
 
 Only :meth:`FusedDistillTrainer.compute_loss` changes: the training loop, the optimizer,
 accumulation, logging and saving stay ``Trainer``'s. The loss follows ``Trainer``'s token
-weighting: with ``num_items_in_batch`` (gradient accumulation over labelled tokens) the KD
-and LM terms are sums divided by the accumulated batch's token count, like a model's own
-loss; VAT, a mean per micro-batch, is divided by the accumulation steps.
+weighting for a causal LM: ``num_items_in_batch`` counts the predicted labelled tokens of
+the whole accumulated batch (``labels[..., 1:] != -100``; counted here for every model, as
+the loss is ours, even where ``Trainer`` would not count for the model), and the KD and LM
+terms are sums divided by it; VAT, a mean per micro-batch, is divided by the accumulation
+steps.
 """
 from __future__ import annotations
 
+import torch
 import transformers
 from torch import nn
 
@@ -47,6 +50,9 @@ class FusedDistillTrainer(transformers.Trainer):
             own loss) and the model's inputs.
     """
 
+    # compute_loss always divides by num_items_in_batch (counted in get_batch_samples).
+    loss_is_scaled_for_ga = True
+
     def __init__(self, model: nn.Module | None = None, teacher_model: nn.Module | None = None,
                  *args, kd_loss: FusedLinearKDLoss | None = None,
                  vat: AttentionDistiller | None = None, vat_weight: float = 1.0, **kwargs):
@@ -62,6 +68,22 @@ class FusedDistillTrainer(transformers.Trainer):
                                    vat, vat_weight)
         self.teacher_model = teacher
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """``Trainer``'s micro-batches of one step, with ``num_items_in_batch`` = the tokens
+        our loss predicts over all of them (every process's, under
+        ``average_tokens_across_devices``)."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batches or any("labels" not in b for b in batches):
+            return batches, None
+        shift = self.distill.kd.shift_labels
+        count = sum(int(((b["labels"][..., 1:] if shift and b["labels"].dim() == 2
+                          else b["labels"]) != self.distill.kd.ignore_index).sum())
+                    for b in batches)
+        count = torch.tensor(count, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return batches, count
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The distillation loss of one micro-batch (``Trainer``'s hook)."""
         if "labels" not in inputs:
@@ -69,11 +91,13 @@ class FusedDistillTrainer(transformers.Trainer):
                              f"terms need them")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         kd_scale, vat_scale = 1.0, 1.0
-        if num_items_in_batch is not None:
-            # Trainer does not divide a loss normalised by num_items_in_batch by the
-            # accumulation steps (model_accepts_loss_kwargs); VAT is a mean, so it is here.
-            vat_scale = 1.0 / self.current_gradient_accumulation_steps if model.training else 1.0
-            if self.args.average_tokens_across_devices:
+        if model.training:
+            # Trainer leaves the accumulation scaling to us (loss_is_scaled_for_ga): the
+            # logit terms are divided by num_items_in_batch, VAT (a mean) by the steps.
+            vat_scale = 1.0 / self.current_gradient_accumulation_steps
+            if num_items_in_batch is None:  # a batch without labels never gets here
+                raise ValueError("no num_items_in_batch for a training micro-batch")
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 kd_scale = float(self.accelerator.num_processes)  # DDP averages the gradients
         unwrapped = self.accelerator.unwrap_model(model)
         loss, _ = through_wrapper(model, unwrapped, self.distill, unwrapped, model_inputs,
