@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench._common import RESULTS_DIR, provenance, write_rows  # noqa: E402
 from compodistill import FusedLinearKDLoss, visual_layout, visual_map_loss  # noqa: E402
-from compodistill.hf import AttentionDistiller, enable_attention, hidden_states_and_head  # noqa: E402
+from compodistill.hf import (AttentionDistiller, enable_attention,  # noqa: E402
+                             hidden_states_and_head)
 from compodistill.testing.memory import peak_memory  # noqa: E402
 
 BENCH = "integrations_memory"

@@ -19,11 +19,12 @@ references in :mod:`compodistill.testing`.
 - :class:`AttentionDistiller` (Hugging Face models), :class:`CompoDistillTrainer`,
   :class:`DistillConfig`, :func:`load_config` (the DPT → DFT → SFT trainer; ``train`` extra)
 """
-from .logit_kd import (FusedLinearKDLoss, LinearDistillationLoss, linear_distillation_loss, logit_distillation_loss,
-                       rdist_loss, shift_labels)
+from .logit_kd import (FusedLinearKDLoss, LinearDistillationLoss, linear_distillation_loss,
+                       logit_distillation_loss, rdist_loss, shift_labels)
 from .matching import LayerMatch, layer_preset, match_layers
-from .visual_attention import (VisualAttentionLoss, VisualLayout, spans_to_mask, visual_attention_loss,
-                               visual_attention_maps, visual_layout, visual_map_loss)
+from .visual_attention import (VisualAttentionLoss, VisualLayout, spans_to_mask,
+                               visual_attention_loss, visual_attention_maps, visual_layout,
+                               visual_map_loss)
 
 __version__ = "0.1.0"
 

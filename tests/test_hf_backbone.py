@@ -9,7 +9,8 @@ pytest.importorskip("transformers")
 
 from compodistill.hf.backbone import hidden_states_and_head  # noqa: E402
 from compodistill.hf.builders import tiny_llava_pair  # noqa: E402
-from compodistill.hf.families import TINY_FAMILIES, tiny_family_batch, tiny_family_pair  # noqa: E402
+from compodistill.hf.families import (TINY_FAMILIES, tiny_family_batch,  # noqa: E402
+                                      tiny_family_pair)
 from compodistill.testing.memory import peak_memory  # noqa: E402
 
 
@@ -50,7 +51,8 @@ def test_causal_lm_llava_taf_and_peft():
     inputs = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32))
     _check(student, inputs)
     _check(apply_taf(student, teacher).eval(), inputs)
-    peft = get_peft_model(student, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    peft = get_peft_model(student, lora)
     hidden, _ = hidden_states_and_head(peft, **inputs)
     with torch.no_grad():
         plain, _ = hidden_states_and_head(peft.get_base_model(), **inputs)

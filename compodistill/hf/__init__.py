@@ -26,4 +26,5 @@ from .taf import (TAFLlavaConfig, TAFLlavaForConditionalGeneration, TAFProjector
 
 __all__ = ["ATTN_IMPLEMENTATION", "AttentionDistiller", "Capture", "TAFLlavaConfig",
            "TAFLlavaForConditionalGeneration", "TAFProjector", "apply_taf", "build_llava",
-           "enable_attention", "hidden_states_and_head", "load_student", "register", "tiny_llava_pair"]
+           "enable_attention", "hidden_states_and_head", "load_student", "register",
+           "tiny_llava_pair"]

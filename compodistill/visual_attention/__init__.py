@@ -14,6 +14,6 @@ from .module import VisualAttentionLoss
 from .map_losses import (COSINE_MODES, DISTRIBUTIONS, LOSSES, REDUCTIONS, check_map_loss_options,
                          visual_map_loss)
 
-__all__ = ["VisualAttentionLoss", "visual_attention_maps", "visual_attention_loss", "visual_map_loss", "visual_layout",
-           "spans_to_mask", "VisualLayout", "QueryArg", "VisualArg", "QUERY_MODES", "LOSSES",
+__all__ = ["VisualAttentionLoss", "visual_attention_maps", "visual_attention_loss",
+           "visual_map_loss", "visual_layout", "spans_to_mask", "VisualLayout", "QueryArg", "VisualArg", "QUERY_MODES", "LOSSES",
            "COSINE_MODES", "DISTRIBUTIONS", "REDUCTIONS", "check_map_loss_options"]
