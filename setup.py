@@ -16,7 +16,10 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.6,<3.10"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "trl==1.16.0"],
+        # compodistill.integrations.trl overrides a private hook of TRL's DistillationTrainer
+        # (its per-micro-batch loss), so the version is pinned; 1.16.0 runs on transformers 5.25.
+        "trl": ["trl==1.16.0"],
         "train": [
             "transformers>=5.0,<6",  # AttentionInterface per sub-config, set_attn_implementation
             "accelerate>=1.0",

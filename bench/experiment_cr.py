@@ -184,9 +184,9 @@ def tokenizer_for(data: dict):
 
 def _train(cfg: dict, progress: bool):
     from compodistill.train.config import config_from_dict
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
-    return DistillationTrainer(config_from_dict(cfg), show_progress=progress).run()
+    return CompoDistillTrainer(config_from_dict(cfg), show_progress=progress).run()
 
 
 def _common(data_json: str, data: dict, seed: int) -> dict:

@@ -113,7 +113,7 @@ def _cache_files(cache: Path) -> tuple[float, float, int, int, int]:
 def run(device, out_csv: Path, demo: Path, samples: int, repeat: int) -> list[dict]:
     from compodistill.teacher_cache import write_teacher_cache
     from compodistill.train.stages import HiddenStates, prepare_trainable
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
     torch.set_num_threads(1)
     teacher_path = demo / "teacher-warmup" / "1-teacher" / "model"
@@ -135,7 +135,7 @@ def run(device, out_csv: Path, demo: Path, samples: int, repeat: int) -> list[di
     kinds = {"kd": {"lm": 0.0, "kd": 1.0, "vat": 0.0}, "vat": {"lm": 0.0, "kd": 0.0, "vat": 1.0}}
     online, init = {}, {}
     for kind, weights in kinds.items():
-        trainer = DistillationTrainer(_config(demo, data, work, str(teacher_path), weights),
+        trainer = CompoDistillTrainer(_config(demo, data, work, str(teacher_path), weights),
                                       show_progress=False)
         online[kind] = trainer
     vocab = online["kd"].student.config.text_config.vocab_size
@@ -198,7 +198,7 @@ def run(device, out_csv: Path, demo: Path, samples: int, repeat: int) -> list[di
             maps, LLAVA["image_tokens"], map_k, dtype) / 1e9, 1), "GB", note)
         for kind, weights in kinds.items():
             cfg = _config(demo, data, work, {"cache": str(cache)}, weights)
-            trainer = DistillationTrainer(cfg, show_progress=False)
+            trainer = CompoDistillTrainer(cfg, show_progress=False)
             student, stage = prepared(trainer)
             if batches is None:
                 loader = iter(trainer.data_loader(stage))
@@ -218,7 +218,7 @@ def run(device, out_csv: Path, demo: Path, samples: int, repeat: int) -> list[di
                 for provider, tr in (("online_teacher_resident", None), (name, trainer)):
                     full = _config(demo, data, work, str(teacher_path) if tr is None else
                                    {"cache": str(cache)})
-                    t2 = DistillationTrainer(full, show_progress=False)
+                    t2 = CompoDistillTrainer(full, show_progress=False)
                     s2, st2 = prepared(t2)
                     fn = step_fn(t2, s2, batches[0], st2)
                     ms, mib = measure(fn, device, warmup=1, repeat=repeat)

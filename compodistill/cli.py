@@ -90,13 +90,13 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .data import records_skipped_line
     from .train.config import load_config
-    from .train.trainer import DistillationTrainer, records_skipped
+    from .train.trainer import CompoDistillTrainer, records_skipped
 
     config = load_config(args.config)
     if args.output_dir:
         config.output_dir = args.output_dir
     # The recipe (config.recipe) decides what run() does: a stage chain, or CoMD's rounds.
-    trainer = DistillationTrainer(config, show_progress=not args.quiet)
+    trainer = CompoDistillTrainer(config, show_progress=not args.quiet)
     results = trainer.run(args.stages)
     for r in results:
         dropped = sum(r.records_skipped.values())

@@ -115,7 +115,7 @@ def _run(out: Path, opts: dict, progress: bool) -> dict:
     from .grounded import concentrated_layers, encode_records, grid_encoder
     from .hf.llava import load_student
     from .train.config import config_from_dict
-    from .train.trainer import DistillationTrainer
+    from .train.trainer import CompoDistillTrainer
 
     student_steps = opts["dpt_steps"] + opts["dft_steps"] + opts["sft_steps"]
     # Work per phase in teacher-step equivalents, for the time-left estimate.
@@ -176,7 +176,7 @@ def _run(out: Path, opts: dict, progress: bool) -> dict:
             _stage_config("dpt", opts["dpt_steps"], bs),
             _stage_config("dft", opts["dft_steps"], bs, lora_r=16, lora_alpha=32, lr=3e-3),
             _stage_config("sft", opts["sft_steps"], bs, lora_r=16, lora_alpha=32, lr=3e-3)]})
-        results = DistillationTrainer(student_cfg, show_progress=progress).run()
+        results = CompoDistillTrainer(student_cfg, show_progress=progress).run()
     train_seconds = time.perf_counter() - start
 
     # 5. evaluation, every model loaded back from disk.

@@ -53,7 +53,7 @@ def main(out_dir: str, steps: int, keep_last: int) -> None:
     if SLOW:
         slow_checkpoints()
     torch.manual_seed(0)
-    # As DistillationTrainer builds it: a seedable sampler makes the shuffle order of every
+    # As CompoDistillTrainer builds it: a seedable sampler makes the shuffle order of every
     # epoch a function of (seed, epoch), so a resume inside a later epoch replays it.
     acc = accelerate.Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(
         use_seedable_sampler=True))

@@ -25,7 +25,7 @@ from compodistill.train import engine  # noqa: E402
 from compodistill.train.config import config_from_dict  # noqa: E402
 from compodistill.train.distributed import is_fsdp2, local_shard_shapes  # noqa: E402
 from compodistill.train.stages import lm_head  # noqa: E402
-from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+from compodistill.train.trainer import CompoDistillTrainer  # noqa: E402
 
 MAX_GRAD_NORM = 100.0
 
@@ -45,7 +45,7 @@ def main(root: Path, out: str, grad_accum: str, steps: str, query: str = "all") 
                     # clipping must not act for a bitwise comparison (test docstring); Gemma
                     # 3's tiny pair has gradient norms of 2-3
                     "max_grad_norm": MAX_GRAD_NORM}]})
-    trainer = DistillationTrainer(config, show_progress=False)
+    trainer = CompoDistillTrainer(config, show_progress=False)
     run, seen, report, gathered = engine.StageLoop.run, [], {}, []
 
     if is_fsdp2(trainer.acc):  # count the all-gathers, as tests/fsdp_run.py does

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from compodistill.train.config import config_from_dict
-from compodistill.train.trainer import DistillationTrainer
+from compodistill.train.trainer import CompoDistillTrainer
 
 root, out = Path(sys.argv[1]), sys.argv[2]
 grad_accum = int(sys.argv[3]) if len(sys.argv) > 3 else 1
@@ -16,6 +16,6 @@ config = config_from_dict({
              "max_length": 128},
     "stages": [{"kind": "dpt", "max_steps": 3, "batch_size": 4, "lr": 1e-2,
                 "grad_accum": grad_accum}]})
-trainer = DistillationTrainer(config, show_progress=False)
+trainer = CompoDistillTrainer(config, show_progress=False)
 trainer.run()
 trainer.acc.print(f"world size {trainer.acc.num_processes}")

@@ -23,7 +23,7 @@ from compodistill.train import engine  # noqa: E402
 from compodistill.train.config import config_from_dict  # noqa: E402
 from compodistill.train.distributed import is_fsdp2, local_shard_shapes  # noqa: E402
 from compodistill.train.stages import lm_head  # noqa: E402
-from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+from compodistill.train.trainer import CompoDistillTrainer  # noqa: E402
 
 STEPS = {"dpt": 2, "dft": 4, "sft": 2}
 
@@ -41,7 +41,7 @@ def main(root: Path, out: str, grad_accum: str = "1", recipe: str = "compodistil
                  "image_folder": str(root / "data"), "max_length": 128},
         "vat": {"student_layers": [1, 2], "teacher_layers": [2, 3]},
         "stages": stages})
-    trainer = DistillationTrainer(config, show_progress=False)
+    trainer = CompoDistillTrainer(config, show_progress=False)
     report, gathered = {}, []
     kill = os.environ.get("FSDP_TEST_KILL", "")
 

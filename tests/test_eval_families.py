@@ -276,7 +276,7 @@ def test_checkpoint_processor_feeds_eval_and_training_data(saved, tmp_path):
     from compodistill.data.processors import load_processor_parts
     from compodistill.eval.cli import load_model_and_encoder
     from compodistill.train.config import config_from_dict
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
     root, family = saved
     folder = tmp_path / "model"
@@ -300,7 +300,7 @@ def test_checkpoint_processor_feeds_eval_and_training_data(saved, tmp_path):
     records = [{"id": "0", "image": "images/eval_000000.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]}]
     (tmp_path / "train.json").write_text(json.dumps(records))
-    trainer = DistillationTrainer(config_from_dict({
+    trainer = CompoDistillTrainer(config_from_dict({
         "student": str(folder), "output_dir": str(tmp_path / "run"), "cpu_threads": 1,
         "taf": False,
         "data": {"train_json": str(tmp_path / "train.json"), "image_folder": str(root / "data")},
@@ -344,7 +344,7 @@ def test_llava_student_image_processor_in_training_eval_and_saving(tmp_path):
     from compodistill.data.processors import load_image_processor
     from compodistill.eval.cli import load_model_and_encoder
     from compodistill.train.config import config_from_dict
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
     from _helpers import write_tiny_pair
 
@@ -352,7 +352,7 @@ def test_llava_student_image_processor_in_training_eval_and_saving(tmp_path):
     processor = tf.CLIPImageProcessorPil(size={"shortest_edge": 16},
                                          crop_size={"height": 16, "width": 16})
     processor.save_pretrained(tmp_path / "student")
-    trainer = DistillationTrainer(config_from_dict({
+    trainer = CompoDistillTrainer(config_from_dict({
         "student": str(tmp_path / "student"), "output_dir": str(tmp_path / "run"),
         "cpu_threads": 1, "taf": False,
         "data": {"train_json": str(tmp_path / "data" / "train.json"),

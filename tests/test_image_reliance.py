@@ -15,7 +15,7 @@ from compodistill.train.config import ConfigError, config_from_dict  # noqa: E40
 from compodistill.train.image_reliance import (BlindModelWarning, Reliance,  # noqa: E402
                                                replaced_images)
 from compodistill.train.metrics import read_metrics  # noqa: E402
-from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+from compodistill.train.trainer import CompoDistillTrainer  # noqa: E402
 
 from _helpers import write_tiny_pair  # noqa: E402
 
@@ -54,8 +54,8 @@ def config(root, student, out, **extra):
 def test_a_blind_student_is_warned_about(root):
     with pytest.warns(BlindModelWarning, match="stage dpt: the student does not depend on its "
                                                "images") as caught:
-        (result,) = DistillationTrainer(config(root, "blind", "blind-run"),
-                                        show_progress=False).run()
+        (result,) = CompoDistillTrainer(config(root, "blind", "blind-run"),
+                                            show_progress=False).run()
     assert len(caught) == 1  # the teacher looks at its images: no warning for it
     assert result.image_reliance["student"] == 0.0
     assert result.image_reliance["teacher"] != 0.0
@@ -66,8 +66,8 @@ def test_a_blind_student_is_warned_about(root):
 def test_a_normal_student_is_not(root):
     with warnings.catch_warnings():
         warnings.simplefilter("error", BlindModelWarning)
-        (result,) = DistillationTrainer(config(root, "student", "normal-run"),
-                                        show_progress=False).run()
+        (result,) = CompoDistillTrainer(config(root, "student", "normal-run"),
+                                            show_progress=False).run()
     assert result.image_reliance["student"] != 0.0
     assert set(result.image_reliance) == {"student", "teacher"}
 

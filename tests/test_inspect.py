@@ -187,7 +187,7 @@ def test_dft_metrics_log_every_matched_layer_and_keep_the_total(pair):
     pytest.importorskip("accelerate")
     from compodistill.train.config import config_from_dict
     from compodistill.train.metrics import read_metrics
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
     root, _, _ = pair
     stage = dict(kind="dft", max_steps=2, batch_size=2, lora_r=2, lora_alpha=4,
@@ -198,7 +198,7 @@ def test_dft_metrics_log_every_matched_layer_and_keep_the_total(pair):
         "data": {"train_json": str(root / "data" / "train.json"),
                  "image_folder": str(root / "data"), "max_length": 128},
         "vat": {"student_layers": [0, 1], "teacher_layers": [1, 2, 3]}, "stages": [stage]})
-    (result,) = DistillationTrainer(config, show_progress=False).run()
+    (result,) = CompoDistillTrainer(config, show_progress=False).run()
     records = read_metrics(result.metrics_path)
     assert len(records) == 2
     for r in records:

@@ -48,7 +48,15 @@ def test_core_import_needs_only_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, check=True).stdout.strip()
     assert out == "False"
-    assert compodistill.DistillationTrainer.__name__ == "DistillationTrainer"
+    assert compodistill.CompoDistillTrainer.__name__ == "CompoDistillTrainer"
+
+
+def test_trainer_name_is_not_trls():
+    # TRL ships `DistillationTrainer`; ours has its own name and no alias (nothing released).
+    assert not hasattr(compodistill, "DistillationTrainer")
+    import compodistill.train.trainer as trainer
+
+    assert not hasattr(trainer, "DistillationTrainer")
 
 
 SHIMS = {"compodistill.losses", "compodistill.map_losses", "compodistill.layout",

@@ -10,7 +10,7 @@ from compodistill.train.recipes import (Recipe, RecipeFacts, StageParts,  # noqa
                                         recipe_facts, recipe_names, register_recipe,
                                         unregister_recipe)
 from compodistill.train.stages import HiddenStates, lm_head, lm_loss  # noqa: E402
-from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+from compodistill.train.trainer import CompoDistillTrainer  # noqa: E402
 
 from _helpers import write_tiny_pair  # noqa: E402
 
@@ -70,7 +70,7 @@ def test_a_registered_recipe_is_configured_and_trained(student_dir, shrink_regis
     stage = config.stages[0]
     assert stage.trainable == "all" and stage.weights.as_dict()["shrink"] == 0.5
     assert config.taf is False
-    results = DistillationTrainer(config, show_progress=False).run()
+    results = CompoDistillTrainer(config, show_progress=False).run()
     assert [r.name for r in results] == ["sft"] and CALLS == ["sft"] * 3
     assert set(results[0].final_losses) == {"loss_lm", "loss_shrink", "loss"}
     final = results[0].final_losses

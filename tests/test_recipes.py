@@ -25,7 +25,7 @@ from compodistill.train.recipes.llava_kd import LlavaKDLosses, linear_rdist_loss
 from compodistill.train.recipes.llavadi import (PROJECTOR_FILE, FeatureProjector,  # noqa: E402
                                                 LlavaDILosses, ProjectedHiddenStates)
 from compodistill.train.stages import HiddenStates  # noqa: E402
-from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+from compodistill.train.trainer import CompoDistillTrainer  # noqa: E402
 
 from _helpers import write_tiny_pair  # noqa: E402
 
@@ -51,7 +51,7 @@ def make_config(root, recipe, stages=None, **extra):
 
 def tiny_batch(root, tok, n=3):
     """A collated batch of the first ``n`` records, plus the student and teacher."""
-    trainer = DistillationTrainer(make_config(root, "llava_kd", out="batch"), show_progress=False)
+    trainer = CompoDistillTrainer(make_config(root, "llava_kd", out="batch"), show_progress=False)
     batch = LlavaCollator(tok.pad_token_id)([trainer.dataset[i] for i in range(n)])
     return trainer, batch
 
@@ -157,7 +157,7 @@ def test_llava_kd_end_to_end(setup):
     stages = [dict(kind="dpt", max_steps=1, batch_size=2, warmup_ratio=0.0),
               dict(kind="sft", max_steps=1, batch_size=2, warmup_ratio=0.0, **lora),
               dict(kind="dft", max_steps=1, batch_size=2, warmup_ratio=0.0, **lora)]
-    trainer = DistillationTrainer(make_config(root, "llava_kd", stages), show_progress=False)
+    trainer = CompoDistillTrainer(make_config(root, "llava_kd", stages), show_progress=False)
     connector = {k: v.clone() for k, v in
                  trainer.student.model.multi_modal_projector.state_dict().items()}
     results = trainer.run()
@@ -199,7 +199,7 @@ def test_llavadi_projector_saved_and_dropped_at_export(setup):
     stages = [dict(kind="dpt", max_steps=1, batch_size=2, warmup_ratio=0.0),
               dict(kind="dft", max_steps=2, batch_size=2, lora_r=2, lora_alpha=4)]
     config = make_config(root, "llavadi", stages, llavadi={"proj_hidden": 16})
-    results = DistillationTrainer(config, show_progress=False).run()
+    results = CompoDistillTrainer(config, show_progress=False).run()
     assert [set(r.final_losses) for r in results] == [
         {"loss", "loss_lm"}, {"loss", "loss_lm", "loss_kd", "loss_feat"}]
     stage_dir = root / "llavadi" / "2-dft"
@@ -259,7 +259,7 @@ def comd_config(root, rounds, out="comd"):
 def test_comd_rounds_write_files_and_resume(setup):
     root, _ = setup
     judge = CountingJudge()
-    trainer = DistillationTrainer(comd_config(root, 1), show_progress=False,
+    trainer = CompoDistillTrainer(comd_config(root, 1), show_progress=False,
                                   recipe=CoMDRecipe(judge=judge))
     trainer.run()
     out = root / "comd"
@@ -280,7 +280,7 @@ def test_comd_rounds_write_files_and_resume(setup):
 
     # Two rounds on the same folder: round 1 is skipped (no new judging), round 2 runs.
     judge2 = CountingJudge()
-    trainer = DistillationTrainer(comd_config(root, 2), show_progress=False,
+    trainer = CompoDistillTrainer(comd_config(root, 2), show_progress=False,
                                   recipe=CoMDRecipe(judge=judge2))
     results = trainer.run()
     assert judge2.calls == 2
@@ -295,7 +295,7 @@ def test_comd_rounds_write_files_and_resume(setup):
     (r2 / "done.json").unlink()
     (r2 / "augmented.json").unlink()
     judge3 = CountingJudge()
-    DistillationTrainer(comd_config(root, 2), show_progress=False,
+    CompoDistillTrainer(comd_config(root, 2), show_progress=False,
                         recipe=CoMDRecipe(judge=judge3)).run()
     assert judge3.calls == 0 and (r2 / "augmented.json").exists() and (r2 / "done.json").exists()
 

@@ -26,7 +26,7 @@ from compodistill.testing.logit_kd import (ref_llavadi_feature_mse, ref_logit_kd
                                            ref_rdist)
 from compodistill.train.config import ConfigError, config_from_dict  # noqa: E402
 from compodistill.train.recipes import get_recipe  # noqa: E402
-from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+from compodistill.train.trainer import CompoDistillTrainer  # noqa: E402
 
 from _helpers import write_family_pair  # noqa: E402
 
@@ -84,7 +84,7 @@ def stage_parts(trainer, recipe_name, stage):
 def test_llava_kd_terms_equal_the_family_forward(family_pair):
     root, family = family_pair
     stage = dict(kind="dft", trainable="connector", max_steps=1, batch_size=2)
-    trainer = DistillationTrainer(make_config(root, "llava_kd", [stage], "kd-terms"),
+    trainer = CompoDistillTrainer(make_config(root, "llava_kd", [stage], "kd-terms"),
                                   show_progress=False)
     batch = one_batch(trainer)
     _, parts = stage_parts(trainer, "llava_kd", trainer.config.stages[0])
@@ -119,7 +119,7 @@ def test_llava_kd_terms_equal_the_family_forward(family_pair):
 def test_llavadi_terms_and_projector_widths_on_the_family(family_pair):
     root, family = family_pair
     stage = dict(kind="dft", trainable="connector", max_steps=1, batch_size=2)
-    trainer = DistillationTrainer(make_config(root, "llavadi", [stage], "di-terms",
+    trainer = CompoDistillTrainer(make_config(root, "llavadi", [stage], "di-terms",
                                               llavadi={"proj_hidden": 8}), show_progress=False)
     batch = one_batch(trainer)
     _, parts = stage_parts(trainer, "llavadi", trainer.config.stages[0])
@@ -150,7 +150,7 @@ def test_comd_generation_gives_the_model_the_family_inputs(family_pair):
 
     root, family = family_pair
     stage = dict(kind="sft", max_steps=1, batch_size=2)
-    trainer = DistillationTrainer(make_config(root, "comd", [stage], "comd-gen"),
+    trainer = CompoDistillTrainer(make_config(root, "comd", [stage], "comd-gen"),
                                   show_progress=False)
     model = trainer.teacher
     generator = CoMDRecipe().generator(trainer, model, 2)
@@ -199,7 +199,7 @@ def test_every_builtin_recipe_is_accepted_and_a_llava_only_one_refused(family_pa
     register_recipe("family_only", ThisFamilyOnly)
     try:
         with pytest.raises(ConfigError) as err:
-            DistillationTrainer(make_config(root, "llava_only", stage, "refused"),
+            CompoDistillTrainer(make_config(root, "llava_only", stage, "refused"),
                                 show_progress=False)
         mine = make_config(root, "family_only", stage, "check")
         check_family_options(mine, root / "student", root / "teacher")
@@ -233,7 +233,7 @@ def test_llava_kd_stages_end_to_end(family_pair):
     stages = [dict(kind="dpt", max_steps=1, batch_size=2, warmup_ratio=0.0),
               dict(kind="sft", max_steps=1, batch_size=2, **LORA),
               dict(kind="dft", max_steps=2, batch_size=2, **LORA)]
-    trainer = DistillationTrainer(make_config(root, "llava_kd", stages, "kd-run"),
+    trainer = CompoDistillTrainer(make_config(root, "llava_kd", stages, "kd-run"),
                                   show_progress=False)
     merger = {k: v.clone() for k, v in trainer.student.model.visual.merger.state_dict().items()}
     results = trainer.run()
@@ -255,7 +255,7 @@ def test_llavadi_stages_end_to_end(family_pair):
     root = heavy(family_pair)
     stages = [dict(kind="dpt", max_steps=1, batch_size=2, warmup_ratio=0.0),
               dict(kind="dft", max_steps=2, batch_size=2, **LORA)]
-    results = DistillationTrainer(make_config(root, "llavadi", stages, "di-run",
+    results = CompoDistillTrainer(make_config(root, "llavadi", stages, "di-run",
                                               llavadi={"proj_hidden": 16}),
                                   show_progress=False).run()
     assert [set(r.final_losses) for r in results] == [
@@ -280,7 +280,7 @@ def test_comd_round_end_to_end(family_pair):
                          comd={"rounds": 1, "judge": "overlap", "threshold": -9,
                                "max_new_tokens": 3, "instruction_max_new_tokens": 4,
                                "assess_samples": 3, "augment_prompt": "{instruction}"})
-    trainer = DistillationTrainer(config, show_progress=False)
+    trainer = CompoDistillTrainer(config, show_progress=False)
     results = trainer.run()
     r1 = root / "comd-run" / "round-1"
     answers = json.loads((r1 / "answers.json").read_text())
@@ -320,7 +320,7 @@ def test_comd_judge_model_of_the_family(family_pair, tmp_path):
     config = make_config(root, "comd", stage, "comd-judge",
                          comd={"judge": "model", "judge_model": str(judge_dir),
                                "judge_max_new_tokens": 2})
-    trainer = DistillationTrainer(config, show_progress=False)
+    trainer = CompoDistillTrainer(config, show_progress=False)
     judge = CoMDRecipe().resolve_judge(trainer)
     assert isinstance(judge, ModelJudge)
     model = judge.generate.model

@@ -83,7 +83,7 @@ def test_losses_and_gradients_equal_online_at_full_vocabulary(setup):
     """k = vocabulary, exact fp32 maps: LM, KD, VAT (and per layer) and the gradients of
     every trainable weight equal the online teacher's."""
     from compodistill.train.stages import prepare_trainable
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
     root = setup
     weights = {"lm": 1.0, "kd": 1.0, "vat": 1.0}
@@ -91,10 +91,10 @@ def test_losses_and_gradients_equal_online_at_full_vocabulary(setup):
                "batch_size": 4}]
     from compodistill.hf.llava import apply_taf
 
-    online = DistillationTrainer(config_from_dict(make_config(
+    online = CompoDistillTrainer(config_from_dict(make_config(
         root, str(root / "teacher"), stages=stages)), show_progress=False)
     s_online = apply_taf(online.student, online.teacher)
-    cached = DistillationTrainer(config_from_dict(make_config(
+    cached = CompoDistillTrainer(config_from_dict(make_config(
         root, {"cache": str(root / "cache")}, stages=stages)), show_progress=False)
     assert cached.teacher is None
     # TAF from the cached connector: the same weights, the post-connector from the same
@@ -121,7 +121,7 @@ def test_losses_and_gradients_equal_online_at_full_vocabulary(setup):
 # ------------------------------------------------------------------ never loads the teacher
 def test_dpt_and_dft_train_from_the_cache_without_the_teacher(setup, monkeypatch):
     from compodistill.train import trainer as trainer_module
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
     root = setup
     loaded = []
@@ -134,7 +134,7 @@ def test_dpt_and_dft_train_from_the_cache_without_the_teacher(setup, monkeypatch
     monkeypatch.setattr(trainer_module, "load_student", spy)
     # The cache run's own config, teacher path included: training still never loads it.
     config = config_from_dict(make_config(root, cache_teacher(root), out="from-cache"))
-    trainer = DistillationTrainer(config, show_progress=False)
+    trainer = CompoDistillTrainer(config, show_progress=False)
     results = trainer.run()
     assert trainer.teacher is None
     assert (root / "student").resolve() in loaded  # the spy saw the loads
@@ -184,7 +184,7 @@ def _copy_cache(root, name):
 
 
 def test_stale_cache_names_the_manifest_and_what_changed(setup, tmp_path):
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
     root = setup
     data = tmp_path / "train.json"
@@ -193,14 +193,14 @@ def test_stale_cache_names_the_manifest_and_what_changed(setup, tmp_path):
     config["data"]["train_json"] = str(data)
     with pytest.raises(TeacherCacheError, match=r"stale teacher cache .*manifest.json: data "
                                                 r"file hash differs"):
-        DistillationTrainer(config_from_dict(config), show_progress=False)
+        CompoDistillTrainer(config_from_dict(config), show_progress=False)
     teacher = tmp_path / "teacher"
     shutil.copytree(root / "teacher", teacher)
     cfg = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**cfg, "note": "another teacher"}))
     config = make_config(root, {"cache": str(root / "cache"), "path": str(teacher)})
     with pytest.raises(TeacherCacheError, match="teacher weights hash differs"):
-        DistillationTrainer(config_from_dict(config), show_progress=False)
+        CompoDistillTrainer(config_from_dict(config), show_progress=False)
 
 
 def test_missing_sample_names_the_shard_and_the_sample(setup):
@@ -267,7 +267,7 @@ def test_teacher_cache_cli_needs_the_cache_mapping(setup, tmp_path, capsys):
 def test_compressed_cache_stores_topk_and_trains(setup):
     """bf16, logit top-16 and map top-2: the stored fields have the promised shapes and
     dtypes, and a DFT step trains from them."""
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
     root = setup
     cache = write_cache(root, "cache-topk", topk=16, dtype="bf16", maps="topk", map_topk=2)
@@ -281,7 +281,7 @@ def test_compressed_cache_stores_topk_and_trains(setup):
     config = make_config(root, {"cache": str(cache)}, out="from-topk",
                          stages=[{"kind": "dft", "max_steps": 1, "batch_size": 2, "lora_r": 4,
                                   "lora_alpha": 8}])
-    (result,) = DistillationTrainer(config_from_dict(config), show_progress=False).run()
+    (result,) = CompoDistillTrainer(config_from_dict(config), show_progress=False).run()
     assert {"loss_kd", "loss_vat"} <= set(result.final_losses)
     assert all(value == value for value in result.final_losses.values())
 
@@ -335,7 +335,7 @@ def test_flipped_bytes_fail_before_any_step_and_a_rerun_rewrites_only_that_shard
 def test_verify_option_is_checked_when_the_config_loads_and_size_skips_hashing(setup, tmp_path,
                                                                                 monkeypatch):
     from compodistill.teacher_cache import format as cache_format
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
     root = setup
     with pytest.raises(ConfigError, match="teacher.verify.*'md5'"):
@@ -344,11 +344,11 @@ def test_verify_option_is_checked_when_the_config_loads_and_size_skips_hashing(s
     real = cache_format.sha256_file
     monkeypatch.setattr(cache_format, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
     config = make_config(root, {"cache": str(root / "cache"), "verify": "size"}, out="size-run")
-    trainer = DistillationTrainer(config_from_dict(config), show_progress=False)
+    trainer = CompoDistillTrainer(config_from_dict(config), show_progress=False)
     assert trainer.teacher_cache.cache.verified == "size"
     assert not [p for p in calls if str(p).endswith(".safetensors")]
     config["teacher"]["verify"] = "full"
-    trainer = DistillationTrainer(config_from_dict(config), show_progress=False)
+    trainer = CompoDistillTrainer(config_from_dict(config), show_progress=False)
     assert trainer.teacher_cache.cache.verified == "sha256"
     shards = len(json.loads((root / "cache" / "index.json").read_text())["shards"])
     assert len([p for p in calls if str(p).endswith(".safetensors")]) == shards

@@ -137,17 +137,17 @@ def test_losses_and_gradients_equal_online_at_full_vocabulary(cached):
     (where the family has it) the student built from the cached connector is the online one."""
     from compodistill.hf.family_taf import apply_family_taf
     from compodistill.train.stages import prepare_trainable
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
     root, family = cached
     taf = family in TAF_FAMILIES
     stages = [{"kind": "dft", "trainable": "post_connector" if taf else "connector",
                "weights": {"lm": 1.0, "kd": 1.0, "vat": 1.0}, "batch_size": 4}]
     # TAF right after each trainer's seeding: the post-connector from the same random stream.
-    online = DistillationTrainer(config_from_dict(make_config(
+    online = CompoDistillTrainer(config_from_dict(make_config(
         root, str(root / "teacher"), stages=stages, taf=taf)), show_progress=False)
     s_online = apply_family_taf(online.student, online.teacher) if taf else online.student
-    cache = DistillationTrainer(config_from_dict(make_config(
+    cache = CompoDistillTrainer(config_from_dict(make_config(
         root, {"cache": str(root / "cache")}, stages=stages, taf=taf)), show_progress=False)
     assert cache.teacher is None
     s_cached = cache.teacher_cache.apply_taf(cache.student) if taf else cache.student
@@ -179,7 +179,7 @@ def test_losses_and_gradients_equal_online_at_full_vocabulary(cached):
 
 
 def test_changed_image_processor_makes_the_cache_stale(cached, tmp_path):
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
     root, _ = cached
     student = tmp_path / "student"
@@ -191,12 +191,12 @@ def test_changed_image_processor_makes_the_cache_stale(cached, tmp_path):
     config["student"] = str(student)
     with pytest.raises(TeacherCacheError, match=r"stale teacher cache .*manifest.json: student "
                                                 r"image_processor_sha256 differs"):
-        DistillationTrainer(config_from_dict(config), show_progress=False)
+        CompoDistillTrainer(config_from_dict(config), show_progress=False)
 
 
 def test_dpt_and_dft_train_from_the_cache_without_the_teacher(cached, monkeypatch):
     from compodistill.train import trainer as trainer_module
-    from compodistill.train.trainer import DistillationTrainer
+    from compodistill.train.trainer import CompoDistillTrainer
 
     root, family = cached
     loaded = []
@@ -214,7 +214,7 @@ def test_dpt_and_dft_train_from_the_cache_without_the_teacher(cached, monkeypatc
     # The cache run's own config, teacher path included: training still never loads it.
     config = config_from_dict(make_config(root, cache_teacher(root), out="from-cache",
                                           stages=stages, taf=taf))
-    trainer = DistillationTrainer(config, show_progress=False)
+    trainer = CompoDistillTrainer(config, show_progress=False)
     results = trainer.run()
     assert trainer.teacher is None
     assert (root / "student").resolve() in loaded  # the spy saw the loads

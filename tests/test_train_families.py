@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 from compodistill.train.config import ConfigError, config_from_dict  # noqa: E402
-from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+from compodistill.train.trainer import CompoDistillTrainer  # noqa: E402
 
 from _helpers import crash_and_resume, write_family_pair  # noqa: E402
 
@@ -88,7 +88,7 @@ def test_dataset_and_collator_build_qwen_inputs(family_pair):
     root, family = family_pair
     if family not in QWEN:
         pytest.skip("Qwen's inputs")
-    trainer = DistillationTrainer(make_config(root, CHAIN, "data-check"), show_progress=False)
+    trainer = CompoDistillTrainer(make_config(root, CHAIN, "data-check"), show_progress=False)
     cfg = trainer.student.config
     img = cfg.image_token_id
     by_image = {}
@@ -155,7 +155,7 @@ def test_image_blocks_match_the_models_own_feature_counts(family_pair):
     root, family = family_pair
     if family in QWEN:
         pytest.skip("test_dataset_and_collator_build_qwen_inputs")
-    trainer = DistillationTrainer(make_config(root, CHAIN, "data-check"), show_progress=False)
+    trainer = CompoDistillTrainer(make_config(root, CHAIN, "data-check"), show_progress=False)
     model, cfg = trainer.student.eval(), trainer.student.config
     inputs = trainer.image_inputs
     img = cfg.image_token_id
@@ -222,7 +222,7 @@ def test_chain_with_kd_and_vat_and_reload(family_pair):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
     root, family = family_pair
-    trainer = DistillationTrainer(make_config(root, CHAIN, "run"), show_progress=False)
+    trainer = CompoDistillTrainer(make_config(root, CHAIN, "run"), show_progress=False)
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     results = trainer.run()
     assert [r.name for r in results] == ["dpt", "dft", "sft"]
@@ -261,9 +261,9 @@ def test_interrupted_stage_resumes_with_the_same_losses(family_pair, monkeypatch
     # with TAF: the post-connectors' state is resumed too
     stage = [dict(kind="dft", trainable="lora+post_connector", max_steps=4, batch_size=2,
                   lora_r=2, lora_alpha=4)]
-    DistillationTrainer(make_config(root, stage, "straight", save_every=2, taf=True),
+    CompoDistillTrainer(make_config(root, stage, "straight", save_every=2, taf=True),
                         show_progress=False).run()
-    crash_and_resume(monkeypatch, lambda: DistillationTrainer(
+    crash_and_resume(monkeypatch, lambda: CompoDistillTrainer(
         make_config(root, stage, "crashed", save_every=2, taf=True), show_progress=False))
     straight = [r["loss"] for r in read_metrics(root / "straight" / "1-dft" / "metrics.jsonl")]
     resumed = [r["loss"] for r in read_metrics(root / "crashed" / "1-dft" / "metrics.jsonl")]
@@ -285,7 +285,7 @@ def test_gemma3_vat_serves_text_queries_only(family_pair, capsys):
     config = make_config(root, CHAIN, "query")
     config.vat.query = "visual"
     with pytest.raises(ConfigError, match=r"^vat\.query: 'visual' is not served for Gemma 3"):
-        DistillationTrainer(config, show_progress=False)
+        CompoDistillTrainer(config, show_progress=False)
     cfg = root / "default-query.yaml"
     cfg.write_text(f"student: {root / 'student'}\nteacher: {root / 'teacher'}\n"
                    f"output_dir: {root / 'default-query'}\n"
@@ -320,7 +320,7 @@ def test_taf_chain_saves_a_plain_checkpoint_and_reloads_the_taf_connectors(famil
     stages = [dict(kind="dpt", max_steps=2, batch_size=2, lr=1e-3),
               dict(kind="dft", max_steps=2, batch_size=2, lora_r=4, lora_alpha=8),
               dict(kind="sft", max_steps=1, batch_size=2, lora_r=4, lora_alpha=8)]
-    trainer = DistillationTrainer(make_config(root, stages, "taf-run", taf=True),
+    trainer = CompoDistillTrainer(make_config(root, stages, "taf-run", taf=True),
                                   show_progress=False)
     results = trainer.run()
     assert [r.name for r in results] == ["dpt", "dft", "sft"]
@@ -384,7 +384,7 @@ def test_a_teacher_of_another_family_is_refused(family_pair, tmp_path):
     config = make_config(root, CHAIN, "mixed")
     config.teacher = str(tmp_path / "llava")
     with pytest.raises(ConfigError, match=r"^teacher: a LLaVA \(1\.5\) teacher cannot teach"):
-        DistillationTrainer(config, show_progress=False)
+        CompoDistillTrainer(config, show_progress=False)
 
 
 def test_final_logit_softcapping_is_refused():

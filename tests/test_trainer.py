@@ -12,7 +12,7 @@ from compodistill.data import LlavaDataset  # noqa: E402
 from compodistill.hf.llava import TAFLlavaForConditionalGeneration, load_student  # noqa: E402
 from compodistill.train.config import config_from_dict, default_stage  # noqa: E402
 from compodistill.train.stages import prepare_trainable  # noqa: E402
-from compodistill.train.trainer import DistillationTrainer  # noqa: E402
+from compodistill.train.trainer import CompoDistillTrainer  # noqa: E402
 
 from _helpers import crash_and_resume, write_tiny_pair  # noqa: E402
 
@@ -61,7 +61,7 @@ def test_chain_trains_each_stage_with_its_losses_and_merges_lora(setup):
     stages = [dict(kind="dpt", max_steps=2, batch_size=2, lr=1e-3),
               dict(kind="dft", max_steps=2, batch_size=2, lora_r=4, lora_alpha=8),
               dict(kind="sft", max_steps=2, batch_size=2, lora_r=4, lora_alpha=8)]
-    trainer = DistillationTrainer(make_config(root, stages), show_progress=False)
+    trainer = CompoDistillTrainer(make_config(root, stages), show_progress=False)
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     results = trainer.run()
     assert [r.name for r in results] == ["dpt", "dft", "sft"]
@@ -81,7 +81,7 @@ def test_chain_trains_each_stage_with_its_losses_and_merges_lora(setup):
     vision = "model.vision_tower.embeddings.patch_embedding.weight"
     assert torch.equal(state[vision], before[vision])  # never trained
     # Running again skips finished stages and loads the last output.
-    again = DistillationTrainer(make_config(root, stages), show_progress=False)
+    again = CompoDistillTrainer(make_config(root, stages), show_progress=False)
     assert again.run() == []
 
 
@@ -89,8 +89,8 @@ def test_single_stage_starts_from_previous_output(setup):
     root, _ = setup
     stages = [dict(kind="dpt", max_steps=1, batch_size=2), dict(kind="sft", max_steps=1,
                                                                  batch_size=2, lora_r=2)]
-    DistillationTrainer(make_config(root, stages, out="single"), show_progress=False).run(["dpt"])
-    trainer = DistillationTrainer(make_config(root, stages, out="single"), show_progress=False)
+    CompoDistillTrainer(make_config(root, stages, out="single"), show_progress=False).run(["dpt"])
+    trainer = CompoDistillTrainer(make_config(root, stages, out="single"), show_progress=False)
     results = trainer.run(["sft"])
     assert [r.name for r in results] == ["sft"]
     assert isinstance(trainer.student, TAFLlavaForConditionalGeneration)  # from dpt's output
@@ -99,7 +99,7 @@ def test_single_stage_starts_from_previous_output(setup):
 def test_dataset_and_batch_errors(setup):
     root, tok = setup
     stages = [dict(kind="dpt", max_steps=1, batch_size=3, grad_accum=2)]
-    trainer = DistillationTrainer(make_config(root, stages, out="bad"), show_progress=False)
+    trainer = CompoDistillTrainer(make_config(root, stages, out="bad"), show_progress=False)
     with pytest.raises(ValueError, match="batch_size 3 must be a multiple"):
         trainer.run()
     with pytest.raises(ValueError, match="unknown stages"):
@@ -112,9 +112,9 @@ def test_interrupted_stage_resumes_with_the_same_losses(setup, monkeypatch):
 
     root, _ = setup
     stage = [dict(kind="dft", max_steps=4, batch_size=2, lora_r=2, lora_alpha=4)]
-    DistillationTrainer(make_config(root, stage, out="straight", save_every=2),
+    CompoDistillTrainer(make_config(root, stage, out="straight", save_every=2),
                         show_progress=False).run()
-    crash_and_resume(monkeypatch, lambda: DistillationTrainer(
+    crash_and_resume(monkeypatch, lambda: CompoDistillTrainer(
         make_config(root, stage, out="crashed", save_every=2), show_progress=False))
     straight = [r["loss"] for r in read_metrics(root / "straight" / "1-dft" / "metrics.jsonl")]
     resumed = [r["loss"] for r in read_metrics(root / "crashed" / "1-dft" / "metrics.jsonl")]
@@ -127,7 +127,7 @@ def test_group_by_length_batches_similar_lengths(setup):
 
     root, _ = setup
     stage = {"kind": "sft", "max_steps": 2, "batch_size": 2}
-    grouped = DistillationTrainer(make_config(root, [stage], out="grouped",
+    grouped = CompoDistillTrainer(make_config(root, [stage], out="grouped",
                                               data={"train_json": str(root / "data" / "train.json"),
                                                     "image_folder": str(root / "data"),
                                                     "max_length": 128, "group_by_length": True}),
@@ -136,7 +136,7 @@ def test_group_by_length_batches_similar_lengths(setup):
     assert isinstance(loader.sampler, LengthGroupedSampler)
     order = list(loader.sampler)
     assert sorted(order) == list(range(len(grouped.dataset)))
-    plain = DistillationTrainer(make_config(root, [stage], out="plain"), show_progress=False)
+    plain = CompoDistillTrainer(make_config(root, [stage], out="plain"), show_progress=False)
     assert not isinstance(plain.data_loader(plain.config.stages[0]).sampler,
                           LengthGroupedSampler)
     assert [r.steps for r in grouped.run()] == [2]
@@ -156,7 +156,7 @@ def test_lm_and_kd_share_one_lm_head_pass(setup, monkeypatch):
     root, _ = setup
     config = make_config(root, [{"kind": "dpt", "max_steps": 2, "batch_size": 2,
                                  "weights": {"lm": 1.0, "kd": 0.5}}], out="one-pass")
-    (result,) = DistillationTrainer(config, show_progress=False).run()
+    (result,) = CompoDistillTrainer(config, show_progress=False).run()
     assert calls == [(1.0, 0.5), (1.0, 0.5)]  # one fused call per step, both weights
     final = result.final_losses
     assert {"loss_lm", "loss_kd", "loss"} <= set(final)

@@ -13,10 +13,12 @@ transformers (needs ``transformers>=5``). A few lines enable VAT on any pair of 
     loss = out.loss + cap.loss()
 
 Public API: :class:`AttentionDistiller` (and its :class:`Capture`), :func:`enable_attention`,
+:func:`hidden_states_and_head` (:mod:`.backbone`: the fused losses' inputs without logits),
 :func:`build_llava`, :func:`tiny_llava_pair` (:mod:`.builders`), :func:`apply_taf`,
 :func:`load_student`, :class:`TAFLlavaForConditionalGeneration` (:mod:`.taf`).
 """
 from .attention import ATTN_IMPLEMENTATION, enable_attention, register
+from .backbone import hidden_states_and_head
 from .builders import build_llava, tiny_llava_pair
 from .distiller import AttentionDistiller, Capture
 from .taf import (TAFLlavaConfig, TAFLlavaForConditionalGeneration, TAFProjector, apply_taf,
@@ -24,4 +26,5 @@ from .taf import (TAFLlavaConfig, TAFLlavaForConditionalGeneration, TAFProjector
 
 __all__ = ["ATTN_IMPLEMENTATION", "AttentionDistiller", "Capture", "TAFLlavaConfig",
            "TAFLlavaForConditionalGeneration", "TAFProjector", "apply_taf", "build_llava",
-           "enable_attention", "load_student", "register", "tiny_llava_pair"]
+           "enable_attention", "hidden_states_and_head", "load_student", "register",
+           "tiny_llava_pair"]

@@ -1,6 +1,8 @@
-"""DistillationTrainer: the CompoDistill stage chain (DPT → DFT → SFT) on accelerate.
+"""CompoDistillTrainer: the CompoDistill stage chain (DPT → DFT → SFT) on accelerate.
 
->>> trainer = DistillationTrainer(load_config("configs/compodistill.yaml"))
+(Not ``DistillationTrainer``: that is TRL's, and code that uses both must import both.)
+
+>>> trainer = CompoDistillTrainer(load_config("configs/compodistill.yaml"))
 >>> results = trainer.run()            # every stage, each from the previous one's output
 
 Each stage writes ``<output_dir>/<stage>/`` with metrics (JSONL/CSV), a loss-curve PNG,
@@ -103,7 +105,7 @@ def llava_image_processor(config: DistillConfig):
     return load_image_processor(student) if student and Path(student).is_dir() else None
 
 
-class DistillationTrainer:
+class CompoDistillTrainer:
     """Run the stages of a :class:`~compodistill.train.config.DistillConfig`.
 
     Args:

@@ -11,7 +11,7 @@ from torch import nn
 if TYPE_CHECKING:  # the trainer imports the recipes, not the other way round at import time
     from ..config import StageConfig
     from ..engine import StageResult
-    from ..trainer import DistillationTrainer
+    from ..trainer import CompoDistillTrainer
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class StageParts:
 
 
 class Recipe(ABC):
-    """One distillation method as a variant of :class:`DistillationTrainer`.
+    """One distillation method as a variant of :class:`CompoDistillTrainer`.
 
     Subclasses override :meth:`stage_parts` (losses, extra trainable modules),
     :meth:`after_stage` (save what is not part of the student) and, for methods that are not
@@ -72,7 +72,7 @@ class Recipe(ABC):
     facts: RecipeFacts  # every concrete recipe sets it (the config reads it by name)
 
     @abstractmethod
-    def stage_parts(self, trainer: "DistillationTrainer", student: nn.Module, params: list,
+    def stage_parts(self, trainer: "CompoDistillTrainer", student: nn.Module, params: list,
                     stage: "StageConfig", stage_dir: Path) -> StageParts:
         """Build the module, parameters and loss function of one stage.
 
@@ -80,11 +80,11 @@ class Recipe(ABC):
         ``params`` its trainable parameters.
         """
 
-    def after_stage(self, trainer: "DistillationTrainer", parts: StageParts,
+    def after_stage(self, trainer: "CompoDistillTrainer", parts: StageParts,
                     stage: "StageConfig", stage_dir: Path) -> None:
         """Called after the loop, before the stage's ``model/`` is written (marks it done)."""
 
-    def run(self, trainer: "DistillationTrainer", stages: list[str] | None
+    def run(self, trainer: "CompoDistillTrainer", stages: list[str] | None
             ) -> list["StageResult"]:
         """The whole run; default: the trainer's stage chain."""
         return trainer.run_chain(stages)

@@ -145,14 +145,14 @@ class CoMDRecipe(CompoDistillRecipe):
 
     def _tune(self, trainer, records: list, folder: Path) -> tuple[list, Path | None]:
         """Run ``config.stages`` on ``records`` into ``folder``; returns results, model path."""
-        from ..trainer import DistillationTrainer
+        from ..trainer import CompoDistillTrainer
 
         dataset = trainer.load_dataset(records)
         if len(dataset) == 0:
             trainer.acc.print(f"comd: nothing to train on in {folder}, step skipped")
             return [], None
         config = dataclasses.replace(trainer.config, output_dir=str(folder))
-        sub = DistillationTrainer(config, student=trainer.student, teacher=trainer.teacher,
+        sub = CompoDistillTrainer(config, student=trainer.student, teacher=trainer.teacher,
                                   tokenizer=trainer.tokenizer, train_dataset=dataset,
                                   accelerator=trainer.acc, show_progress=trainer.show_progress,
                                   recipe=self)
