@@ -122,12 +122,17 @@ def _visual_probs(qc, k_vis, lse_c, layout, q_pos, q_ok, scale):
 
 def _rest_mass(lse_c):
     """Head-mean mass on the non-visual keys (B, R), exp(lse_text − lse_all): no 1 − Σ."""
+    return _head_rest(lse_c).mean(1)
+
+
+def _head_rest(lse_c):
+    """Per-head mass on the non-visual keys (B, Hq, R)."""
     log_rest = (lse_c[..., 2] - lse_c[..., 0]) + (lse_c[..., 3] - lse_c[..., 1])
     rest = torch.exp(log_rest)
     # No text key (lse_text = -inf) or no key at all: 0. NaN stays NaN.
     rest = torch.where((lse_c[..., 3] == float("-inf")) | (lse_c[..., 1] == float("-inf")),
                        0.0, rest)
-    return rest.mean(1)
+    return rest
 
 
 def _chunk_probs(qc, kf, start, stop, arange, lse_c, plan, layout, q_pos, q_ok, scale):
@@ -234,13 +239,12 @@ class ChunkedVisualMaps(torch.autograd.Function):
         dq_rows = torch.zeros_like(q_rows)
         dk = torch.zeros_like(kf)
         dk_vis = torch.zeros_like(k_vis)
-        # ∂L/∂P_h on visual columns (docs/visual_attention.md). The rest mass is Σ P over the
-        # other keys; since Σ_j P = 1 per row, its gradient γ is the same as −γ on every
-        # visual column (softmax is shift-invariant), so it folds into G.
-        g = grad_maps.to(qf.dtype)
-        if grad_rest is not None:
-            g = g - grad_rest.to(qf.dtype)[..., None]
-        g_scaled = g / hq
+        # ∂L/∂P_h on visual columns (docs/visual_attention.md); γ/Hq on every other key, the
+        # rest's gradient, kept apart: folding it into G (G − γ) cancels in float32 when γ is
+        # large (forward KL with a rest of 1e-8).
+        g_scaled = grad_maps.to(qf.dtype) / hq
+        gamma = (torch.zeros(layout.map_shape[:2], dtype=qf.dtype, device=q.device)
+                 if grad_rest is None else grad_rest.to(qf.dtype)) / hq
         q_valid = layout.query_valid
         for rows in plan.row_chunks():
             qc, q_pos, q_ok = q_rows[:, :, rows], layout.query_index[:, rows], q_valid[:, rows]
@@ -248,15 +252,17 @@ class ChunkedVisualMaps(torch.autograd.Function):
             # Visual columns: dS = P·(G/Hq − c).
             p_vis = _visual_probs(qc, k_vis, lse_c, layout, q_pos, q_ok, scale)
             w = p_vis * g_scaled[:, None, rows]
-            c = w.sum(-1)  # c_h[i] = Σ_v P·G/Hq, the softmax row term
+            gam = gamma[:, None, rows]
+            # c_h[i] = Σ_v P·G/Hq + r_h·γ/Hq, the softmax row term
+            c = w.sum(-1) + _head_rest(lse_c) * gam
             w = w - p_vis * c[..., None]
             dq_rows[:, :, rows] += scale * _grouped_matmul(w, k_vis)
             dk_vis += scale * _grouped_key_grad(w, qc, hkv)
-            # Every other allowed key: dS = -P·c.
+            # Every other allowed key: dS = P·(γ/Hq − c).
             for start, stop, arange in plan.key_chunks(q.device):
                 p = _chunk_probs(qc, kf, start, stop, arange, lse_c, plan, layout, q_pos, q_ok,
                                  scale)
-                wc = p * c[..., None]
+                wc = p * (c - gam)[..., None]
                 dq_rows[:, :, rows] -= scale * _grouped_matmul(wc, kf[:, :, start:stop])
                 dk[:, :, start:stop] -= scale * _grouped_key_grad(wc, qc, hkv)
         dq = torch.zeros_like(qf)
