@@ -8,6 +8,8 @@ Public functions (argument checks happen here, at the Python boundary):
   folded into the flash backward.
 - :func:`visual_maps` ``(q, k, layout, scale) -> A``: maps only (no v); its backward is the
   flash backward without dO (only the visual terms).
+- :func:`visual_maps_with_rest` ``(q, k, layout, scale) -> (A, rest)``: plus the head-mean
+  mass on the non-visual keys (the KL losses' ``rest`` bucket), both differentiable.
 - :func:`teacher_attention_with_visual_maps` / :func:`teacher_visual_maps`: no gradient;
   optionally accumulate ``maps_out += weight * A`` in place (group-matching windows).
 
@@ -29,7 +31,8 @@ from torch import Tensor
 from ._common import check_window
 from .attention import (default_scale, flash_backward, flash_forward, interpreting,
                         stats_from_lse)
-from .visual_attention import inverse_index, visual_maps_from_lse, visual_row_terms
+from .visual_attention import (inverse_index, refine_visual_stats, visual_maps_from_lse,
+                               visual_rest_mass, visual_row_terms)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128  # the configs are sized (spill-free) up to BLOCK_D = 128
@@ -170,6 +173,60 @@ def _stats_backward(ctx, dmaps):
 
 
 _maps_from_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+
+
+@torch.library.custom_op("compodistill::maps_rest_fwd", mutates_args=())
+def _maps_rest_fwd(q: Tensor, k: Tensor, key_mask: Optional[Tensor], query_index: Tensor,
+                   query_count: Tensor, visual_index: Tensor, visual_count: Tensor,
+                   causal: bool, scale: float, window: int = 0
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """(row stats (3, B, Hq, N), maps, rest (B, Qmax)): maps plus the non-visual mass."""
+    n = q.shape[2]
+    _, stats = flash_forward(q, k, None, key_mask, causal, scale,
+                             inverse_index(visual_index, visual_count, n),
+                             window=window or None)
+    refined = refine_visual_stats(q, k, stats, query_index, query_count, visual_index,
+                                  visual_count, causal, scale, window or None)
+    maps = visual_maps_from_lse(q, k, refined, query_index, query_count, visual_index,
+                                visual_count, causal, scale, window=window or None)
+    rest = visual_rest_mass(stats, refined, query_index, query_count)
+    return stats, maps, rest
+
+
+@_maps_rest_fwd.register_fake
+def _maps_rest_fwd_fake(q, k, key_mask, query_index, query_count, visual_index, visual_count,
+                        causal, scale, window=0):
+    B, Hq, N, _ = q.shape
+    return (q.new_empty((3, B, Hq, N), dtype=torch.float32),
+            q.new_empty((B, query_index.shape[1], visual_index.shape[1]), dtype=torch.float32),
+            q.new_empty((B, query_index.shape[1]), dtype=torch.float32))
+
+
+def _rest_setup_context(ctx, inputs, output):
+    q, k, key_mask, qi, qc, vi, vc, causal, scale = inputs[:9]
+    ctx.causal, ctx.scale = causal, scale
+    ctx.window = inputs[9] if len(inputs) > 9 else 0
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(q, k, output[0], key_mask, qi, qc, vi, vc)
+    ctx.mark_non_differentiable(output[0])
+
+
+def _rest_backward(ctx, dstats, dmaps, drest):
+    q, k, stats, key_mask, qi, qc, vi, vc = ctx.saved_tensors
+    # rest = Σ P over the non-visual keys and Σ_j P = 1 per row, so (softmax being
+    # shift-invariant) its gradient is −drest on every visual column: one backward serves.
+    if dmaps is None:
+        dmaps = torch.zeros((q.shape[0], qi.shape[1], vi.shape[1]), device=q.device,
+                            dtype=torch.float32)
+    if drest is not None:
+        dmaps = dmaps.float() - drest.float()[:, :, None]
+    dq, dk, _ = torch.ops.compodistill.attention_bwd(
+        None, dmaps, q, k, None, None, stats, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale,
+        ctx.window)
+    return (dq, dk) + (None,) * (ctx.n_inputs - 2)
+
+
+_maps_rest_fwd.register_autograd(_rest_backward, setup_context=_rest_setup_context)
 
 
 @torch.library.custom_op("compodistill::visual_maps_accumulate_", mutates_args=("maps_out",))
@@ -395,6 +452,20 @@ def visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None = None,
     _, _, maps = torch.ops.compodistill.attention_fwd(q, k, None, key_mask, *index, causal,
                                                       scale, True, window)
     return maps
+
+
+def visual_maps_with_rest(q: Tensor, k: Tensor, layout, *args,
+                          scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`visual_maps` plus ``rest`` (B, Qmax) float32, the head-mean attention mass on
+    the non-visual keys, ``exp(lse_text − lse_all)`` per head from the forward's third
+    statistics plane (no ``1 − Σ_v A`` cancellation). Both are differentiable."""
+    layout, opts = _layout_args("visual_maps_with_rest", layout, args, dict(scale=scale))
+    _check_qkv(q, k, None)
+    index, key_mask, causal = _check_layout(q, layout)
+    window = _window(layout, causal)
+    _, maps, rest = torch.ops.compodistill.maps_rest_fwd(q, k, key_mask, *index, causal,
+                                                         _scale(q, opts["scale"]), window)
+    return maps, rest
 
 
 def _check_lse(lse, q: Tensor) -> Tensor:

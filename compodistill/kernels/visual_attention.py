@@ -18,6 +18,8 @@ column chunk).
   (sample, head, block of rows) looping over the visual chunks.
 - :func:`inverse_index`: (B, N) int32 map position -> gathered row/column (-1 if none),
   how the flash backward reads ``G`` without scattering it.
+- :func:`visual_rest_mass`: the head-mean mass on the non-visual keys (B, Qmax), from the
+  forward's third statistics plane (the ``rest`` bucket of the KL losses).
 
 Visual keys are real tokens by construction of the layout (``visual_layout`` rejects image
 tokens on padding), so the key mask is not consulted here; ``lse`` already accounts for it.
@@ -261,6 +263,31 @@ def refine_visual_stats(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
         CAUSAL=bool(causal), **{**common, "num_warps": 8},
     )
     return refined
+
+
+def visual_rest_mass(stats: torch.Tensor, refined: torch.Tensor, query_index: torch.Tensor,
+                     query_count: torch.Tensor) -> torch.Tensor:
+    """Head-mean attention mass on the non-visual keys, (B, Qmax) float32, 0 on padding rows.
+
+    ``stats`` (3, B, Hq, N) from :func:`kernels.attention.flash_forward` with ``visual_col``
+    (plane 2: log2 of the non-visual sum, shifted by the row max of plane 0) and ``refined``
+    (2, B, Hq, N) from :func:`refine_visual_stats`: per head ``exp(lse_text − lse_all)``, a
+    ratio, so a rest of 1e-7 keeps its digits where ``1 − Σ_v A`` cancels in float32.
+    """
+    if stats.shape[0] != 3:
+        raise ValueError(f"stats must have 3 planes (flash_forward with visual_col), got "
+                         f"shape {tuple(stats.shape)}")
+    m, lt2 = stats[0], stats[2]
+    ref, l2 = refined[0], refined[1]
+    log2_rest = (m - torch.where(ref == float("-inf"), 0.0, ref)) + (lt2 - l2)
+    # No text key (lt2 = -inf) or no key at all (ref = -inf): 0; a NaN stays NaN.
+    rest = torch.where((lt2 == float("-inf")) | (ref == float("-inf")), 0.0,
+                       torch.exp2(log2_rest))
+    B, Hq, _ = rest.shape
+    idx = query_index.to(torch.int64)[:, None, :].expand(B, Hq, -1)
+    rows = torch.gather(rest, 2, idx).mean(1)
+    real = torch.arange(query_index.shape[1], device=rows.device)[None, :] < query_count[:, None]
+    return torch.where(real, rows, 0.0)
 
 
 def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,

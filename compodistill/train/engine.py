@@ -168,6 +168,7 @@ class StageLoop:
         step, skipped = self._resume() if resume else (0, 0)
         batches_done = step * self.stage.grad_accum
         bad_in_a_row, window_bad, start = 0, False, time.perf_counter()
+        bad_terms: dict = {}
         tokens, window_start = 0, time.perf_counter()
         last: dict = {}
         progress = None
@@ -192,6 +193,8 @@ class StageLoop:
                     terms = self.loss_terms(self.model, batch)
                     total = self._weighted(terms)
                     finite = self._all_finite(total.detach())
+                    if not finite:  # only on a bad micro-batch: name the culprits
+                        bad_terms.update(nonfinite_terms(terms))
                     window_bad = window_bad or not finite
                     if finite:  # accelerate divides by grad_accum itself
                         self.acc.backward(total)
@@ -210,13 +213,16 @@ class StageLoop:
                     else:
                         skipped += 1
                         bad_in_a_row += 1
+                        which = (f" (non-finite terms: {', '.join(bad_terms)})" if bad_terms
+                                 else "")
                         warnings.warn(f"stage {self.stage.name} step {step + 1}: non-finite loss "
-                                      f"or gradient, step skipped ({skipped} so far)")
+                                      f"or gradient{which}, step skipped ({skipped} so far)")
                         if bad_in_a_row >= self.max_bad_steps:
                             raise TooManyBadSteps(
                                 f"stage {self.stage.name}: {bad_in_a_row} non-finite steps in a "
                                 f"row (max_bad_steps={self.max_bad_steps}); lower the learning "
                                 f"rate or check the data")
+                    bad_terms = {}
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     step += 1
@@ -264,6 +270,20 @@ def _skipped_columns(counts: dict) -> dict:
     """``records_skipped`` (total) and ``records_skipped_<reason>`` for a metrics record."""
     out = {"records_skipped": sum(counts.values())}
     out.update({f"records_skipped_{reason.replace(' ', '_')}": n for reason, n in counts.items()})
+    return out
+
+
+def nonfinite_terms(terms: dict) -> dict:
+    """``{label: None}`` (ordered) of the terms and parts that are NaN or inf, a VAT layer
+    part named with its student layer (``vat_layer3`` -> ``vat (student layer 3)``)."""
+    out = {}
+    for name, value in terms.items():
+        parts = value.parts if isinstance(value, Combined) else {name: value}
+        for key, v in parts.items():
+            if not bool(torch.isfinite(torch.as_tensor(v).detach()).all()):
+                label = (f"vat (student layer {key[len('vat_layer'):]})"
+                         if key.startswith("vat_layer") else key)
+                out[label] = None
     return out
 
 

@@ -111,8 +111,28 @@ def _visual_scores(qc, k_vis, layout, q_pos, q_ok, scale):
 
 def _visual_probs(qc, k_vis, lse_c, layout, q_pos, q_ok, scale):
     """Probabilities (B, Hq, R, Vmax) of a row chunk on the visual columns (0 where masked)."""
-    s = _visual_scores(qc, k_vis, layout, q_pos, q_ok, scale)
-    return torch.where(s > float("-inf"), _exp_minus_lse(s, lse_c), 0.0)
+    vis_ok = layout.visual_valid
+    if layout.key_mask is not None:
+        vis_ok = vis_ok & torch.gather(layout.key_mask, 1, layout.visual_index)
+    allowed = _key_allowed(layout, q_pos, q_ok, layout.visual_index, vis_ok)
+    s = _grouped_scores(qc, k_vis, scale)
+    # Masked by position, not by s > -inf: a NaN score gives a NaN map (docs/visual_attention.md).
+    return torch.where(allowed, _exp_minus_lse(s, lse_c), 0.0)
+
+
+def _rest_mass(lse_c):
+    """Head-mean mass on the non-visual keys (B, R), exp(lse_text − lse_all): no 1 − Σ."""
+    return _head_rest(lse_c).mean(1)
+
+
+def _head_rest(lse_c):
+    """Per-head mass on the non-visual keys (B, Hq, R)."""
+    log_rest = (lse_c[..., 2] - lse_c[..., 0]) + (lse_c[..., 3] - lse_c[..., 1])
+    rest = torch.exp(log_rest)
+    # No text key (lse_text = -inf) or no key at all: 0. NaN stays NaN.
+    rest = torch.where((lse_c[..., 3] == float("-inf")) | (lse_c[..., 1] == float("-inf")),
+                       0.0, rest)
+    return rest
 
 
 def _chunk_probs(qc, kf, start, stop, arange, lse_c, plan, layout, q_pos, q_ok, scale):
@@ -125,32 +145,50 @@ def _chunk_probs(qc, kf, start, stop, arange, lse_c, plan, layout, q_pos, q_ok, 
 
 
 def _row_lse(qc, kf, k_vis, plan, layout, q_pos, q_ok, scale):
-    """Log-sum-exp (B, Hq, R, 2) of a row chunk over all allowed keys (as row max and log of
-    the shifted sum, see :func:`_exp_minus_lse`): the visual keys through
+    """Log-sum-exp (B, Hq, R, 4) of a row chunk over all allowed keys (as row max and log of
+    the shifted sum, see :func:`_exp_minus_lse`), then the same over the non-visual keys
+    alone (planes 2, 3: the rest mass is their ratio): the visual keys through
     the gathered product (scored exactly as :func:`_visual_probs` scores them), the other
     keys by key chunks."""
     b, hq, r, _ = qc.shape
 
     def score_blocks():
         if k_vis.shape[2]:
-            yield _visual_scores(qc, k_vis, layout, q_pos, q_ok, scale)
+            yield True, _visual_scores(qc, k_vis, layout, q_pos, q_ok, scale)
         for start, stop, arange in plan.key_chunks(qc.device):
             k_pos = arange[None, :].expand(b, -1)
             allowed = _key_allowed(layout, q_pos, q_ok, k_pos, plan.nonvisual[:, start:stop])
             s = _grouped_scores(qc, kf[:, :, start:stop], scale)
-            yield s.masked_fill(~allowed, float("-inf"))
+            yield False, s.masked_fill(~allowed, float("-inf"))
 
-    running_max = torch.full((b, hq, r), float("-inf"), device=qc.device, dtype=qc.dtype)
-    running_sum = torch.zeros((b, hq, r), device=qc.device, dtype=qc.dtype)
-    for s in score_blocks():
-        new_max = torch.maximum(running_max, s.amax(-1))
-        safe_max = torch.where(torch.isfinite(new_max), new_max, 0.0)
-        running_sum = (running_sum * torch.exp(running_max - safe_max)
-                       + torch.exp(s - safe_max[..., None]).sum(-1))
-        running_max = new_max
-    safe_max = torch.where(torch.isfinite(running_max), running_max, 0.0)
-    # log(0) = -inf for rows with no allowed key (their probabilities are masked to 0).
-    return torch.stack([safe_max, torch.log(running_sum)], dim=-1)
+    full = _RunningLse(b, hq, r, qc)
+    text = _RunningLse(b, hq, r, qc)  # the non-visual keys alone: the rest mass
+    for is_visual, s in score_blocks():
+        full.add(s)
+        if not is_visual:
+            text.add(s)
+    return torch.stack([*full.result(), *text.result()], dim=-1)
+
+
+class _RunningLse:
+    """Online log-sum-exp over score blocks, kept as (row max, log of the shifted sum)."""
+
+    def __init__(self, b, hq, r, like):
+        self.max = torch.full((b, hq, r), float("-inf"), device=like.device, dtype=like.dtype)
+        self.sum = torch.zeros((b, hq, r), device=like.device, dtype=like.dtype)
+
+    def add(self, s):
+        new_max = torch.maximum(self.max, s.amax(-1))
+        # Only an all-masked max (-inf) is replaced: a NaN or inf score must reach the maps.
+        safe_max = torch.where(new_max == float("-inf"), 0.0, new_max)
+        self.sum = (self.sum * torch.exp(self.max - safe_max)
+                    + torch.exp(s - safe_max[..., None]).sum(-1))
+        self.max = new_max
+
+    def result(self):
+        safe_max = torch.where(self.max == float("-inf"), 0.0, self.max)
+        # log(0) = -inf for rows with no allowed key (their probabilities are masked to 0).
+        return safe_max, torch.log(self.sum)
 
 
 def _exp_minus_lse(s, lse_c):
@@ -163,7 +201,8 @@ def _exp_minus_lse(s, lse_c):
 
 
 class ChunkedVisualMaps(torch.autograd.Function):
-    """maps = head-mean P on (query rows × visual columns); exact dq, dk in backward."""
+    """maps = head-mean P on (query rows × visual columns) and rest (B, Qmax), the head-mean
+    mass on the other keys; exact dq, dk in backward."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, layout: VisualLayout, scale: float):
@@ -173,7 +212,8 @@ class ChunkedVisualMaps(torch.autograd.Function):
         k_vis = _gather_rows(kf, layout.visual_index)
         hq = q.shape[1]
         maps = torch.zeros(layout.map_shape, dtype=qf.dtype, device=q.device)
-        lse = torch.empty(q.shape[0], hq, plan.q_rows, 2, dtype=qf.dtype, device=q.device)
+        rest = torch.zeros(layout.map_shape[:2], dtype=qf.dtype, device=q.device)
+        lse = torch.empty(q.shape[0], hq, plan.q_rows, 4, dtype=qf.dtype, device=q.device)
         q_valid = layout.query_valid
         for rows in plan.row_chunks():
             qc, q_pos, q_ok = q_rows[:, :, rows], layout.query_index[:, rows], q_valid[:, rows]
@@ -181,12 +221,13 @@ class ChunkedVisualMaps(torch.autograd.Function):
             lse[:, :, rows] = lse_c
             p = _visual_probs(qc, k_vis, lse_c, layout, q_pos, q_ok, scale)
             maps[:, rows] = p.sum(1) / hq
+            rest[:, rows] = _rest_mass(lse_c)
         ctx.save_for_backward(q, k, lse)
         ctx.layout, ctx.scale = layout, scale
-        return maps
+        return maps, rest
 
     @staticmethod
-    def backward(ctx, grad_maps: torch.Tensor):
+    def backward(ctx, grad_maps: torch.Tensor, grad_rest: torch.Tensor):
         q, k, lse = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         qf, kf = q.to(_compute_dtype(q)), k.to(_compute_dtype(q))
@@ -198,7 +239,12 @@ class ChunkedVisualMaps(torch.autograd.Function):
         dq_rows = torch.zeros_like(q_rows)
         dk = torch.zeros_like(kf)
         dk_vis = torch.zeros_like(k_vis)
-        g_scaled = grad_maps.to(qf.dtype) / hq  # ∂L/∂P_h on visual columns (docs/visual_attention.md)
+        # ∂L/∂P_h on visual columns (docs/visual_attention.md); γ/Hq on every other key, the
+        # rest's gradient, kept apart: folding it into G (G − γ) cancels in float32 when γ is
+        # large (forward KL with a rest of 1e-8).
+        g_scaled = grad_maps.to(qf.dtype) / hq
+        gamma = (torch.zeros(layout.map_shape[:2], dtype=qf.dtype, device=q.device)
+                 if grad_rest is None else grad_rest.to(qf.dtype)) / hq
         q_valid = layout.query_valid
         for rows in plan.row_chunks():
             qc, q_pos, q_ok = q_rows[:, :, rows], layout.query_index[:, rows], q_valid[:, rows]
@@ -206,15 +252,17 @@ class ChunkedVisualMaps(torch.autograd.Function):
             # Visual columns: dS = P·(G/Hq − c).
             p_vis = _visual_probs(qc, k_vis, lse_c, layout, q_pos, q_ok, scale)
             w = p_vis * g_scaled[:, None, rows]
-            c = w.sum(-1)  # c_h[i] = Σ_v P·G/Hq, the softmax row term
+            gam = gamma[:, None, rows]
+            # c_h[i] = Σ_v P·G/Hq + r_h·γ/Hq, the softmax row term
+            c = w.sum(-1) + _head_rest(lse_c) * gam
             w = w - p_vis * c[..., None]
             dq_rows[:, :, rows] += scale * _grouped_matmul(w, k_vis)
             dk_vis += scale * _grouped_key_grad(w, qc, hkv)
-            # Every other allowed key: dS = -P·c.
+            # Every other allowed key: dS = P·(γ/Hq − c).
             for start, stop, arange in plan.key_chunks(q.device):
                 p = _chunk_probs(qc, kf, start, stop, arange, lse_c, plan, layout, q_pos, q_ok,
                                  scale)
-                wc = p * c[..., None]
+                wc = p * (c - gam)[..., None]
                 dq_rows[:, :, rows] -= scale * _grouped_matmul(wc, kf[:, :, start:stop])
                 dk[:, :, start:stop] -= scale * _grouped_key_grad(wc, qc, hkv)
         dq = torch.zeros_like(qf)
@@ -226,4 +274,11 @@ class ChunkedVisualMaps(torch.autograd.Function):
 def chunked_visual_maps(q: torch.Tensor, k: torch.Tensor, layout: VisualLayout,
                         scale: float) -> torch.Tensor:
     """Visual maps (B, Qmax, Vmax), float32 (float64 for float64 input), from q (B, Hq, N, d), k (B, Hkv, N, d)."""
+    return ChunkedVisualMaps.apply(q, k, layout, scale)[0]
+
+
+def chunked_visual_maps_with_rest(q: torch.Tensor, k: torch.Tensor, layout: VisualLayout,
+                                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps, rest): rest (B, Qmax) is the head-mean mass on the non-visual keys,
+    ``exp(lse_text − lse_all)`` per head (0 on padding rows), differentiable."""
     return ChunkedVisualMaps.apply(q, k, layout, scale)

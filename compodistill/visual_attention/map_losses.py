@@ -50,21 +50,26 @@ def _pooled_cosine(a_s, a_t, real, allowed):
     return 1.0 - _cosine(pooled_s, pooled_t, -1)
 
 
-def _row_distribution(a, allowed, distribution):
+def _row_distribution(a, allowed, distribution, rest=None):
     # Subnormal probabilities count as 0: their reciprocals, which the KL gradient
     # −p_t/a carries, would overflow float32 (NaN gradients once |scores| reach ~1e2).
-    a = torch.where(allowed & (a >= torch.finfo(torch.float32).tiny), a, 0.0)
+    # Written as "not below tiny" so that a NaN stays in (a finite loss must never hide it).
+    a = torch.where(allowed & ~(a < torch.finfo(torch.float32).tiny), a, 0.0)
     total = a.sum(-1, keepdim=True)
     if distribution == "renorm":
         return a / torch.clamp_min(total, _LOG_EPS)
-    rest = torch.clamp_min(1.0 - total, 0.0)
+    if rest is None:  # maps without their rest mass: 1 − Σ, which cancels near 1
+        rest = torch.clamp_min(1.0 - total, 0.0)
+    else:
+        rest = rest.to(a.dtype)[..., None]
+        rest = torch.where(~(rest < torch.finfo(torch.float32).tiny), rest, 0.0)
     return torch.cat([a, rest], dim=-1)
 
 
 def _kl_rows(p, q):
     """Σ p (log p − log q) per row; terms with p = 0 are 0."""
     log_ratio = torch.log(torch.clamp_min(p, _LOG_EPS)) - torch.log(torch.clamp_min(q, _LOG_EPS))
-    return torch.where(p > 0, p * log_ratio, 0.0).sum(-1)
+    return torch.where(p == 0, 0.0, p * log_ratio).sum(-1)  # NaN p stays NaN
 
 
 def _divergence_rows(p_s, p_t, loss, beta):
@@ -90,9 +95,14 @@ def check_map_loss_options(loss: str, cosine: str, distribution: str, beta: floa
 
 def per_sample_map_loss(student: torch.Tensor, target: torch.Tensor, layout: VisualLayout, *,
                         loss: str = "cosine", cosine: str = "flat",
-                        distribution: str = "renorm", beta: float = 0.5
+                        distribution: str = "renorm", beta: float = 0.5,
+                        student_rest: torch.Tensor | None = None,
+                        target_rest: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample loss (B,) and the mask (B,) of contributing samples (CONVENTIONS.md)."""
+    """Per-sample loss (B,) and the mask (B,) of contributing samples (CONVENTIONS.md).
+
+    A NaN or inf anywhere in a contributing sample's real block of either map (or rest)
+    makes its loss NaN, whatever the loss (docs/visual_attention.md, "Non-finite input")."""
     dtype = torch.promote_types(student.dtype, torch.float32)  # fp32 math, fp64 kept
     a_s, a_t = student.to(dtype), target.detach().to(dtype)
     allowed = layout.allowed()
@@ -111,10 +121,26 @@ def per_sample_map_loss(student: torch.Tensor, target: torch.Tensor, layout: Vis
         count = real.sum((1, 2)).clamp_min(1)
         value = ((a_s - a_t) ** 2).sum((1, 2)) / count
     else:
-        p_s = _row_distribution(a_s, allowed, distribution)
-        p_t = _row_distribution(a_t, allowed, distribution)
+        p_s = _row_distribution(a_s, allowed, distribution, student_rest)
+        p_t = _row_distribution(a_t, allowed, distribution, _detached(target_rest))
         value = _masked_row_mean(_divergence_rows(p_s, p_t, loss, beta), valid_rows)
+    # One reduction per map, no host sync: a corrupt map gives a NaN loss, never a finite
+    # one (the pooled filter and the subnormal cut would otherwise drop NaN entries).
+    bad = _nonfinite(a_s, (1, 2)) | _nonfinite(a_t, (1, 2))
+    for rest in (student_rest, target_rest):
+        if rest is not None and distribution == "rest" and loss not in ("cosine", "mse"):
+            bad = bad | _nonfinite(torch.where(layout.query_valid, rest.detach(), 0.0), 1)
+    value = torch.where(bad, float("nan"), value)
     return torch.where(contributing, value, 0.0), contributing
+
+
+def _detached(t):
+    return None if t is None else t.detach()
+
+
+def _nonfinite(t, dims):
+    return ~torch.isfinite(t.detach()).all(dims) if t.numel() else \
+        torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
 
 
 def reduce_samples(values: torch.Tensor, contributing: torch.Tensor, reduction: str):
@@ -130,7 +156,8 @@ def reduce_samples(values: torch.Tensor, contributing: torch.Tensor, reduction: 
 def visual_map_loss(student_maps: torch.Tensor, target_maps: torch.Tensor,
                     layout: VisualLayout, *, loss: str = "cosine", cosine: str = "flat",
                     distribution: str = "renorm", beta: float = 0.5,
-                    reduction: str = "mean") -> torch.Tensor:
+                    reduction: str = "mean", student_rest: torch.Tensor | None = None,
+                    target_rest: torch.Tensor | None = None) -> torch.Tensor:
     """Distance between a student's visual maps and a (teacher) target, docs/visual_attention.md.
 
     Args:
@@ -142,6 +169,10 @@ def visual_map_loss(student_maps: torch.Tensor, target_maps: torch.Tensor,
             (official code: μ+σ outlier filter, then column pooling).
         distribution: for the KL family, ``"renorm"`` (over visual keys) or ``"rest"``
             (visual keys plus a rest bucket).
+        student_rest, target_rest: (B, Qmax) mass on the non-visual keys, as returned by
+            ``visual_attention_maps(..., with_rest=True)``; used by ``distribution="rest"``.
+            Without one, that side's rest bucket is ``max(0, 1 − Σ_v A)``, which cancels
+            in float32 when a row looks almost only at the image.
         beta: JSD mixing weight (teacher share of the mixture).
         reduction: ``"mean"`` or ``"sum"`` over samples that have at least one query row
             seeing an image token, or ``"none"`` for a (B,) tensor.
@@ -157,7 +188,16 @@ def visual_map_loss(student_maps: torch.Tensor, target_maps: torch.Tensor,
                 f"visual positions, query rows and attention mask?")
         if not maps.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {maps.dtype}")
+    for name, rest in (("student_rest", student_rest), ("target_rest", target_rest)):
+        if rest is None:
+            continue
+        if not isinstance(rest, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(rest).__name__}")
+        if tuple(rest.shape) != layout.map_shape[:2]:
+            raise ValueError(f"{name} has shape {tuple(rest.shape)} but the layout expects "
+                             f"(B, Qmax) = {layout.map_shape[:2]}")
     values, contributing = per_sample_map_loss(student_maps, target_maps, layout, loss=loss,
                                                cosine=cosine, distribution=distribution,
-                                               beta=beta)
+                                               beta=beta, student_rest=student_rest,
+                                               target_rest=target_rest)
     return reduce_samples(values, contributing, reduction)
