@@ -22,17 +22,18 @@ visual_count[, key_mask[, causal]]`` in its place.
 """
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._common import check_window
+from ._common import check_window, kernel_input
 from .attention import (default_scale, flash_backward, flash_forward, interpreting,
                         stats_from_lse)
 from .visual_attention import (inverse_index, refine_visual_stats, visual_maps_from_lse,
-                               visual_rest_mass, visual_row_terms)
+                               visual_rest_heads, visual_rest_mass, visual_row_terms)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128  # the configs are sized (spill-free) up to BLOCK_D = 128
@@ -85,19 +86,25 @@ def _attention_bwd(dout: Optional[Tensor], dmaps: Optional[Tensor], q: Tensor, k
                    key_mask: Optional[Tensor], query_index: Optional[Tensor],
                    query_count: Optional[Tensor], visual_index: Optional[Tensor],
                    visual_count: Optional[Tensor], causal: bool,
-                   scale: float, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv or empty); ``dout``/``dmaps`` None when that output has no gradient."""
+                   scale: float, window: int = 0,
+                   extra_row_terms: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv or empty); ``dout``/``dmaps`` None when that output has no gradient.
+
+    ``extra_row_terms`` (B, Hq, N) float32 is added to the row terms ``c`` (used by the rest
+    bucket's backward, whose ``Σ_j P·g`` is known exactly from the statistics)."""
     if dout is None and dmaps is None:
         return torch.zeros_like(q), torch.zeros_like(k), q.new_empty(0)
     visual = {}
     if dmaps is not None:
         dmaps = dmaps.float().contiguous()
         n = q.shape[2]
+        row_terms = visual_row_terms(q, k, stats, query_index, query_count, visual_index,
+                                     visual_count, dmaps, causal, scale, window=window or None)
+        if extra_row_terms is not None:
+            row_terms = row_terms + extra_row_terms
         visual = dict(
             grad_maps=dmaps,
-            row_terms=visual_row_terms(q, k, stats, query_index, query_count, visual_index,
-                                       visual_count, dmaps, causal, scale,
-                                       window=window or None),
+            row_terms=row_terms,
             query_row=inverse_index(query_index, query_count, n),
             visual_col=inverse_index(visual_index, visual_count, n),
         )
@@ -108,7 +115,8 @@ def _attention_bwd(dout: Optional[Tensor], dmaps: Optional[Tensor], q: Tensor, k
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, dmaps, q, k, v, out, stats, key_mask, query_index, query_count,
-                        visual_index, visual_count, causal, scale, window=0):
+                        visual_index, visual_count, causal, scale, window=0,
+                        extra_row_terms=None):
     dv = torch.empty_like(k, dtype=v.dtype) if (dout is not None and v is not None) \
         else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), dv
@@ -179,8 +187,8 @@ _maps_from_stats.register_autograd(_stats_backward, setup_context=_stats_setup_c
 def _maps_rest_fwd(q: Tensor, k: Tensor, key_mask: Optional[Tensor], query_index: Tensor,
                    query_count: Tensor, visual_index: Tensor, visual_count: Tensor,
                    causal: bool, scale: float, window: int = 0
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """(row stats (3, B, Hq, N), maps, rest (B, Qmax)): maps plus the non-visual mass."""
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row stats (3, B, Hq, N), maps, rest (B, Qmax), per-head rest (B, Hq, N))."""
     n = q.shape[2]
     _, stats = flash_forward(q, k, None, key_mask, causal, scale,
                              inverse_index(visual_index, visual_count, n),
@@ -189,8 +197,9 @@ def _maps_rest_fwd(q: Tensor, k: Tensor, key_mask: Optional[Tensor], query_index
                                   visual_count, causal, scale, window or None)
     maps = visual_maps_from_lse(q, k, refined, query_index, query_count, visual_index,
                                 visual_count, causal, scale, window=window or None)
-    rest = visual_rest_mass(stats, refined, query_index, query_count)
-    return stats, maps, rest
+    rest_heads = visual_rest_heads(stats, refined)
+    rest = visual_rest_mass(rest_heads, query_index, query_count)
+    return stats, maps, rest, rest_heads
 
 
 @_maps_rest_fwd.register_fake
@@ -199,7 +208,8 @@ def _maps_rest_fwd_fake(q, k, key_mask, query_index, query_count, visual_index, 
     B, Hq, N, _ = q.shape
     return (q.new_empty((3, B, Hq, N), dtype=torch.float32),
             q.new_empty((B, query_index.shape[1], visual_index.shape[1]), dtype=torch.float32),
-            q.new_empty((B, query_index.shape[1]), dtype=torch.float32))
+            q.new_empty((B, query_index.shape[1]), dtype=torch.float32),
+            q.new_empty((B, Hq, N), dtype=torch.float32))
 
 
 def _rest_setup_context(ctx, inputs, output):
@@ -207,22 +217,53 @@ def _rest_setup_context(ctx, inputs, output):
     ctx.causal, ctx.scale = causal, scale
     ctx.window = inputs[9] if len(inputs) > 9 else 0
     ctx.n_inputs = len(inputs)
-    ctx.save_for_backward(q, k, output[0], key_mask, qi, qc, vi, vc)
-    ctx.mark_non_differentiable(output[0])
+    ctx.save_for_backward(q, k, output[0], output[3], key_mask, qi, qc, vi, vc)
+    ctx.mark_non_differentiable(output[0], output[3])
 
 
-def _rest_backward(ctx, dstats, dmaps, drest):
-    q, k, stats, key_mask, qi, qc, vi, vc = ctx.saved_tensors
-    # rest = Σ P over the non-visual keys and Σ_j P = 1 per row, so (softmax being
-    # shift-invariant) its gradient is −drest on every visual column: one backward serves.
+def _rest_grad_inputs(q: Tensor, k: Tensor, drest: Tensor, rest_heads: Tensor, qi: Tensor,
+                      qc: Tensor, vi: Tensor, vc: Tensor):
+    """The rest bucket's gradient as the flash backward's ``dO·Vᵀ`` term (no kernel change).
+
+    rest_h[i] = Σ_{j∉V} P_h[i, j], so dL/dS_h[i, j] = P·(g_i·[j∉V] − g_i·rest_h[i]) with
+    g_i = drest[r(i)] / Hq. A one-hot value column ``v[j, 0] = [j∉V]`` and ``do[i, 0] = g_i``
+    give that first term; the second, known exactly from the statistics, goes in as a row
+    term. (Folding g into G − g instead is exact in algebra but cancels in float32 when g is
+    ~1e5, which forward KL gives when the student's rest is ~1e-6.)
+    """
+    B, Hq, N, D = q.shape
+    n_ok = torch.arange(qi.shape[1], device=q.device)[None, :] < qc[:, None]
+    g = torch.zeros((B, N + 1), device=q.device, dtype=torch.float32)
+    # Padding rows go to the spare column N, dropped below.
+    pos = torch.where(n_ok, qi.to(torch.int64), N)
+    g.scatter_(1, pos, torch.where(n_ok, drest.float() / Hq, 0.0))
+    g = g[:, :N]
+    text = inverse_index(vi, vc, N) < 0
+    dtype = kernel_input(q).dtype
+    # float16 cannot hold g ~ 1e5: a power-of-two split between do and v keeps dO·Vᵀ exact.
+    shift = 1.0
+    if dtype == torch.float16:
+        top = float(g.abs().max())
+        if top > 2.0 ** 14:
+            shift = 2.0 ** math.ceil(math.log2(top / 2.0 ** 14))
+    do = torch.zeros((B, Hq, N, D), device=q.device, dtype=dtype)
+    do[..., 0] = (g / shift)[:, None, :]
+    v = torch.zeros((B, k.shape[1], N, D), device=q.device, dtype=dtype)
+    v[..., 0] = (text.to(torch.float32) * shift)[:, None, :]
+    return do, v, torch.zeros_like(do), g[:, None, :] * rest_heads
+
+
+def _rest_backward(ctx, dstats, dmaps, drest, drest_heads):
+    q, k, stats, rest_heads, key_mask, qi, qc, vi, vc = ctx.saved_tensors
     if dmaps is None:
         dmaps = torch.zeros((q.shape[0], qi.shape[1], vi.shape[1]), device=q.device,
                             dtype=torch.float32)
+    do = v = out = extra = None
     if drest is not None:
-        dmaps = dmaps.float() - drest.float()[:, :, None]
+        do, v, out, extra = _rest_grad_inputs(q, k, drest, rest_heads, qi, qc, vi, vc)
     dq, dk, _ = torch.ops.compodistill.attention_bwd(
-        None, dmaps, q, k, None, None, stats, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale,
-        ctx.window)
+        do, dmaps, q, k, v, out, stats, key_mask, qi, qc, vi, vc, ctx.causal, ctx.scale,
+        ctx.window, extra)
     return (dq, dk) + (None,) * (ctx.n_inputs - 2)
 
 
@@ -463,7 +504,7 @@ def visual_maps_with_rest(q: Tensor, k: Tensor, layout, *args,
     _check_qkv(q, k, None)
     index, key_mask, causal = _check_layout(q, layout)
     window = _window(layout, causal)
-    _, maps, rest = torch.ops.compodistill.maps_rest_fwd(q, k, key_mask, *index, causal,
+    _, maps, rest, _ = torch.ops.compodistill.maps_rest_fwd(q, k, key_mask, *index, causal,
                                                          _scale(q, opts["scale"]), window)
     return maps, rest
 

@@ -18,8 +18,9 @@ column chunk).
   (sample, head, block of rows) looping over the visual chunks.
 - :func:`inverse_index`: (B, N) int32 map position -> gathered row/column (-1 if none),
   how the flash backward reads ``G`` without scattering it.
-- :func:`visual_rest_mass`: the head-mean mass on the non-visual keys (B, Qmax), from the
-  forward's third statistics plane (the ``rest`` bucket of the KL losses).
+- :func:`visual_rest_heads` / :func:`visual_rest_mass`: the mass on the non-visual keys per
+  head (B, Hq, N) and its head mean on the query rows (B, Qmax), from the forward's third
+  statistics plane (the ``rest`` bucket of the KL losses).
 
 Visual keys are real tokens by construction of the layout (``visual_layout`` rejects image
 tokens on padding), so the key mask is not consulted here; ``lse`` already accounts for it.
@@ -265,14 +266,13 @@ def refine_visual_stats(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     return refined
 
 
-def visual_rest_mass(stats: torch.Tensor, refined: torch.Tensor, query_index: torch.Tensor,
-                     query_count: torch.Tensor) -> torch.Tensor:
-    """Head-mean attention mass on the non-visual keys, (B, Qmax) float32, 0 on padding rows.
+def visual_rest_heads(stats: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
+    """Per-head attention mass on the non-visual keys, (B, Hq, N) float32.
 
     ``stats`` (3, B, Hq, N) from :func:`kernels.attention.flash_forward` with ``visual_col``
     (plane 2: log2 of the non-visual sum, shifted by the row max of plane 0) and ``refined``
-    (2, B, Hq, N) from :func:`refine_visual_stats`: per head ``exp(lse_text − lse_all)``, a
-    ratio, so a rest of 1e-7 keeps its digits where ``1 − Σ_v A`` cancels in float32.
+    (2, B, Hq, N) from :func:`refine_visual_stats`: ``exp(lse_text − lse_all)``, a ratio, so a
+    rest of 1e-7 keeps its digits where ``1 − Σ_v A`` cancels in float32.
     """
     if stats.shape[0] != 3:
         raise ValueError(f"stats must have 3 planes (flash_forward with visual_col), got "
@@ -281,11 +281,17 @@ def visual_rest_mass(stats: torch.Tensor, refined: torch.Tensor, query_index: to
     ref, l2 = refined[0], refined[1]
     log2_rest = (m - torch.where(ref == float("-inf"), 0.0, ref)) + (lt2 - l2)
     # No text key (lt2 = -inf) or no key at all (ref = -inf): 0; a NaN stays NaN.
-    rest = torch.where((lt2 == float("-inf")) | (ref == float("-inf")), 0.0,
+    return torch.where((lt2 == float("-inf")) | (ref == float("-inf")), 0.0,
                        torch.exp2(log2_rest))
-    B, Hq, _ = rest.shape
+
+
+def visual_rest_mass(rest_heads: torch.Tensor, query_index: torch.Tensor,
+                     query_count: torch.Tensor) -> torch.Tensor:
+    """Head-mean of :func:`visual_rest_heads` on the query rows, (B, Qmax) float32, 0 on
+    padding rows (the ``rest`` bucket of the KL losses)."""
+    B, Hq, _ = rest_heads.shape
     idx = query_index.to(torch.int64)[:, None, :].expand(B, Hq, -1)
-    rows = torch.gather(rest, 2, idx).mean(1)
+    rows = torch.gather(rest_heads, 2, idx).mean(1)
     real = torch.arange(query_index.shape[1], device=rows.device)[None, :] < query_count[:, None]
     return torch.where(real, rows, 0.0)
 
