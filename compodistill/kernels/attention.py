@@ -35,10 +35,11 @@ from __future__ import annotations
 import torch
 
 from ._common import (LOG2E, all_configs, autotune_configs, block_d, check_window,  # noqa: F401
-                      config_key, fits_target, window_arg,
+                      config_key, fits_class, fits_target, launch_table, window_arg,
                       configs_for, default_scale, deterministic, device_capability,
                       dot_precision, fit_table, fitted_configs, interpreting, kernel_input,
-                      launch, prune_configs, prune_hook, recording_launches, require_triton,
+                      launch, prune_class, prune_configs, prune_hook, recording_launches,
+                      require_triton,
                       target_class, tl, triton)
 
 if triton is not None:
