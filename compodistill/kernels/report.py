@@ -318,12 +318,15 @@ def _args_key(args) -> tuple:
     return tuple(str(a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def sweep(cases, targets=TARGETS, kd_cases=(), progress=True) -> list[dict]:
+def sweep(cases, targets=TARGETS, kd_cases=(), progress=True,
+          cache: dict | None = None) -> list[dict]:
+    """Rows of every (launch, kept config, target) of the cases; ``cache`` (a dict) may be
+    shared between calls, so a launch two calls make compiles once."""
     jobs = [(_case_fields(case), rec) for case in cases for rec in record(case)]
     jobs += [(_kd_fields(case), rec) for case in kd_cases for rec in record_kd(case)]
     work = [(fields, rec, cap) for fields, rec in jobs for cap in targets]
     bar = _progress(len(work), progress)
-    rows, cache = [], {}
+    rows, cache = [], ({} if cache is None else cache)
     for fields, (kernel, args, kwargs), cap in work:
         for row in measure(kernel, args, kwargs, cap, cache):
             row.update(fields)
