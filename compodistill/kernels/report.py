@@ -391,9 +391,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, commit: str | None = None) -> None:
+    """Rows with the triton version, date and ``commit`` (default: the checkout's HEAD)."""
     stamp = dict(triton=triton.__version__, date=datetime.date.today().isoformat(),
-                 commit=git_commit())
+                 commit=commit or git_commit())
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -414,16 +415,54 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict]) -> str:
+    """Per kernel, target and class (head-dim class 64/128, or the KD kernel's logit dtype):
+    row count, maximum registers / spill / shared memory, misfits, tensor-core use."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        cls = r["dtype"] if r["kernel"] == "kd_rows_kernel" else \
+            (64 if int(r["head_dim"]) <= 64 else 128)
+        groups.setdefault((r["kernel"], r["target"], str(cls)), []).append(r)
+    out = ["| kernel | target | class | rows | max regs | max spill B | max smem B | misfits "
+           "| tensor cores |", "|---|---|---|---|---|---|---|---|---|"]
+    for (kernel, target, cls), rs in sorted(groups.items()):
+        tc = "/".join(sorted({str(r["tensor_cores"]) for r in rs}))
+        out.append(f"| {kernel} | {target} | {cls} | {len(rs)} | "
+                   f"{max(int(r['registers']) for r in rs)} | "
+                   f"{max(int(r['spill_stores']) for r in rs)} | "
+                   f"{max(int(r['shared']) for r in rs)} | "
+                   f"{sum(not _truthy(r['fits']) for r in rs)} | {tc} |")
+    return "\n".join(out)
+
+
+def _truthy(v) -> bool:
+    return v is True or v == "True"
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="only the CI set (tests/test_kernel_resources.py)")
     ap.add_argument("--out", type=Path, default=None,
                     help="CSV path (default bench/results/kernel_resources.csv)")
+    ap.add_argument("--markdown", type=Path, default=None, metavar="CSV",
+                    help="print the per-kernel summary table of an existing CSV and exit")
+    ap.add_argument("--fp32", action="store_true",
+                    help="only the float32 attention cases (a known gap: they spill)")
     opts = ap.parse_args(argv)
+    if opts.markdown is not None:
+        print(markdown(read_csv(opts.markdown)))
+        return 0
     root = Path(__file__).resolve().parents[2]  # the repository root
     out = opts.out or root / "bench" / "results" / "kernel_resources.csv"
-    if opts.quick:
+    if opts.fp32:
+        rows = sweep(fp32_cases())
+    elif opts.quick:
         rows = sweep(default_cases(), kd_cases=default_kd_cases())
     else:
         rows = sweep(full_cases(), kd_cases=full_kd_cases())
