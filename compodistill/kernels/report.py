@@ -8,10 +8,14 @@ autotune config that the config pruning keeps for that target, with the wheel's 
 ptxas. Registers and spill bytes come from ptxas's ``-v`` log, shared memory from the
 compiled metadata, ``wgmma``/``mma`` from the PTX.
 
-The full sweep (default) covers head dims 64/80/96/128, fp16/bf16, the plain, student and
-maps-only scenarios, no GQA, non-causal and the logit-KD kernel; ``--quick`` is the
-representative set that CI checks (tests/test_kernel_resources.py). Head dims above 128
-are rejected by the API (compodistill/kernels/autograd.py), so they are not compiled.
+The full sweep (default; ``full_cases()``, ``full_kd_cases()``) varies every constexpr
+the launchers pass: scenario (plain / student / maps-only), key mask on and off, causal /
+non-causal / windowed, GQA group 1 and 2, head dims 64/80/96/128, fp16/bf16, the int64
+map-gradient index, both backwards, and the logit-KD kernel over logit dtype, loss and CE
+(docs/KERNELS.md says which products are compiled). ``--quick`` is the representative set
+that CI checks (tests/test_kernel_resources.py); ``--fp32`` the float32-attention gap.
+Head dims above 128 are rejected by the API (compodistill/kernels/autograd.py), so they
+are not compiled.
 """
 from __future__ import annotations
 
