@@ -339,8 +339,10 @@ if triton is not None:
     # HAS_WINDOW (the window's query-block bound costs registers; measured with 3.8).
     _BWD_CONFIGS = fitted_configs("_bwd_dkdv_kernel", [
         (32, 64, 8, 2, D128, ALL, {"window": (D128, D64)}),
-        (32, 32, 4, 2, ALL, D128),
-        (64, 64, 8, 2, D128, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
+        # Non-causal, d = 128 spills 8 B on sm_80 (plain fp16, mask-free): off that class.
+        (32, 32, 4, 2, D64, D128),
+        # Non-causal, d = 128 spills 8 B on sm_80 (plain fp16, 255 regs).
+        (64, 64, 8, 2, NONE, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
         (16, 128, 8, 2, D64, ALL, {"3.6": (D64, D64), "window": (D64, D64)}),
         (32, 128, 8, 2, NONE, D64),
     ])
@@ -362,7 +364,8 @@ if triton is not None:
     ])
     _BWD_DQ_CONFIGS = fitted_configs("_bwd_dq_kernel", [
         (64, 32, 8, 2, ALL, ALL),
-        (128, 32, 8, 2, D64, ALL, {"window": (D64, D64)}),  # the window mask spills at 128
+        # The window mask spills at 128; so does the mask-free student at 128 on sm_90 (8 B).
+        (128, 32, 8, 2, D64, D64, {"window": (D64, D64)}),
         (64, 64, 8, 2, D128, D64),
         (64, 32, 4, 2, D64, ALL),
         (128, 64, 8, 2, NONE, D64),
