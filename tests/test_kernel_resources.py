@@ -3,9 +3,11 @@ block's shared memory, for sm_80 and sm_90 (CPU only: Triton compiles for a GPUT
 with the wheel's ptxas, no driver needed; see compodistill/kernels/report.py).
 
 Default run: the fused student scenario and plain attention, fp16/bf16, d = 64 and 128,
-both backwards (the default 5-matmul one with atomic dq and the deterministic split one),
-both targets (the representative set, a few minutes on 2 cores). ``-m slow``: the full
-sweep of compodistill/kernels/report.py (head dims 80/96, maps-only, no GQA, non-causal, logit KD).
+key mask on and off (the mask-free launch is training's common case), both backwards (the
+default 5-matmul one with atomic dq and the deterministic split one), the logit-KD kernel
+(bf16 and fp32 logits), both targets (the representative set, a few minutes on 2 cores).
+``-m slow``: the full sweep of compodistill/kernels/report.py. The coverage test ties that
+sweep to the launchers: every constexpr a launcher passes must take all its values in it.
 """
 import json
 import os
@@ -48,14 +50,18 @@ def _describe(rows):
 
 def test_representative_kernels_fit_sm80_and_sm90():
     rows = _in_compiler_process("""
-        rows = report.sweep(report.default_cases(), progress=False)
+        rows = report.sweep(report.default_cases(), kd_cases=report.default_kd_cases(),
+                            progress=False)
         print(json.dumps(rows))
     """)
     kernels = {r["kernel"] for r in rows}
     assert {"fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel", "bwd_dkdvdq_kernel",
-            "visual_maps_kernel",
-            "visual_stats_kernel", "visual_row_terms_kernel"} <= kernels
+            "visual_maps_kernel", "visual_stats_kernel", "visual_row_terms_kernel",
+            "kd_rows_kernel"} <= kernels
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
+    assert {r["mask"] for r in rows if r["kernel"] == "fwd_kernel"} == {True, False}
+    assert {r["dtype"] for r in rows if r["kernel"] == "kd_rows_kernel"} == {"bfloat16",
+                                                                              "float32"}
     bad = _failures(rows)
     assert not bad, "configs that spill or exceed shared memory:\n" + _describe(bad)
 
@@ -80,6 +86,7 @@ def test_pruning_leaves_configs_for_every_head_dim_and_target():
     """The autotuner (and the deterministic mode's pin, the first survivor) always has a
     measured config left: the pruning never falls back to an unmeasured one."""
     from compodistill.kernels import attention as common  # its tables and pruning
+    from compodistill.kernels import logit_kd  # noqa: F401  (registers the KD fit table)
     for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_dkdvdq_kernel"):
         for table_name in (name, name + "+window"):
             table = common.fit_table(table_name)
@@ -93,12 +100,48 @@ def test_pruning_leaves_configs_for_every_head_dim_and_target():
                     kept = common.prune_configs(common.all_configs(name), table, block_d, cap)
                     for c in kept:
                         assert size in table[common.config_key(c)][cap], (table_name, cap, c)
+    table = common.fit_table("_kd_rows_kernel")
+    for cap in (80, 90):
+        for dtype in ("float16", "bfloat16", "float32"):
+            assert common.fits_class("_kd_rows_kernel", dtype, cap), (cap, dtype)
+            kept = common.prune_class(common.all_configs("_kd_rows_kernel"), table, dtype, cap)
+            assert kept and all(dtype in table[common.config_key(c)][cap] for c in kept)
+
+
+def test_sweep_varies_every_constexpr_the_launchers_pass():
+    """Over the full sweep's recorded launches (recording only, nothing compiles), every
+    constexpr a launcher passes takes every value it can take: both booleans, or the
+    values of ``report.CONSTEXPR_DOMAINS``; and no constexpr is left to its default."""
+    got = _in_compiler_process("""
+        seen, params = report.constexpr_values(report.full_cases(), report.full_kd_cases())
+        print(json.dumps(dict(
+            seen={k: {n: sorted(map(repr, v)) for n, v in d.items()} for k, d in seen.items()},
+            params={k: sorted(v) for k, v in params.items()},
+            domains={n: sorted(map(repr, v)) for n, v in report.CONSTEXPR_DOMAINS.items()})))
+    """)
+    problems = []
+    for kernel, flags in got["seen"].items():
+        missing = set(got["params"].get(kernel, ())) - flags.keys()
+        if missing:
+            problems.append(f"{kernel}: constexpr(s) {sorted(missing)} never passed")
+        for name, values in flags.items():
+            if set(values) <= {"True", "False"} and name not in got["domains"]:
+                want = ["False", "True"]
+            else:
+                want = got["domains"].get(name)
+            if want is None:
+                problems.append(f"{kernel}: {name} {values} is not a sweep axis "
+                                f"(add it to report.CONSTEXPR_DOMAINS and full_cases)")
+            elif values != want:
+                problems.append(f"{kernel}: {name} takes {values} in the sweep, not {want}")
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.slow
 def test_full_sweep_fits():
     rows = _in_compiler_process("""
-        rows = report.sweep(report.full_cases(), with_linear_kd=True, progress=False)
+        rows = report.sweep(report.full_cases(), kd_cases=report.full_kd_cases(),
+                            progress=False)
         print(json.dumps(rows))
     """)
     bad = _failures(rows)

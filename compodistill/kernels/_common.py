@@ -94,7 +94,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         # The first config that fits this GPU and head dim: spill-free by the table.
         configs = kernel.configs
         if not interpreting():
-            configs = configs_for(kernel, device_capability(), kwargs)
+            configs = configs_for(kernel, device_capability(), kwargs, args)
         kwargs = {**kwargs, **configs[0].all_kwargs()}
         kernel = kernel.fn
     kernel[grid](*args, **kwargs)
@@ -164,11 +164,24 @@ def device_capability() -> int:
     return major * 10 + minor
 
 
+def head_dim_class(block_d: int) -> int:
+    """The fit tables' head-dim class of a ``BLOCK_D``: 64 (16, 32, 64) or 128."""
+    return 64 if block_d <= 64 else 128
+
+
 def prune_configs(configs: list, table: dict, block_d: int, capability: int) -> list:
     """The configs that fit ``block_d`` on this target, in table order (the first one is
     what the deterministic mode pins)."""
-    target, size = target_class(capability), (64 if block_d <= 64 else 128)
-    keep = [c for c in configs if size in table.get(config_key(c), {}).get(target, (64, 128))]
+    return prune_class(configs, table, head_dim_class(block_d), capability)
+
+
+def prune_class(configs: list, table: dict, klass, capability: int) -> list:
+    """The configs whose fits on this target include ``klass`` (a head-dim class, or a
+    logit dtype name for the logit-KD kernel), in table order; a config missing from the
+    table is kept; the first config when none fits (launchers ask :func:`fits_class`)."""
+    target = target_class(capability)
+    keep = [c for c in configs
+            if config_key(c) not in table or klass in table[config_key(c)].get(target, ())]
     return keep or list(configs[:1])
 
 
@@ -176,26 +189,70 @@ def fits_target(kernel_name: str, block_d: int, capability: int) -> bool:
     """Whether some config of the fit table ``kernel_name`` (``"+window"`` for the sliding
     window's) fits this head-dim class on this target; :func:`prune_configs` falls back to
     an unmeasured first config when none does, so a launcher asks this first."""
-    target, size = target_class(capability), (64 if block_d <= 64 else 128)
-    return any(size in fits.get(target, ()) for fits in _FIT_TABLES[kernel_name].values())
+    return fits_class(kernel_name, head_dim_class(block_d), capability)
+
+
+def fits_class(table_name: str, klass, capability: int) -> bool:
+    target = target_class(capability)
+    return any(klass in fits.get(target, ()) for fits in _FIT_TABLES[table_name].values())
+
+
+def launch_table(kernel, args: tuple, kwargs: dict) -> tuple[str, object]:
+    """(fit-table name, class) of a launch of an autotuned kernel of this package: the
+    head-dim class (and ``"+window"`` table with ``HAS_WINDOW``), or for the logit-KD
+    kernel the student logits' dtype name."""
+    fn = kernel.fn
+    named = {**dict(zip(fn.arg_names, args)), **kwargs}
+    name = fn.__name__
+    if name in _DTYPE_CLASSED:
+        return name, str(named[_DTYPE_CLASSED[name]].dtype).replace("torch.", "")
+    table = name + ("+window" if named.get("HAS_WINDOW") else "")
+    return table, head_dim_class(named.get("BLOCK_D", 16))
 
 
 def prune_hook(kernel_name: str) -> dict:
     """``prune_configs_by`` of an autotuned kernel (runs on the launching GPU)."""
     def prune(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 16))
-        window = kwargs.get("HAS_WINDOW", named_args.get("HAS_WINDOW", False))
-        table = _FIT_TABLES[kernel_name + ("+window" if window else "")]
-        return prune_configs(configs, table, block_d, device_capability())
+        named = {**named_args, **kwargs}
+        if kernel_name in _DTYPE_CLASSED:
+            table = _FIT_TABLES[kernel_name]
+            klass = str(named[_DTYPE_CLASSED[kernel_name]].dtype).replace("torch.", "")
+        else:
+            table = _FIT_TABLES[kernel_name + ("+window" if named.get("HAS_WINDOW") else "")]
+            klass = head_dim_class(named.get("BLOCK_D", 16))
+        return prune_class(configs, table, klass, device_capability())
     return {"early_config_prune": prune}
 
 
-def configs_for(kernel, capability: int, kwargs: dict) -> list:
+def configs_for(kernel, capability: int, kwargs: dict, args: tuple = ()) -> list:
     """The autotune configs ``kernel`` may run on a GPU of this compute capability with
-    these launch arguments (constexprs), after the per-target pruning."""
-    name = kernel.fn.__name__ + ("+window" if kwargs.get("HAS_WINDOW") else "")
-    return prune_configs(kernel.configs, _FIT_TABLES.get(name, {}), kwargs.get("BLOCK_D", 16),
-                         capability)
+    these launch arguments (the constexprs; the positional ``args`` where the class is a
+    tensor's dtype), after the per-target pruning."""
+    name, klass = launch_table(kernel, args, kwargs)
+    return prune_class(kernel.configs, _FIT_TABLES.get(name, {}), klass, capability)
+
+
+# Kernels whose fit table is per dtype of one tensor argument (kernel name -> argument).
+_DTYPE_CLASSED: dict[str, str] = {}
+
+
+def fitted_dtype_configs(kernel_name: str, arg: str, rows) -> list:
+    """``triton.Config`` list of a kernel with one block size, from rows ``(BLOCK, warps,
+    fits_sm80, fits_sm90[, per_version])``: ``fits_*`` are the dtype names of argument
+    ``arg`` with which the config fits (Triton 3.8); ``per_version`` maps another Triton
+    version to its own ``(fits_sm80, fits_sm90)``."""
+    table, configs = {}, []
+    for row in rows:
+        block, warps, fits80, fits90 = row[:4]
+        if len(row) > 4 and triton_version() in row[4]:
+            fits80, fits90 = row[4][triton_version()]
+        config = triton.Config({"BLOCK": block}, num_warps=warps)
+        table[config_key(config)] = {80: tuple(fits80), 90: tuple(fits90)}
+        configs.append(config)
+    _FIT_TABLES[kernel_name] = table
+    _ALL_CONFIGS[kernel_name] = configs
+    _DTYPE_CLASSED[kernel_name] = arg
+    return configs
 
 
 def check_window(window: int | None, causal: bool) -> None:

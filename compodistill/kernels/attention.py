@@ -35,10 +35,11 @@ from __future__ import annotations
 import torch
 
 from ._common import (LOG2E, all_configs, autotune_configs, block_d, check_window,  # noqa: F401
-                      config_key, fits_target, window_arg,
+                      config_key, fits_class, fits_target, launch_table, window_arg,
                       configs_for, default_scale, deterministic, device_capability,
                       dot_precision, fit_table, fitted_configs, interpreting, kernel_input,
-                      launch, prune_configs, prune_hook, recording_launches, require_triton,
+                      launch, prune_class, prune_configs, prune_hook, recording_launches,
+                      require_triton,
                       target_class, tl, triton)
 
 if triton is not None:
@@ -110,7 +111,8 @@ if triton is not None:
         (64, 64, 4, 2, ALL, ALL),
         (128, 64, 8, 3, D64, ALL),
         (128, 128, 8, 2, NONE, ALL, {"3.6": (NONE, D64)}),
-        (128, 32, 8, 3, ALL, ALL, {"3.6": (D128, ALL)}),
+        # d = 64 without a key mask spills 4 B on sm_80 (128 regs; 171 with the mask).
+        (128, 32, 8, 3, D128, ALL, {"3.6": (D128, ALL)}),
         (64, 32, 4, 4, ALL, ALL),
         (64, 64, 4, 3, D64, ALL),
     ])
@@ -337,8 +339,11 @@ if triton is not None:
     # HAS_WINDOW (the window's query-block bound costs registers; measured with 3.8).
     _BWD_CONFIGS = fitted_configs("_bwd_dkdv_kernel", [
         (32, 64, 8, 2, D128, ALL, {"window": (D128, D64)}),
-        (32, 32, 4, 2, ALL, D128),
-        (64, 64, 8, 2, D128, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
+        # d = 128 spills 8 B non-causal on sm_80 (plain fp16, mask-free) and on sm_90
+        # (maps-only, mask-free; windowed maps-only with the mask too).
+        (32, 32, 4, 2, D64, NONE),
+        # Non-causal, d = 128 spills 8 B on sm_80 (plain fp16, 255 regs).
+        (64, 64, 8, 2, NONE, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
         (16, 128, 8, 2, D64, ALL, {"3.6": (D64, D64), "window": (D64, D64)}),
         (32, 128, 8, 2, NONE, D64),
     ])
@@ -349,16 +354,21 @@ if triton is not None:
     # there the launcher runs the split backward instead (atomic_backward_fits).
     _BWD_ATOMIC_CONFIGS = fitted_configs("_bwd_dkdvdq_kernel", [
         (32, 64, 8, 2, D128, ALL, {"3.6": (D128, D64), "window": (NONE, D64)}),
-        (32, 32, 4, 2, NONE, ALL, {"3.6": (ALL, ALL), "window": (NONE, ALL)}),
-        (16, 128, 8, 2, D64, D64, {"3.6": (NONE, D64)}),
+        # d = 64 without a key mask spills 16 B on sm_90 (128 regs); windowed, maps-only, 4 B.
+        (32, 32, 4, 2, NONE, D128, {"3.6": (ALL, ALL), "window": (NONE, D128)}),
+        # GQA group 1, d = 64 spills 12 B on sm_80 (maps-only bf16).
+        (16, 128, 8, 2, NONE, D64, {"3.6": (NONE, D64)}),
         (16, 64, 4, 2, D64, D64, {"window": (NONE, D64)}),
-        (64, 64, 8, 2, NONE, D64, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
+        # Non-causal, d = 64 spills 4 B on sm_90 (student bf16, 255 regs).
+        (64, 64, 8, 2, NONE, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
         (32, 128, 8, 2, NONE, D64),
         (32, 64, 4, 2, NONE, D64, {"window": (NONE, NONE)}),
     ])
     _BWD_DQ_CONFIGS = fitted_configs("_bwd_dq_kernel", [
         (64, 32, 8, 2, ALL, ALL),
-        (128, 32, 8, 2, D64, ALL, {"window": (D64, D64)}),  # the window mask spills at 128
+        # The window mask spills at 128; so does the mask-free student at 128 on sm_90 (8 B),
+        # and with GQA group 1 at 64 on sm_80 (4 B, student bf16, mask-free).
+        (128, 32, 8, 2, NONE, D64, {"window": (NONE, D64)}),
         (64, 64, 8, 2, D128, D64),
         (64, 32, 4, 2, D64, ALL),
         (128, 64, 8, 2, NONE, D64),

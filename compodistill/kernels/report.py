@@ -8,10 +8,14 @@ autotune config that the config pruning keeps for that target, with the wheel's 
 ptxas. Registers and spill bytes come from ptxas's ``-v`` log, shared memory from the
 compiled metadata, ``wgmma``/``mma`` from the PTX.
 
-The full sweep (default) covers head dims 64/80/96/128, fp16/bf16, the plain, student and
-maps-only scenarios, no GQA, non-causal and the logit-KD kernel; ``--quick`` is the
-representative set that CI checks (tests/test_kernel_resources.py). Head dims above 128
-are rejected by the API (compodistill/kernels/autograd.py), so they are not compiled.
+The full sweep (default; ``full_cases()``, ``full_kd_cases()``) varies every constexpr
+the launchers pass: scenario (plain / student / maps-only), key mask on and off, causal /
+non-causal / windowed, GQA group 1 and 2, head dims 64/80/96/128, fp16/bf16, the int64
+map-gradient index, both backwards, and the logit-KD kernel over logit dtype, loss and CE
+(docs/KERNELS.md says which products are compiled). ``--quick`` is the representative set
+that CI checks (tests/test_kernel_resources.py); ``--fp32`` the float32-attention gap.
+Head dims above 128 are rejected by the API (compodistill/kernels/autograd.py), so they
+are not compiled.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ SMEM_LIMIT = {80: 166_912, 90: 232_448}
 TARGETS = (80, 90)
 SCENARIOS = ("plain", "student", "maps")  # flash_attention / with visual maps / maps only
 FIELDS = ["triton", "date", "commit", "target", "kernel", "scenario", "dtype", "head_dim",
-          "group", "causal", "config", "num_warps", "num_stages", "registers", "spill_stores",
+          "group", "causal", "mask", "vocab", "config", "num_warps", "num_stages", "registers", "spill_stores",
           "spill_loads", "shared", "smem_limit", "tensor_cores", "fits"]
 
 
@@ -57,23 +61,86 @@ class Case:
     group: int = 2  # query heads per kv head (GQA); 1 specialises the loop away
     causal: bool = True
     window: int | None = None  # sliding window (Gemma 3's local layers): HAS_WINDOW kernels
+    mask: bool = True  # a key mask (padding) or None: HAS_MASK
+    g_int64: bool = False  # a map gradient of >= 2**31 entries (G_INT64; recorded on "meta")
+
+
+@dataclass(frozen=True)
+class KdCase:
+    """One launch of the logit-KD kernel: student/teacher logit dtypes, loss, CE term."""
+    dtype: torch.dtype
+    loss: str = "kl"
+    ce: bool = True
+    teacher: torch.dtype | None = None  # None: the student's dtype
+    vocab: int = 151_936  # Qwen2's; 32_000 (Llama) specialises the same (both % 16 == 0)
+
+
+# The axes of the sweep: every constexpr a launcher passes comes from one of these (the
+# launchers derive the flags from them; tests/test_kernel_resources.py checks that every
+# constexpr of every recorded launch takes all its values over ``full_cases()``).
+DTYPES = (torch.float16, torch.bfloat16)
+# float32 attention (DOT_PREC "ieee": no tensor cores) spills in 61 of the 73 kept
+# (config, kernel, target) rows, up to 85 kB (docs/KERNELS.md,
+# bench/results/kernel_resources_fp32_triton3.8.csv):
+# it is a known gap, recorded by ``fp32_cases()`` and left out of the invariant.
+FP32_GAP = {"DOT_PREC": {"ieee"}}
+HEAD_DIMS = (64, 80, 96, 128)  # BLOCK_D 64 / 128; 80 and 96 keep the HEAD_DIM mask
+MODES = ((True, None), (False, None), (True, 100))  # (causal, window)
+# The values each constexpr can take (booleans: both); a constexpr missing here and not
+# boolean makes the coverage test fail until the sweep varies it.
+CONSTEXPR_DOMAINS = {"HEAD_DIM": set(HEAD_DIMS), "BLOCK_D": {64, 128},
+                     "DOT_PREC": {"tf32"}, "LOSS": set(logit_kd.LOSS_CODES.values()),
+                     # Fixed by the launchers (one value each), not by a config.
+                     "BLOCK_Q": {64}, "BLOCK_V": {64}, "BLOCK_M": {64}}
 
 
 def default_cases() -> list[Case]:
     """CI set: the fused student scenario (every kernel of the visual path) and plain
-    attention, each at d = 64 and 128, alternating fp16/bf16 (about 3 minutes on 2 cores)."""
+    attention, each at d = 64 and 128, alternating fp16/bf16 and key mask on/off (the
+    mask-free launch is the common one in training: no padding, packed sequences)."""
     f16, bf16 = torch.float16, torch.bfloat16
-    return [Case("student", f16, 128), Case("student", bf16, 64), Case("plain", bf16, 128),
+    return [Case("student", f16, 128), Case("student", bf16, 64, mask=False),
+            Case("plain", bf16, 128, mask=False), Case("plain", f16, 64, mask=False),
             Case("plain", f16, 64)]
 
 
+def default_kd_cases() -> list[KdCase]:
+    """CI set of the logit-KD kernel: bf16 logits with CE, fp32 without (the two configs
+    families that spilled before the fit table)."""
+    return [KdCase(torch.bfloat16), KdCase(torch.float32, ce=False)]
+
+
 def full_cases() -> list[Case]:
-    cases = [Case(s, dt, d) for s in SCENARIOS for dt in (torch.float16, torch.bfloat16)
-             for d in (64, 80, 96, 128)]
-    cases += [Case("student", torch.float16, d, group=1) for d in (64, 128)]
-    cases += [Case("student", torch.float16, d, causal=False) for d in (64, 128)]
-    cases += [Case("student", dt, d, window=100) for dt, d in ((torch.float16, 128),
-                                                             (torch.bfloat16, 64))]
+    """The full sweep. Every flag combination (scenario: HAS_V/HAS_VIS/HAS_DO/HAS_G; key
+    mask on/off; causal, non-causal, causal + window; GQA group 1 and 2) at both head-dim
+    classes (bf16 d = 64, fp16 d = 128); every head dim
+    and dtype (float32 included) in the plain and student scenarios, mask on and off; the
+    int64 map-gradient indexing. Every constexpr value every launcher can pass appears
+    (tests/test_kernel_resources.py checks it); not every product of them (see
+    docs/KERNELS.md for why the head dims and dtypes are not crossed with every flag)."""
+    pairs = ((torch.bfloat16, 64), (torch.float16, 128))
+    cases = [Case(s, dt, d, 2, causal, window, mask) for dt, d in pairs for s in SCENARIOS
+             for mask in (True, False) for causal, window in MODES]
+    cases += [Case(s, dt, d, 1, causal, window, mask) for dt, d in pairs for s in SCENARIOS
+              for mask in (True, False) for causal, window in MODES]
+    cases += [Case(s, dt, d, mask=mask) for s in ("plain", "student") for dt in DTYPES
+              for d in HEAD_DIMS for mask in (True, False)]
+    cases += [Case("maps", dt, d, mask=False) for dt in DTYPES for d in (80, 96)]
+    cases += [Case(s, torch.float16, d, g_int64=True) for s in ("student", "maps")
+              for d in (64, 128)]
+    return list(dict.fromkeys(cases))
+
+
+def fp32_cases() -> list[Case]:
+    """Float32 attention (the known gap above): the student scenario at both classes."""
+    return [Case("student", torch.float32, d, mask=False) for d in (128, 64)]
+
+
+def full_kd_cases() -> list[KdCase]:
+    cases = [KdCase(dt, loss, ce) for dt in DTYPES + (torch.float32,)
+             for loss in logit_kd.LOSS_CODES for ce in (True, False)]
+    cases += [KdCase(dt, "kl", True, teacher=torch.float32)
+              for dt in (torch.float16, torch.bfloat16)]
     return cases
 
 
@@ -95,7 +162,7 @@ def record(case: Case) -> list[tuple]:
     q = torch.empty(B, Hq, N, D, dtype=case.dtype)
     k = torch.empty(B, Hkv, N, D, dtype=case.dtype)
     v = torch.empty_like(k) if case.scenario != "maps" else None
-    mask = torch.ones(B, N, dtype=torch.bool)
+    mask = torch.ones(B, N, dtype=torch.bool) if case.mask else None
     qi, qc, vi, vc = _layout(B, N)
     with attention.recording_launches() as log:
         vcol = None if case.scenario == "plain" else inverse_index(vi, vc, N)
@@ -104,13 +171,17 @@ def record(case: Case) -> list[tuple]:
         stats.zero_()
         visual = {}
         if vcol is not None:
+            # The teacher's maps-only pass accumulates into a buffer (ACCUMULATE).
+            acc = torch.zeros(B, N, 64) if case.scenario == "maps" else None
             visual_maps_from_lse(q, k, stats, qi, qc, vi, vc, case.causal, None,
-                                 window=case.window)
+                                 window=case.window, out=acc)
             g = torch.zeros(B, N, 64)
             visual = dict(grad_maps=g, query_row=inverse_index(qi, qc, N),
                           visual_col=vcol,
                           row_terms=visual_row_terms(q, k, stats, qi, qc, vi, vc, g,
                                                      case.causal, None, window=case.window))
+            if case.g_int64:  # only its shape is read: no 8 GiB buffer
+                visual["grad_maps"] = torch.empty(B, 65_536, 32_768, device="meta")
         do = torch.empty_like(q) if v is not None else None
         # Both backwards: the 5-matmul one (dq by atomics, the default) and the split one
         # of the deterministic mode.
@@ -121,26 +192,47 @@ def record(case: Case) -> list[tuple]:
     return [(kern, args, kwargs) for kern, _grid, args, kwargs in log]
 
 
-def record_linear_kd(dtype: torch.dtype) -> list[tuple]:
-    zs = torch.empty(4, 32_000, dtype=dtype)
+def record_kd(case: KdCase) -> list[tuple]:
+    """The logit-KD launch of ``case`` (the gradient written in the student's dtype)."""
+    zs = torch.empty(4, case.vocab, dtype=case.dtype)
+    zt = torch.empty(4, case.vocab, dtype=case.teacher or case.dtype)
     kd = torch.empty(4)
+    ce = dict(labels=torch.zeros(4, dtype=torch.int64), ce_scale=kd) if case.ce else {}
     with attention.recording_launches() as log:
-        for loss in logit_kd.LOSS_CODES:
-            logit_kd.kd_rows(zs, zs, kd, loss=loss, labels=torch.zeros(4, dtype=torch.int64),
-                              ce_scale=kd)
+        logit_kd.kd_rows(zs, zt, kd, loss=case.loss, **ce)
     return [(kern, args, kwargs) for kern, _grid, args, kwargs in log]
+
+
+def constexpr_values(cases, kd_cases) -> tuple[dict[str, dict[str, set]], dict[str, set]]:
+    """Over every launch the cases record: ``{kernel: {constexpr: values}}`` of what the
+    launchers pass, and ``{kernel: constexpr names}`` of the kernel's constexprs that no
+    autotune config sets (the ones a launcher must pass or leave to their default)."""
+    seen: dict[str, dict[str, set]] = {}
+    params: dict[str, set] = {}
+    launches = [r for c in cases for r in record(c)] + [r for c in kd_cases
+                                                          for r in record_kd(c)]
+    for kernel, _args, kwargs in launches:
+        fn = jit_function(kernel)
+        tuned = set().union(*(c.kwargs for c in getattr(kernel, "configs", ())))
+        names = {p.name for p in fn.params if p.is_constexpr} - tuned
+        params[fn.__name__] = names
+        per = seen.setdefault(fn.__name__, {})
+        for name in names & kwargs.keys():
+            per.setdefault(name, set()).add(kwargs[name])
+    return seen, params
 
 
 # --------------------------------------------------------------------------- compiling
 
-def candidate_configs(kernel, kwargs: dict, capability: int) -> list[tuple[str, dict]]:
+def candidate_configs(kernel, args: tuple, kwargs: dict,
+                      capability: int) -> list[tuple[str, dict]]:
     """(name, launch kwargs) per config the autotuner may pick on this target."""
     if not isinstance(kernel, triton.runtime.Autotuner):
         return [("fixed", kwargs)]
-    table = kernel.fn.__name__ + ("+window" if kwargs.get("HAS_WINDOW") else "")
-    if not attention.fits_target(table, kwargs.get("BLOCK_D", 16), capability):
+    table, klass = attention.launch_table(kernel, args, kwargs)
+    if not attention.fits_class(table, klass, capability):
         return []  # the launchers never run it there (the windowed 5-matmul backward on sm_80)
-    pruned = attention.configs_for(kernel, capability, kwargs)
+    pruned = attention.configs_for(kernel, capability, kwargs, args)
     return [(_config_name(kernel.configs.index(c), c), {**kwargs, **c.all_kwargs()})
             for c in pruned]
 
@@ -210,7 +302,7 @@ def fits(row: dict) -> bool:
 def measure(kernel, args, kwargs, capability: int, cache: dict) -> list[dict]:
     fn = jit_function(kernel)
     rows = []
-    for name, kw in candidate_configs(kernel, kwargs, capability):
+    for name, kw in candidate_configs(kernel, args, kwargs, capability):
         key = (fn.__name__, capability, _args_key(args), tuple(sorted(map(str, kw.items()))))
         if key not in cache:
             compiled, log = compile_one(fn, args, kw, capability)
@@ -230,24 +322,38 @@ def _args_key(args) -> tuple:
     return tuple(str(a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def sweep(cases, targets=TARGETS, with_linear_kd=False, progress=True) -> list[dict]:
-    jobs = [(case, rec) for case in cases for rec in record(case)]
-    if with_linear_kd:
-        jobs += [(Case("linear_kd", dt, 0), rec) for dt in (torch.float16, torch.bfloat16)
-                 for rec in record_linear_kd(dt)]
-    work = [(case, rec, cap) for case, rec in jobs for cap in targets]
+def sweep(cases, targets=TARGETS, kd_cases=(), progress=True,
+          cache: dict | None = None) -> list[dict]:
+    """Rows of every (launch, kept config, target) of the cases; ``cache`` (a dict) may be
+    shared between calls, so a launch two calls make compiles once."""
+    jobs = [(_case_fields(case), rec) for case in cases for rec in record(case)]
+    jobs += [(_kd_fields(case), rec) for case in kd_cases for rec in record_kd(case)]
+    work = [(fields, rec, cap) for fields, rec in jobs for cap in targets]
     bar = _progress(len(work), progress)
-    rows, cache = [], {}
-    for case, (kernel, args, kwargs), cap in work:
+    rows, cache = [], ({} if cache is None else cache)
+    for fields, (kernel, args, kwargs), cap in work:
         for row in measure(kernel, args, kwargs, cap, cache):
-            row.update(scenario=case.scenario + ("+window" if case.window else ""),
-                       dtype=str(case.dtype).replace("torch.", ""),
-                       head_dim=case.head_dim, group=case.group, causal=case.causal)
+            row.update(fields)
             row["fits"] = fits(row)
             rows.append(row)
         bar.update(1)
     bar.close()
     return _dedupe(rows)
+
+
+def _case_fields(case: Case) -> dict:
+    scenario = case.scenario + ("+window" if case.window else "") + \
+        ("+int64" if case.g_int64 else "")
+    return dict(scenario=scenario, dtype=str(case.dtype).replace("torch.", ""),
+                head_dim=case.head_dim, group=case.group, causal=case.causal, mask=case.mask,
+                vocab="")
+
+
+def _kd_fields(case: KdCase) -> dict:
+    teacher = "" if case.teacher is None else "+t_" + str(case.teacher).replace("torch.", "")
+    return dict(scenario=f"kd:{case.loss}" + ("+ce" if case.ce else "") + teacher,
+                dtype=str(case.dtype).replace("torch.", ""), head_dim="", group="",
+                causal="", mask="", vocab=case.vocab)
 
 
 def _dedupe(rows: list[dict]) -> list[dict]:
@@ -256,7 +362,7 @@ def _dedupe(rows: list[dict]) -> list[dict]:
     seen, out = set(), []
     for r in rows:
         key = tuple(r[f] for f in ("target", "kernel", "scenario", "dtype", "head_dim", "group",
-                                   "causal", "config"))
+                                   "causal", "mask", "config"))
         if key not in seen:
             seen.add(key)
             out.append(r)
@@ -289,9 +395,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, commit: str | None = None) -> None:
+    """Rows with the triton version, date and ``commit`` (default: the checkout's HEAD)."""
     stamp = dict(triton=triton.__version__, date=datetime.date.today().isoformat(),
-                 commit=git_commit())
+                 commit=commit or git_commit())
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -306,9 +413,39 @@ def summary(rows: list[dict]) -> str:
              f"shared memory"]
     for r in bad:
         lines.append(f"  {r['target']} {r['kernel']} {r['scenario']} {r['dtype']} "
-                     f"d={r['head_dim']} cfg {r['config']}: {r['registers']} regs, "
+                     f"d={r['head_dim']} g={r['group']} causal={r['causal']} "
+                     f"mask={r['mask']} cfg {r['config']}: {r['registers']} regs, "
                      f"{r['spill_stores']} B spill, {r['shared']} B smem")
     return "\n".join(lines)
+
+
+def markdown(rows: list[dict]) -> str:
+    """Per kernel, target and class (head-dim class 64/128, or the KD kernel's logit dtype):
+    row count, maximum registers / spill / shared memory, misfits, tensor-core use."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        cls = r["dtype"] if r["kernel"] == "kd_rows_kernel" else \
+            (64 if int(r["head_dim"]) <= 64 else 128)
+        groups.setdefault((r["kernel"], r["target"], str(cls)), []).append(r)
+    out = ["| kernel | target | class | rows | max regs | max spill B | max smem B | misfits "
+           "| tensor cores |", "|---|---|---|---|---|---|---|---|---|"]
+    for (kernel, target, cls), rs in sorted(groups.items()):
+        tc = "/".join(sorted({str(r["tensor_cores"]) for r in rs}))
+        out.append(f"| {kernel} | {target} | {cls} | {len(rs)} | "
+                   f"{max(int(r['registers']) for r in rs)} | "
+                   f"{max(int(r['spill_stores']) for r in rs)} | "
+                   f"{max(int(r['shared']) for r in rs)} | "
+                   f"{sum(not _truthy(r['fits']) for r in rs)} | {tc} |")
+    return "\n".join(out)
+
+
+def _truthy(v) -> bool:
+    return v is True or v == "True"
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def main(argv=None) -> int:
@@ -317,10 +454,22 @@ def main(argv=None) -> int:
                     help="only the CI set (tests/test_kernel_resources.py)")
     ap.add_argument("--out", type=Path, default=None,
                     help="CSV path (default bench/results/kernel_resources.csv)")
+    ap.add_argument("--markdown", type=Path, default=None, metavar="CSV",
+                    help="print the per-kernel summary table of an existing CSV and exit")
+    ap.add_argument("--fp32", action="store_true",
+                    help="only the float32 attention cases (a known gap: they spill)")
     opts = ap.parse_args(argv)
+    if opts.markdown is not None:
+        print(markdown(read_csv(opts.markdown)))
+        return 0
     root = Path(__file__).resolve().parents[2]  # the repository root
     out = opts.out or root / "bench" / "results" / "kernel_resources.csv"
-    rows = sweep(default_cases() if opts.quick else full_cases(), with_linear_kd=not opts.quick)
+    if opts.fp32:
+        rows = sweep(fp32_cases())
+    elif opts.quick:
+        rows = sweep(default_cases(), kd_cases=default_kd_cases())
+    else:
+        rows = sweep(full_cases(), kd_cases=full_kd_cases())
     write_csv(rows, out)
     print(summary(rows))
     print(f"wrote {out}")
