@@ -339,9 +339,8 @@ if triton is not None:
     # HAS_WINDOW (the window's query-block bound costs registers; measured with 3.8).
     _BWD_CONFIGS = fitted_configs("_bwd_dkdv_kernel", [
         (32, 64, 8, 2, D128, ALL, {"window": (D128, D64)}),
-        # d = 128 spills 8 B non-causal on sm_80 (plain fp16, mask-free) and on sm_90
-        # (maps-only, mask-free; windowed maps-only with the mask too).
-        (32, 32, 4, 2, D64, NONE),
+        # Non-causal, d = 128 spills 8 B on sm_80 (plain fp16, mask-free): off that class.
+        (32, 32, 4, 2, D64, D128),
         # Non-causal, d = 128 spills 8 B on sm_80 (plain fp16, 255 regs).
         (64, 64, 8, 2, NONE, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
         (16, 128, 8, 2, D64, ALL, {"3.6": (D64, D64), "window": (D64, D64)}),
@@ -356,8 +355,7 @@ if triton is not None:
         (32, 64, 8, 2, D128, ALL, {"3.6": (D128, D64), "window": (NONE, D64)}),
         # d = 64 without a key mask spills 16 B on sm_90 (128 regs); windowed, maps-only, 4 B.
         (32, 32, 4, 2, NONE, D128, {"3.6": (ALL, ALL), "window": (NONE, D128)}),
-        # GQA group 1, d = 64 spills 12 B on sm_80 (maps-only bf16).
-        (16, 128, 8, 2, NONE, D64, {"3.6": (NONE, D64)}),
+        (16, 128, 8, 2, D64, D64, {"3.6": (NONE, D64)}),
         (16, 64, 4, 2, D64, D64, {"window": (NONE, D64)}),
         # Non-causal, d = 64 spills 4 B on sm_90 (student bf16, 255 regs).
         (64, 64, 8, 2, NONE, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
@@ -366,9 +364,8 @@ if triton is not None:
     ])
     _BWD_DQ_CONFIGS = fitted_configs("_bwd_dq_kernel", [
         (64, 32, 8, 2, ALL, ALL),
-        # The window mask spills at 128; so does the mask-free student at 128 on sm_90 (8 B),
-        # and with GQA group 1 at 64 on sm_80 (4 B, student bf16, mask-free).
-        (128, 32, 8, 2, NONE, D64, {"window": (NONE, D64)}),
+        # The window mask spills at 128; so does the mask-free student at 128 on sm_90 (8 B).
+        (128, 32, 8, 2, D64, D64, {"window": (D64, D64)}),
         (64, 64, 8, 2, D128, D64),
         (64, 32, 4, 2, D64, ALL),
         (128, 64, 8, 2, NONE, D64),
