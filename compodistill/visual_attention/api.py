@@ -176,7 +176,7 @@ def visual_attention_loss(q: torch.Tensor, k: torch.Tensor, target: torch.Tensor
     target_rest = None
     if isinstance(target, (tuple, list)):
         if len(target) != 2:
-            raise ValueError(f"target must be a tensor or a (maps, rest) pair, got a "
+            raise TypeError(f"target must be a tensor or a (maps, rest) pair, got a "
                              f"{type(target).__name__} of {len(target)}")
         target, target_rest = target
     for name, t in (("target", target), ("target rest", target_rest)):
