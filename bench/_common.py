@@ -17,6 +17,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from compodistill import visual_map_loss
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FIELDS = ["benchmark", "provider", "x_name", "x", "metric", "value", "unit", "extra",
           "device", "date", "torch", "triton", "transformers", "git_commit"]
@@ -211,3 +213,18 @@ def plot_lines(csv_path: Path, benchmark: str, device_name: str, png_path: Path,
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return png_path
+
+
+def eager_vat(s_att, t_att, matches, layout, visual):
+    """VAT from full attention probabilities (B, H, N, N): the materialising baseline.
+
+    ``visual`` (B, N) bool, the same span in every sample; every row is a query row (no
+    padding); each student layer's target is the mean of its window's teacher maps."""
+    cols = visual[0].nonzero().squeeze(1)
+    maps = lambda p: p.float().mean(1)[:, :, cols]  # noqa: E731
+    terms = []
+    for m in matches:
+        with torch.no_grad():
+            target = sum(maps(t_att[t]) for t in m.teacher_layers) / len(m.teacher_layers)
+        terms.append(visual_map_loss(maps(s_att[m.student_layer]), target, layout))
+    return torch.stack(terms).mean()

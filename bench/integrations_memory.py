@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from bench._common import RESULTS_DIR, provenance, write_rows  # noqa: E402
-from compodistill import FusedLinearKDLoss, visual_layout, visual_map_loss  # noqa: E402
+from bench._common import RESULTS_DIR, eager_vat, provenance, write_rows  # noqa: E402
+from compodistill import FusedLinearKDLoss, visual_layout  # noqa: E402
 from compodistill.hf import (AttentionDistiller, enable_attention,  # noqa: E402
                              hidden_states_and_head)
 from compodistill.testing.memory import peak_memory  # noqa: E402
@@ -77,17 +77,6 @@ def _naive_kd(student, teacher, ids, labels):
     return ce + kl
 
 
-def _eager_vat(s_att, t_att, matches, layout, visual):
-    cols = visual[0].nonzero().squeeze(1)  # the same span in every sample
-    maps = lambda p: p.float().mean(1)[:, :, cols]  # noqa: E731 (every row: no padding)
-    terms = []
-    for m in matches:
-        with torch.no_grad():
-            target = sum(maps(t_att[t]) for t in m.teacher_layers) / len(m.teacher_layers)
-        terms.append(visual_map_loss(maps(s_att[m.student_layer]), target, layout))
-    return torch.stack(terms).mean()
-
-
 def step(name, student, teacher, ids, labels, visual, kd, distiller):
     student.zero_grad(set_to_none=True)
     if name == "naive_logits":
@@ -107,7 +96,7 @@ def step(name, student, teacher, ids, labels, visual, kd, distiller):
     loss = kd(h_s, head_s.weight, out_t.last_hidden_state, teacher.lm_head.weight, labels)
     if eager:
         layout = visual_layout(visual, *ids.shape)
-        loss = loss + _eager_vat(out_s.attentions, out_t.attentions, distiller.matches, layout,
+        loss = loss + eager_vat(out_s.attentions, out_t.attentions, distiller.matches, layout,
                                  visual)
     if cap is not None:
         loss = loss + cap.loss()

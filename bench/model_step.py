@@ -39,8 +39,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from bench._common import benchmark_main, provenance, read_rows, step_rows, write_rows  # noqa: E402
-from compodistill import visual_layout, visual_map_loss  # noqa: E402
+from bench._common import (benchmark_main, eager_vat, provenance, read_rows, step_rows,  # noqa: E402
+                           write_rows)
+from compodistill import visual_layout  # noqa: E402
 from compodistill.hf import AttentionDistiller, enable_attention  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from bench.model_step_family import PROVIDERS as FAMILY_PROVIDERS  # noqa: E402
@@ -125,7 +126,7 @@ def _step(name, student, teacher, ids, visual, kd, distiller):
         if cap is not None:
             loss = loss + cap.loss()
         if eager:
-            loss = loss + _eager_vat(s_out.attentions, t_out.attentions, distiller.matches,
+            loss = loss + eager_vat(s_out.attentions, t_out.attentions, distiller.matches,
                                      layout, visual)
         loss.backward()
     return run
@@ -152,18 +153,6 @@ def _trainer_step(name, student, teacher, ids, visual, distiller):
                                             kd_weight=1.0)
         (loss + cap.loss()).backward()
     return run
-
-
-def _eager_vat(s_att, t_att, matches, layout, visual):
-    """VAT from full attention probabilities (B, H, N, N): the materialising baseline."""
-    cols = visual[0].nonzero().squeeze(1)  # same span in every sample
-    maps = lambda p: p.float().mean(1)[:, :, cols]  # noqa: E731 (rows: all, no padding)
-    terms = []
-    for m in matches:
-        with torch.no_grad():
-            target = sum(maps(t_att[t]) for t in m.teacher_layers) / len(m.teacher_layers)
-        terms.append(visual_map_loss(maps(s_att[m.student_layer]), target, layout))
-    return torch.stack(terms).mean()
 
 
 def run(device: torch.device, csv_path: Path, shapes=None, repeat: int = 3,
