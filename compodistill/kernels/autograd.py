@@ -232,12 +232,8 @@ def _rest_grad_inputs(q: Tensor, k: Tensor, drest: Tensor, rest_heads: Tensor, q
     ~1e5, which forward KL gives when the student's rest is ~1e-6.)
     """
     B, Hq, N, D = q.shape
-    n_ok = torch.arange(qi.shape[1], device=q.device)[None, :] < qc[:, None]
-    g = torch.zeros((B, N + 1), device=q.device, dtype=torch.float32)
-    # Padding rows go to the spare column N, dropped below.
-    pos = torch.where(n_ok, qi.to(torch.int64), N)
-    g.scatter_(1, pos, torch.where(n_ok, drest.float() / Hq, 0.0))
-    g = g[:, :N]
+    slot = inverse_index(qi, qc, N).to(torch.int64)  # the query row of each position, or -1
+    g = torch.where(slot >= 0, drest.float().gather(1, slot.clamp(min=0)), 0.0) / Hq
     text = inverse_index(vi, vc, N) < 0
     dtype = kernel_input(q).dtype
     # float16 cannot hold g ~ 1e5: a power-of-two split between do and v keeps dO·Vᵀ exact.
