@@ -233,7 +233,10 @@ def _rest_grad_inputs(q: Tensor, k: Tensor, drest: Tensor, rest_heads: Tensor, q
     """
     B, Hq, N, D = q.shape
     slot = inverse_index(qi, qc, N).to(torch.int64)  # the query row of each position, or -1
-    g = torch.where(slot >= 0, drest.float().gather(1, slot.clamp(min=0)), 0.0) / Hq
+    # A zero column past the last row serves the positions that are not query rows (and
+    # keeps the gather valid when there is no query row at all).
+    rows = torch.nn.functional.pad(drest.float(), (0, 1))
+    g = rows.gather(1, torch.where(slot >= 0, slot, qi.shape[1])) / Hq
     text = inverse_index(vi, vc, N) < 0
     dtype = kernel_input(q).dtype
     # float16 cannot hold g ~ 1e5: a power-of-two split between do and v keeps dO·Vᵀ exact.
