@@ -135,7 +135,7 @@ def make_data(folder: Path, opts: dict) -> dict:
     """
     from compodistill.data import generate_synthetic
     from compodistill.data.synthetic import CATEGORIES, Scene, hard_negative
-    from compodistill.eval.cr import cr_prompt
+    from compodistill.data.prompts import cr_prompt
 
     if not (folder / "meta.json").exists():
         generate_synthetic(str(folder / "synth"), num=opts["num_images"],
@@ -306,7 +306,7 @@ def image_attention(model, encoder, examples, items: int) -> list[float]:
     orders); eager attention with ``output_attentions`` (the models are tiny). The last entry
     is the baseline: the share that attention spread evenly over the visible keys would give.
     """
-    from compodistill.eval.cr import cr_prompt
+    from compodistill.data.prompts import cr_prompt
 
     impl = model.config.text_config._attn_implementation
     model.set_attn_implementation({"text_config": "eager"})

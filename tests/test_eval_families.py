@@ -120,7 +120,7 @@ def test_likelihood_eval_gives_the_model_the_family_inputs(saved):
     family's inputs, and differs when any one of them is left out (1-D positions instead of
     M-RoPE without mm_token_type_ids: transformers takes that silently)."""
     from compodistill.eval.common import label_logprobs
-    from compodistill.train.stages import family_inputs
+    from compodistill.data.family_inputs import family_inputs
 
     root, family = saved
     model, encoder, batch = _reply_batch(root)
@@ -168,7 +168,7 @@ def test_generation_paths_agree_with_family_inputs(saved):
     the first token is the argmax of a direct forward with the family's inputs."""
     from compodistill.eval.cli import load_model_and_encoder
     from compodistill.eval.common import greedy_generate
-    from compodistill.train.stages import family_inputs
+    from compodistill.data.family_inputs import family_inputs
 
     root, _ = saved
     model, encoder = load_model_and_encoder(str(root / "model"))
@@ -212,7 +212,7 @@ def test_grid_scores_on_the_family(saved):
     from compodistill.eval.cli import load_model_and_encoder
     from compodistill.eval.families import collate
     from compodistill.eval.grid import score_captions, score_questions, target_attention
-    from compodistill.train.stages import family_inputs
+    from compodistill.data.family_inputs import family_inputs
 
     root, _ = saved
     model, encoder = load_model_and_encoder(str(root / "model"))

@@ -88,7 +88,7 @@ def test_image_matches_caption():
 
 
 def test_train_json_is_llava_format(data):
-    from compodistill.eval.cr import cr_prompt
+    from compodistill.data.prompts import cr_prompt
 
     train = _read(data, "train")
     tok = build_tiny_tokenizer()

@@ -82,7 +82,8 @@ def _float64_kd(trainer, student, batch) -> torch.Tensor:
     from compodistill.hf.families import visual_token_ids
     from compodistill.logit_kd.from_logits import shift_labels
     from compodistill.testing.logit_kd import ref_logit_kd
-    from compodistill.train.stages import HiddenStates, family_inputs, lm_head
+    from compodistill.data.family_inputs import family_inputs
+    from compodistill.train.stages import HiddenStates, lm_head
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():

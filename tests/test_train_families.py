@@ -5,7 +5,6 @@ three sizes (dynamic resolution, anyres), DPT -> DFT -> SFT with TAF, KD and VAT
 model reloaded, TAF folded and rebuilt, and an interrupted stage resumed."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -110,7 +109,8 @@ def test_dataset_and_collator_build_qwen_inputs(family_pair):
     assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == img).long())
     # The stages' forward gives the model its M-RoPE positions (3-D, from the image grids),
     # not the 1-D fallback transformers takes silently when an input is missing.
-    from compodistill.train.stages import HiddenStates, family_inputs
+    from compodistill.data.family_inputs import family_inputs
+    from compodistill.train.stages import HiddenStates
 
     model = trainer.student.eval()
     with torch.no_grad():
@@ -150,7 +150,9 @@ def test_image_blocks_match_the_models_own_feature_counts(family_pair):
     the stages' forward, and LLaVA-OneVision's anyres counts are the processor's own."""
     from PIL import Image
 
-    from compodistill.train.stages import HiddenStates, family_inputs
+    from compodistill.data.family_inputs import family_inputs
+
+    from compodistill.train.stages import HiddenStates
 
     root, family = family_pair
     if family in QWEN:
@@ -314,7 +316,7 @@ def test_taf_chain_saves_a_plain_checkpoint_and_reloads_the_taf_connectors(famil
 
     from compodistill.hf.families import load_family_model
     from compodistill.hf.family_taf import TAFConnector, is_taf, taf_sites
-    from compodistill.train.stages import family_inputs
+    from compodistill.data.family_inputs import family_inputs
 
     root, family = family_pair
     stages = [dict(kind="dpt", max_steps=2, batch_size=2, lr=1e-3),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from compodistill.visual_attention.layout import spans_to_mask
-from compodistill.testing import reference as R
+from compodistill.testing import visual_attention as R
 
 
 def _qk(q_values, k_weights):

@@ -291,3 +291,16 @@ def family_image_inputs(config, image_processor, tokenizer=None):
     if family.name == "internvl":
         return InternVLImageInputs(image_processor, config, *_internvl_markers(tokenizer))
     return QwenVLImageInputs(image_processor, config)
+
+
+# The batch keys the families add, which the model takes as they are: Qwen's grid and token
+# types (without the token types transformers silently drops M-RoPE for 1-D positions), LLaVA-OneVision's image sizes and images per sample (anyres), Gemma 3's token
+# types. The trainer, the cache writer and eval pass these, one list.
+FAMILY_INPUTS = ("image_grid_thw", "mm_token_type_ids", "image_sizes", "batch_num_images",
+                 "token_type_ids")
+
+
+def family_inputs(batch: dict, device=None) -> dict:
+    """The batch's :data:`FAMILY_INPUTS` (none for LLaVA), on ``device`` when given."""
+    return {k: batch[k] if device is None else batch[k].to(device)
+            for k in FAMILY_INPUTS if k in batch}

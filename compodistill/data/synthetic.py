@@ -25,6 +25,8 @@ import random
 import sys
 from dataclasses import dataclass
 
+from .prompts import CAPTION_PROMPT, SHORT_ANSWER_SUFFIX, cr_prompt
+
 COLORS = {"red": (220, 40, 40), "green": (30, 170, 60), "blue": (40, 80, 230),
           "yellow": (235, 205, 30)}
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -126,9 +128,6 @@ def vqa_items(scene: Scene, rng: random.Random) -> list[dict]:
 
 def _train_turns(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     # (question, answer) per task: caption, one QA, one CR question (the eval's exact prompt).
-    from ..eval.cr import CAPTION_PROMPT, cr_prompt
-    from ..eval.vqa import SHORT_ANSWER_SUFFIX
-
     qa = rng.choice(vqa_items(scene, rng))
     negative = hard_negative(scene, rng.choice(CATEGORIES), rng)
     positive_first = rng.random() < 0.5

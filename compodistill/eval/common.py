@@ -4,7 +4,7 @@ The model is any callable taking ``input_ids``, ``attention_mask`` and (when the
 images) ``pixel_values`` keyword arguments and returning logits (B, L, V), directly or as an
 object with ``.logits`` (a transformers model). A batch of a family with its own image inputs
 also carries that family's inputs (``image_grid_thw``, ``mm_token_type_ids``, ...: the keys of
-:func:`compodistill.train.stages.family_inputs`), and the model gets them too. Prompts are
+:func:`compodistill.data.family_inputs.family_inputs`), and the model gets them too. Prompts are
 encoded by the same :class:`~compodistill.data.ConversationEncoder` as the training data (or
 its family form, :class:`~compodistill.eval.families.FamilyEncoder`).
 """
@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from ..data.family_inputs import family_inputs
 from ..data.llava import IGNORE_INDEX, LlavaCollator
 
 
@@ -57,7 +58,7 @@ def model_logits(model, batch: dict, position_ids: torch.Tensor | None = None) -
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if batch.get("pixel_values") is not None:
         kwargs["pixel_values"] = batch["pixel_values"]
-    kwargs.update(_family_inputs(batch))
+    kwargs.update(family_inputs(batch))
     if position_ids is not None and _accepts(model, "position_ids"):
         kwargs["position_ids"] = position_ids
     out = model(**kwargs)
@@ -66,12 +67,6 @@ def model_logits(model, batch: dict, position_ids: torch.Tensor | None = None) -
     if hasattr(out, "logits"):
         return out.logits
     return out[0]
-
-
-def _family_inputs(batch: dict) -> dict:
-    from ..train.stages import family_inputs  # the trainer's list of them: one list
-
-    return family_inputs(batch)
 
 
 def label_logprobs(model, batch: dict) -> list[float]:

@@ -30,14 +30,12 @@ from typing import Any, Sequence
 
 import torch
 
+from ..data.prompts import CAPTION_PROMPT, cr_prompt
 from .common import (batched, eos_ids, eval_mode, greedy_generate, label_logprobs,
                      last_token_logits, model_device, pad_id, progress_bar, to_device)
 from .families import collate, encode_images, prompt_sample, reply_sample
 from .unscored import Unscored, encode_or_skip
 
-CR_QUESTION = "Which caption describes the image?"
-CR_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-CAPTION_PROMPT = "Describe the image in one sentence."
 LETTERS = ("A", "B")
 SCORERS = ("loglik", "generate", "caption")
 
@@ -47,11 +45,6 @@ SUGARCREPE_CATEGORIES = {
     "add_obj": "object", "replace_obj": "object", "swap_obj": "object",
     "replace_rel": "relation", "swap_rel": "relation",
 }
-
-
-def cr_prompt(caption_a: str, caption_b: str) -> str:
-    """The user prompt of one CR question (the ``<image>`` tag is added by the encoder)."""
-    return f"{CR_QUESTION}\nA. {caption_a}\nB. {caption_b}\n{CR_INSTRUCTION}"
 
 
 @dataclass(frozen=True)

@@ -13,55 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from ..data.answers import normalize_answer
+from ..data.prompts import SHORT_ANSWER_SUFFIX
 from .common import (batched, eos_ids, eval_mode, greedy_generate, model_device, pad_id,
                      progress_bar)
 from .unscored import Unscored, encode_or_skip
-
-SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
-
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
-          "`", ",", "?", "!"]
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-_PERIOD_STRIP = re.compile(r"\.(?!\d)")
-_NUMBERS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten".split())}
-_ARTICLES = {"a", "an", "the"}
-_CONTRACTIONS = {w.replace("'", ""): w for w in (
-    "aren't can't couldn't didn't doesn't don't hadn't hasn't haven't he'd he'll he's i'd i'll "
-    "i'm i've isn't it'd it'll it's let's ma'am mightn't mustn't shan't she'd she'll "
-    "shouldn't that's there's they'd they'll they're they've wasn't we'd we're we've weren't "
-    "what's where's who's won't wouldn't you'd you'll you're you've y'all").split()}
-# Plain words that would otherwise be "restored" into contractions.
-for _word in ("hell", "ill", "id", "its", "lets", "shell", "wed", "well", "were",
-              "wont", "cant"):
-    _CONTRACTIONS.pop(_word, None)
-_CONTRACTIONS.update({"cant": "can't", "wont": "won't"})
-
-
-def normalize_answer(text: str) -> str:
-    """Normalise a short answer the way the VQA evaluation does (see the module docstring)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    out = text
-    for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text):
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    out = _PERIOD_STRIP.sub("", out)
-    words = []
-    for w in out.split():
-        w = _NUMBERS.get(w, w)
-        if w in _ARTICLES:
-            continue
-        words.append(_CONTRACTIONS.get(w, w))
-    return " ".join(words)
 
 
 def vqa_score(prediction: str, answers: Sequence[str]) -> float:

@@ -32,6 +32,8 @@ accumulates dq in registers (``_bwd_dq_kernel``, recomputing QKᵀ and dP: 7 mat
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._common import (LOG2E, all_configs, autotune_configs, block_d, check_window,  # noqa: F401

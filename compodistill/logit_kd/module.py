@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .from_logits import IGNORE_INDEX, LOSSES, POSITIONS, check_kd_options, selected_rows
+from .from_logits import IGNORE_INDEX, LOSSES, check_kd_options, selected_rows
 from .linear import linear_distillation_loss
 
 __all__ = ["FusedLinearKDLoss", "REDUCTIONS"]

@@ -267,7 +267,8 @@ class CachedStageLosses:
 
     def __call__(self, prepared: nn.Module, batch: dict) -> dict:
         from ..train.engine import Combined
-        from ..train.stages import family_inputs, lm_head
+        from ..data.family_inputs import family_inputs
+        from ..train.stages import lm_head
 
         w = self.stage.weights
         ids, mask = batch["input_ids"], batch["attention_mask"]

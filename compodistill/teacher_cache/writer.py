@@ -57,7 +57,7 @@ def _batch_tensors(teacher, batch: dict, indices: list[int], manifest: dict, mat
     from ..logit_kd.from_logits import selected_rows, shift_labels
     from ..visual_attention.layout import visual_layout
     from ..matching import LayerMatch
-    from ..train.stages import family_inputs
+    from ..data.family_inputs import family_inputs
 
     device = acc.device
     dtype = DTYPES[manifest["dtype"]]

@@ -35,29 +35,6 @@ def _facts(recipe: str):
                                     f"{tuple(recipe_names())}") from None
 
 
-def __getattr__(name: str):
-    # Old module-level tables, now owned by each recipe (compodistill.train.recipes).
-    import warnings
-
-    from .recipes import recipe_facts, recipe_names
-
-    tables = {
-        "RECIPES": lambda: tuple(recipe_names()),
-        "RECIPE_TERMS": lambda: {r: recipe_facts(r).terms for r in recipe_names()},
-        "RECIPE_DEFAULT_STAGES": lambda: {r: recipe_facts(r).default_stages
-                                          for r in recipe_names()},
-        "RECIPE_STAGE_DEFAULTS": lambda: {r: recipe_facts(r).stage_defaults
-                                          for r in recipe_names()},
-        "STAGE_DEFAULTS": lambda: recipe_facts("compodistill").stage_defaults,
-    }
-    if name in tables:
-        warnings.warn(f"compodistill.train.config.{name} is deprecated; use "
-                      f"compodistill.train.recipes.recipe_facts(name)", DeprecationWarning,
-                      stacklevel=2)
-        return tables[name]()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # The values each option accepts, copied from the losses they configure so that a typo fails
 # when the file loads, not after both models have loaded (tests check the two stay equal).
 KD_LOSSES = ("kl", "reverse_kl", "jsd")

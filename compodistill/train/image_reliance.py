@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..logit_kd.from_logits import shift_labels
-from .stages import HiddenStates, family_inputs, lm_head, lm_loss
+from ..data.family_inputs import family_inputs
+from .stages import HiddenStates, lm_head, lm_loss
 
 __all__ = ["BlindModelWarning", "Reliance", "measure", "replaced_images", "reliance_batches"]
 

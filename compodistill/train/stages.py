@@ -18,6 +18,7 @@ from torch import nn
 
 from ..hf.distiller import AttentionDistiller
 from ..hf.families import connector_of
+from ..data.family_inputs import family_inputs
 from ..logit_kd.linear import linear_distillation_loss
 from ..logit_kd.from_logits import shift_labels
 from .config import DistillConfig, StageConfig
@@ -115,19 +116,6 @@ class HiddenStates(nn.Module):
         out = core.model(input_ids=input_ids, attention_mask=attention_mask,
                          pixel_values=pixel_values, use_cache=False, **family_inputs)
         return out.last_hidden_state
-
-
-# Batch keys some families need beyond LLaVA's (data/family_inputs.py): Qwen's image grid and
-# token types (without the latter transformers silently drops M-RoPE for 1-D positions),
-# LLaVA-OneVision's image sizes and images per sample (anyres), Gemma 3's token types.
-FAMILY_INPUTS = ("image_grid_thw", "mm_token_type_ids", "image_sizes", "batch_num_images",
-                 "token_type_ids")
-
-
-def family_inputs(batch: dict, device=None) -> dict:
-    """The batch's :data:`FAMILY_INPUTS` (none for LLaVA), on ``device`` when given."""
-    return {k: batch[k] if device is None else batch[k].to(device)
-            for k in FAMILY_INPUTS if k in batch}
 
 
 def lm_head(model: nn.Module) -> nn.Linear:

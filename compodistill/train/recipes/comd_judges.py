@@ -168,7 +168,7 @@ class ModelJudge:
 
 def token_f1(prediction: str, reference: str) -> float:
     """SQuAD-style token F1 after VQA answer normalisation (0 when either side is empty)."""
-    from ...eval.vqa import normalize_answer
+    from ...data.answers import normalize_answer
 
     pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
     common = sum((Counter(pred) & Counter(ref)).values())

@@ -1,7 +1,7 @@
 """What the recipes read from the student's family (docs/stages.md#recipes-on-every-family).
 
 The recipes run on every trainer family through the same generic pieces as CompoDistill's own
-stages: the batch's family inputs (:func:`~compodistill.train.stages.family_inputs`) go to
+stages: the batch's family inputs (:func:`~compodistill.data.family_inputs.family_inputs`) go to
 every forward, visual positions are the tokens whose id is one of the config's
 :func:`~compodistill.hf.families.visual_token_ids` (image and video placeholders, whatever
 the family calls them), and widths come from the text config.

@@ -1,8 +1,0 @@
-"""Deprecated: the fused linear KD moved to :mod:`compodistill.logit_kd.linear`; this alias will be removed."""
-import importlib
-import sys
-import warnings
-
-warnings.warn("compodistill.linear_kd is deprecated; import compodistill.logit_kd.linear instead", DeprecationWarning, stacklevel=2)
-# The old name is the new module itself, so every name (and identity) stays the same.
-sys.modules[__name__] = importlib.import_module("compodistill.logit_kd.linear")

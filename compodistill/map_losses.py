@@ -1,8 +1,0 @@
-"""Deprecated: the map losses moved to :mod:`compodistill.visual_attention.map_losses`; this alias will be removed."""
-import importlib
-import sys
-import warnings
-
-warnings.warn("compodistill.map_losses is deprecated; import compodistill.visual_attention.map_losses instead", DeprecationWarning, stacklevel=2)
-# The old name is the new module itself, so every name (and identity) stays the same.
-sys.modules[__name__] = importlib.import_module("compodistill.visual_attention.map_losses")
