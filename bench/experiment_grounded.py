@@ -153,7 +153,7 @@ def train_teacher(opts: dict, data: dict, tokenizer):
     fresh cosine schedule each), each evaluated on the held-out set. Every round is logged
     and kept in the row (``rounds``), so the CSV says how long the teacher trained.
     """
-    from compodistill.grounded import encode_records, grid_encoder, grid_models, train_model
+    from compodistill.apps.grounded import encode_records, grid_encoder, grid_models, train_model
     from compodistill.hf.llava import load_student
 
     folder = opts["out"] / "teacher"
@@ -196,7 +196,7 @@ def train_teacher(opts: dict, data: dict, tokenizer):
 
 def vat_layers(teacher_row: dict, student_layers: int, concentration: float):
     """The VAT layers from the teacher's attention (:func:`concentrated_layers`)."""
-    from compodistill.grounded import concentrated_layers
+    from compodistill.apps.grounded import concentrated_layers
 
     return concentrated_layers({"answer": teacher_row["att_answer"],
                                 "uniform": teacher_row["att_uniform"]}, student_layers,
@@ -209,10 +209,10 @@ def run_student(job: dict) -> dict:
     done = Path(job["dir"]) / "row.json"
     if done.exists():
         return json.loads(done.read_text())
-    from compodistill.cli import quiet_libraries
+    from compodistill.apps.console import quiet_libraries
 
     quiet_libraries()
-    from compodistill.grounded import encode_records, grid_encoder, grid_models, train_model
+    from compodistill.apps.grounded import encode_records, grid_encoder, grid_models, train_model
     from compodistill.hf.llava import apply_taf, load_student
     from transformers import AutoTokenizer
 
@@ -375,7 +375,7 @@ def plot(teacher: dict, rows: list[dict], summary: list[dict], png: Path, title:
 
 
 def run(opts: dict, argv: list[str]) -> dict:
-    from compodistill.cli import quiet_libraries
+    from compodistill.apps.console import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(1)
@@ -385,7 +385,7 @@ def run(opts: dict, argv: list[str]) -> dict:
     command = "python bench/experiment_grounded.py " + " ".join(shlex.quote(a) for a in argv)
     base = {**prov, "threads": 1, "command": command.strip()}
     data = make_data(opts)
-    from compodistill.grounded import make_tokenizer
+    from compodistill.apps.grounded import make_tokenizer
 
     tokenizer = make_tokenizer(data["train"])
     log(f"data ready: {len(data['train'])} records, {len(data['questions'])} questions")

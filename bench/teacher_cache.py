@@ -111,7 +111,7 @@ def _cache_files(cache: Path) -> tuple[float, float, int, int, int]:
 
 
 def run(device, out_csv: Path, demo: Path, samples: int, repeat: int) -> list[dict]:
-    from compodistill.teacher_cache import write_teacher_cache
+    from compodistill.teacher_cache.writer import write_teacher_cache
     from compodistill.train.stages import HiddenStates, prepare_trainable
     from compodistill.train.trainer import CompoDistillTrainer
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .apps.console import quiet_libraries, reliance_text
+
 DESCRIPTION = """\
 Fused visual-attention distillation of vision-language models.
 
@@ -24,44 +26,8 @@ Fused visual-attention distillation of vision-language models.
 """
 
 
-def quiet_libraries(logs: bool = True) -> None:
-    """No loading bars from transformers / the hub; with ``logs`` no info logs either
-    (``--quiet``). The demo uses it without ``logs``: the bars would interleave with its
-    phase lines."""
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # the core install has no transformers
-        return
-    hf_logging.disable_progress_bar()
-    if logs:
-        hf_logging.set_verbosity_error()
-    keep_data_loss_warnings()
-
-
-def keep_data_loss_warnings() -> None:
-    """Our own warnings (records dropped, a model blind to its images) are shown whatever a
-    library or PYTHONWARNINGS filtered."""
-    import warnings
-
-    from .data.dataset import DataLossWarning
-    from .train.image_reliance import BlindModelWarning
-
-    warnings.filterwarnings("always", category=DataLossWarning)
-    warnings.filterwarnings("always", category=BlindModelWarning)
-
-
-def reliance_text(reliance: dict) -> str:
-    """``image reliance student +0.412, teacher +0.630; `` ('' when not measured)."""
-    if not reliance:
-        return ""
-    return "image reliance " + ", ".join(f"{who} {v:+.3f}" for who, v in reliance.items()) + "; "
-
-
 def _demo_losses(args: argparse.Namespace) -> int:
-    from . import demo_losses
+    from .apps import demo_losses
 
     print(f"compodistill: every visual-attention loss on the CPU path vs the materialising "
           f"reference (B={args.batch}, N={args.seq_len}, student 8/2 heads, teacher 16/4, "
@@ -79,7 +45,7 @@ def _demo_losses(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DEFAULTS, format_summary, run_demo
+    from .apps.demo import DEFAULTS, format_summary, run_demo
 
     overrides = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
     summary = run_demo(args.out, progress=not args.quiet, **overrides)
@@ -129,14 +95,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from . import inspect
+    from .apps import inspect
 
     return inspect.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .data.synthetic import add_arguments as add_synth_arguments
-    from .demo import DEFAULTS, HELP
+    from .apps.demo import DEFAULTS, HELP
     from .eval.cli import TASKS, add_task_arguments
 
     common = argparse.ArgumentParser(add_help=False)
@@ -200,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "patch grid, their difference and the alignment "
                                          "(VAT loss, cosine); then summary.png / summary.csv "
                                          "per student layer over the samples.")
-    from .inspect import add_arguments as add_inspect_arguments
+    from .apps.inspect import add_arguments as add_inspect_arguments
 
     add_inspect_arguments(inspect)
     inspect.set_defaults(func=_inspect)

@@ -6,7 +6,7 @@ Usage: python tests/teacher_cache_run.py ROOT CACHE_DIR
 import sys
 from pathlib import Path
 
-from compodistill.teacher_cache import write_teacher_cache
+from compodistill.teacher_cache.writer import write_teacher_cache
 from compodistill.train.config import config_from_dict
 
 root, cache = Path(sys.argv[1]), sys.argv[2]

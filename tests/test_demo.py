@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("transformers")
 from compodistill.cli import main  # noqa: E402
-from compodistill.demo import PHASES  # noqa: E402
+from compodistill.apps.demo import PHASES  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 TINY = ["--num-images", "24", "--eval-images", "4", "--teacher-steps", "4",

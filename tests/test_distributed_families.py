@@ -96,7 +96,7 @@ def _assert_same_run(root: Path, reports: dict, steps: int) -> None:
 def test_qwen2_5_vl_fsdp2_dft_with_taf_matches_one_process(tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from compodistill.hf.families import load_family_model
+    from compodistill.hf.loading import load_family_model
     from compodistill.hf.family_taf import is_taf
 
     write_family_pair(tmp_path, "qwen2_5_vl")

@@ -11,7 +11,7 @@ import torch
 from compodistill.data.grid_task import generate_grid_task
 from compodistill.eval.grid import (score_captions, score_questions, target_attention,
                                     with_se)
-from compodistill.grounded import grid_encoder, grid_models, make_tokenizer
+from compodistill.apps.grounded import grid_encoder, grid_models, make_tokenizer
 
 
 @pytest.fixture(scope="module")

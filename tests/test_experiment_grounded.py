@@ -64,7 +64,7 @@ def test_claim_needs_a_gain_beyond_two_std_and_a_flat_control():
 def test_shuffled_control_takes_targets_from_other_images(monkeypatch):
     """train_model(shuffle_maps=True) runs the teacher's captured forward on the batch's
     images rolled by one, and only that forward: KD still sees the real images."""
-    from compodistill import grounded
+    from compodistill.apps import grounded
 
     seen = []
     tok = grounded.make_tokenizer([{"conversations": [{"value": "red"}]}])

@@ -134,7 +134,7 @@ def test_cr_negatives_keep_the_words_and_change_the_binding(task):
 
 def test_dense_records_supervise_every_answer(task):
     from compodistill.data import ConversationEncoder
-    from compodistill.grounded import make_tokenizer
+    from compodistill.apps.grounded import make_tokenizer
 
     assert [r["id"] for r in task["train"][:4]] == ["train_000000_q", "train_000000_c",
                                                     "train_000001_q", "train_000001_c"]

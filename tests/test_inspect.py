@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from compodistill.cli import main  # noqa: E402
-from compodistill.inspect import PatchGrid, image_grids, patch_grid, run_inspect  # noqa: E402
+from compodistill.apps.inspect import PatchGrid, image_grids, patch_grid, run_inspect  # noqa: E402
 from compodistill.visual_attention import visual_layout, visual_map_loss  # noqa: E402
 
 from _helpers import assert_one_line_error, write_tiny_pair  # noqa: E402

@@ -44,7 +44,7 @@ def cache_teacher(root, cache="cache", **options):
 
 
 def write_cache(root, cache="cache", **options):
-    from compodistill.teacher_cache import write_teacher_cache
+    from compodistill.teacher_cache.writer import write_teacher_cache
 
     config = config_from_dict(make_config(root, cache_teacher(root, cache, **options)))
     return write_teacher_cache(config, show_progress=False)

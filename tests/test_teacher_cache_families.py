@@ -48,7 +48,7 @@ def cache_teacher(root):
 @pytest.fixture(scope="module", params=FAMILIES)
 def cached(request, tmp_path_factory):
     """A tiny pair of the family and its cache (k = vocabulary, exact fp32 maps)."""
-    from compodistill.teacher_cache import write_teacher_cache
+    from compodistill.teacher_cache.writer import write_teacher_cache
 
     torch.set_num_threads(1)
     family = request.param
@@ -229,7 +229,7 @@ def test_dpt_and_dft_train_from_the_cache_without_the_teacher(cached, monkeypatc
 def test_same_inputs_give_byte_identical_files(cached):
     """The family's data (image processor, per-image token counts) and teacher inputs are
     deterministic: a second cache run writes the same bytes."""
-    from compodistill.teacher_cache import write_teacher_cache
+    from compodistill.teacher_cache.writer import write_teacher_cache
 
     root, family = cached
     options = dict(cache_teacher(root), cache=str(root / "cache-again"))

@@ -314,7 +314,7 @@ def test_taf_chain_saves_a_plain_checkpoint_and_reloads_the_taf_connectors(famil
     model computes, and the trainer's loader rebuilds the TAF connectors from it."""
     from transformers import AutoModelForImageTextToText
 
-    from compodistill.hf.families import load_family_model
+    from compodistill.hf.loading import load_family_model
     from compodistill.hf.family_taf import TAFConnector, is_taf, taf_sites
     from compodistill.data.family_inputs import family_inputs
 

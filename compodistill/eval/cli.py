@@ -31,7 +31,8 @@ def load_model_and_encoder(path: str, num_image_tokens: int | None = None):
     from ..data import ConversationEncoder, ImageTransform
     from ..data.family_inputs import family_image_inputs
     from ..data.processors import load_processor_parts
-    from ..hf.families import check_trainer_checkpoint, load_family_model, visual_token_ids
+    from ..hf.families import check_trainer_checkpoint, visual_token_ids
+    from ..hf.loading import load_family_model
     from .families import FamilyEncoder
 
     family = check_trainer_checkpoint(path, "--model")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 __all__ = ["FAMILIES", "TAF_FAMILIES", "TRAINER_FAMILIES", "Family", "check_supported",
-           "check_trainer_checkpoint", "connector_of", "family_of", "load_family_model",
+           "check_trainer_checkpoint", "connector_of", "family_of",
            "tiny_family_batch", "tiny_family_pair", "visual_positions", "visual_token_ids"]
 
 
@@ -77,25 +77,6 @@ TRAINER_FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "gemma
 TAF_FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "gemma3", "internvl")
 
 
-def load_family_model(path, **kwargs) -> nn.Module:
-    """A local checkpoint of any trainer family: LLaVA (TAF or not) through
-    :func:`compodistill.hf.taf.load_student`, the others through
-    ``AutoModelForImageTextToText``. ``kwargs`` go to ``from_pretrained``."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from .taf import load_student
-
-    from .family_taf import TAF_FILE, load_family_taf
-
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if family_of(config).name == "llava":
-        return load_student(path, **kwargs)
-    if (Path(path) / TAF_FILE).is_file():  # a TAF student, saved folded (hf/family_taf.py)
-        return load_family_taf(AutoModelForImageTextToText, path, local_files_only=True,
-                               **kwargs)
-    return AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **kwargs)
-
-
 def connector_of(model: nn.Module) -> nn.Module:
     """The module that maps vision features into the language model's width: LLaVA's
     ``multi_modal_projector``, Qwen's vision ``merger`` (Qwen3-VL: with its DeepStack mergers,
@@ -122,7 +103,6 @@ def check_trainer_checkpoint(path, key: str) -> Family:
             families the trainer supports.
     """
     import json
-    from pathlib import Path
 
     model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
     supported = ", ".join(f"{FAMILIES[n].title} ({'/'.join(FAMILIES[n].model_types)})"

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["TAF_FILE", "QwenTAFMerger", "TAFConnector", "apply_family_taf", "folded_state_dict",
+from .families import family_of
+
+__all__ = ["TAF_FILE", "TAFConnector", "apply_family_taf", "folded_state_dict",
            "is_taf", "load_family_taf", "load_taf_parts", "save_taf", "taf_sites"]
 
 TAF_FILE = "compodistill_taf.safetensors"
@@ -60,17 +62,12 @@ class TAFConnector(nn.Module):
         return self.post(self.teacher(hidden_states))
 
 
-QwenTAFMerger = TAFConnector  # the name it had when Qwen2.5-VL was the only family
-
-
 def taf_sites(model: nn.Module) -> list[tuple[str, str]]:
     """``(module path, last layer name)`` of every connector TAF replaces in ``model``.
 
     Raises:
         ValueError: a family without TAF, naming it.
     """
-    from .families import family_of
-
     family = family_of(model)
     if family.name not in _SITES:
         raise ValueError(f"TAF is not defined for the {family.title} family here")

@@ -142,7 +142,7 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
     from ..data import LlavaCollator
     from ..data.processors import load_processor_parts
     from ..data.family_inputs import family_image_inputs
-    from ..hf.families import load_family_model
+    from ..hf.loading import load_family_model
     from ..train.families import check_family_options
     from ..train.trainer import check_checkpoint
 

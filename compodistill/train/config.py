@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .config_fields import ConfigError, check_fields, choice, coerce
+from .recipes import recipe_facts, recipe_names
 
 STAGE_KINDS = ("dpt", "dft", "sft")
 # What a stage trains: the TAF post-connector, the (trainable part of the) connector, LoRA on
@@ -22,15 +23,10 @@ TRAINABLE = ("post_connector", "connector", "lora", "lora+post_connector", "lora
 
 
 def _facts(recipe: str):
-    """The recipe's own facts (terms, stage defaults, chain); imported on first use, since
-    the recipe modules import the stage code, which imports this module."""
-    from .recipes import recipe_facts
-
+    """The recipe's own facts (terms, stage defaults, chain), as a config error if unknown."""
     try:
         return recipe_facts(recipe)
     except ValueError:
-        from .recipes import recipe_names
-
         raise ConfigError("recipe", f"{recipe!r} is not a recipe; recipe must be one of "
                                     f"{tuple(recipe_names())}") from None
 
@@ -49,92 +45,6 @@ LAYER_REDUCTIONS = ("mean", "sum")
 SCHEDULERS = ("cosine", "linear")
 ON_BAD_RECORD = ("skip", "error")  # data.on_bad_record (docs/stages.md#bad-records)
 MIXED_PRECISION = ("no", "fp16", "bf16")
-
-
-class ConfigError(ValueError):
-    """A bad config value. ``key`` is its path in the file (``stages[1].lr``, ``kd.loss``)."""
-
-    def __init__(self, key: str, message: str):
-        self.key, self.message = key, message
-        super().__init__(f"{key}: {message}" if key else message)
-
-    def within(self, prefix: str) -> "ConfigError":
-        """The same error, with its key placed under ``prefix``."""
-        return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.message)
-
-
-def choice(default, choices: tuple, **kwargs):
-    """A dataclass field that only accepts one of ``choices``."""
-    return field(default=default, metadata={"choices": choices}, **kwargs)
-
-
-def _type_name(hint) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        name = " or ".join(_type_name(a) for a in args)
-        return name + " or null" if len(args) < len(typing.get_args(hint)) else name
-    if typing.get_origin(hint) is list:
-        return f"a list of {_type_name(args[0])}"
-    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(
-        hint, getattr(hint, "__name__", str(hint)))
-
-
-def _coerce(value, hint):
-    """``value`` as ``hint``, or raise TypeError. YAML reads ``2e-4`` as a string: accept it."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        for arg in typing.get_args(hint):
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg)
-            except TypeError:
-                pass
-        raise TypeError
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError
-        return [_coerce(v, typing.get_args(hint)[0]) for v in value]
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise TypeError from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError
-    if hint in (bool, str):
-        if isinstance(value, hint):
-            return value
-        raise TypeError
-    return value  # nested dataclasses are checked by their own __post_init__
-
-
-def check_fields(obj) -> None:
-    """Check (and normalise) every field of a config dataclass: type, then allowed values.
-
-    Raises :class:`ConfigError` naming the field, the value and what is allowed.
-    """
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        try:
-            value = _coerce(value, hints[f.name])
-        except TypeError:
-            raise ConfigError(f.name, f"expected {_type_name(hints[f.name])}, got {value!r} "
-                                      f"({type(value).__name__})") from None
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise ConfigError(f.name, f"{value!r} is not one of "
-                                      f"{', '.join(repr(c) for c in choices)}")
-        setattr(obj, f.name, value)
 
 
 @dataclass
@@ -160,7 +70,7 @@ class LossWeights:
         check_fields(self)
         for name, value in self.extra.items():
             try:
-                self.extra[name] = _coerce(value, float)
+                self.extra[name] = coerce(value, float)
             except TypeError:
                 raise ConfigError(name, f"expected a number, got {value!r}") from None
         for name, value in self.as_dict().items():
@@ -431,7 +341,7 @@ class DistillConfig:
         if len(set(names)) != len(names):
             raise ConfigError("stages", f"stage names must be unique, got {names}")
         if self.teacher_cache is not None:
-            from ..teacher_cache.options import check_cacheable
+            from .cache_options import check_cacheable
 
             check_cacheable(self)
 
@@ -471,7 +381,7 @@ def config_from_dict(raw: dict) -> DistillConfig:
     """
     raw = _build(DistillConfig, raw, "config")
     if isinstance(raw.get("teacher"), dict):  # teacher: {cache: DIR, ...}
-        from ..teacher_cache.options import TeacherCacheOptions
+        from .cache_options import TeacherCacheOptions
 
         raw["teacher_cache"] = TeacherCacheOptions.from_dict(raw["teacher"])
         raw["teacher"] = ""  # training never loads it: teacher_cache.path is the cache run's

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from ..hf.families import check_trainer_checkpoint, family_of
 from ..hf.family_taf import apply_family_taf, is_taf, save_taf
 # Every trainer family: LLaVA (TAF or not) as before, the others as AutoModelForImageTextToText.
-from ..hf.families import load_family_model as load_student
+from ..hf.loading import load_family_model as load_student
 from ..hf.llava import TAFLlavaForConditionalGeneration, apply_taf
 from ..data.family_inputs import family_image_inputs
 from . import distributed
@@ -167,7 +167,7 @@ class CompoDistillTrainer:
         # teacher: {cache: DIR}: the targets come from the cache, no teacher is ever loaded.
         self.teacher_cache = None
         if config.teacher_cache is not None:
-            from ..teacher_cache.training import CacheSource
+            from .cache_source import CacheSource
 
             self.teacher_cache = CacheSource(config, self.student.config, self.image_inputs)
             self.dataset = self.teacher_cache.indexed(self.dataset)

@@ -18,13 +18,14 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from .base import Recipe, RecipeFacts, StageParts
+from .base import Recipe, StageParts
+from .facts import BUILTIN, RecipeFacts
 
 __all__ = ["Recipe", "RecipeFacts", "StageParts", "get_recipe", "register_recipe",
            "unregister_recipe", "recipe_names", "recipe_facts"]
 
-# name -> "module:factory"; imported on first use so the config can be read without torch
-# models, and recipe modules may import the trainer without an import cycle.
+# name -> "module:factory"; imported on first use, so the config reads the built-in recipes'
+# facts (.facts) without importing the recipes, which import the stages and the trainer.
 _REGISTRY: dict[str, str | Callable[[], Recipe]] = {
     "compodistill": "compodistill.train.recipes.compodistill:CompoDistillRecipe",
     "llava_kd": "compodistill.train.recipes.llava_kd:LlavaKDRecipe",
@@ -34,6 +35,7 @@ _REGISTRY: dict[str, str | Callable[[], Recipe]] = {
 
 
 _BUILTIN = frozenset(_REGISTRY)
+_BUILTIN_PATHS = dict(_REGISTRY)
 
 
 def recipe_names() -> list[str]:
@@ -77,6 +79,8 @@ def get_recipe(name: str) -> Recipe:
 
 def recipe_facts(name: str) -> RecipeFacts:
     """The :class:`RecipeFacts` of the recipe called ``name``."""
+    if name in _BUILTIN_PATHS and _REGISTRY.get(name) == _BUILTIN_PATHS[name]:  # no import
+        return BUILTIN[name]
     factory = _factory(name)
     facts = getattr(factory, "facts", None)
     if facts is None:  # a plain callable: ask an instance

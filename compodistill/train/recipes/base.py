@@ -8,37 +8,12 @@ from typing import TYPE_CHECKING, Callable
 
 from torch import nn
 
+from .facts import RecipeFacts  # noqa: F401  (part of the interface)
+
 if TYPE_CHECKING:  # the trainer imports the recipes, not the other way round at import time
     from ..config import StageConfig
     from ..engine import StageResult
     from ..trainer import CompoDistillTrainer
-
-
-@dataclass(frozen=True)
-class RecipeFacts:
-    """What a recipe is, as the config sees it (read before any model loads).
-
-    Attributes:
-        terms: the loss terms it computes; a stage giving another term a weight is an error.
-        stage_defaults: per stage kind (``dpt``/``dft``/``sft``), the :class:`StageConfig`
-            fields it sets (``trainable``, ``weights``, ``lr``, ``batch_size``...); a kind it
-            leaves out falls back to ``{"trainable": "lora", "weights": {"lm": 1.0}}``.
-        default_stages: the stage chain when the config names none.
-        taf: whether the student gets TAF when the config does not say.
-        families: the trainer families (``compodistill.hf.families``) it runs on; None: every
-            one. A LLaVA-only recipe sets ``("llava",)`` and is refused for another family
-            with a ``ConfigError`` naming ``recipe`` and the family.
-    """
-
-    terms: tuple
-    stage_defaults: dict
-    default_stages: tuple
-    taf: bool = False
-    families: tuple | None = None
-
-    def stage_default(self, kind: str) -> dict:
-        base = self.stage_defaults.get(kind, {"trainable": "lora", "weights": {"lm": 1.0}})
-        return {**base, "weights": dict(base.get("weights", {"lm": 1.0}))}
 
 
 @dataclass

@@ -34,7 +34,7 @@ from ...hf.families import visual_token_ids
 from ..checkpoint import is_complete
 from .comd_judges import (GreedyGenerator, JudgeRequest, ModelJudge, ReferenceOverlapJudge,
                           strip_image_tags)
-from .base import RecipeFacts
+from .facts import COMD as FACTS
 from .compodistill import CompoDistillRecipe
 
 __all__ = ["CoMDRecipe", "DEFAULT_AUGMENT_PROMPT", "ROUND_FILES"]
@@ -56,14 +56,6 @@ def _write_json(path: Path, data) -> None:
 def _mean(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
-
-
-# Every training step of every round runs the configured stages (instruction tuning).
-FACTS = RecipeFacts(
-    terms=("lm", "kd"),
-    stage_defaults={kind: dict(trainable="lora", weights=dict(lm=1.0), batch_size=128)
-                    for kind in ("dpt", "dft", "sft")},
-    default_stages=("sft",))
 
 
 class CoMDRecipe(CompoDistillRecipe):
@@ -119,7 +111,7 @@ class CoMDRecipe(CompoDistillRecipe):
         model, image_inputs = trainer.teacher, None
         if opts.judge_model:
             from ...data.family_inputs import family_image_inputs
-            from ...hf.families import load_family_model
+            from ...hf.loading import load_family_model
 
             model = load_family_model(opts.judge_model).eval().to(trainer.acc.device)
             image_inputs = family_image_inputs(model.config, opts.judge_model,

@@ -1,20 +1,8 @@
 """CompoDistill (docs/stages.md): LM + fused logit KD + visual-attention alignment, TAF student."""
 from __future__ import annotations
 
-from .base import Recipe, RecipeFacts, StageParts
-
-# DPT trains the TAF post-connector with LM + KD; DFT adds LoRA and VAT; SFT trains a fresh
-# LoRA on the LM loss alone (every stage's LoRA is merged when it ends).
-FACTS = RecipeFacts(
-    terms=("lm", "kd", "vat"),
-    stage_defaults={
-        "dpt": dict(trainable="post_connector", weights=dict(lm=1.0, kd=1.0), batch_size=256),
-        "dft": dict(trainable="lora+post_connector", weights=dict(lm=1.0, kd=1.0, vat=1.0),
-                    batch_size=128),
-        "sft": dict(trainable="lora", weights=dict(lm=1.0), batch_size=192),
-    },
-    default_stages=("dpt", "dft", "sft"),
-    taf=True)
+from .base import Recipe, StageParts
+from .facts import COMPODISTILL as FACTS
 
 
 class CompoDistillRecipe(Recipe):

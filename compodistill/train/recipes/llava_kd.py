@@ -17,20 +17,9 @@ from torch import nn
 
 from ...logit_kd.linear import linear_distillation_loss
 from ..stages import HiddenStates, lm_head, lm_loss
-from .base import Recipe, RecipeFacts, StageParts
+from .base import Recipe, StageParts
+from .facts import LLAVA_KD as FACTS
 from .family import RecipeLosses
-
-# DPT (connector, lr 1e-3) -> SFT (CE) -> DFT (CE + KL_res + KL_vis + RDist); no TAF, so the
-# connector itself trains.
-_ALL_TERMS = dict(lm=1.0, kd=1.0, kd_vis=1.0, rdist=1.0)
-FACTS = RecipeFacts(
-    terms=("lm", "kd", "kd_vis", "rdist"),
-    stage_defaults={
-        "dpt": dict(trainable="connector", weights=_ALL_TERMS, lr=1e-3, batch_size=256),
-        "sft": dict(trainable="lora+connector", weights=dict(lm=1.0), batch_size=128),
-        "dft": dict(trainable="lora+connector", weights=_ALL_TERMS, batch_size=128),
-    },
-    default_stages=("dpt", "sft", "dft"))
 
 __all__ = ["LlavaKDRecipe", "LlavaKDLosses", "linear_rdist_loss", "lm_head_gram"]
 

@@ -17,20 +17,9 @@ from torch import nn
 
 from ...logit_kd.linear import linear_distillation_loss
 from ..stages import HiddenStates, lm_head, lm_loss
-from .base import Recipe, RecipeFacts, StageParts
+from .base import Recipe, StageParts
+from .facts import LLAVADI as FACTS
 from .family import RecipeLosses, text_hidden_size
-
-# LLAVADI distils in fine-tuning; pre-training aligns the connector on the LM loss (the chain
-# is ours: the paper gives none).
-FACTS = RecipeFacts(
-    terms=("lm", "kd", "feat"),
-    stage_defaults={
-        "dpt": dict(trainable="connector", weights=dict(lm=1.0), lr=1e-3, batch_size=256),
-        "sft": dict(trainable="lora+connector", weights=dict(lm=1.0), batch_size=128),
-        "dft": dict(trainable="lora+connector", weights=dict(lm=1.0, kd=1.0, feat=1.0),
-                    batch_size=128),
-    },
-    default_stages=("dpt", "dft"))
 
 __all__ = ["FeatureProjector", "ProjectedHiddenStates", "LlavaDILosses", "LlavaDIRecipe",
            "PROJECTOR_FILE", "feature_mse"]

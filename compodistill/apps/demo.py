@@ -71,7 +71,7 @@ def run_demo(out: str | Path = "runs/demo", *, progress: bool = True, **override
         if key != "seed" and value < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
     out = Path(out)
-    from .cli import quiet_libraries
+    from .console import quiet_libraries
 
     quiet_libraries(logs=False)
     threads = torch.get_num_threads()
@@ -111,11 +111,11 @@ def _lm_training(model, feats, steps: int, batch_size: int, lr: float, seed: int
 
 
 def _run(out: Path, opts: dict, progress: bool) -> dict:
-    from .eval.grid import score_questions, target_attention
+    from ..eval.grid import score_questions, target_attention
     from .grounded import concentrated_layers, encode_records, grid_encoder
-    from .hf.llava import load_student
-    from .train.config import config_from_dict
-    from .train.trainer import CompoDistillTrainer
+    from ..hf.llava import load_student
+    from ..train.config import config_from_dict
+    from ..train.trainer import CompoDistillTrainer
 
     student_steps = opts["dpt_steps"] + opts["dft_steps"] + opts["sft_steps"]
     # Work per phase in teacher-step equivalents, for the time-left estimate.
@@ -209,7 +209,7 @@ def _run(out: Path, opts: dict, progress: bool) -> dict:
 
 
 def _make_data(out: Path, opts: dict) -> dict:
-    from .data.grid_task import generate_grid_task
+    from ..data.grid_task import generate_grid_task
 
     return generate_grid_task(str(out / "data"), num_train=opts["num_images"],
                               num_eval=opts["eval_images"], seed=opts["seed"])

@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from . import visual_attention_loss, visual_attention_maps, visual_layout
-from .testing.memory import peak_memory
-from .testing.accuracy import pad_maps
-from .testing.visual_attention import ref_visual_allowed, ref_visual_loss, ref_visual_maps
+from ..visual_attention import visual_attention_loss, visual_attention_maps, visual_layout
+from ..testing.memory import peak_memory
+from ..testing.accuracy import pad_maps
+from ..testing.visual_attention import ref_visual_allowed, ref_visual_loss, ref_visual_maps
 
 VARIANTS = [
     ("cosine flat (paper)", dict(loss="cosine", cosine="flat")),

@@ -125,7 +125,7 @@ def _row_mean(maps: torch.Tensor, layout) -> torch.Tensor:
 def _load_pixels_for_display(paths, size):
     from PIL import Image
 
-    from .data.images import open_image
+    from ..data.images import open_image
 
     h, w = _pair(size)
     return [open_image(p).resize((w, h), Image.BICUBIC) for p in paths]
@@ -260,10 +260,10 @@ def inspect_alignment(student, teacher, encoder, records, out, *, samples: int =
     """
     import time
 
-    from .data.records import parse_record, read_records
-    from .eval.common import progress_bar
-    from .hf import AttentionDistiller
-    from .visual_attention import visual_map_loss
+    from ..data.records import parse_record, read_records
+    from ..eval.common import progress_bar
+    from ..hf import AttentionDistiller
+    from ..visual_attention import visual_map_loss
 
     if query not in QUERIES:
         raise ValueError(f"--query must be one of {QUERIES}, got {query!r}")
@@ -369,8 +369,8 @@ def run_inspect(teacher: str, student: str, data: str, out: str, *,
         raise FileNotFoundError(f"--data: data file not found: {data}")
     if image_folder is not None and not os.path.isdir(image_folder):
         raise FileNotFoundError(f"--image-folder: folder not found: {image_folder}")
-    from .eval.cli import load_model_and_encoder
-    from .hf import load_student
+    from ..eval.cli import load_model_and_encoder
+    from ..hf import load_student
 
     student_model, encoder = load_model_and_encoder(student)
     teacher_model = load_student(teacher).eval()
@@ -384,8 +384,8 @@ def run_inspect(teacher: str, student: str, data: str, out: str, *,
 
 def add_arguments(p) -> None:
     """The options of ``compodistill inspect``."""
-    from .matching import MODES, PRESETS
-    from .visual_attention import COSINE_MODES, LOSSES
+    from ..matching import MODES, PRESETS
+    from ..visual_attention import COSINE_MODES, LOSSES
 
     p.add_argument("--teacher", required=True, help="teacher model folder (save_pretrained)")
     p.add_argument("--student", required=True,

@@ -25,7 +25,7 @@ __all__ = ["grid_models", "encode_records", "train_model", "grid_encoder", "make
 
 def make_tokenizer(records: Sequence[dict]):
     """The word-level tokenizer over the records' text (answers are single tokens)."""
-    from .data import build_tiny_tokenizer
+    from ..data import build_tiny_tokenizer
 
     return build_tiny_tokenizer(texts=[t["value"] for r in records for t in r["conversations"]])
 
@@ -36,7 +36,7 @@ def grid_models(vocab_size: int, *, cell: int = 12, grid: int = 3, teacher_hidde
     """``(student, teacher)`` for the grid task, sharing one frozen random vision tower."""
     from transformers import Qwen2Config, SiglipVisionConfig
 
-    from .hf.builders import build_llava
+    from ..hf.builders import build_llava
 
     torch.manual_seed(seed)
     vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
@@ -64,7 +64,7 @@ def grid_models(vocab_size: int, *, cell: int = 12, grid: int = 3, teacher_hidde
 
 def grid_encoder(model, tokenizer):
     """The :class:`ConversationEncoder` of a grid-task model."""
-    from .data import ConversationEncoder
+    from ..data import ConversationEncoder
 
     cfg = model.config
     return ConversationEncoder(tokenizer, cfg.vision_config.image_size,
@@ -74,7 +74,7 @@ def grid_encoder(model, tokenizer):
 
 def encode_records(records: Sequence[dict], encoder, image_folder: str) -> list[dict]:
     """Each record as ``{"input_ids", "labels", "pixel_values"}`` (one image per record)."""
-    from .data.records import parse_record
+    from ..data.records import parse_record
 
     out = []
     for i, rec in enumerate(records):
@@ -87,7 +87,7 @@ def encode_records(records: Sequence[dict], encoder, image_folder: str) -> list[
 
 def _batches(features: list[dict], batch_size: int, steps: int, seed: int, pad_id: int):
     """``steps`` batches drawn epoch by epoch from a seeded permutation."""
-    from .data import LlavaCollator
+    from ..data import LlavaCollator
 
     collate = LlavaCollator(pad_id)
     gen = torch.Generator().manual_seed(seed)
@@ -120,9 +120,9 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    from .hf.distiller import AttentionDistiller
-    from .logit_kd.from_logits import shift_labels
-    from .logit_kd.linear import linear_distillation_loss
+    from ..hf.distiller import AttentionDistiller
+    from ..logit_kd.from_logits import shift_labels
+    from ..logit_kd.linear import linear_distillation_loss
 
     if (kd or vat) and teacher is None:
         raise ValueError("kd/vat weights need a teacher")

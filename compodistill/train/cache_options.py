@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..train.config import ConfigError, check_fields, choice
+from .config_fields import ConfigError, check_fields, choice
 
 CACHE_DTYPES = ("bf16", "fp32")
 MAP_STORAGE = ("exact", "topk")

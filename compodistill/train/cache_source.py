@@ -21,10 +21,10 @@ from ..logit_kd.from_logits import selected_rows, shift_labels
 from ..matching import LayerMatch
 from ..visual_attention.layout import VisualLayout, visual_layout
 from ..visual_attention.map_losses import visual_map_loss
-from .format import TeacherCacheError
-from .loss import topk_distillation_loss
-from .reader import TeacherCache
-from .targets import expand_map
+from ..teacher_cache.format import TeacherCacheError, read_json
+from ..teacher_cache.loss import topk_distillation_loss
+from ..teacher_cache.reader import TeacherCache
+from ..teacher_cache.targets import expand_map
 
 __all__ = ["CacheSource", "CachedStageLosses", "CachedCapture", "IndexedDataset",
            "IndexCollator"]
@@ -141,7 +141,6 @@ class CacheSource:
 
         from ..hf.families import family_of
         from ..hf.llava import apply_taf
-        from .format import read_json
 
         root = self.cache.root
         raw = read_json(root / "teacher_config.json", "teacher config")
@@ -254,7 +253,7 @@ class CachedStageLosses:
     """
 
     def __init__(self, student, source: CacheSource, stage, config, accelerator):
-        from ..train.stages import llava_core
+        from .stages import llava_core
 
         self.student, self.source, self.stage, self.config = student, source, stage, config
         self.acc = accelerator
@@ -266,9 +265,9 @@ class CachedStageLosses:
                                      beta=0.5, reduction="mean")
 
     def __call__(self, prepared: nn.Module, batch: dict) -> dict:
-        from ..train.engine import Combined
+        from .engine import Combined
         from ..data.family_inputs import family_inputs
-        from ..train.stages import lm_head
+        from .stages import lm_head
 
         w = self.stage.weights
         ids, mask = batch["input_ids"], batch["attention_mask"]
