@@ -376,3 +376,21 @@ def write_family_pair(root, family: str, *, num: int = 6, sizes=((16, 16), (24, 
     family_image_processor(family).save_pretrained(root / "student")
     teacher.save_pretrained(root / "teacher")
     return tok
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), so two suites side by side never
+    share a rendezvous port the way accelerate's fixed default (29500) makes them."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(config_file, *args) -> list:
+    """The ``accelerate launch`` command line for ``config_file`` with a free rendezvous port."""
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(config_file), "--main_process_port", str(free_port()), *map(str, args)]

@@ -22,7 +22,7 @@ pytest.importorskip("peft")
 
 from compodistill.hf.llava import load_student  # noqa: E402
 
-from _helpers import keep_equal_length_records, write_tiny_pair  # noqa: E402
+from _helpers import accelerate_launch, keep_equal_length_records, write_tiny_pair  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -36,9 +36,8 @@ def test_two_process_run_matches_single_process(tmp_path):
     script = str(HERE / "distributed_run.py")
     subprocess.run([sys.executable, script, str(tmp_path), str(tmp_path / "one"), "2"],
                    env=env, check=True, capture_output=True, timeout=600)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), script, str(tmp_path),
-              str(tmp_path / "two")]
+    launch = accelerate_launch(REPO / "configs" / "accelerate" / "cpu_2proc.yaml", script, tmp_path,
+                               tmp_path / "two")
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     one = load_student(tmp_path / "one" / "1-dpt" / "model").state_dict()

@@ -42,7 +42,7 @@ pytest.importorskip("peft")
 
 from compodistill.train.metrics import read_metrics  # noqa: E402
 
-from _helpers import write_family_pair  # noqa: E402
+from _helpers import accelerate_launch, write_family_pair  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -57,9 +57,8 @@ def _run(root: Path, engine: str, steps: int, query: str = "all") -> dict:
     one = subprocess.run([sys.executable, SCRIPT, str(root), str(root / "one"), "2", str(steps),
                           query], env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                          str(REPO / "configs" / "accelerate" / engine), SCRIPT, str(root),
-                          str(root / "two"), "1", str(steps), query],
+    two = subprocess.run(accelerate_launch(REPO / "configs" / "accelerate" / engine, SCRIPT, root,
+                                           root / "two", 1, steps, query),
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
 

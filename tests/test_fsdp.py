@@ -44,7 +44,7 @@ from compodistill.hf.llava import load_student  # noqa: E402
 from compodistill.train.checkpoint import is_complete  # noqa: E402
 from compodistill.train.metrics import read_metrics  # noqa: E402
 
-from _helpers import keep_equal_length_records, write_tiny_pair  # noqa: E402
+from _helpers import accelerate_launch, keep_equal_length_records, write_tiny_pair  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -60,9 +60,8 @@ def _env() -> dict:
 
 
 def _launch(root: Path, out: str, env: dict) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "configs" / "accelerate" / "fsdp2_cpu_2proc.yaml"), SCRIPT,
-               str(root), str(root / out)]
+    command = accelerate_launch(REPO / "configs" / "accelerate" / "fsdp2_cpu_2proc.yaml", SCRIPT,
+                                root, root / out)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 

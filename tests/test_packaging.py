@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +17,30 @@ def test_kernels_subpackage_imports():
     assert kernels.__name__ == "compodistill.kernels"
 
 
+def _in_an_environment(path: Path) -> bool:
+    """Inside this interpreter's virtualenv or site-packages (a `.venv` in the checkout too)."""
+    import site
+
+    roots = {Path(sys.prefix), Path(sys.base_prefix), *map(Path, site.getsitepackages())}
+    return any(path.is_relative_to(r.resolve()) for r in roots)
+
+
 def test_no_top_level_kernels_module_is_ours(tmp_path):
     # From an empty folder, and from the repository root, which `python -m pytest` and
-    # `python -c` put on sys.path: a `kernels` folder there would shadow Hugging Face's
-    # `kernels` package, which transformers (5.25+) imports.
+    # `python -c` put on sys.path: a `kernels` folder of ours there would shadow Hugging
+    # Face's `kernels` package, which transformers (5.25+) imports. Hugging Face's own copy,
+    # installed into a `.venv` inside the checkout, is not ours.
     code = ("import importlib.util, json; s = importlib.util.find_spec('kernels'); "
             "print(json.dumps(None if s is None else s.origin))")
     repo = Path(compodistill.__file__).resolve().parent.parent
     for cwd in (tmp_path, repo):
-        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        assert out == "null" or str(repo) not in out, f"a top-level `kernels` resolves to {out}"
+        out = json.loads(subprocess.run([sys.executable, "-c", code], cwd=cwd,
+                                        capture_output=True, text=True, check=True).stdout)
+        if out is None:
+            continue
+        origin = Path(out).resolve()
+        ours = origin.is_relative_to(repo) and not _in_an_environment(origin)
+        assert not ours, f"a top-level `kernels` of this repository resolves to {origin}"
 
 
 def test_distribution_declares_only_compodistill():

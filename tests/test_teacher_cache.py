@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ pytest.importorskip("accelerate")
 from compodistill.teacher_cache import TeacherCache, TeacherCacheError  # noqa: E402
 from compodistill.train.config import ConfigError, config_from_dict  # noqa: E402
 
-from _helpers import assert_one_line_error, write_tiny_pair  # noqa: E402
+from _helpers import accelerate_launch, assert_one_line_error, write_tiny_pair  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -169,9 +168,8 @@ def test_two_process_cache_run_writes_the_same_shards(setup):
     root = setup
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("TRITON_INTERPRET", None)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
-              str(HERE / "teacher_cache_run.py"), str(root), str(root / "cache-two")]
+    launch = accelerate_launch(REPO / "configs" / "accelerate" / "cpu_2proc.yaml",
+                               HERE / "teacher_cache_run.py", root, root / "cache-two")
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert files(root / "cache-two") == files(root / "cache")

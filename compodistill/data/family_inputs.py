@@ -253,7 +253,8 @@ def _internvl_markers(tokenizer) -> tuple[int, int]:
 
 
 def family_image_inputs(config, image_processor, tokenizer=None):
-    """The ``image_inputs`` for a model config: None for LLaVA (the fixed-count default path),
+    """The ``image_inputs`` for a model config (or its ``ResolvedModel``): None for LLaVA (the
+    fixed-count default path),
     :class:`QwenVLImageInputs` for Qwen2.5-VL / Qwen2-VL and Qwen3-VL,
     :class:`OnevisionImageInputs`, :class:`Gemma3ImageInputs`, :class:`InternVLImageInputs`.
 
@@ -266,9 +267,10 @@ def family_image_inputs(config, image_processor, tokenizer=None):
         ValueError: for a family whose training inputs are not built yet, naming it, or no
             folder to load the image processor from.
     """
-    from ..hf.families import family_of
+    from ..hf.families import config_of, family_of
 
-    family = family_of(config)
+    family = family_of(config)  # a ResolvedModel carries its family: not worked out again
+    config = config_of(config)
     if family.name == "llava":
         return None
     if family.name not in ("qwen2_5_vl", "qwen3_vl", "llava_onevision", "gemma3", "internvl") or (
@@ -294,8 +296,9 @@ def family_image_inputs(config, image_processor, tokenizer=None):
 
 
 # The batch keys the families add, which the model takes as they are: Qwen's grid and token
-# types (without the token types transformers silently drops M-RoPE for 1-D positions), LLaVA-OneVision's image sizes and images per sample (anyres), Gemma 3's token
-# types. The trainer, the cache writer and eval pass these, one list.
+# types (without the token types transformers silently drops M-RoPE for 1-D positions),
+# LLaVA-OneVision's image sizes and images per sample (anyres), Gemma 3's token types. The
+# trainer, the cache writer and eval pass these, one list.
 FAMILY_INPUTS = ("image_grid_thw", "mm_token_type_ids", "image_sizes", "batch_num_images",
                  "token_type_ids")
 

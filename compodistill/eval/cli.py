@@ -31,15 +31,15 @@ def load_model_and_encoder(path: str, num_image_tokens: int | None = None):
     from ..data import ConversationEncoder, ImageTransform
     from ..data.family_inputs import family_image_inputs
     from ..data.processors import load_processor_parts
-    from ..hf.families import check_trainer_checkpoint, visual_token_ids
-    from ..hf.loading import load_family_model
+    from ..hf.loading import load_family_model, resolve_model
     from .families import FamilyEncoder
 
-    family = check_trainer_checkpoint(path, "--model")
+    resolved = resolve_model(path, "--model")  # family, config, visual ids: read once
+    family = resolved.family
     if family.name != "llava" and num_image_tokens is not None:
         raise ValueError(f"--num-image-tokens: {family.title} gives each image its own token "
                          f"count from its size; the option is for LLaVA only")
-    model = load_family_model(path).eval()
+    model = load_family_model(resolved).eval()
     parts = load_processor_parts(path)
     cfg = model.config
     if family.name != "llava":
@@ -47,9 +47,9 @@ def load_model_and_encoder(path: str, num_image_tokens: int | None = None):
             raise ValueError(f"--model: {path} has no image processor ({family.title} needs "
                              f"it: save the model's processor or image processor next to it)")
         # the tokenizer: InternVL's image markers live there
-        image_inputs = family_image_inputs(cfg, parts.image_processor, parts.tokenizer)
+        image_inputs = family_image_inputs(resolved, parts.image_processor, parts.tokenizer)
         return model, FamilyEncoder(parts.tokenizer, image_inputs,
-                                    image_token_id=visual_token_ids(cfg)[0])
+                                    image_token_id=resolved.visual_ids[0])
     images = parts.image_processor or ImageTransform(cfg.vision_config.image_size)
     encoder = ConversationEncoder(parts.tokenizer, images,
                                   num_image_tokens=num_image_tokens or cfg.image_seq_length,

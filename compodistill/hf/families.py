@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 __all__ = ["FAMILIES", "TAF_FAMILIES", "TRAINER_FAMILIES", "Family", "check_supported",
-           "check_trainer_checkpoint", "connector_of", "family_of",
+           "ResolvedModel", "check_trainer_checkpoint", "config_of", "connector_of",
+           "family_of", "lookup_family",
            "tiny_family_batch", "tiny_family_pair", "visual_positions", "visual_token_ids"]
 
 
@@ -48,18 +49,34 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
-def _config(model_or_config):
-    # a model (PEFT wrappers and TAF models forward .config) or already its config
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A checkpoint's family and visual token ids, worked out once from its config and carried
+    down through the trainer, the cache writer and eval (:func:`compodistill.hf.loading.
+    resolve_model` builds it from a folder). Every function here that takes a model or a
+    config takes one of these too, and reads its answers instead of working them out again.
+    """
+
+    config: Any
+    family: Family
+    visual_ids: tuple[int, ...]
+    path: str | None = None
+
+
+def config_of(model_or_config):
+    """The Hugging Face config of a model (PEFT wrappers and TAF models forward ``.config``), a
+    :class:`ResolvedModel`, or a config itself."""
     return getattr(model_or_config, "config", model_or_config)
 
 
-def family_of(model_or_config) -> Family:
-    """The :class:`Family` of a model or config, from ``config.model_type``.
+
+def lookup_family(config) -> Family:
+    """The :class:`Family` whose ``model_types`` hold ``config.model_type``: the one place a
+    family is worked out (tests count the calls).
 
     Raises:
         ValueError: for a model type no family covers, listing the supported ones.
     """
-    config = _config(model_or_config)
     model_type = getattr(config, "model_type", None)
     for family in FAMILIES.values():
         if model_type in family.model_types:
@@ -69,6 +86,17 @@ def family_of(model_or_config) -> Family:
     supported = ", ".join(f"{f.title} ({'/'.join(f.model_types)})" for f in FAMILIES.values())
     raise ValueError(f"model_type {model_type!r} is not a supported vision-language family; "
                      f"supported: {supported}")
+
+
+def family_of(model_or_config) -> Family:
+    """The :class:`Family` of a model, a config or a :class:`ResolvedModel`.
+
+    Raises:
+        ValueError: for a model type no family covers, listing the supported ones.
+    """
+    if isinstance(model_or_config, ResolvedModel):
+        return model_or_config.family
+    return lookup_family(config_of(model_or_config))
 
 
 # What `compodistill train` runs today (docs/families.md): LLaVA, and the other families through
@@ -108,7 +136,7 @@ def check_trainer_checkpoint(path, key: str) -> Family:
     supported = ", ".join(f"{FAMILIES[n].title} ({'/'.join(FAMILIES[n].model_types)})"
                           for n in TRAINER_FAMILIES)
     try:
-        family = family_of(type("Config", (), {"model_type": model_type})())
+        family = lookup_family(type("Config", (), {"model_type": model_type})())
     except ValueError:
         raise ValueError(f"{key}: model_type {model_type!r} in {path} is not a supported "
                          f"family; `compodistill train` supports {supported}") from None
@@ -129,7 +157,9 @@ def visual_token_ids(model_or_config) -> tuple[int, ...]:
     Vision start/end markers (``vision_start_token_id``, Gemma 3's ``boi``/``eoi``) are
     ordinary text embeddings around an image, not visual keys, so they are left out.
     """
-    config = _config(model_or_config)
+    if isinstance(model_or_config, ResolvedModel):
+        return model_or_config.visual_ids
+    config = config_of(model_or_config)
     ids = []
     for names in (("image_token_id", "image_token_index"),
                   ("video_token_id", "video_token_index")):
@@ -167,7 +197,7 @@ def check_supported(model: nn.Module, role: str) -> None:
         ValueError: attention-logit softcapping (naming the first layer), or a language model
             configured as bidirectional (``use_bidirectional_attention``).
     """
-    text = _text_config(_config(model))
+    text = _text_config(config_of(model))
     softcap = getattr(text, "attn_logit_softcapping", None)
     if softcap is not None:
         raise ValueError(f"{role} layer 0: attention-logit softcapping ({softcap}) is not "

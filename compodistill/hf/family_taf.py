@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .families import family_of
+from .families import Family, family_of
 
 __all__ = ["TAF_FILE", "TAFConnector", "apply_family_taf", "folded_state_dict",
            "is_taf", "load_family_taf", "load_taf_parts", "save_taf", "taf_sites"]
@@ -62,13 +62,14 @@ class TAFConnector(nn.Module):
         return self.post(self.teacher(hidden_states))
 
 
-def taf_sites(model: nn.Module) -> list[tuple[str, str]]:
+def taf_sites(model: nn.Module, family: Family | None = None) -> list[tuple[str, str]]:
     """``(module path, last layer name)`` of every connector TAF replaces in ``model``.
+    ``family``: the model's, when the caller has resolved it already.
 
     Raises:
         ValueError: a family without TAF, naming it.
     """
-    family = family_of(model)
+    family = family or family_of(model)
     if family.name not in _SITES:
         raise ValueError(f"TAF is not defined for the {family.title} family here")
     sites = []
@@ -113,10 +114,11 @@ def _vision_width(config) -> tuple:
             getattr(config, "downsample_ratio", None), getattr(config, "mm_tokens_per_image", None))
 
 
-def apply_family_taf(student: nn.Module, teacher: nn.Module) -> nn.Module:
+def apply_family_taf(student: nn.Module, teacher: nn.Module,
+                     family: Family | None = None) -> nn.Module:
     """Replace each connector of the student (in place) by the teacher's, frozen, plus a
     trainable ``Linear(d_t, d_s)`` (bias-free where the last layer has none); returns the
-    student.
+    student. ``family``: the pair's (one family), when the caller has resolved it already.
 
     Raises:
         ValueError: the connectors read vision features of different widths, or the family
@@ -126,8 +128,9 @@ def apply_family_taf(student: nn.Module, teacher: nn.Module) -> nn.Module:
         raise ValueError(f"TAF needs the same vision features in both models: student vision "
                          f"(hidden, merge, downsample, tokens) {_vision_width(student.config)} "
                          f"vs teacher {_vision_width(teacher.config)}")
-    sites_t = dict(taf_sites(teacher))
-    for path, last in taf_sites(student):
+    family = family or family_of(student)
+    sites_t = dict(taf_sites(teacher, family))
+    for path, last in taf_sites(student, family):
         if path not in sites_t:
             raise ValueError(f"TAF: the teacher has no connector {path} (DeepStack depth?)")
         conn_t, conn_s = teacher.get_submodule(path), student.get_submodule(path)

@@ -213,14 +213,16 @@ def apply_taf(student: LlavaForConditionalGeneration,
     return model
 
 
-def load_student(path: str | Path, **kwargs) -> LlavaForConditionalGeneration:
+def load_student(path: str | Path, *, config=None, **kwargs) -> LlavaForConditionalGeneration:
     """Load a student saved with ``save_pretrained`` from a local directory.
 
     Picks :class:`TAFLlavaForConditionalGeneration` when the saved config is a TAF one
     (the teacher part of the connector comes back frozen), else
-    ``LlavaForConditionalGeneration``. ``kwargs`` go to ``from_pretrained``.
+    ``LlavaForConditionalGeneration``. ``config``: the folder's config when already read
+    (it is then not read again); ``kwargs`` go to ``from_pretrained``.
     """
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config is None:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
     cls = (TAFLlavaForConditionalGeneration if isinstance(config, TAFLlavaConfig)
            else LlavaForConditionalGeneration)
-    return cls.from_pretrained(path, local_files_only=True, **kwargs)
+    return cls.from_pretrained(path, config=config, local_files_only=True, **kwargs)

@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..hf.families import family_of, visual_token_ids
+from ..hf.families import config_of, family_of, visual_token_ids
 from ..matching import match_layers
 from .format import FORMAT, VERSION, TeacherCacheError, hash_files, sha256_file
 
@@ -33,15 +33,18 @@ def image_processor_hash(image_processor) -> str:
 def student_facts(student_config, image_processor=None) -> dict:
     """What the targets depend on in the student: its family, depth, vocabulary, visual
     token ids and image input. ``image_processor``: the family's (data/family_inputs.py);
-    None for LLaVA, whose images are resized to a fixed size with a fixed token count."""
+    None for LLaVA, whose images are resized to a fixed size with a fixed token count.
+    ``student_config``: the student's config or its ``ResolvedModel``."""
+    family = family_of(student_config)  # a ResolvedModel's, not worked out again
+    visual_ids = visual_token_ids(student_config)
+    student_config = config_of(student_config)
     text = student_config.get_text_config()
-    family = family_of(student_config)
     if image_processor is None and family.name != "llava":
         raise ValueError(f"teacher cache: the {family.title} student needs its image processor "
                          f"(saved next to it in config.student) to record its settings")
     facts = {"family": family.name,
              "num_layers": int(text.num_hidden_layers), "vocab_size": int(text.vocab_size),
-             "visual_token_ids": list(visual_token_ids(student_config))}
+             "visual_token_ids": list(visual_ids)}
     if image_processor is None:
         facts.update(image_size=int(student_config.vision_config.image_size),
                      image_seq_length=int(student_config.image_seq_length))

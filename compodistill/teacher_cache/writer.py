@@ -17,16 +17,7 @@ from .format import (DTYPES, TeacherCacheError, read_json, shard_name, shard_rec
 from .manifest import build_manifest, needs, teacher_hash
 from .targets import TeacherMaps, compress_map, logit_targets
 
-__all__ = ["write_teacher_cache", "build_dataset", "load_student_config"]
-
-
-def load_student_config(path: str):
-    """The student's config (a TAF config too) without loading its weights."""
-    from transformers import AutoConfig
-
-    from ..hf import taf  # noqa: F401  (registers the TAF config with AutoConfig)
-
-    return AutoConfig.from_pretrained(path, local_files_only=True)
+__all__ = ["write_teacher_cache", "build_dataset"]
 
 
 def build_dataset(config, student_config, tokenizer, image_inputs=None):
@@ -158,9 +149,10 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
     if not need["stages"]:
         raise ValueError(f"--stage: none of the stages {stages or names} needs the teacher "
                          f"(no kd or vat weight); nothing to cache")
-    check_checkpoint(opts.path, "teacher.path")
-    check_checkpoint(config.student, "student")
-    check_family_options(config, config.student, opts.path)  # e.g. TAF where it is missing
+    # Each model's family, config and visual ids, resolved once and passed down.
+    teacher_model = check_checkpoint(opts.path, "teacher.path")
+    student_model = check_checkpoint(config.student, "student")
+    check_family_options(config, student_model, teacher_model)  # e.g. TAF where it is missing
     if not Path(config.data.train_json).is_file():
         raise FileNotFoundError(f"data.train_json: training data not found: "
                                 f"{config.data.train_json}")
@@ -169,18 +161,18 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
     # make_accelerator: several CPU processes under torchrun get a gloo group (not one each).
     acc = accelerator or make_accelerator(mixed_precision=config.mixed_precision)
     root = Path(opts.cache)
-    student_config = load_student_config(config.student)
+    student_config = student_model.config
     # The tokenizer (the processor's, with its chat template, when saved) and the family's
     # image inputs (None for LLaVA) exactly as the trainer builds them: sample i must match.
     tokenizer = load_processor_parts(config.student).tokenizer
-    image_inputs = family_image_inputs(student_config, config.student, tokenizer)
-    teacher = load_family_model(opts.path).eval().requires_grad_(False).to(acc.device)
+    image_inputs = family_image_inputs(student_model, config.student, tokenizer)
+    teacher = load_family_model(teacher_model).eval().requires_grad_(False).to(acc.device)
     t_vocab = teacher.lm_head.weight.shape[0]
     s_vocab = student_config.get_text_config().vocab_size
     if t_vocab < s_vocab:
         raise ValueError(f"teacher.path: the teacher's vocabulary ({t_vocab}) is smaller than the "
                          f"student's ({s_vocab}); KD truncates the teacher's, never pads it")
-    manifest = build_manifest(config, student_config,
+    manifest = build_manifest(config, student_model,
                               teacher_layers=teacher.config.get_text_config().num_hidden_layers,
                               teacher_hash=teacher_hash(opts.path), kd=need["kd"],
                               vat=need["vat"], stages=need["stages"],

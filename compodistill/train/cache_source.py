@@ -105,14 +105,18 @@ class CacheSource:
     Args:
         config: the run's :class:`~compodistill.train.config.DistillConfig` (with
             ``teacher_cache``).
-        student_config: the student's config (depth, vocabulary, image tokens).
+        student_config: the student's ``ResolvedModel`` (what the trainer passes) or config
+            (depth, vocabulary, image tokens).
         image_inputs: the family's image inputs (data/family_inputs.py; None for LLaVA):
             its image processor's settings are checked against the manifest.
     """
 
     def __init__(self, config, student_config, image_inputs=None):
+        from ..hf.families import family_of
+
         opts = config.teacher_cache
         self.config = config
+        self.family = family_of(student_config)
         teacher_path = opts.path if opts.path and Path(opts.path).is_dir() else ""
         self.cache = TeacherCache(opts.cache).check(
             config, student_config, teacher_path,
@@ -139,12 +143,11 @@ class CacheSource:
         from transformers import LlavaConfig, LlavaForConditionalGeneration
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-        from ..hf.families import family_of
         from ..hf.llava import apply_taf
 
         root = self.cache.root
         raw = read_json(root / "teacher_config.json", "teacher config")
-        if family_of(student).name != "llava":
+        if self.family.name != "llava":
             return self._apply_family_taf(student, raw)
         cfg = LlavaConfig.from_dict(raw)
         with torch.device("meta"):  # no weights, and no draw from the random stream
@@ -170,7 +173,7 @@ class CacheSource:
             shell = AutoModelForImageTextToText.from_config(cfg)
         state = load_file(str(self.cache.root / "teacher_connector.safetensors"))
         connector_of(shell).load_state_dict(state, assign=True)
-        return apply_family_taf(student, shell)
+        return apply_family_taf(student, shell, self.family)
 
     # -- losses
     def stage_losses(self, student, stage, config, accelerator) -> "CachedStageLosses":

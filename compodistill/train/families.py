@@ -9,28 +9,21 @@ on inputs they would get wrong.
 """
 from __future__ import annotations
 
-import os
-
-from ..hf.families import FAMILIES, TAF_FAMILIES, family_of
+from ..hf.families import FAMILIES, TAF_FAMILIES
+from ..hf.loading import resolve_model
 from .config import ConfigError, DistillConfig
 
 __all__ = ["check_family_options"]
-
-
-def _model_config(config_or_folder):
-    if isinstance(config_or_folder, (str, os.PathLike)):
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(config_or_folder, local_files_only=True)
-    return config_or_folder
 
 
 def check_family_options(config: DistillConfig, student_config, teacher_config=None) -> None:
     """Refuse the options the student's family cannot train with, and a teacher of another
     family (the batch is built once, for the student's family).
 
-    ``student_config``, ``teacher_config``: model configs, or checkpoint folders (only
-    ``config.json`` is read, so a refusal costs no weight loading); no teacher: None.
+    ``student_config``, ``teacher_config``: :class:`~compodistill.hf.families.ResolvedModel`
+    (what the trainer and the cache writer pass: resolved once), model configs, or
+    checkpoint folders (only ``config.json`` is read, so a refusal costs no weight loading);
+    no teacher: None.
 
     Raises:
         ConfigError: ``teacher`` of another family than the student's; ``taf`` for a
@@ -39,9 +32,11 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
             ``facts.families`` leaves out; ``student``/``teacher`` with final-logit
             softcapping; ``vat.query`` other than ``text`` for Gemma 3 with VAT on.
     """
-    family = family_of(_model_config(student_config))
-    if teacher_config is not None:
-        other = family_of(_model_config(teacher_config))
+    student = resolve_model(student_config)
+    teacher = resolve_model(teacher_config) if teacher_config is not None else None
+    family = student.family
+    if teacher is not None:
+        other = teacher.family
         if other != family:
             raise ConfigError("teacher", f"a {other.title} teacher cannot teach a "
                                          f"{family.title} student: both must be one family")
@@ -55,9 +50,8 @@ def check_family_options(config: DistillConfig, student_config, teacher_config=N
                                     f"'compodistill'")
     if family.name == "llava":
         return
-    for key, folder in (("student", student_config), ("teacher", teacher_config)):
-        model_config = _model_config(folder) if folder is not None else None
-        text = model_config.get_text_config() if model_config is not None else None
+    for key, model in (("student", student), ("teacher", teacher)):
+        text = model.config.get_text_config() if model is not None else None
         softcap = getattr(text, "final_logit_softcapping", None)
         if softcap is not None:
             # the fused LM/KD losses read lm_head's weights: capped logits are never built

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..hf.families import check_trainer_checkpoint, family_of
+from ..hf.families import ResolvedModel
 from ..hf.family_taf import apply_family_taf, is_taf, save_taf
 # Every trainer family: LLaVA (TAF or not) as before, the others as AutoModelForImageTextToText.
 from ..hf.loading import load_family_model as load_student
+from ..hf.loading import resolve_model
 from ..hf.llava import TAFLlavaForConditionalGeneration, apply_taf
 from ..data.family_inputs import family_image_inputs
 from . import distributed
@@ -37,10 +38,13 @@ def _load_llava(path: str, dtype=None):
     return load_student(path, dtype=dtype) if dtype is not None else load_student(path)
 
 
-def check_checkpoint(path: str, key: str) -> None:
-    """A model folder named by config ``key`` exists and holds a ``config.json``.
+def check_checkpoint(path: str, key: str) -> ResolvedModel:
+    """A model folder named by config ``key`` exists, holds a ``config.json`` and is of a
+    trainer family: its :class:`~compodistill.hf.families.ResolvedModel`, read once and
+    carried down from here (docs/ARCHITECTURE.md).
 
-    Runs before anything is loaded or written, so a wrong path costs nothing and is named.
+    Runs before any weights are loaded or anything is written, so a wrong path costs
+    nothing and is named.
     """
     if not path:
         raise ValueError(f"{key}: not set; give the path of a model folder in the config")
@@ -52,7 +56,7 @@ def check_checkpoint(path: str, key: str) -> None:
         raise FileNotFoundError(f"{key}: checkpoint folder not found: {path}; expected {hint}")
     if not (where / "config.json").is_file():
         raise FileNotFoundError(f"{key}: {path} has no config.json; expected {hint}")
-    check_trainer_checkpoint(path, key)  # the family, from config.json (docs/families.md)
+    return resolve_model(path, key)  # the family, from config.json (docs/families.md)
 
 
 def training_dataset(config: DistillConfig, model_config, tokenizer, source=None, *,
@@ -126,17 +130,17 @@ class CompoDistillTrainer:
 
         from accelerate.utils import DataLoaderConfiguration, set_seed
 
-        if student is None:
-            check_checkpoint(config.student, "student")
-        if teacher is None and config.teacher:
-            check_checkpoint(config.teacher, "teacher")
+        # Each model's family, config and visual ids, resolved once and passed down.
+        self.student_model = (check_checkpoint(config.student, "student") if student is None
+                              else resolve_model(student))
+        self.teacher_model = (resolve_model(teacher) if teacher is not None else
+                              check_checkpoint(config.teacher, "teacher") if config.teacher
+                              else None)
         if train_dataset is None and config.data.train_json and not Path(
                 config.data.train_json).is_file():
             raise FileNotFoundError(f"data.train_json: training data not found: "
                                     f"{config.data.train_json}")
-        check_family_options(
-            config, student.config if student is not None else config.student,
-            teacher.config if teacher is not None else (config.teacher or None))
+        check_family_options(config, self.student_model, self.teacher_model)
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         self.config = config
@@ -154,14 +158,14 @@ class CompoDistillTrainer:
         set_seed(config.seed)
         self.output_dir = Path(config.output_dir)
         self.show_progress = show_progress
-        self.student = student if student is not None else _load_llava(config.student)
+        self.student = student if student is not None else _load_llava(self.student_model)
         self.teacher = teacher if teacher is not None else (
-            _load_llava(config.teacher) if config.teacher else None)
+            _load_llava(self.teacher_model) if self.teacher_model is not None else None)
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
             self.teacher.to(config.teacher_device or self.acc.device)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
-        self.image_inputs = family_image_inputs(self.student.config, config.student,
+        self.image_inputs = family_image_inputs(self.student_model, config.student,
                                                  self.tokenizer)
         self.dataset = train_dataset if train_dataset is not None else self.load_dataset()
         # teacher: {cache: DIR}: the targets come from the cache, no teacher is ever loaded.
@@ -169,7 +173,7 @@ class CompoDistillTrainer:
         if config.teacher_cache is not None:
             from .cache_source import CacheSource
 
-            self.teacher_cache = CacheSource(config, self.student.config, self.image_inputs)
+            self.teacher_cache = CacheSource(config, self.student_model, self.image_inputs)
             self.dataset = self.teacher_cache.indexed(self.dataset)
 
     def _load_tokenizer(self):
@@ -277,8 +281,9 @@ class CompoDistillTrainer:
             return None
         if self.config.taf and self.teacher is not None and not isinstance(
                 self.student, TAFLlavaForConditionalGeneration) and not is_taf(self.student):
-            taf = apply_taf if family_of(self.student).name == "llava" else apply_family_taf
-            self.student = taf(self.student, self.teacher)
+            family = self.student_model.family
+            self.student = (apply_taf(self.student, self.teacher) if family.name == "llava"
+                            else apply_family_taf(self.student, self.teacher, family))
         elif self.config.taf and self.teacher_cache is not None and not isinstance(
                 self.student, TAFLlavaForConditionalGeneration) and not is_taf(self.student):
             self.student = self.teacher_cache.apply_taf(self.student)  # connector from the cache
