@@ -127,7 +127,7 @@ def test_dpt_and_dft_train_from_the_cache_without_the_teacher(setup, monkeypatch
     real = trainer_module.load_student
 
     def spy(path, *args, **kwargs):  # every model the trainer loads goes through it
-        loaded.append(Path(path).resolve())
+        loaded.append(Path(getattr(path, "path", path)).resolve())  # a folder or its ResolvedModel
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "load_student", spy)
