@@ -50,14 +50,33 @@ def test_vat_layers_are_where_the_teacher_concentrates():
     assert ex.vat_layers({"att_answer": [0.1, 0.11], "att_uniform": 1 / 9}, 2, 2.0) == ([1], [1])
 
 
-def test_claim_needs_a_gain_beyond_two_std_and_a_flat_control():
-    def s(v, m, sd):
-        return {"variant": v, "records": 250, "q_all": (m, sd)}
+def test_welch_matches_the_t_table():
+    # Student's t upper tail at the textbook points: t = 1.833, df = 9 -> 0.05; t = 2.764,
+    # df = 10 -> 0.01; t = 1.645 with df large -> 0.05.
+    assert abs(ex._t_sf(1.833, 9) - 0.05) < 2e-4
+    assert abs(ex._t_sf(2.764, 10) - 0.01) < 1e-4
+    assert abs(ex._t_sf(1.645, 1e6) - 0.05) < 2e-4
+    assert abs(ex._t_sf(-1.833, 9) - 0.95) < 2e-4
+    # Equal sizes and spreads: df = 2 (n - 1), t from the pooled error.
+    w = ex.welch_one_sided((0.6, 0.1, 10), (0.5, 0.1, 10))
+    assert abs(w["df"] - 18) < 1e-9 and abs(w["t"] - 0.1 / (0.1 * (2 / 10) ** 0.5)) < 1e-9
 
-    base = [s("kd", 0.5, 0.01), s("kd+vat", 0.6, 0.02), s("kd+vat-shuffled", 0.5, 0.01)]
+
+def test_claim_needs_a_significant_gain_of_five_points_over_kd_and_shuffled():
+    def s(v, m, sd, n=10):
+        return {"variant": v, "records": 250, "q_all": (m, sd), "n": n}
+
+    base = [s("kd", 0.5, 0.035), s("kd+vat", 0.6, 0.035), s("kd+vat-shuffled", 0.5, 0.035)]
     assert ex.claim(base, 250)["holds"] is True
-    assert ex.claim([*base[:1], s("kd+vat", 0.53, 0.02), base[2]], 250)["holds"] is False
-    assert ex.claim([*base[:2], s("kd+vat-shuffled", 0.6, 0.01)], 250)["holds"] is False
+    assert ex.claim(base, 250)["verdict"] == "holds"
+    # +5.3 points with 3 seeds at sd 4.5: not significant -> inconclusive, never "null".
+    weak = [s("kd", 0.5, 0.045, 3), s("kd+vat", 0.553, 0.045, 3), s("kd+vat-shuffled", 0.5, 0.045, 3)]
+    assert ex.claim(weak, 250)["holds"] is False
+    assert ex.claim(weak, 250)["verdict"] == "inconclusive"
+    # significant but below 5 points: not the claim
+    small = [s("kd", 0.5, 0.005), s("kd+vat", 0.53, 0.005), s("kd+vat-shuffled", 0.5, 0.005)]
+    assert ex.claim(small, 250)["holds"] is False
+    assert ex.claim([*base[:2], s("kd+vat-shuffled", 0.6, 0.035)], 250)["holds"] is False
     assert ex.claim(base[:2], 250)["holds"] is None
 
 
