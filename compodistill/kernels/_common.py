@@ -100,10 +100,10 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
-# The head-dim classes (BLOCK_D <= 64, = 128) each config fits per target: measured by
-# compodistill/kernels/report.py (zero spill bytes, shared memory within the block limit) with Triton
-# 3.8, and with 3.6 where that differs; tests/test_kernel_resources.py keeps the tables
-# honest under the installed version. BLOCK_D 16/32 use the 64 class.
+# The head-dim classes (BLOCK_D <= 64, = 128, = 256) each config fits per target: measured
+# by compodistill/kernels/report.py (zero spill bytes, shared memory within the block limit)
+# with Triton 3.8, and with 3.6 where that differs; tests/test_kernel_resources.py keeps the
+# tables honest under the installed version. BLOCK_D 16/32 use the 64 class.
 _FIT_TABLES: dict[str, dict[tuple, dict[int, tuple]]] = {}
 _ALL_CONFIGS: dict[str, list] = {}
 
@@ -120,7 +120,7 @@ def triton_version() -> str:
 
 def fitted_configs(kernel_name: str, rows) -> list:
     """``triton.Config`` list from rows ``(BLOCK_M, BLOCK_N, warps, stages, fits_sm80,
-    fits_sm90[, per_version])``, where ``fits_*`` are the head-dim classes (64, 128) the
+    fits_sm90[, per_version])``, where ``fits_*`` are the head-dim classes (64, 128, 256) the
     config fits with Triton 3.8, and the optional ``per_version`` maps another Triton
     version (``"3.6"``) to its own ``(fits_sm80, fits_sm90)``, measured with that version
     (its compiler allocates registers differently: a config at the edge may spill there).
@@ -164,9 +164,14 @@ def device_capability() -> int:
     return major * 10 + minor
 
 
+# The largest head dim the kernels serve: BLOCK_D 256 (Gemma 3) is the largest fitted class.
+MAX_HEAD_DIM = 256
+HEAD_DIM_CLASSES = (64, 128, 256)
+
+
 def head_dim_class(block_d: int) -> int:
-    """The fit tables' head-dim class of a ``BLOCK_D``: 64 (16, 32, 64) or 128."""
-    return 64 if block_d <= 64 else 128
+    """The fit tables' head-dim class of a ``BLOCK_D``: 64 (16, 32, 64), 128 or 256."""
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
 
 
 def prune_configs(configs: list, table: dict, block_d: int, capability: int) -> list:

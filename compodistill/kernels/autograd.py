@@ -29,14 +29,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import check_window, kernel_input
+from ._common import MAX_HEAD_DIM, check_window, kernel_input
 from .attention import (default_scale, flash_backward, flash_forward, interpreting,
                         stats_from_lse)
 from .visual_attention import (inverse_index, refine_visual_stats, visual_maps_from_lse,
                                visual_rest_heads, visual_rest_mass, visual_row_terms)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 128  # the configs are sized (spill-free) up to BLOCK_D = 128
+_MAX_HEAD_DIM = MAX_HEAD_DIM  # the configs are sized (spill-free) up to BLOCK_D = 256
 
 
 # --------------------------------------------------------------------------- custom ops
