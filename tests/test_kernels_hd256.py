@@ -146,3 +146,81 @@ def test_head_dim_above_256_is_refused():
     q = torch.randn(1, 2, 8, 264)
     with pytest.raises(ValueError, match=r"head dim .* \[1, 256\].* 264"):
         K.flash_attention(q, q, q)
+
+
+# --------------------------------------------------------------------------- beyond 256
+
+IMG = 99
+
+
+def _llama(seed: int, head_dim: int, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                         vocab_size=100, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def _ids():
+    ids = torch.randint(0, 90, (2, 20), generator=torch.Generator().manual_seed(1))
+    ids[0, 2:8] = IMG
+    ids[1, 10:14] = IMG
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :3] = 0
+    return ids, mask
+
+
+def _capture_loss(student, teacher, ids, mask):
+    from compodistill.hf import AttentionDistiller
+
+    distiller = AttentionDistiller(student, teacher, image_token_id=IMG, preset="all")
+    with distiller.capture(ids, attention_mask=mask) as cap:
+        with torch.no_grad():
+            teacher(input_ids=ids, attention_mask=mask)
+        logits = student(input_ids=ids, attention_mask=mask).logits
+    return logits, cap.loss()
+
+
+def test_hook_falls_back_beyond_256_and_warns_once(monkeypatch):
+    """A model whose head dim the kernels cannot serve (320) runs its captured layers on the
+    chunked PyTorch path with one warning per layer naming the layer, the shape and the
+    reason, and the same loss as the PyTorch backend; no second warning on the next call."""
+    import copy
+    import warnings
+
+    from compodistill.hf import attention as hook
+
+    monkeypatch.setattr(hook, "_WARNED", set())
+    ref, teacher = _llama(0, 320), _llama(5, 320)
+    ids, mask = _ids()
+    monkeypatch.setenv("COMPODISTILL_BACKEND", "torch")
+    want_logits, want_loss = _capture_loss(copy.deepcopy(ref), teacher, ids, mask)
+    monkeypatch.setenv("COMPODISTILL_BACKEND", "triton")
+    for attempt in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logits, loss = _capture_loss(copy.deepcopy(ref), teacher, ids, mask)
+        ours = sorted(str(w.message) for w in caught if "chunked PyTorch path" in str(w.message))
+        if attempt == 0:
+            assert len(ours) == 4, ours  # two teacher layers, two student layers
+            assert "student layer 1: " in ours[1] and "(2, 4, 20, 320)" in ours[1]
+            assert "head dim 320 is outside [1, 256]" in ours[1]
+        else:
+            assert ours == []
+        real = mask.bool()
+        torch.testing.assert_close(logits[real], want_logits[real], rtol=0, atol=0)
+        torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+
+
+def test_functional_api_still_refuses_beyond_256():
+    from compodistill.visual_attention.api import visual_attention_maps
+
+    q, k, _ = make_qkv(1, 2, 1, 16, 320, F32)
+    layout, _ = make_layout(1, 16, None, ("one",))
+    with pytest.raises(ValueError, match=r"head dim .*\[1, 256\].* 320"):
+        visual_attention_maps(q, k, layout, backend="triton")
+    assert K.unsupported_reason(q) is not None and K.unsupported_reason(q[..., :256]) is None
