@@ -217,6 +217,11 @@ _BLOCK_Q = 64
 _BLOCK_V = 64
 
 
+def visual_block_q() -> int:
+    """The query-row tile of the three gathered passes (every head dim)."""
+    return _BLOCK_Q
+
+
 def visual_block_v(head_dim: int) -> int:
     """The visual-column tile of the three gathered passes (one value for all three, so a
     visual score rounds the same way in each): 32 at BLOCK_D = 256, where the row-terms
