@@ -354,9 +354,11 @@ def test_real_image_processor_and_tokenizer_feed_the_hook(name, tmp_path):
     assert torch.isfinite(cap.loss().detach())
 
 
-def test_gemma3_sliding_window_through_the_triton_kernels(monkeypatch):
+@pytest.mark.parametrize("head_dim", [16, 256])
+def test_gemma3_sliding_window_through_the_triton_kernels(monkeypatch, head_dim):
     """The fused path (the CUDA branch, here the Triton interpreter): Gemma 3's sliding
-    layers reach the kernels with their window; loss and gradients equal eager's."""
+    layers reach the kernels with their window; loss and gradients equal eager's, also at
+    the head dim of every real Gemma 3 (256)."""
     import os
 
     pytest.importorskip("triton")
@@ -365,7 +367,9 @@ def test_gemma3_sliding_window_through_the_triton_kernels(monkeypatch):
     from compodistill.hf import attention
 
     student_eager, teacher_eager = tiny_family_pair("gemma3", student_layers=2,
-                                                    teacher_layers=3, sliding_window=6)
+                                                    teacher_layers=3, sliding_window=6,
+                                                    head_dim=head_dim)
+    assert student_eager.config.text_config.head_dim == head_dim
     for model in (student_eager, teacher_eager):
         _sharpen(model)
         model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})

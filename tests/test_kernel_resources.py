@@ -3,6 +3,7 @@ block's shared memory, for sm_80 and sm_90 (CPU only: Triton compiles for a GPUT
 with the wheel's ptxas, no driver needed; see compodistill/kernels/report.py).
 
 Default run: the fused student scenario and plain attention, fp16/bf16, d = 64 and 128,
+the student scenario at d = 256 with and without the sliding window,
 key mask on and off (the mask-free launch is training's common case), both backwards (the
 default 5-matmul one with atomic dq and the deterministic split one), the logit-KD kernel
 (bf16 and fp32 logits), both targets (the representative set, a few minutes on 2 cores).
@@ -59,6 +60,9 @@ def test_representative_kernels_fit_sm80_and_sm90():
             "visual_maps_kernel", "visual_stats_kernel", "visual_row_terms_kernel",
             "kd_rows_kernel"} <= kernels
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
+    # every head-dim class, d = 256 (Gemma 3) with and without the sliding window
+    assert {r["head_dim"] for r in rows if r["kernel"] == "bwd_dkdvdq_kernel"} == {64, 128, 256}
+    assert {r["scenario"] for r in rows if r["head_dim"] == 256} == {"student", "student+window"}
     assert {r["mask"] for r in rows if r["kernel"] == "fwd_kernel"} == {True, False}
     assert {r["dtype"] for r in rows if r["kernel"] == "kd_rows_kernel"} == {"bfloat16",
                                                                               "float32"}
@@ -91,7 +95,7 @@ def test_pruning_leaves_configs_for_every_head_dim_and_target():
         for table_name in (name, name + "+window"):
             table = common.fit_table(table_name)
             for cap in (80, 90):
-                for block_d, size in ((16, 64), (64, 64), (128, 128)):
+                for block_d, size in ((16, 64), (64, 64), (128, 128), (256, 256)):
                     if table_name == "_bwd_dkdvdq_kernel+window" and (cap, size) == (80, 128):
                         # Nothing fits: the launcher runs the split backward there.
                         assert not common.fits_target(table_name, block_d, cap)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import warnings
 from typing import Callable, Protocol
 
 import torch
@@ -241,6 +242,27 @@ def _check_mask(attention_mask, layout: VisualLayout, role: str, layer: int,
                      f"key {k}; pass the same mask to the model and to capture()")
 
 
+# (role, layer, shape, reason) already warned about: each fallback warns once per process.
+_WARNED: set = set()
+
+
+def _served_backend(query: torch.Tensor, role: str, layer: int) -> str:
+    """"triton", or "torch" (warned once) where the kernels cannot serve this layer's shape:
+    a model never stops on a kernel limit, its layer runs the chunked PyTorch path."""
+    autograd = kernels_module("autograd")
+    check = getattr(autograd, "unsupported_reason", None)
+    reason = check(query) if check is not None else None
+    if reason is None:
+        return "triton"
+    key = (role, layer, tuple(query.shape), str(query.dtype), reason)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"{role} layer {layer}: the Triton kernels cannot serve q of shape "
+                      f"{tuple(query.shape)} ({str(query.dtype).replace('torch.', '')}): "
+                      f"{reason}; this layer runs the chunked PyTorch path", stacklevel=3)
+    return "torch"
+
+
 def _fused_attention(query, key, value, layout: VisualLayout, scale: float, role: str,
                      maps_out: torch.Tensor | None = None):
     """THE CUDA place: one Triton call for the attention output and the visual map.
@@ -290,6 +312,8 @@ def compodistill_attention_forward(module: nn.Module, query: torch.Tensor, key: 
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     layout = layout.to(query.device)
     backend = resolve_backend("auto", query.device, "autograd")  # once per call
+    if backend == "triton":
+        backend = _served_backend(query, role, layer)
     target = None
     if backend == "triton" and dropout == 0.0:
         target = sink.window_target(role, layer, query)

@@ -221,7 +221,7 @@ def _text(hidden: int, layers: int, vocab: int, **extra) -> dict:
 
 
 def _family_config(name: str, hidden: int, layers: int, vocab: int,
-                   sliding_window: int | None, ids_below: int):
+                   sliding_window: int | None, ids_below: int, head_dim: int = 16):
     import transformers as tf
 
     img, vid, start, end = ids_below - 4, ids_below - 3, ids_below - 2, ids_below - 1
@@ -255,8 +255,8 @@ def _family_config(name: str, hidden: int, layers: int, vocab: int,
             image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]])
     if name == "gemma3":
         types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
-        text = _text(hidden, layers, vocab, head_dim=16, layer_types=types,
-                     sliding_window=sliding_window or 512, query_pre_attn_scalar=16)
+        text = _text(hidden, layers, vocab, head_dim=head_dim, layer_types=types,
+                     sliding_window=sliding_window or 512, query_pre_attn_scalar=head_dim)
         return tf.Gemma3Config(text_config=text, vision_config=siglip, mm_tokens_per_image=4,
                                image_token_index=img, boi_token_index=start,
                                eoi_token_index=end)
@@ -274,7 +274,7 @@ TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision", "gemma3", "internv
 def tiny_family_pair(family: str, *, teacher_hidden: int = 64, student_hidden: int = 32,
                      teacher_layers: int = 4, student_layers: int = 2, vocab_size: int = 128,
                      teacher_vocab_size: int | None = None, sliding_window: int | None = None,
-                     seed: int = 0):
+                     seed: int = 0, head_dim: int = 16):
     """``(student, teacher)``: tiny random models of one family, built from its config classes.
 
     The teacher is wider and deeper; both share the vision tower's weights (one family, one
@@ -283,7 +283,7 @@ def tiny_family_pair(family: str, *, teacher_hidden: int = 64, student_hidden: i
     ``teacher_vocab_size``: a teacher vocabulary with extra rows at the end (Qwen2.5-VL 7B
     has 152,064 rows, 3B 151,936); the placeholder ids stay the student's.
     ``sliding_window``: Gemma 3's window on its even (sliding) layers; default wider than
-    any test sequence.
+    any test sequence. ``head_dim``: Gemma 3's (256 in every real Gemma 3); 16 elsewhere.
     """
     from transformers import AutoModelForImageTextToText
 
@@ -295,10 +295,10 @@ def tiny_family_pair(family: str, *, teacher_hidden: int = 64, student_hidden: i
         raise ValueError(f"teacher_vocab_size {t_vocab} < the student's {vocab_size}")
     teacher = AutoModelForImageTextToText.from_config(
         _family_config(family, teacher_hidden, teacher_layers, t_vocab, sliding_window,
-                       vocab_size))
+                       vocab_size, head_dim))
     student = AutoModelForImageTextToText.from_config(
         _family_config(family, student_hidden, student_layers, vocab_size, sliding_window,
-                       vocab_size))
+                       vocab_size, head_dim))
     vision_t, vision_s = _vision_tower(teacher), _vision_tower(student)
     shared = {k: v for k, v in vision_t.state_dict().items()
               if k in vision_s.state_dict() and vision_s.state_dict()[k].shape == v.shape}

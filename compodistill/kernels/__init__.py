@@ -7,7 +7,8 @@ from .attention import (attention_delta, flash_backward, flash_forward, interpre
                         lse_from_stats, stats_from_lse, triton)
 from .autograd import (attention_with_visual_maps, flash_attention,
                        teacher_attention_with_visual_maps,
-                       teacher_visual_maps, visual_maps, visual_maps_with_rest)
+                       teacher_visual_maps, unsupported_reason, visual_maps,
+                       visual_maps_with_rest)
 from .visual_attention import inverse_index, visual_maps_from_lse, visual_row_terms
 
 HAS_TRITON = triton is not None
@@ -18,6 +19,8 @@ __all__ = [
     # differentiable entry points (torch.library custom ops)
     "flash_attention", "attention_with_visual_maps", "visual_maps", "visual_maps_with_rest",
     "teacher_attention_with_visual_maps", "teacher_visual_maps",
+    # whether the kernels serve a shape (the HF hook falls back when not)
+    "unsupported_reason",
     # raw launchers (no autograd)
     "flash_forward", "flash_backward", "attention_delta", "lse_from_stats", "stats_from_lse",
     "visual_maps_from_lse", "visual_row_terms", "inverse_index",

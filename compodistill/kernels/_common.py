@@ -100,10 +100,10 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
-# The head-dim classes (BLOCK_D <= 64, = 128) each config fits per target: measured by
-# compodistill/kernels/report.py (zero spill bytes, shared memory within the block limit) with Triton
-# 3.8, and with 3.6 where that differs; tests/test_kernel_resources.py keeps the tables
-# honest under the installed version. BLOCK_D 16/32 use the 64 class.
+# The head-dim classes (BLOCK_D <= 64, = 128, = 256) each config fits per target: measured
+# by compodistill/kernels/report.py (zero spill bytes, shared memory within the block limit)
+# with Triton 3.8, and with 3.6 where that differs; tests/test_kernel_resources.py keeps the
+# tables honest under the installed version. BLOCK_D 16/32 use the 64 class.
 _FIT_TABLES: dict[str, dict[tuple, dict[int, tuple]]] = {}
 _ALL_CONFIGS: dict[str, list] = {}
 
@@ -120,13 +120,16 @@ def triton_version() -> str:
 
 def fitted_configs(kernel_name: str, rows) -> list:
     """``triton.Config`` list from rows ``(BLOCK_M, BLOCK_N, warps, stages, fits_sm80,
-    fits_sm90[, per_version])``, where ``fits_*`` are the head-dim classes (64, 128) the
+    fits_sm90[, per_version])``, where ``fits_*`` are the head-dim classes (64, 128, 256) the
     config fits with Triton 3.8, and the optional ``per_version`` maps another Triton
     version (``"3.6"``) to its own ``(fits_sm80, fits_sm90)``, measured with that version
     (its compiler allocates registers differently: a config at the edge may spill there).
     ``per_version`` may also hold ``"window"``: the fits with the sliding window on
-    (``HAS_WINDOW``, whose mask costs registers), where they are smaller."""
-    table, window_table, configs = {}, {}, []
+    (``HAS_WINDOW``, whose mask costs registers), where they are smaller, and ``"maps"``:
+    the fits of a backward without an output gradient (``HAS_DO`` off: the maps-only
+    gradient, with or without a window), where ptxas allocates registers differently (at
+    d = 256 it caps 8-warp programs at 128 registers there)."""
+    table, window_table, maps_table, configs = {}, {}, {}, []
     for row in rows:
         block_m, block_n, warps, stages, fits80, fits90 = row[:6]
         if len(row) > 6 and triton_version() in row[6]:
@@ -136,9 +139,14 @@ def fitted_configs(kernel_name: str, rows) -> list:
         table[config_key(config)] = {80: fits80, 90: fits90}
         w80, w90 = row[6].get("window", (fits80, fits90)) if len(row) > 6 else (fits80, fits90)
         window_table[config_key(config)] = {80: w80, 90: w90}
+        # Without its own maps fits, a config must fit both the plain and the window table.
+        both = (tuple(c for c in fits80 if c in w80), tuple(c for c in fits90 if c in w90))
+        m80, m90 = row[6].get("maps", both) if len(row) > 6 else both
+        maps_table[config_key(config)] = {80: m80, 90: m90}
         configs.append(config)
     _FIT_TABLES[kernel_name] = table
     _FIT_TABLES[kernel_name + "+window"] = window_table
+    _FIT_TABLES[kernel_name + "+maps"] = maps_table
     _ALL_CONFIGS[kernel_name] = configs
     return configs
 
@@ -164,9 +172,14 @@ def device_capability() -> int:
     return major * 10 + minor
 
 
+# The largest head dim the kernels serve: BLOCK_D 256 (Gemma 3) is the largest fitted class.
+MAX_HEAD_DIM = 256
+HEAD_DIM_CLASSES = (64, 128, 256)
+
+
 def head_dim_class(block_d: int) -> int:
-    """The fit tables' head-dim class of a ``BLOCK_D``: 64 (16, 32, 64) or 128."""
-    return 64 if block_d <= 64 else 128
+    """The fit tables' head-dim class of a ``BLOCK_D``: 64 (16, 32, 64), 128 or 256."""
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
 
 
 def prune_configs(configs: list, table: dict, block_d: int, capability: int) -> list:
@@ -206,8 +219,15 @@ def launch_table(kernel, args: tuple, kwargs: dict) -> tuple[str, object]:
     name = fn.__name__
     if name in _DTYPE_CLASSED:
         return name, str(named[_DTYPE_CLASSED[name]].dtype).replace("torch.", "")
-    table = name + ("+window" if named.get("HAS_WINDOW") else "")
-    return table, head_dim_class(named.get("BLOCK_D", 16))
+    return table_variant(name, named), head_dim_class(named.get("BLOCK_D", 16))
+
+
+def table_variant(name: str, named: dict) -> str:
+    """The fit table of a launch: ``"+maps"`` for a backward without an output gradient
+    (``HAS_DO`` passed and off), else ``"+window"`` with ``HAS_WINDOW``, else the plain one."""
+    if named.get("HAS_DO", True) is False:
+        return name + "+maps"
+    return name + ("+window" if named.get("HAS_WINDOW") else "")
 
 
 def prune_hook(kernel_name: str) -> dict:
@@ -218,7 +238,7 @@ def prune_hook(kernel_name: str) -> dict:
             table = _FIT_TABLES[kernel_name]
             klass = str(named[_DTYPE_CLASSED[kernel_name]].dtype).replace("torch.", "")
         else:
-            table = _FIT_TABLES[kernel_name + ("+window" if named.get("HAS_WINDOW") else "")]
+            table = _FIT_TABLES[table_variant(kernel_name, named)]
             klass = head_dim_class(named.get("BLOCK_D", 16))
         return prune_class(configs, table, klass, device_capability())
     return {"early_config_prune": prune}

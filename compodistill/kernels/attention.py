@@ -41,7 +41,7 @@ from ._common import (LOG2E, all_configs, autotune_configs, block_d, check_windo
                       configs_for, default_scale, deterministic, device_capability,
                       dot_precision, fit_table, fitted_configs, interpreting, kernel_input,
                       launch, prune_class, prune_configs, prune_hook, recording_launches,
-                      require_triton,
+                      require_triton, table_variant,
                       target_class, tl, triton)
 
 if triton is not None:
@@ -108,7 +108,9 @@ if triton is not None:
 
     # (BLOCK_M, BLOCK_N, warps, stages, head-dim classes fitting sm_80, sm_90 with Triton
     # 3.8[, {other version: (sm_80, sm_90)}]).
-    ALL, D64, D128, NONE = (64, 128), (64,), (128,), ()
+    # ALL: both of the smaller classes; d = 256 (Gemma 3) has rows of its own (D256), since
+    # at that head dim only 8-warp programs with small tiles hold their accumulators.
+    ALL, D64, D128, D256, NONE = (64, 128), (64,), (128,), (256,), ()
     _FWD_CONFIGS = fitted_configs("_fwd_kernel", [
         (64, 64, 4, 2, ALL, ALL),
         (128, 64, 8, 3, D64, ALL),
@@ -117,6 +119,9 @@ if triton is not None:
         (128, 32, 8, 3, D128, ALL, {"3.6": (D128, ALL)}),
         (64, 32, 4, 4, ALL, ALL),
         (64, 64, 4, 3, D64, ALL),
+        # d = 256: 4 warps spill 8-380 B (64x64 w4, 64x32 w4 on sm_80), 128-row blocks more.
+        (64, 64, 8, 2, D256, D256),
+        (64, 32, 8, 2, D256, D256),
     ])
 
     @triton.autotune(configs=autotune_configs(_FWD_CONFIGS),
@@ -347,6 +352,12 @@ if triton is not None:
         (64, 64, 8, 2, NONE, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
         (16, 128, 8, 2, D64, ALL, {"3.6": (D64, D64), "window": (D64, D64)}),
         (32, 128, 8, 2, NONE, D64),
+        # d = 256: k, v, dk, dv are 4·BLOCK_N·256 values; BLOCK_N = 64 spills (48 B and up).
+        # Without dO (maps-only) ptxas caps these 8-warp programs at 128 registers and they
+        # spill 8-20 B; 4 warps fit there (and spill with dO).
+        (32, 32, 8, 2, D256, D256, {"maps": (NONE, NONE)}),
+        (16, 32, 8, 2, D256, D256, {"maps": (NONE, NONE)}),
+        (16, 32, 4, 2, NONE, NONE, {"maps": (D256, D256)}),
     ])
     # dk/dv/dq with dq by atomics: dk, dv held, a (BLOCK_M, d) dq tile per step on top.
     # The first row is the split dk/dv kernel's first (the interpreter runs it: dk/dv agree
@@ -363,6 +374,13 @@ if triton is not None:
         (64, 64, 8, 2, NONE, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
         (32, 128, 8, 2, NONE, D64),
         (32, 64, 4, 2, NONE, D64, {"window": (NONE, NONE)}),
+        # d = 256: only BLOCK_N = 32 on 8 warps (32x32 spills 32 B on sm_80). Maps-only
+        # (no dO): the 8-warp rows spill 4-32 B (capped at 128 registers); one stage fits.
+        (16, 32, 8, 2, D256, D256, {"maps": (NONE, NONE)}),
+        # 3.6: spills 4 B on sm_90 (student fp16).
+        (32, 32, 8, 2, NONE, D256, {"3.6": (NONE, NONE), "maps": (NONE, NONE)}),
+        (16, 32, 8, 1, NONE, NONE, {"maps": (D256, D256)}),
+        (16, 32, 4, 2, NONE, NONE, {"maps": (D256, D256)}),
     ])
     _BWD_DQ_CONFIGS = fitted_configs("_bwd_dq_kernel", [
         (64, 32, 8, 2, ALL, ALL),
@@ -372,6 +390,12 @@ if triton is not None:
         (64, 32, 4, 2, D64, ALL),
         (128, 64, 8, 2, NONE, D64),
         (64, 64, 4, 2, NONE, D64),
+        # d = 256 (64x32 w8 spills 104 B on sm_90 there); maps-only, 3.6 spills 4-12 B with
+        # these 8-warp rows: 4 warps there.
+        (32, 32, 8, 2, D256, D256, {"3.6": (D256, D256), "maps": (NONE, NONE)}),
+        (32, 64, 8, 2, D256, D256, {"3.6": (D256, D256), "maps": (NONE, NONE)}),
+        (32, 32, 4, 2, NONE, NONE, {"maps": (D256, D256)}),
+        (32, 16, 4, 2, NONE, NONE, {"maps": (D256, D256)}),
     ])
     # GROUP: the GQA ratio changes the dk/dv work per program (and GROUP = 1 specialises).
     _BWD_KEY = ["HEAD_DIM", "CAUSAL", "HAS_DO", "HAS_G", "HAS_MASK", "HAS_WINDOW", "GROUP",
@@ -719,12 +743,15 @@ def visual_span(visual_col: torch.Tensor) -> torch.Tensor:
     return span.to(torch.int32).contiguous()
 
 
-def atomic_backward_fits(window: int | None, head_dim: int, device: torch.device) -> bool:
+def atomic_backward_fits(window: int | None, head_dim: int, device: torch.device,
+                         has_do: bool = True) -> bool:
     """Whether the 5-matmul backward has a spill-free config on this GPU (with a window it
     has none at d = 128 on sm_80; the split backward, which has, runs there)."""
-    if window is None or device.type != "cuda":
+    if device.type != "cuda":
         return True
-    return fits_target("_bwd_dkdvdq_kernel+window", block_d(head_dim), device_capability())
+    table = table_variant("_bwd_dkdvdq_kernel", dict(HAS_DO=has_do,
+                                                       HAS_WINDOW=window is not None))
+    return fits_target(table, block_d(head_dim), device_capability())
 
 
 def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
@@ -794,7 +821,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                  BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
     grid_kv = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     if atomic_dq is None:
-        atomic_dq = not deterministic() and atomic_backward_fits(window, D, q.device)
+        atomic_dq = not deterministic() and atomic_backward_fits(window, D, q.device, has_do)
     if atomic_dq:
         dq_acc = torch.zeros((B, Hq, N, D), device=q.device, dtype=torch.float32)
         launch(_bwd_dkdvdq_kernel, grid_kv,

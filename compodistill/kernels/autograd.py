@@ -29,14 +29,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import check_window, kernel_input
+from ._common import (MAX_HEAD_DIM, block_d, check_window, device_capability, fits_target,
+                      kernel_input)
 from .attention import (default_scale, flash_backward, flash_forward, interpreting,
                         stats_from_lse)
 from .visual_attention import (inverse_index, refine_visual_stats, visual_maps_from_lse,
                                visual_rest_heads, visual_rest_mass, visual_row_terms)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 128  # the configs are sized (spill-free) up to BLOCK_D = 128
+_MAX_HEAD_DIM = MAX_HEAD_DIM  # the configs are sized (spill-free) up to BLOCK_D = 256
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -411,6 +412,29 @@ def _scale(q: Tensor, scale: float | None) -> float:
 
 
 # --------------------------------------------------------------------------- public API
+
+def unsupported_reason(q: Tensor, k: Tensor | None = None) -> str | None:
+    """Why the kernels cannot serve attention on tensors shaped and placed like ``q``, or
+    None when they can. A model's attention hook asks this before a fused call and runs the
+    PyTorch path instead (:mod:`compodistill.hf.attention`); the functional API raises.
+
+    Reasons: a head dim outside [1, MAX_HEAD_DIM]; bf16 on a GPU below sm_80 (no bf16 tensor
+    core instruction there); a GPU where some kernel of the path has no spill-free config
+    for this head dim in its fit table.
+    """
+    D = q.shape[-1]
+    if not 0 < D <= _MAX_HEAD_DIM:
+        return f"head dim {D} is outside [1, {_MAX_HEAD_DIM}], the largest the kernels serve"
+    if q.device.type != "cuda":
+        return None
+    capability = device_capability()
+    if q.dtype == torch.bfloat16 and capability < 80:
+        return f"bfloat16 needs sm_80 or newer, this GPU is sm_{capability}"
+    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        if not fits_target(name, block_d(D), capability):
+            return (f"{name} has no spill-free config for head dim {D} on sm_{capability}")
+    return None
+
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None,
                     causal: bool = True, scale: float | None = None,

@@ -1,6 +1,7 @@
 """Resource report: registers, spills, shared memory and tensor-core use of every kernel.
 
-``python -m compodistill.kernels.report [--quick] [--out CSV]`` needs no GPU and no driver:
+``python -m compodistill.kernels.report [--quick] [--head-dim D ...] [--out CSV]`` needs no
+GPU and no driver:
 each launcher of this package runs on small CPU tensors inside
 :func:`kernels.attention.recording_launches`, which records the exact arguments it would
 pass; every recorded kernel is then compiled by Triton for sm_80 and sm_90, once per
@@ -10,12 +11,13 @@ compiled metadata, ``wgmma``/``mma`` from the PTX.
 
 The full sweep (default; ``full_cases()``, ``full_kd_cases()``) varies every constexpr
 the launchers pass: scenario (plain / student / maps-only), key mask on and off, causal /
-non-causal / windowed, GQA group 1 and 2, head dims 64/80/96/128, fp16/bf16, the int64
+non-causal / windowed, GQA group 1 and 2, head dims 64/80/96/128/256, fp16/bf16, the int64
 map-gradient index, both backwards, and the logit-KD kernel over logit dtype, loss and CE
 (docs/KERNELS.md says which products are compiled). ``--quick`` is the representative set
-that CI checks (tests/test_kernel_resources.py); ``--fp32`` the float32-attention gap.
-Head dims above 128 are rejected by the API (compodistill/kernels/autograd.py), so they
-are not compiled.
+that CI checks (tests/test_kernel_resources.py); ``--fp32`` the float32-attention gap;
+``--head-dim 256`` keeps only the cases of that head dim (of the sweep, or with ``--quick``
+of the CI set). Head dims above 256 are rejected by the API
+(compodistill/kernels/autograd.py), so they are not compiled.
 """
 from __future__ import annotations
 
@@ -84,24 +86,27 @@ DTYPES = (torch.float16, torch.bfloat16)
 # bench/results/kernel_resources_fp32_triton3.8.csv):
 # it is a known gap, recorded by ``fp32_cases()`` and left out of the invariant.
 FP32_GAP = {"DOT_PREC": {"ieee"}}
-HEAD_DIMS = (64, 80, 96, 128)  # BLOCK_D 64 / 128; 80 and 96 keep the HEAD_DIM mask
+HEAD_DIMS = (64, 80, 96, 128, 256)  # BLOCK_D 64 / 128 / 256; 80 and 96 keep the HEAD_DIM mask
 MODES = ((True, None), (False, None), (True, 100))  # (causal, window)
 # The values each constexpr can take (booleans: both); a constexpr missing here and not
 # boolean makes the coverage test fail until the sweep varies it.
-CONSTEXPR_DOMAINS = {"HEAD_DIM": set(HEAD_DIMS), "BLOCK_D": {64, 128},
+CONSTEXPR_DOMAINS = {"HEAD_DIM": set(HEAD_DIMS), "BLOCK_D": {64, 128, 256},
                      "DOT_PREC": {"tf32"}, "LOSS": set(logit_kd.LOSS_CODES.values()),
                      # Fixed by the launchers (one value each), not by a config.
-                     "BLOCK_Q": {64}, "BLOCK_V": {64}, "BLOCK_M": {64}}
+                     "BLOCK_Q": {64}, "BLOCK_V": {64, 32}, "BLOCK_M": {64}}
 
 
 def default_cases() -> list[Case]:
     """CI set: the fused student scenario (every kernel of the visual path) and plain
     attention, each at d = 64 and 128, alternating fp16/bf16 and key mask on/off (the
-    mask-free launch is the common one in training: no padding, packed sequences)."""
+    mask-free launch is the common one in training: no padding, packed sequences); at
+    d = 256 (Gemma 3) the student scenario, global (fp16, key mask) and windowed (bf16,
+    mask-free: Gemma 3's local layers)."""
     f16, bf16 = torch.float16, torch.bfloat16
     return [Case("student", f16, 128), Case("student", bf16, 64, mask=False),
             Case("plain", bf16, 128, mask=False), Case("plain", f16, 64, mask=False),
-            Case("plain", f16, 64)]
+            Case("plain", f16, 64), Case("student", f16, 256),
+            Case("student", bf16, 256, window=100, mask=False)]
 
 
 def default_kd_cases() -> list[KdCase]:
@@ -112,13 +117,13 @@ def default_kd_cases() -> list[KdCase]:
 
 def full_cases() -> list[Case]:
     """The full sweep. Every flag combination (scenario: HAS_V/HAS_VIS/HAS_DO/HAS_G; key
-    mask on/off; causal, non-causal, causal + window) at both head-dim classes (bf16 d = 64,
-    fp16 d = 128); GQA group 1 against 2 in every scenario and mask state; every head dim
+    mask on/off; causal, non-causal, causal + window) at every head-dim class (bf16 d = 64,
+    fp16 d = 128, bf16 d = 256); GQA group 1 against 2 in every scenario and mask state; every head dim
     and dtype (float32 included) in the plain and student scenarios, mask on and off; the
     int64 map-gradient indexing. Every constexpr value every launcher can pass appears
     (tests/test_kernel_resources.py checks it); not every product of them (see
     docs/KERNELS.md for why the head dims and dtypes are not crossed with every flag)."""
-    pairs = ((torch.bfloat16, 64), (torch.float16, 128))
+    pairs = ((torch.bfloat16, 64), (torch.float16, 128), (torch.bfloat16, 256))
     cases = [Case(s, dt, d, 2, causal, window, mask) for dt, d in pairs for s in SCENARIOS
              for mask in (True, False) for causal, window in MODES]
     cases += [Case(s, dt, d, 1, mask=mask) for dt, d in pairs for s in SCENARIOS
@@ -127,8 +132,13 @@ def full_cases() -> list[Case]:
               for d in HEAD_DIMS for mask in (True, False)]
     cases += [Case("maps", dt, d, mask=False) for dt in DTYPES for d in (80, 96)]
     cases += [Case(s, torch.float16, d, g_int64=True) for s in ("student", "maps")
-              for d in (64, 128)]
+              for d in (64, 128, 256)]
     return list(dict.fromkeys(cases))
+
+
+def head_dim_cases(cases, head_dims) -> list[Case]:
+    """The cases of ``cases`` whose head dim is one of ``head_dims`` (``--head-dim``)."""
+    return [c for c in cases if c.head_dim in set(head_dims)]
 
 
 def fp32_cases() -> list[Case]:
@@ -425,7 +435,7 @@ def markdown(rows: list[dict]) -> str:
     groups: dict[tuple, list] = {}
     for r in rows:
         cls = r["dtype"] if r["kernel"] == "kd_rows_kernel" else \
-            (64 if int(r["head_dim"]) <= 64 else 128)
+            attention.head_dim_class(attention.block_d(int(r["head_dim"])))
         groups.setdefault((r["kernel"], r["target"], str(cls)), []).append(r)
     out = ["| kernel | target | class | rows | max regs | max spill B | max smem B | misfits "
            "| tensor cores |", "|---|---|---|---|---|---|---|---|---|"]
@@ -458,6 +468,8 @@ def main(argv=None) -> int:
                     help="print the per-kernel summary table of an existing CSV and exit")
     ap.add_argument("--fp32", action="store_true",
                     help="only the float32 attention cases (a known gap: they spill)")
+    ap.add_argument("--head-dim", type=int, nargs="+", default=None, metavar="D",
+                    help="only the attention cases of these head dims (no logit-KD cases)")
     opts = ap.parse_args(argv)
     if opts.markdown is not None:
         print(markdown(read_csv(opts.markdown)))
@@ -465,11 +477,16 @@ def main(argv=None) -> int:
     root = Path(__file__).resolve().parents[2]  # the repository root
     out = opts.out or root / "bench" / "results" / "kernel_resources.csv"
     if opts.fp32:
-        rows = sweep(fp32_cases())
+        cases, kd_cases = fp32_cases(), []
     elif opts.quick:
-        rows = sweep(default_cases(), kd_cases=default_kd_cases())
+        cases, kd_cases = default_cases(), default_kd_cases()
     else:
-        rows = sweep(full_cases(), kd_cases=full_kd_cases())
+        cases, kd_cases = full_cases(), full_kd_cases()
+    if opts.head_dim is not None:
+        cases, kd_cases = head_dim_cases(cases, opts.head_dim), []
+        if not cases:
+            ap.error(f"no case has head dim {opts.head_dim}")
+    rows = sweep(cases, kd_cases=kd_cases)
     write_csv(rows, out)
     print(summary(rows))
     print(f"wrote {out}")

@@ -217,6 +217,18 @@ _BLOCK_Q = 64
 _BLOCK_V = 64
 
 
+def visual_block_q() -> int:
+    """The query-row tile of the three gathered passes (every head dim)."""
+    return _BLOCK_Q
+
+
+def visual_block_v(head_dim: int) -> int:
+    """The visual-column tile of the three gathered passes (one value for all three, so a
+    visual score rounds the same way in each): 32 at BLOCK_D = 256, where the row-terms
+    pass spills 8 B on sm_80 with 64 columns."""
+    return 32 if block_d(head_dim) > 128 else _BLOCK_V
+
+
 def _launch_args(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
                  query_index: torch.Tensor, query_count: torch.Tensor,
                  visual_index: torch.Tensor, visual_count: torch.Tensor):
@@ -225,7 +237,7 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     index = [t.contiguous() for t in (query_index, query_count, visual_index, visual_count)]
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     common = dict(HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype),
-                  BLOCK_Q=_BLOCK_Q, BLOCK_V=_BLOCK_V, num_warps=4 if D <= 64 else 8,
+                  BLOCK_Q=_BLOCK_Q, BLOCK_V=visual_block_v(D), num_warps=4 if D <= 64 else 8,
                   num_stages=2)
     rows = triton.cdiv(query_index.shape[1], _BLOCK_Q)
     stats = stats.float().contiguous()
@@ -325,7 +337,7 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
                                     visual_count, causal, scale, window)
     q, k, stats, index, strides, common, rows = _launch_args(
         q, k, stats, query_index, query_count, visual_index, visual_count)
-    launch(_visual_maps_kernel, (triton.cdiv(shape[2], _BLOCK_V), rows, B),
+    launch(_visual_maps_kernel, (triton.cdiv(shape[2], common["BLOCK_V"]), rows, B),
         q, k, *stats, *index, out, *strides, N, Hq, Hq // k.shape[1], shape[1], shape[2],
         default_scale(D, scale), float(weight), window_arg(window, N),
         HAS_WINDOW=window is not None, ACCUMULATE=accumulate, CAUSAL=bool(causal),
