@@ -44,6 +44,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from . import attention, logit_kd  # noqa: E402
+from ._common import block_d, head_dim_class  # noqa: E402
 from .visual_attention import inverse_index, visual_maps_from_lse, visual_row_terms  # noqa: E402
 
 # Shared memory one block may use (bytes, opt-in maximum per block).
@@ -435,7 +436,7 @@ def markdown(rows: list[dict]) -> str:
     groups: dict[tuple, list] = {}
     for r in rows:
         cls = r["dtype"] if r["kernel"] == "kd_rows_kernel" else \
-            attention.head_dim_class(attention.block_d(int(r["head_dim"])))
+            head_dim_class(block_d(int(r["head_dim"])))
         groups.setdefault((r["kernel"], r["target"], str(cls)), []).append(r)
     out = ["| kernel | target | class | rows | max regs | max spill B | max smem B | misfits "
            "| tensor cores |", "|---|---|---|---|---|---|---|---|---|"]
