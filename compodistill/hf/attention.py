@@ -249,9 +249,7 @@ _WARNED: set = set()
 def _served_backend(query: torch.Tensor, role: str, layer: int) -> str:
     """"triton", or "torch" (warned once) where the kernels cannot serve this layer's shape:
     a model never stops on a kernel limit, its layer runs the chunked PyTorch path."""
-    autograd = kernels_module("autograd")
-    check = getattr(autograd, "unsupported_reason", None)
-    reason = check(query) if check is not None else None
+    reason = kernels_module("autograd").unsupported_reason(query)
     if reason is None:
         return "triton"
     key = (role, layer, tuple(query.shape), str(query.dtype), reason)

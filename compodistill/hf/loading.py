@@ -12,8 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .families import ResolvedModel, check_trainer_checkpoint, config_of, family_of
-from .families import visual_token_ids
+from .families import (ResolvedModel, check_trainer_checkpoint, config_of, family_of,
+                       visual_token_ids)
 from .family_taf import TAF_FILE, load_family_taf
 from .taf import load_student
 

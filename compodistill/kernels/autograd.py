@@ -22,6 +22,7 @@ visual_count[, key_mask[, causal]]`` in its place.
 """
 from __future__ import annotations
 
+import functools
 import math
 from types import SimpleNamespace
 from typing import Optional
@@ -413,7 +414,7 @@ def _scale(q: Tensor, scale: float | None) -> float:
 
 # --------------------------------------------------------------------------- public API
 
-def unsupported_reason(q: Tensor, k: Tensor | None = None) -> str | None:
+def unsupported_reason(q: Tensor) -> str | None:
     """Why the kernels cannot serve attention on tensors shaped and placed like ``q``, or
     None when they can. A model's attention hook asks this before a fused call and runs the
     PyTorch path instead (:mod:`compodistill.hf.attention`); the functional API raises.
@@ -422,13 +423,18 @@ def unsupported_reason(q: Tensor, k: Tensor | None = None) -> str | None:
     core instruction there); a GPU where some kernel of the path has no spill-free config
     for this head dim in its fit table.
     """
-    D = q.shape[-1]
+    return _unsupported_reason(q.shape[-1], q.dtype, q.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _unsupported_reason(D: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    # Asked once per attention layer and step: the answer depends only on these three.
     if not 0 < D <= _MAX_HEAD_DIM:
         return f"head dim {D} is outside [1, {_MAX_HEAD_DIM}], the largest the kernels serve"
-    if q.device.type != "cuda":
+    if device.type != "cuda":
         return None
     capability = device_capability()
-    if q.dtype == torch.bfloat16 and capability < 80:
+    if dtype == torch.bfloat16 and capability < 80:
         return f"bfloat16 needs sm_80 or newer, this GPU is sm_{capability}"
     for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
         if not fits_target(name, block_d(D), capability):
