@@ -249,7 +249,9 @@ _WARNED: set = set()
 def _served_backend(query: torch.Tensor, role: str, layer: int) -> str:
     """"triton", or "torch" (warned once) where the kernels cannot serve this layer's shape:
     a model never stops on a kernel limit, its layer runs the chunked PyTorch path."""
-    reason = kernels_module("autograd").unsupported_reason(query)
+    # A kernel module without the check (a test's stand-in) serves every shape.
+    check = getattr(kernels_module("autograd"), "unsupported_reason", None)
+    reason = check(query) if check is not None else None
     if reason is None:
         return "triton"
     key = (role, layer, tuple(query.shape), str(query.dtype), reason)
