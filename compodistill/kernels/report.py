@@ -27,6 +27,7 @@ import csv
 import datetime
 import io
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -310,17 +311,28 @@ def fits(row: dict) -> bool:
     return row["spill_stores"] == 0 and row["shared"] <= row["smem_limit"]
 
 
+def _compile_key(kernel, args, kw, capability: int) -> tuple:
+    """What decides a compile: the kernel, target, argument dtypes/ints and launch kwargs
+    (picklable, so a cache file can hold it)."""
+    return (jit_function(kernel).__name__, capability, _args_key(args),
+            tuple(sorted(map(str, kw.items()))))
+
+
+def _resources(kernel, args, kw, capability: int) -> dict:
+    compiled, log = compile_one(jit_function(kernel), args, kw, capability)
+    res = parse_ptxas(log)
+    res["shared"] = int(compiled.metadata.shared)
+    res["tensor_cores"] = tensor_cores(compiled.asm["ptx"])
+    return res
+
+
 def measure(kernel, args, kwargs, capability: int, cache: dict) -> list[dict]:
     fn = jit_function(kernel)
     rows = []
     for name, kw in candidate_configs(kernel, args, kwargs, capability):
-        key = (fn.__name__, capability, _args_key(args), tuple(sorted(map(str, kw.items()))))
+        key = _compile_key(kernel, args, kw, capability)
         if key not in cache:
-            compiled, log = compile_one(fn, args, kw, capability)
-            res = parse_ptxas(log)
-            res["shared"] = int(compiled.metadata.shared)
-            res["tensor_cores"] = tensor_cores(compiled.asm["ptx"])
-            cache[key] = res
+            cache[key] = _resources(kernel, args, kw, capability)
         rows.append(dict(kernel=fn.__name__.strip("_"), config=name,
                          num_warps=kw.get("num_warps", 4), num_stages=kw.get("num_stages", 3),
                          target=f"sm_{capability}", smem_limit=SMEM_LIMIT[capability],
@@ -333,23 +345,83 @@ def _args_key(args) -> tuple:
     return tuple(str(a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
 
 
+# The pending compiles of a parallel sweep, inherited by forked workers (launch arguments
+# hold CPU tensors and kernel objects, which are cheaper to inherit than to pickle).
+_PENDING: list = []
+
+
+def _compile_pending(i: int) -> dict:
+    kernel, args, kw, cap = _PENDING[i]
+    return _resources(kernel, args, kw, cap)
+
+
 def sweep(cases, targets=TARGETS, kd_cases=(), progress=True,
-          cache: dict | None = None) -> list[dict]:
+          cache: dict | None = None, jobs: int = 1, cache_file: Path | None = None) -> list[dict]:
     """Rows of every (launch, kept config, target) of the cases; ``cache`` (a dict) may be
-    shared between calls, so a launch two calls make compiles once."""
-    jobs = [(_case_fields(case), rec) for case in cases for rec in record(case)]
-    jobs += [(_kd_fields(case), rec) for case in kd_cases for rec in record_kd(case)]
-    work = [(fields, rec, cap) for fields, rec in jobs for cap in targets]
-    bar = _progress(len(work), progress)
-    rows, cache = [], ({} if cache is None else cache)
+    shared between calls, so a launch two calls make compiles once. ``jobs`` > 1 compiles
+    in that many forked processes; ``cache_file`` (a pickle, per Triton version) keeps what
+    was compiled across runs, so an interrupted sweep resumes and a sweep after a fit-table
+    change compiles only the new (config, launch) pairs."""
+    global _PENDING
+    launches = [(_case_fields(case), rec) for case in cases for rec in record(case)]
+    launches += [(_kd_fields(case), rec) for case in kd_cases for rec in record_kd(case)]
+    work = [(fields, rec, cap) for fields, rec in launches for cap in targets]
+    cache = {} if cache is None else cache
+    if cache_file is not None and cache_file.exists():
+        with open(cache_file, "rb") as f:
+            stored = pickle.load(f)
+        if stored.get("triton") == triton.__version__:
+            cache.update(stored["results"])
+    pending: dict[tuple, tuple] = {}
+    for _fields, (kernel, args, kwargs), cap in work:
+        for _name, kw in candidate_configs(kernel, args, kwargs, cap):
+            key = _compile_key(kernel, args, kw, cap)
+            if key not in cache and key not in pending:
+                pending[key] = (kernel, args, kw, cap)
+    bar = _progress(len(pending), progress)
+    keys, _PENDING = list(pending), list(pending.values())
+    try:
+        results = _map_compiles(len(keys), jobs)
+        for n, (i, res) in enumerate(results, 1):
+            cache[keys[i]] = res
+            bar.update(1)
+            if cache_file is not None and (n % 50 == 0 or n == len(keys)):
+                _save_cache(cache, cache_file)
+    finally:
+        _PENDING = []
+        bar.close()
+        if cache_file is not None and keys:
+            _save_cache(cache, cache_file)
+    rows = []
     for fields, (kernel, args, kwargs), cap in work:
         for row in measure(kernel, args, kwargs, cap, cache):
             row.update(fields)
             row["fits"] = fits(row)
             rows.append(row)
-        bar.update(1)
-    bar.close()
     return _dedupe(rows)
+
+
+def _map_compiles(n: int, jobs: int):
+    """(index, resources) of each pending compile, in completion order."""
+    if jobs <= 1 or n <= 1:
+        for i in range(n):
+            yield i, _compile_pending(i)
+        return
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        yield from pool.imap_unordered(_indexed_compile, range(n))
+
+
+def _indexed_compile(i: int) -> tuple[int, dict]:
+    return i, _compile_pending(i)
+
+
+def _save_cache(cache: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump({"triton": triton.__version__, "results": cache}, f)
+    os.replace(tmp, path)
 
 
 def _case_fields(case: Case) -> dict:
@@ -469,6 +541,11 @@ def main(argv=None) -> int:
                     help="print the per-kernel summary table of an existing CSV and exit")
     ap.add_argument("--fp32", action="store_true",
                     help="only the float32 attention cases (a known gap: they spill)")
+    ap.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="compile in N processes (default 1)")
+    ap.add_argument("--cache", type=Path, default=None, metavar="PICKLE",
+                    help="keep compiled results here across runs (resume; recompile only "
+                         "what a fit-table change adds)")
     ap.add_argument("--head-dim", type=int, nargs="+", default=None, metavar="D",
                     help="only the attention cases of these head dims (no logit-KD cases)")
     opts = ap.parse_args(argv)
@@ -487,7 +564,9 @@ def main(argv=None) -> int:
         cases, kd_cases = head_dim_cases(cases, opts.head_dim), []
         if not cases:
             ap.error(f"no case has head dim {opts.head_dim}")
-    rows = sweep(cases, kd_cases=kd_cases)
+    if opts.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {opts.jobs}")
+    rows = sweep(cases, kd_cases=kd_cases, jobs=opts.jobs, cache_file=opts.cache)
     write_csv(rows, out)
     print(summary(rows))
     print(f"wrote {out}")
