@@ -10,6 +10,7 @@
 # Steps, most important figures first (bench/README.md lists them with their budgets):
 #   1. fused visual attention vs flash / SDPA / chunked / eager  (bench/visual_attention.py)
 #   2. the same with a Gemma-3 sliding window of 1024            (--window 1024)
+#   2b. the same at head dim 256 (Gemma 3 4B/12B), global and windowed (--head-dim 256)
 #   3. one distillation step of a Qwen2.5-VL 7B -> 3B pair        (bench/model_step.py --family)
 #   4. the compiled-kernel accuracy tests                         (tests/test_gpu.py)
 #   5. fused linear logit KD, the Qwen2 text model step, the deterministic mode's cost
@@ -74,10 +75,11 @@ run() {
 }
 
 if [ "$DRY" = 1 ]; then
-    VA_SIZES="32"; VA_WINDOW=8; VA_WINDOW_SIZES="32"; FAMILY_SHAPES="1x128"
+    VA_SIZES="32"; VA_WINDOW=8; VA_WINDOW_SIZES="32"; VA_D256_SIZES="32"; FAMILY_SHAPES="1x128"
     KD_TOKENS="64"; STEP_SHAPES="1x64"; REPEAT=1
 else
-    VA_SIZES="1024 4096"; VA_WINDOW=1024; VA_WINDOW_SIZES="4096 8192"; FAMILY_SHAPES=""
+    VA_SIZES="1024 4096"; VA_WINDOW=1024; VA_WINDOW_SIZES="4096 8192"; VA_D256_SIZES="4096"
+    FAMILY_SHAPES=""
     KD_TOKENS="2048 8192"; STEP_SHAPES="1x2048"; REPEAT=3
 fi
 
@@ -101,6 +103,12 @@ run "visual attention: fused vs flash/SDPA/chunked/eager" 80 \
 run "visual attention, sliding window $VA_WINDOW (Gemma 3)" 70 \
     "$PYTHON" bench/visual_attention.py --device "$DEV" --sizes $VA_WINDOW_SIZES \
     --window "$VA_WINDOW" --repeat "$REPEAT" --out "$OUT/visual_attention.csv"
+# shellcheck disable=SC2086
+run "visual attention, head dim 256 (Gemma 3), global and window $VA_WINDOW" 70 \
+    bash -c '"$0" bench/visual_attention.py --device "$1" --sizes $3 --head-dim 256 \
+        --repeat "$2" --out "$4" && "$0" bench/visual_attention.py --device "$1" --sizes $3 \
+        --head-dim 256 --window "$5" --repeat "$2" --out "$4"' \
+    "$PYTHON" "$DEV" "$REPEAT" "$VA_D256_SIZES" "$OUT/visual_attention.csv" "$VA_WINDOW"
 # shellcheck disable=SC2086
 run "model step: Qwen2.5-VL 7B -> 3B shapes" 120 \
     "$PYTHON" bench/model_step.py --family qwen2_5_vl --device "$DEV" \

@@ -20,8 +20,11 @@ provider: the kernels skip the key/query blocks outside the window, SDPA gets th
 causal-window mask (no flash kernel takes one), eager and chunked mask the same pairs;
 providers are labelled ``name-wW[variant]``.
 
+``--head-dim D``: every provider at head dim D instead of the shape's (256: Gemma 3 4B/12B,
+whose kernels use the 256 class of the fit tables); providers are labelled ``name-dD[variant]``.
+
 Usage: ``python bench/visual_attention.py [--device cuda|cpu] [--sizes N ...] [--window W]
-[--out CSV] [--plot]``
+[--head-dim D] [--out CSV] [--plot]``
 CUDA: N 1k..16k, B=2, student 16 heads, teacher 32 heads, d=128, Nv=576 image tokens from
 position 32, causal, bf16; GQA variant student kv 4, teacher kv 8.
 CPU: N 128/256, 2 and 4 heads, d=32, 32 image tokens, float32; the Triton providers run only
@@ -168,12 +171,13 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def run(device: torch.device, csv_path: Path, sizes=None, repeat: int = 5,
-        window: int | None = None) -> list[dict]:
+        window: int | None = None, head_dim: int | None = None) -> list[dict]:
     shape = SHAPES["cuda" if device.type == "cuda" else "cpu"]
     sizes = sizes or shape["sizes"]
     use_triton = K is not None and K.HAS_TRITON and (device.type == "cuda" or K.interpreting())
     prov = provenance(device)
-    batch, hs, ht, d = shape["batch"], shape["hs"], shape["ht"], shape["d"]
+    batch, hs, ht = shape["batch"], shape["hs"], shape["ht"]
+    d = head_dim or shape["d"]
     rows, written = [], 0
     for variant, (hkv_s, hkv_t) in shape["variants"].items():
         for n in sizes:
@@ -197,7 +201,8 @@ def run(device: torch.device, csv_path: Path, sizes=None, repeat: int = 5,
                     values = ("oom",) * 3
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                label = f"{name}{f'-w{window}' if window else ''}[{variant}]"
+                label = (f"{name}{f'-w{window}' if window else ''}"
+                         f"{f'-d{head_dim}' if head_dim else ''}[{variant}]")
                 for metric, value, unit in zip(("time", "peak_memory", "tflops"), values,
                                                ("ms", "MiB", "TFLOP/s")):
                     rows.append(dict(benchmark=BENCH, provider=label, x_name="N", x=n,
@@ -230,10 +235,16 @@ def main(argv=None) -> None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--window", type=int, default=None,
                      help="sliding window W (Gemma 3's local layers; 1024 there)")
+    pre.add_argument("--head-dim", type=int, default=None,
+                     help="head dim of every provider (256: Gemma 3 4B/12B)")
     known, rest = pre.parse_known_args(argv)
     if known.window is not None and known.window < 1:
         raise SystemExit(f"--window must be >= 1, got {known.window}")
-    benchmark_main(rest, doc=__doc__, bench=BENCH, run=functools.partial(run, window=known.window),
+    if known.head_dim is not None and not 1 <= known.head_dim <= 256:
+        raise SystemExit(f"--head-dim must be in [1, 256] (the kernels' range), "
+                         f"got {known.head_dim}")
+    benchmark_main(rest, doc=__doc__, bench=BENCH,
+                   run=functools.partial(run, window=known.window, head_dim=known.head_dim),
                    plot=plot,
                    sweep=("--sizes", dict(type=int, help="override the sequence lengths")),
                    before_run=_note_skipped_providers)
