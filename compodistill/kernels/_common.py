@@ -95,9 +95,26 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         configs = kernel.configs
         if not interpreting():
             configs = configs_for(kernel, device_capability(), kwargs, args)
-        kwargs = {**kwargs, **configs[0].all_kwargs()}
-        kernel = kernel.fn
+        _launch_pinned(kernel.fn, grid, configs, args, kwargs)
+        return
     kernel[grid](*args, **kwargs)
+
+
+def _launch_pinned(fn, grid, configs: list, args: tuple, kwargs: dict) -> None:
+    """Launch with the first of ``configs`` this GPU can load. The fit tables hold per
+    target class (sm_80 stands for 8.x), but sm_86/89 give a block 99 KB of shared memory
+    against sm_80's 163 KB, so a table config may not load there (the 64x64 forward at
+    d = 256 needs 104 KB): Triton raises OutOfResources before anything runs, and the next
+    config is tried. The choice depends only on the device, so runs stay reproducible."""
+    from triton.runtime.errors import OutOfResources
+
+    for i, config in enumerate(configs):
+        try:
+            fn[grid](*args, **{**kwargs, **config.all_kwargs()})
+            return
+        except OutOfResources:
+            if i == len(configs) - 1:
+                raise
 
 
 # The head-dim classes (BLOCK_D <= 64, = 128, = 256) each config fits per target: measured
