@@ -92,7 +92,7 @@ def test_pruning_leaves_configs_for_every_head_dim_and_target():
     from compodistill.kernels import attention as common  # its tables and pruning
     from compodistill.kernels import logit_kd  # noqa: F401  (registers the KD fit table)
     for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_dkdvdq_kernel"):
-        for table_name in (name, name + "+window"):
+        for table_name in (name, name + "+window", name + "+padded"):
             table = common.fit_table(table_name)
             for cap in (80, 90):
                 for block_d, size in ((16, 64), (64, 64), (128, 128), (256, 256)):
@@ -110,6 +110,20 @@ def test_pruning_leaves_configs_for_every_head_dim_and_target():
             assert common.fits_class("_kd_rows_kernel", dtype, cap), (cap, dtype)
             kept = common.prune_class(common.all_configs("_kd_rows_kernel"), table, dtype, cap)
             assert kept and all(dtype in table[common.config_key(c)][cap] for c in kept)
+
+
+def test_padded_head_dims_use_their_own_fits():
+    """d = 80/96 run padded to BLOCK_D 128 with the head-dim mask, which costs registers:
+    their launches prune with the "+padded" fits (the full sweep found the 128-class configs
+    that spill only there), d = 128 and windowed or maps-only launches keep their tables."""
+    from compodistill.kernels._common import table_variant
+    name = "_bwd_dkdvdq_kernel"
+    assert table_variant(name, {"HEAD_DIM": 80, "BLOCK_D": 128}) == name + "+padded"
+    assert table_variant(name, {"HEAD_DIM": 128, "BLOCK_D": 128}) == name
+    assert table_variant(name, {"HEAD_DIM": 96, "BLOCK_D": 128,
+                                "HAS_WINDOW": True}) == name + "+window"
+    assert table_variant(name, {"HEAD_DIM": 96, "BLOCK_D": 128,
+                                "HAS_DO": False}) == name + "+maps"
 
 
 def test_sweep_varies_every_constexpr_the_launchers_pass():

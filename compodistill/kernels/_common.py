@@ -145,25 +145,35 @@ def fitted_configs(kernel_name: str, rows) -> list:
     (``HAS_WINDOW``, whose mask costs registers), where they are smaller, and ``"maps"``:
     the fits of a backward without an output gradient (``HAS_DO`` off: the maps-only
     gradient, with or without a window), where ptxas allocates registers differently (at
-    d = 256 it caps 8-warp programs at 128 registers there)."""
-    table, window_table, maps_table, configs = {}, {}, {}, []
+    d = 256 it caps 8-warp programs at 128 registers there), and ``"padded"``: the fits of
+    a head dim below its ``BLOCK_D`` (80/96: the head-dim mask costs registers), without a
+    window or maps-only. ``"3.6 window"``, ``"3.6 maps"`` and ``"3.6 padded"`` give those
+    variants' fits under another version."""
+    table, window_table, maps_table, padded_table, configs = {}, {}, {}, {}, []
+    version = triton_version()
     for row in rows:
         block_m, block_n, warps, stages, fits80, fits90 = row[:6]
-        if len(row) > 6 and triton_version() in row[6]:
-            fits80, fits90 = row[6][triton_version()]
+        extra = row[6] if len(row) > 6 else {}
+        fits80, fits90 = extra.get(version, (fits80, fits90))
         config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
                                num_stages=stages)
         table[config_key(config)] = {80: fits80, 90: fits90}
-        w80, w90 = row[6].get("window", (fits80, fits90)) if len(row) > 6 else (fits80, fits90)
+        # "<version> window" / "<version> maps": that compiler's own fits of the variant.
+        w80, w90 = extra.get(f"{version} window", extra.get("window", (fits80, fits90)))
         window_table[config_key(config)] = {80: w80, 90: w90}
         # Without its own maps fits, a config must fit both the plain and the window table.
         both = (tuple(c for c in fits80 if c in w80), tuple(c for c in fits90 if c in w90))
-        m80, m90 = row[6].get("maps", both) if len(row) > 6 else both
+        m80, m90 = extra.get(f"{version} maps", extra.get("maps", both))
         maps_table[config_key(config)] = {80: m80, 90: m90}
+        # A head dim below its BLOCK_D (80/96 in the 128 class) keeps the HEAD_DIM mask,
+        # which costs registers: "padded" narrows the plain fits for those launches.
+        p80, p90 = extra.get(f"{version} padded", extra.get("padded", (fits80, fits90)))
+        padded_table[config_key(config)] = {80: p80, 90: p90}
         configs.append(config)
     _FIT_TABLES[kernel_name] = table
     _FIT_TABLES[kernel_name + "+window"] = window_table
     _FIT_TABLES[kernel_name + "+maps"] = maps_table
+    _FIT_TABLES[kernel_name + "+padded"] = padded_table
     _ALL_CONFIGS[kernel_name] = configs
     return configs
 
@@ -241,10 +251,15 @@ def launch_table(kernel, args: tuple, kwargs: dict) -> tuple[str, object]:
 
 def table_variant(name: str, named: dict) -> str:
     """The fit table of a launch: ``"+maps"`` for a backward without an output gradient
-    (``HAS_DO`` passed and off), else ``"+window"`` with ``HAS_WINDOW``, else the plain one."""
+    (``HAS_DO`` passed and off), else ``"+window"`` with ``HAS_WINDOW``, else ``"+padded"``
+    for a head dim below its ``BLOCK_D`` (80, 96), else the plain one."""
     if named.get("HAS_DO", True) is False:
         return name + "+maps"
-    return name + ("+window" if named.get("HAS_WINDOW") else "")
+    if named.get("HAS_WINDOW"):
+        return name + "+window"
+    if named.get("HEAD_DIM", named.get("BLOCK_D")) != named.get("BLOCK_D"):
+        return name + "+padded"
+    return name
 
 
 def prune_hook(kernel_name: str) -> dict:

@@ -112,11 +112,15 @@ if triton is not None:
     # at that head dim only 8-warp programs with small tiles hold their accumulators.
     ALL, D64, D128, D256, NONE = (64, 128), (64,), (128,), (256,), ()
     _FWD_CONFIGS = fitted_configs("_fwd_kernel", [
-        (64, 64, 4, 2, ALL, ALL),
-        (128, 64, 8, 3, D64, ALL),
-        (128, 128, 8, 2, NONE, ALL, {"3.6": (NONE, D64)}),
+        # Full sweep: d = 80/96 (head-dim mask, padded to 128) spill 8 B on sm_80; 3.6 with a
+        # window at d = 64 on sm_80.
+        (64, 64, 4, 2, ALL, ALL, {"padded": (D64, ALL), "3.6 padded": (ALL, ALL),
+                                  "3.6 window": (D128, ALL)}),
+        (128, 64, 8, 3, D64, ALL, {"3.6 window": (NONE, ALL)}),
+        # d = 80/96 bf16 spill 4 B on sm_90.
+        (128, 128, 8, 2, NONE, ALL, {"3.6": (NONE, D64), "padded": (NONE, D64)}),
         # d = 64 without a key mask spills 4 B on sm_80 (128 regs; 171 with the mask).
-        (128, 32, 8, 3, D128, ALL, {"3.6": (D128, ALL)}),
+        (128, 32, 8, 3, D128, ALL, {"3.6 window": (NONE, ALL)}),  # 3.6: d = 128 window, sm_80
         (64, 32, 4, 4, ALL, ALL),
         (64, 64, 4, 3, D64, ALL),
         # d = 256: 4 warps spill 8-380 B (64x64 w4, 64x32 w4 on sm_80), 128-row blocks more.
@@ -345,12 +349,19 @@ if triton is not None:
     # k, v, dk and dv alone hold 4·BLOCK_N·128 values per program. "window": the fits with
     # HAS_WINDOW (the window's query-block bound costs registers; measured with 3.8).
     _BWD_CONFIGS = fitted_configs("_bwd_dkdv_kernel", [
-        (32, 64, 8, 2, D128, ALL, {"window": (D128, D64)}),
+        # Maps-only at d = 128 on sm_90: clean in every flag state (3.8); 3.6 spills on sm_80.
+        (32, 64, 8, 2, D128, ALL, {"window": (D128, D64), "maps": (D128, ALL),
+                                   "3.6 maps": (D128, D64)}),
         # Non-causal, d = 128 spills 8 B on sm_80 (plain fp16, mask-free): off that class.
-        (32, 32, 4, 2, D64, D128),
+        # Maps-only d = 128 spills 8 B on sm_90 (3.8; 3.6 has no other config there yet);
+        # 3.6: d = 64 spills on sm_80.
+        (32, 32, 4, 2, D64, D128, {"3.6": (NONE, D128), "maps": (D64, NONE),
+                                   "3.6 maps": (D64, D128)}),
         # Non-causal, d = 128 spills 8 B on sm_80 (plain fp16, 255 regs).
         (64, 64, 8, 2, NONE, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
-        (16, 128, 8, 2, D64, ALL, {"3.6": (D64, D64), "window": (D64, D64)}),
+        # Maps-only, GQA group 1, d = 64 spills 16 B on sm_80 (bf16, 3.8).
+        (16, 128, 8, 2, D64, ALL, {"3.6": (D64, D64), "window": (D64, D64),
+                                   "maps": (NONE, D64), "3.6 maps": (D64, D64)}),
         (32, 128, 8, 2, NONE, D64),
         # d = 256: k, v, dk, dv are 4·BLOCK_N·256 values; BLOCK_N = 64 spills (48 B and up).
         # Without dO (maps-only) ptxas caps these 8-warp programs at 128 registers and they
@@ -367,11 +378,17 @@ if triton is not None:
     # With a window nothing fits d = 128 on sm_80 (32x64 w8 spills 4 B, the others more):
     # there the launcher runs the split backward instead (atomic_backward_fits).
     _BWD_ATOMIC_CONFIGS = fitted_configs("_bwd_dkdvdq_kernel", [
-        (32, 64, 8, 2, D128, ALL, {"3.6": (D128, D64), "window": (NONE, D64)}),
+        # d = 80/96 spill 12 B on both targets (mask-free student): 32x32 w8 serves them.
+        (32, 64, 8, 2, D128, ALL, {"3.6": (D128, D64), "window": (NONE, D64),
+                                   "padded": (NONE, D64), "3.6 padded": (D128, D64)}),
         # d = 64 without a key mask spills 16 B on sm_90 (128 regs); windowed, maps-only, 4 B.
-        (32, 32, 4, 2, NONE, D128, {"3.6": (ALL, ALL), "window": (NONE, D128)}),
-        (16, 128, 8, 2, D64, D64, {"3.6": (NONE, D64)}),
-        (16, 64, 4, 2, D64, D64, {"window": (NONE, D64)}),
+        # 3.6: d = 64 spills on both targets.
+        (32, 32, 4, 2, NONE, D128, {"3.6": (D128, D128), "window": (NONE, D128)}),
+        # Maps-only, GQA group 1, d = 64 spills 12 B on sm_80 (bf16, 3.8); 16x64 w4 is clean
+        # in every maps-only state there, with and without a window.
+        (16, 128, 8, 2, D64, D64, {"3.6": (NONE, D64), "maps": (NONE, D64)}),
+        (16, 64, 4, 2, D64, D64, {"window": (NONE, D64), "maps": (D64, D64),
+                                  "3.6 maps": (NONE, D64)}),
         # Non-causal, d = 64 spills 4 B on sm_90 (student bf16, 255 regs).
         (64, 64, 8, 2, NONE, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
         (32, 128, 8, 2, NONE, D64),
@@ -380,18 +397,23 @@ if triton is not None:
         # (no dO): the 8-warp rows spill 4-32 B (capped at 128 registers); one stage fits.
         (16, 32, 8, 2, D256, D256, {"maps": (NONE, NONE)}),
         # 3.6: spills 4 B on sm_90 (student fp16).
-        (32, 32, 8, 2, NONE, D256, {"3.6": (NONE, NONE), "maps": (NONE, NONE)}),
+        # d = 80/96 on sm_80 (the 32x64 above spills there): clean in every state (3.8).
+        (32, 32, 8, 2, NONE, D256, {"3.6": (NONE, NONE), "maps": (NONE, NONE),
+                                    "padded": (D128, D256), "3.6 padded": (NONE, NONE)}),
         # Maps-only at d = 256 (kernel_resources_d256*.csv): 16x32 w8 s1 spills 4-12 B on
         # sm_90 with a window, 16x32 w4 4-20 B on sm_80; each is kept where it does not.
         (16, 32, 8, 1, NONE, NONE, {"maps": (D256, NONE)}),
         (16, 32, 4, 2, NONE, NONE, {"maps": (NONE, D256)}),
     ])
     _BWD_DQ_CONFIGS = fitted_configs("_bwd_dq_kernel", [
-        (64, 32, 8, 2, ALL, ALL),
-        # The window mask spills at 128; so does the mask-free student at 128 on sm_90 (8 B).
-        (128, 32, 8, 2, D64, D64, {"window": (D64, D64)}),
+        (64, 32, 8, 2, ALL, ALL, {"3.6": (D128, ALL)}),  # 3.6: d = 64 spills on sm_80
+        # The window mask spills at 128; so does the mask-free student at 128 on sm_90 (8 B),
+        # and with GQA group 1 at 64 on sm_80 (4 B, 3.8).
+        (128, 32, 8, 2, NONE, D64, {"3.6": (D64, D64), "window": (D64, D64)}),
         (64, 64, 8, 2, D128, D64),
-        (64, 32, 4, 2, D64, ALL),
+        # d = 80/96 spill 28 B on sm_90 (3.8); 3.6: maps-only d = 64 on sm_80.
+        (64, 32, 4, 2, D64, ALL, {"padded": (D64, D64), "3.6 padded": (D64, ALL),
+                                  "3.6 maps": (NONE, ALL)}),
         (128, 64, 8, 2, NONE, D64),
         (64, 64, 4, 2, NONE, D64),
         # d = 256 (64x32 w8 spills 104 B on sm_90 there); maps-only, 3.6 spills 4-12 B with
@@ -754,7 +776,9 @@ def atomic_backward_fits(window: int | None, head_dim: int, device: torch.device
     if device.type != "cuda":
         return True
     table = table_variant("_bwd_dkdvdq_kernel", dict(HAS_DO=has_do,
-                                                       HAS_WINDOW=window is not None))
+                                                       HAS_WINDOW=window is not None,
+                                                       HEAD_DIM=head_dim,
+                                                       BLOCK_D=block_d(head_dim)))
     return fits_target(table, block_d(head_dim), device_capability())
 
 
