@@ -183,3 +183,17 @@ def test_zero3_init_flag_true_is_refused(tmp_path):
     assert done.returncode != 0
     assert ("ValueError: deepspeed_config.zero3_init_flag: true is not supported"
             in done.stderr), done.stderr[-2000:]
+
+
+def test_trainable_lm_head_is_refused_under_zero3():
+    from torch import nn
+
+    from compodistill.train.distributed import zero3_head_step
+
+    owner = nn.Module()
+    owner.lm_head = nn.Linear(4, 8)  # requires_grad: what trainable: all leaves
+    with pytest.raises(ValueError, match=r"^stage sft: trainable: a trainable lm_head is not "
+                                         r"supported under ZeRO-3"):
+        zero3_head_step(lambda prepared, batch: {}, owner, "sft")
+    owner.lm_head.requires_grad_(False)
+    zero3_head_step(lambda prepared, batch: {}, owner, "sft")  # a frozen one is fine
