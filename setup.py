@@ -20,6 +20,9 @@ setup(
         # compodistill.integrations.trl overrides a private hook of TRL's DistillationTrainer
         # (its per-micro-batch loss), so the version is pinned; 1.16.0 runs on transformers 5.25.
         "trl": ["trl==1.16.0"],
+        # ZeRO-2/3 (docs/distributed.md#deepspeed); tested with 0.19.8, which installs in
+        # seconds with DS_BUILD_OPS=0 (no ops built; tests/test_zero.py skips without it).
+        "deepspeed": ["deepspeed==0.19.8"],
         "train": [
             "transformers>=5.0,<6",  # AttentionInterface per sub-config, set_attn_implementation
             "accelerate>=1.0",

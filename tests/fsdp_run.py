@@ -8,7 +8,7 @@ the weighted loss of every micro-batch it computed, the local and full shapes of
 sharded parameter of the student and of the teacher (and all parameter names), and how many
 all-gathers included each model's ``lm_head`` weight. ``FSDP_TEST_KILL=STAGE:CALL`` SIGKILLs
 process 0 at that loss call of that stage (a crash mid-run); ``FSDP_TEST_STAGES=dpt,dft``
-runs only those stages.
+runs only those stages; ``FSDP_TEST_MAX_GRAD_NORM`` sets every stage's ``max_grad_norm``.
 """
 import json
 import os
@@ -21,7 +21,7 @@ if __name__ == "__main__":
 
 from compodistill.train import engine  # noqa: E402
 from compodistill.train.config import config_from_dict  # noqa: E402
-from compodistill.train.distributed import is_fsdp2, local_shard_shapes  # noqa: E402
+from compodistill.train.distributed import is_deepspeed, is_fsdp2, local_shard_shapes  # noqa: E402
 from compodistill.train.stages import lm_head  # noqa: E402
 from compodistill.train.trainer import CompoDistillTrainer  # noqa: E402
 
@@ -33,7 +33,9 @@ def main(root: Path, out: str, grad_accum: str = "1", recipe: str = "compodistil
     kinds = os.environ.get("FSDP_TEST_STAGES", ",".join(STEPS)).split(",")
     stages = [{"kind": kind, "max_steps": STEPS[kind], "batch_size": 4,
                "grad_accum": int(grad_accum), "lr": 1e-2, "lora_r": 4, "lora_alpha": 8,
-               "lora_dropout": 0.0} for kind in kinds]
+               "lora_dropout": 0.0,
+               "max_grad_norm": float(os.environ.get("FSDP_TEST_MAX_GRAD_NORM", "1.0"))}
+              for kind in kinds]
     config = config_from_dict({
         "recipe": recipe, "student": str(root / "student"), "teacher": str(root / "teacher"),
         "output_dir": out, "save_every": 2, "cpu_threads": 1,
@@ -55,6 +57,18 @@ def main(root: Path, out: str, grad_accum: str = "1", recipe: str = "compodistil
             return gather(fsdp_params, *args, **kwargs)
 
         group.foreach_all_gather = counted
+
+    if is_deepspeed(trainer.acc):  # every ZeRO-3 gather, by the parameters it gathers
+        import deepspeed
+
+        gathered_init = deepspeed.zero.GatheredParameters.__init__
+
+        def counted_init(self, params, *args, **kwargs):
+            gathered.append({id(p) for p in (params if isinstance(params, (list, tuple))
+                                             else [params])})
+            gathered_init(self, params, *args, **kwargs)
+
+        deepspeed.zero.GatheredParameters.__init__ = counted_init
 
     run = engine.StageLoop.run
 
@@ -83,10 +97,15 @@ def main(root: Path, out: str, grad_accum: str = "1", recipe: str = "compodistil
         result = run(loop, resume)
         report[name] = {
             "student": local_shard_shapes(loop.model),
+            "zero_partitions": zero_partitions(loop.model),
             "student_params": [n for n, _ in loop.model.named_parameters()],
             "teacher": local_shard_shapes(trainer.teacher) if trainer.teacher else {},
             "teacher_params": [n for n, _ in trainer.teacher.named_parameters()],
             "start_step": start["step"], "losses": seen,
+            # what the DeepSpeed engine clips to and accumulates over (None: not DeepSpeed)
+            "engine_clip_accum": ([loop.model.gradient_clipping(),
+                                   loop.model.gradient_accumulation_steps()]
+                                  if is_deepspeed(loop.acc) else None),
             "lm_head_gathers": {who: sum(id(w) in ids for ids in gathered)
                                 for who, w in heads.items()}}
         # Written after every stage: a run killed later still leaves its earlier stages.
@@ -97,6 +116,12 @@ def main(root: Path, out: str, grad_accum: str = "1", recipe: str = "compodistil
 
     engine.StageLoop.run = traced_run
     trainer.run()
+
+
+def zero_partitions(model) -> dict:
+    """``{name: (local numel, full numel)}`` of every ZeRO-3 partitioned parameter."""
+    return {name: (p.ds_tensor.numel(), p.ds_numel) for name, p in model.named_parameters()
+            if hasattr(p, "ds_numel")}
 
 
 if __name__ == "__main__":

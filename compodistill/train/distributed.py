@@ -16,6 +16,21 @@ Under ``accelerate launch`` with an FSDP config of ``fsdp_version: 2`` (docs/dis
   (accelerate's ``get_state_dict``) and loads it into a meta-device :func:`skeleton` of the
   stage's module taken before sharding; the trainer merges LoRA into it and saves a plain
   ``save_pretrained`` folder, which every process then reloads for the next stage.
+
+Under an accelerate config of ``distributed_type: DEEPSPEED`` (ZeRO-2 or ZeRO-3):
+
+- **Student.** accelerate's ``prepare`` builds a ``DeepSpeedEngine``: ZeRO-2 partitions the
+  optimizer states and gradients, ZeRO-3 the parameters too. The models always load whole
+  (``zero3_init_flag: false``; true is refused): ``from_pretrained``, TAF and LoRA see whole
+  weights, and the engine partitions the student when it is prepared.
+- **Teacher.** Replicated (DeepSpeed shards only what is prepared; the teacher has nothing to
+  optimise).
+- **lm_head under ZeRO-3.** The fused losses read the student's frozen ``lm_head`` weight
+  outside any forward, where ZeRO-3 holds an empty partition: :func:`zero3_head_step` gathers
+  it once per step. A trainable ``lm_head`` is refused under ZeRO-3.
+- **Each stage** writes its ``gradient_accumulation_steps``, ``gradient_clipping`` and batch
+  sizes into the DeepSpeed config before ``prepare`` (:func:`configure_deepspeed`): accelerate
+  would keep the config's values over the stage's.
 """
 from __future__ import annotations
 
@@ -24,8 +39,9 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["make_accelerator", "is_fsdp2", "shard_teacher", "teacher_step", "skeleton", "consolidated",
-           "counterparts", "wrap_classes", "local_shard_shapes"]
+__all__ = ["make_accelerator", "is_fsdp2", "is_deepspeed", "zero_stage", "configure_deepspeed",
+           "zero3_head_step", "is_sharded", "shard_teacher", "teacher_step", "skeleton",
+           "consolidated", "counterparts", "wrap_classes", "local_shard_shapes"]
 
 
 def make_accelerator(**kwargs):
@@ -37,7 +53,9 @@ def make_accelerator(**kwargs):
     and it enables its FSDP plugin only on accelerators. There the processes are made CPU
     processes (gloo), and FSDP is switched on on the accelerator state exactly as accelerate
     itself does on a GPU (the plugin reads the same ``FSDP_*`` settings of the config);
-    torch's ``fully_shard`` runs on gloo.
+    torch's ``fully_shard`` runs on gloo. DeepSpeed (``ACCELERATE_DEEPSPEED_*`` settings) is
+    switched on the same way; on every machine ``zero3_init_flag: true`` is refused and the
+    models load whole (:func:`_checked_deepspeed`).
     """
     import os
 
@@ -47,8 +65,18 @@ def make_accelerator(**kwargs):
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
         torch.accelerator.is_available())
     if not cpu_processes:
-        return Accelerator(**kwargs)
+        return _checked_deepspeed(Accelerator(**kwargs))
     accelerator = Accelerator(cpu=True, **kwargs)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* settings of the config
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        accelerator.state.deepspeed_plugins = plugin
+        accelerator.state.distributed_type = DistributedType.DEEPSPEED
+        PartialState().distributed_type = DistributedType.DEEPSPEED
+        return _checked_deepspeed(accelerator)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         plugin = FullyShardedDataParallelPlugin()
         if accelerator.mixed_precision != "no":
@@ -60,9 +88,104 @@ def make_accelerator(**kwargs):
     return accelerator
 
 
+def _checked_deepspeed(accelerator):
+    """``accelerator``; under DeepSpeed, ``zero3_init_flag: true`` refused and transformers
+    told not to partition models as they load (see the module docstring)."""
+    if not is_deepspeed(accelerator):
+        return accelerator
+    if accelerator.state.deepspeed_plugin.zero3_init_flag:
+        raise ValueError("deepspeed_config.zero3_init_flag: true is not supported (models load "
+                         "whole, then ZeRO-3 partitions the student); set "
+                         "zero3_init_flag: false in the accelerate config")
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    # accelerate registers the ZeRO-3 config with transformers even with zero3_init_flag off,
+    # which would make from_pretrained load partitioned (empty) weights.
+    unset_hf_deepspeed_config()
+    return accelerator
+
+
 def is_fsdp2(accelerator) -> bool:
     """Whether ``accelerator`` runs FSDP2 (``fully_shard``)."""
     return bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def is_deepspeed(accelerator) -> bool:
+    """Whether ``accelerator`` runs DeepSpeed (ZeRO)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def is_sharded(accelerator) -> bool:
+    """FSDP2 or DeepSpeed: checkpoints are written by every process, the stage's model is
+    consolidated from the shards."""
+    return is_fsdp2(accelerator) or is_deepspeed(accelerator)
+
+
+def zero_stage(accelerator) -> int:
+    """The ZeRO stage under DeepSpeed; 0 otherwise."""
+    if not is_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config
+               .get("zero_optimization", {}).get("stage", 0))
+
+
+def configure_deepspeed(accelerator, stage, micro_batch: int) -> None:
+    """Write the stage's accumulation, clipping and batch sizes into the DeepSpeed config,
+    before ``prepare`` (accelerate keeps the config's values; every stage prepares anew)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["gradient_accumulation_steps"] = int(stage.grad_accum)
+    config["gradient_clipping"] = float(stage.max_grad_norm)
+    config["train_micro_batch_size_per_gpu"] = int(micro_batch)
+    config["train_batch_size"] = int(micro_batch) * int(stage.grad_accum) * (
+        accelerator.num_processes)
+    if zero_stage(accelerator) == 3:  # get_state_dict needs the gathered weights at the end
+        config.setdefault("zero_optimization", {})[
+            "stage3_gather_16bit_weights_on_model_save"] = True
+
+
+class _GatheredHead(nn.Module):
+    """A frozen ``lm_head`` whose weight and bias are gathered copies (no parameters)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def zero3_head_step(losses, owner: nn.Module, stage_name: str = ""):
+    """``losses`` with ``owner.lm_head`` (ZeRO-3 partitioned, frozen) gathered once for the
+    whole call: the losses read a whole copy (the fused KD keeps the weight for its backward,
+    after the partition is released again); the module is put back after the call.
+    Refuses a trainable ``lm_head`` (``trainable: all``) in one line."""
+    import deepspeed
+
+    head = owner.lm_head
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    if any(p.requires_grad for p in params):
+        raise ValueError(f"stage {stage_name}: trainable: a trainable lm_head is not supported "
+                         f"under ZeRO-3 (the fused losses read it outside the forward); use "
+                         f"ZeRO-2 or FSDP2, or a trainable that leaves lm_head frozen")
+
+    def step(prepared, batch):
+        with deepspeed.zero.GatheredParameters(params):
+            whole = _GatheredHead(head.weight.detach().clone(), None if head.bias is None
+                                  else head.bias.detach().clone())
+        # An instance attribute shadows the submodule: the module tree (and DeepSpeed's
+        # hooks on it) stays as it is.
+        owner.__dict__["lm_head"] = whole
+        try:
+            return losses(prepared, batch)
+        finally:
+            del owner.__dict__["lm_head"]
+
+    for name in ("need_teacher",):  # what the trainer reads off the losses
+        if hasattr(losses, name):
+            setattr(step, name, getattr(losses, name))
+    return step
 
 
 def wrap_classes(model: nn.Module) -> tuple[type, ...]:

@@ -20,7 +20,7 @@ import torch
 from .checkpoint import (atomic_directory_write, latest_checkpoint, prune_checkpoints,
                          recover_checkpoints, sharded_directory_write, write_json)
 from .config import StageConfig
-from .distributed import is_fsdp2
+from .distributed import configure_deepspeed, is_deepspeed, is_fsdp2, is_sharded
 from .metrics import MetricsLogger, plot_loss_curves, read_metrics
 
 
@@ -96,10 +96,13 @@ class StageLoop:
         make = (get_cosine_schedule_with_warmup if stage.scheduler == "cosine"
                 else get_linear_schedule_with_warmup)
         scheduler = make(optimizer, warmup, self.total_steps)
+        if is_deepspeed(accelerator):  # the engine accumulates, clips and steps itself
+            configure_deepspeed(accelerator, stage, loader.batch_size)
         self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
             model, optimizer, loader, scheduler)
-        self.sharded = is_fsdp2(accelerator)
-        if self.sharded:  # fully_shard replaced the parameters by sharded (DTensor) ones
+        # Every process writes its part of a checkpoint (FSDP2 shards, ZeRO partitions).
+        self.sharded = is_sharded(accelerator)
+        if is_fsdp2(accelerator):  # fully_shard replaced the parameters by sharded (DTensor) ones
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.logger = MetricsLogger(self.stage_dir, enabled=accelerator.is_main_process)
         self.weights = stage.weights.as_dict()  # every term's weight, by name

@@ -296,6 +296,10 @@ class CompoDistillTrainer:
         parts = self.recipe.stage_parts(self, student, params, stage, stage_dir)
         losses, frame = parts.losses, None
         reliance = self.image_reliance(stage, student, getattr(losses, "need_teacher", False))
+        if distributed.zero_stage(self.acc) == 3:  # the frozen lm_head, gathered once per step
+            losses = distributed.zero3_head_step(losses, llava_core(student), stage.name)
+        if distributed.is_deepspeed(self.acc):  # docs/distributed.md: teacher replicated
+            frame = distributed.skeleton(parts.module)
         if distributed.is_fsdp2(self.acc):  # docs/distributed.md
             if self.teacher is not None:
                 distributed.shard_teacher(self.teacher, self.acc)
@@ -319,7 +323,7 @@ class CompoDistillTrainer:
         return result
 
     def _finish_sharded_stage(self, loop, parts, frame, stage, stage_dir, result):
-        """FSDP2: the main process merges and saves the consolidated weights; then every
+        """FSDP2, DeepSpeed: the main process merges and saves the consolidated weights; then every
         process reloads them (the sharded modules are not used again)."""
         import dataclasses
 

@@ -270,10 +270,11 @@ class CoMDRecipe(CompoDistillRecipe):
             raise ValueError("recipe 'comd' runs whole rounds; selecting stages does not apply")
         if trainer.teacher is None:
             raise ValueError("recipe 'comd' needs a teacher (config.teacher)")
-        from ..distributed import is_fsdp2
+        from ..distributed import is_sharded
 
-        if is_fsdp2(trainer.acc):  # its rounds generate with both models: not sharded yet
-            raise ValueError("recipe 'comd' does not run under FSDP; launch it with DDP "
+        if is_sharded(trainer.acc):  # its rounds generate with both models: not sharded yet
+            raise ValueError("recipe 'comd' does not run under FSDP or DeepSpeed; launch it "
+                             "with DDP "
                              "(configs/accelerate/ddp.yaml) or on one process")
         out = trainer.output_dir
         out.mkdir(parents=True, exist_ok=True)
