@@ -16,12 +16,15 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.6,<3.10"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "trl==1.16.0"],
+        # The tests run the TRL integration and the ZeRO-2/3 chain (tests/test_zero.py).
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "trl==1.16.0",
+                "deepspeed==0.19.8"],
         # compodistill.integrations.trl overrides a private hook of TRL's DistillationTrainer
         # (its per-micro-batch loss), so the version is pinned; 1.16.0 runs on transformers 5.25.
         "trl": ["trl==1.16.0"],
         # ZeRO-2/3 (docs/distributed.md#deepspeed); tested with 0.19.8, which installs in
-        # seconds with DS_BUILD_OPS=0 (no ops built; tests/test_zero.py skips without it).
+        # seconds (an sdist; no ops are built at install, DeepSpeed compiles its small CPU op
+        # once on first use).
         "deepspeed": ["deepspeed==0.19.8"],
         "train": [
             "transformers>=5.0,<6",  # AttentionInterface per sub-config, set_attn_implementation
