@@ -349,14 +349,15 @@ if triton is not None:
     # k, v, dk and dv alone hold 4·BLOCK_N·128 values per program. "window": the fits with
     # HAS_WINDOW (the window's query-block bound costs registers; measured with 3.8).
     _BWD_CONFIGS = fitted_configs("_bwd_dkdv_kernel", [
-        # Maps-only at d = 128 on sm_90: clean in every flag state (3.8); 3.6 spills on sm_80.
-        (32, 64, 8, 2, D128, ALL, {"window": (D128, D64), "maps": (D128, ALL),
-                                   "3.6 maps": (D128, D64)}),
+        # Maps-only at d = 128 on sm_90 and d = 256 on both targets: clean in every flag state
+        # (3.8; 3.6 spills at 128 on sm_80).
+        (32, 64, 8, 2, D128, ALL, {"window": (D128, D64), "maps": (D128 + D256, ALL + D256),
+                                   "3.6 maps": (D256, ALL + D256)}),
         # Non-causal, d = 128 spills 8 B on sm_80 (plain fp16, mask-free): off that class.
-        # Maps-only d = 128 spills 8 B on sm_90 (3.8; 3.6 has no other config there yet);
+        # Maps-only d = 128 spills 8 B on sm_90 (both versions; clean on sm_80 under 3.6);
         # 3.6: d = 64 spills on sm_80.
         (32, 32, 4, 2, D64, D128, {"3.6": (NONE, D128), "maps": (D64, NONE),
-                                   "3.6 maps": (D64, D128)}),
+                                   "3.6 maps": (ALL, NONE)}),
         # Non-causal, d = 128 spills 8 B on sm_80 (plain fp16, 255 regs).
         (64, 64, 8, 2, NONE, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
         # Maps-only, GQA group 1, d = 64 spills 16 B on sm_80 (bf16, 3.8).
@@ -368,9 +369,11 @@ if triton is not None:
         # spill 8-20 B; 4 warps fit there (and spill with dO).
         (32, 32, 8, 2, D256, D256, {"maps": (NONE, NONE)}),
         (16, 32, 8, 2, D256, D256, {"maps": (NONE, NONE)}),
-        # Maps-only at d = 256: still spills 4-8 B in some flag states on both targets
-        # (kernel_resources_d256*.csv); no clean dk/dv config was found (docs/KERNELS.md).
-        (16, 32, 4, 2, NONE, NONE, {"maps": (D256, D256)}),
+        # Maps-only at d = 256 (the full sweeps): 16x32 w4 spills 4-8 B in some flag states;
+        # one stage is clean on both targets with 3.8 and on sm_80 with 3.6 (16 B on sm_90),
+        # and the 32x64 w8 row above is clean on both with either version.
+        (16, 32, 4, 2, NONE, NONE, {"maps": (NONE, NONE)}),
+        (16, 32, 4, 1, NONE, NONE, {"maps": (D256, D256), "3.6 maps": (D256, NONE)}),
     ])
     # dk/dv/dq with dq by atomics: dk, dv held, a (BLOCK_M, d) dq tile per step on top.
     # The first row is the split dk/dv kernel's first (the interpreter runs it: dk/dv agree
@@ -383,12 +386,14 @@ if triton is not None:
                                    "padded": (NONE, D64), "3.6 padded": (D128, D64)}),
         # d = 64 without a key mask spills 16 B on sm_90 (128 regs); windowed, maps-only, 4 B.
         # 3.6: d = 64 spills on both targets.
-        (32, 32, 4, 2, NONE, D128, {"3.6": (D128, D128), "window": (NONE, D128)}),
+        # 3.6: maps-only d = 128 spills 12 B on sm_90 (16x64 w4 serves it there).
+        (32, 32, 4, 2, NONE, D128, {"3.6": (D128, D128), "window": (NONE, D128),
+                                    "3.6 maps": (NONE, NONE)}),
         # Maps-only, GQA group 1, d = 64 spills 12 B on sm_80 (bf16, 3.8); 16x64 w4 is clean
         # in every maps-only state there, with and without a window.
         (16, 128, 8, 2, D64, D64, {"3.6": (NONE, D64), "maps": (NONE, D64)}),
         (16, 64, 4, 2, D64, D64, {"window": (NONE, D64), "maps": (D64, D64),
-                                  "3.6 maps": (NONE, D64)}),
+                                  "3.6 maps": (NONE, ALL)}),
         # Non-causal, d = 64 spills 4 B on sm_90 (student bf16, 255 regs).
         (64, 64, 8, 2, NONE, NONE, {"3.6": (NONE, NONE), "window": (NONE, NONE)}),
         (32, 128, 8, 2, NONE, D64),
