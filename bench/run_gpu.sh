@@ -104,11 +104,13 @@ run "visual attention, sliding window $VA_WINDOW (Gemma 3)" 70 \
     "$PYTHON" bench/visual_attention.py --device "$DEV" --sizes $VA_WINDOW_SIZES \
     --window "$VA_WINDOW" --repeat "$REPEAT" --out "$OUT/visual_attention.csv"
 # shellcheck disable=SC2086
-run "visual attention, head dim 256 (Gemma 3), global and window $VA_WINDOW" 70 \
-    bash -c '"$0" bench/visual_attention.py --device "$1" --sizes $3 --head-dim 256 \
-        --repeat "$2" --out "$4" && "$0" bench/visual_attention.py --device "$1" --sizes $3 \
-        --head-dim 256 --window "$5" --repeat "$2" --out "$4"' \
-    "$PYTHON" "$DEV" "$REPEAT" "$VA_D256_SIZES" "$OUT/visual_attention.csv" "$VA_WINDOW"
+run "visual attention, head dim 256 (Gemma 3)" 35 \
+    "$PYTHON" bench/visual_attention.py --device "$DEV" --sizes $VA_D256_SIZES --head-dim 256 \
+    --repeat "$REPEAT" --out "$OUT/visual_attention.csv"
+# shellcheck disable=SC2086
+run "visual attention, head dim 256 (Gemma 3), sliding window $VA_WINDOW" 35 \
+    "$PYTHON" bench/visual_attention.py --device "$DEV" --sizes $VA_D256_SIZES --head-dim 256 \
+    --window "$VA_WINDOW" --repeat "$REPEAT" --out "$OUT/visual_attention.csv"
 # shellcheck disable=SC2086
 run "model step: Qwen2.5-VL 7B -> 3B shapes" 120 \
     "$PYTHON" bench/model_step.py --family qwen2_5_vl --device "$DEV" \

@@ -350,11 +350,6 @@ def _args_key(args) -> tuple:
 _PENDING: list = []
 
 
-def _compile_pending(i: int) -> dict:
-    kernel, args, kw, cap = _PENDING[i]
-    return _resources(kernel, args, kw, cap)
-
-
 def sweep(cases, targets=TARGETS, kd_cases=(), progress=True,
           cache: dict | None = None, jobs: int = 1, cache_file: Path | None = None) -> list[dict]:
     """Rows of every (launch, kept config, target) of the cases; ``cache`` (a dict) may be
@@ -404,16 +399,16 @@ def sweep(cases, targets=TARGETS, kd_cases=(), progress=True,
 def _map_compiles(n: int, jobs: int):
     """(index, resources) of each pending compile, in completion order."""
     if jobs <= 1 or n <= 1:
-        for i in range(n):
-            yield i, _compile_pending(i)
+        yield from map(_compile_pending, range(n))
         return
     import multiprocessing
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        yield from pool.imap_unordered(_indexed_compile, range(n))
+        yield from pool.imap_unordered(_compile_pending, range(n))
 
 
-def _indexed_compile(i: int) -> tuple[int, dict]:
-    return i, _compile_pending(i)
+def _compile_pending(i: int) -> tuple[int, dict]:
+    kernel, args, kw, cap = _PENDING[i]
+    return i, _resources(kernel, args, kw, cap)
 
 
 def _save_cache(cache: dict, path: Path) -> None:

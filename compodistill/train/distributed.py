@@ -182,9 +182,8 @@ def zero3_head_step(losses, owner: nn.Module, stage_name: str = ""):
         finally:
             del owner.__dict__["lm_head"]
 
-    for name in ("need_teacher",):  # what the trainer reads off the losses
-        if hasattr(losses, name):
-            setattr(step, name, getattr(losses, name))
+    if hasattr(losses, "need_teacher"):  # what the trainer reads off the losses
+        step.need_teacher = losses.need_teacher
     return step
 
 

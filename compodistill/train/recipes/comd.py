@@ -274,8 +274,7 @@ class CoMDRecipe(CompoDistillRecipe):
 
         if is_sharded(trainer.acc):  # its rounds generate with both models: not sharded yet
             raise ValueError("recipe 'comd' does not run under FSDP or DeepSpeed; launch it "
-                             "with DDP "
-                             "(configs/accelerate/ddp.yaml) or on one process")
+                             "with DDP (configs/accelerate/ddp.yaml) or on one process")
         out = trainer.output_dir
         out.mkdir(parents=True, exist_ok=True)
         if trainer.acc.is_main_process:
