@@ -266,3 +266,89 @@ def test_maps_grid_runs_column_chunks_fastest():
         K.visual_maps_from_lse(q, k, stats, *layout_index(layout), True, None)
     grids = [grid for kern, grid, _a, _k in log if kern.__name__ == "_visual_maps_kernel"]
     assert grids == [(-(-vmax // _BLOCK_V), -(-qmax // _BLOCK_Q), 2)]
+
+
+def test_refine_runs_only_on_row_blocks_with_large_scores(monkeypatch):
+    """The refine pass rescoring the visual keys is gated per (block of rows, head) by the
+    forward's row maxima: a block whose |row max| stays below REFINE_AT keeps the forward's
+    statistics untouched; a block reaching it gets them rebuilt from the map tiles. The
+    input's log2-sum plane is deliberately wrong, which only a rebuilt row corrects."""
+    from compodistill.kernels import visual_attention as VA
+    monkeypatch.setattr(VA, "_BLOCK_Q", 16)  # two row blocks in 32 rows
+    n = 32
+    layout, vis = make_layout(1, n, None, ("one",), "all", True)
+    q, k, _ = make_qkv(1, 2, 1, n, 16, F32)
+    q[:, :, 16:] *= 40.0  # rows 16..31: |s| in the hundreds, above REFINE_AT
+    _, stats = K.flash_forward(q, k, None, None, True, None,
+                               K.inverse_index(layout.visual_index, layout.visual_count, n))
+    m = stats[0]
+    assert float(m[..., :16].abs().max()) < VA.REFINE_AT <= float(m[..., 16:].abs().max())
+    wrong = stats.clone()
+    wrong[1] += 0.5
+    index = layout_index(layout)
+    refined = VA.refine_visual_stats(q, k, wrong, *index, True, None)
+    rebuilt = VA.refine_visual_stats(q, k, stats, *index, True, None, refine_at=0.0)
+    assert torch.equal(refined[:, :, :, :16], wrong[:2, :, :, :16]), "small rows were rescored"
+    assert torch.equal(refined[:, :, :, 16:], rebuilt[:, :, :, 16:]), "large rows were not"
+    assert (refined[1, :, :, 16:] - stats[1, :, :, 16:]).abs().max() < 1e-4
+
+
+def _logged_launches(monkeypatch):
+    """Names of the kernels launched (``+maps`` for a forward with its maps phase), run."""
+    from compodistill.kernels import _common, attention, visual_attention
+    log = []
+
+    def logged(kernel, grid, *args, **kwargs):
+        name = getattr(kernel, "fn", kernel).__name__
+        log.append(name + ("+maps" if kwargs.get("HAS_MAPS") else ""))
+        return _common.launch(kernel, grid, *args, **kwargs)
+    for module in (attention, visual_attention):
+        monkeypatch.setattr(module, "launch", logged)
+    return log
+
+
+# The passes that score image keys: the forward's maps phase and the gathered kernels.
+IMAGE_SCORE_PASSES = ("_fwd_kernel+maps", "_visual_stats_kernel", "_visual_maps_kernel",
+                      "_visual_row_terms_kernel")
+
+
+@pytest.mark.parametrize("max_score", [None, 1e4])
+def test_vat_step_scores_image_keys_in_two_passes(max_score, monkeypatch):
+    """A student VAT step (loss forward and backward, Triton) scores the image keys twice:
+    the forward's maps phase and the backward's row terms; a teacher maps call once (its
+    forward). At |s| ~ 1e4 too: the maps phase needs no refine pass at any magnitude."""
+    from compodistill import visual_attention_loss
+    from compodistill.kernels._common import deterministic
+    if deterministic():
+        pytest.skip("the deterministic mode runs the gathered passes")
+    n = 48
+    layout, vis = make_layout(2, n, None, ("two", "one"), "all", True)
+    q, k, _ = make_qkv(2, 4, 2, n, 16, F32)
+    if max_score is not None:
+        q = q * (max_score / float((q @ k.repeat_interleave(2, 1).transpose(-1, -2)).abs().max()
+                                   / 4.0))
+    log = _logged_launches(monkeypatch)
+    target = K.teacher_visual_maps(q, k, layout)
+    assert [x for x in log if x in IMAGE_SCORE_PASSES] == ["_fwd_kernel+maps"]
+    assert log == ["_fwd_kernel+maps"], log
+    log.clear()
+    qs = q.clone().requires_grad_()
+    loss = visual_attention_loss(qs, k, target, vis, backend="triton")
+    loss.backward()
+    assert [x for x in log if x in IMAGE_SCORE_PASSES] == ["_fwd_kernel+maps",
+                                                           "_visual_row_terms_kernel"], log
+    assert torch.isfinite(qs.grad).all()
+
+
+def test_deterministic_mode_keeps_the_gathered_maps_pass(monkeypatch):
+    """Atomics would add the heads in a varying order: the deterministic mode builds the
+    maps with the gathered pass (after the gated refine), and they agree with the default."""
+    n = 40
+    layout, _ = make_layout(1, n, None, ("two",), "all", True)
+    q, k, _ = make_qkv(1, 4, 2, n, 16, F32)
+    fast = K.teacher_visual_maps(q, k, layout)
+    log = _logged_launches(monkeypatch)
+    monkeypatch.setenv("COMPODISTILL_DETERMINISTIC", "1")
+    slow = K.teacher_visual_maps(q, k, layout)
+    assert log == ["_fwd_kernel", "_visual_stats_kernel", "_visual_maps_kernel"], log
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)

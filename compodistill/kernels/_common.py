@@ -147,9 +147,12 @@ def fitted_configs(kernel_name: str, rows) -> list:
     gradient, with or without a window), where ptxas allocates registers differently (at
     d = 256 it caps 8-warp programs at 128 registers there), and ``"padded"``: the fits of
     a head dim below its ``BLOCK_D`` (80/96: the head-dim mask costs registers), without a
-    window or maps-only. ``"3.6 window"``, ``"3.6 maps"`` and ``"3.6 padded"`` give those
+    window or maps-only, and ``"fwdmaps"``: the forward with its maps phase (``HAS_MAPS``),
+    by default the configs that fit the plain, window and padded tables alike.
+    ``"3.6 window"``, ``"3.6 maps"``, ``"3.6 padded"`` and ``"3.6 fwdmaps"`` give those
     variants' fits under another version."""
     table, window_table, maps_table, padded_table, configs = {}, {}, {}, {}, []
+    fwdmaps_table = {}
     version = triton_version()
     for row in rows:
         block_m, block_n, warps, stages, fits80, fits90 = row[:6]
@@ -169,11 +172,15 @@ def fitted_configs(kernel_name: str, rows) -> list:
         # which costs registers: "padded" narrows the plain fits for those launches.
         p80, p90 = extra.get(f"{version} padded", extra.get("padded", (fits80, fits90)))
         padded_table[config_key(config)] = {80: p80, 90: p90}
+        every = (tuple(c for c in both[0] if c in p80), tuple(c for c in both[1] if c in p90))
+        f80, f90 = extra.get(f"{version} fwdmaps", extra.get("fwdmaps", every))
+        fwdmaps_table[config_key(config)] = {80: f80, 90: f90}
         configs.append(config)
     _FIT_TABLES[kernel_name] = table
     _FIT_TABLES[kernel_name + "+window"] = window_table
     _FIT_TABLES[kernel_name + "+maps"] = maps_table
     _FIT_TABLES[kernel_name + "+padded"] = padded_table
+    _FIT_TABLES[kernel_name + "+fwdmaps"] = fwdmaps_table
     _ALL_CONFIGS[kernel_name] = configs
     return configs
 
@@ -252,7 +259,10 @@ def launch_table(kernel, args: tuple, kwargs: dict) -> tuple[str, object]:
 def table_variant(name: str, named: dict) -> str:
     """The fit table of a launch: ``"+maps"`` for a backward without an output gradient
     (``HAS_DO`` passed and off), else ``"+window"`` with ``HAS_WINDOW``, else ``"+padded"``
-    for a head dim below its ``BLOCK_D`` (80, 96), else the plain one."""
+    for a head dim below its ``BLOCK_D`` (80, 96), else the plain one; ``"+fwdmaps"`` for
+    the forward with its maps phase (``HAS_MAPS``)."""
+    if named.get("HAS_MAPS"):
+        return name + "+fwdmaps"
     if named.get("HAS_DO", True) is False:
         return name + "+maps"
     if named.get("HAS_WINDOW"):

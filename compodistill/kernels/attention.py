@@ -118,7 +118,9 @@ if triton is not None:
                                   "3.6 window": (D128, ALL)}),
         (128, 64, 8, 3, D64, ALL, {"3.6 window": (NONE, ALL)}),
         # d = 80/96 bf16 spill 4 B on sm_90.
-        (128, 128, 8, 2, NONE, ALL, {"3.6": (NONE, D64), "padded": (NONE, D64)}),
+        # With the maps phase (HAS_MAPS) it spills 276-316 B on sm_90.
+        (128, 128, 8, 2, NONE, ALL, {"3.6": (NONE, D64), "padded": (NONE, D64),
+                                     "fwdmaps": (NONE, NONE), "3.6 fwdmaps": (NONE, NONE)}),
         # d = 64 without a key mask spills 4 B on sm_80 (128 regs; 171 with the mask).
         (128, 32, 8, 3, D128, ALL, {"3.6 window": (NONE, ALL)}),  # 3.6: d = 128 window, sm_80
         (64, 32, 4, 4, ALL, ALL),
@@ -128,21 +130,66 @@ if triton is not None:
         (64, 32, 8, 2, D256, D256),
     ])
 
+    @triton.jit
+    def _fwd_maps(q, m_i, l_i, K_base, KeyMask_row, VisualCol_row, QueryRow_row, VisSpan_b,
+                  Maps_b, stride_kn, offs_m, m_ok, lo, hi, N, VMAX, qk_scale, map_weight,
+                  HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                  WINDOW, HAS_WINDOW: tl.constexpr):
+        """Second phase: ``Maps[qrow, vcol] += map_weight · P`` on the key blocks that hold
+        image tokens, with the row statistics just finished. The scores are recomputed by
+        the same tile product as the first phase (same q tile, same key blocks), so each
+        visual key enters the statistics and the map through one rounding of its score, at
+        any magnitude: no refine pass. Heads (and a teacher's window of layers) meet in
+        the map through float32 atomic adds."""
+        qrow = tl.load(QueryRow_row + offs_m, mask=m_ok, other=-1)
+        if tl.max(qrow) >= 0:
+            offs_d = tl.arange(0, BLOCK_D)
+            d_ok = offs_d < HEAD_DIM
+            empty = l_i == 0.0
+            m_use = tl.where(empty, float("inf"), m_i)  # no key: P = 0, never NaN
+            l2 = tl.math.log2(tl.where(empty, 1.0, l_i))
+            # Only the key blocks of this sample's image span (aligned to BLOCK_N, the
+            # first phase's blocks) inside the blocks the first phase visited.
+            span_lo = tl.load(VisSpan_b)
+            span_hi = tl.load(VisSpan_b + 1)
+            k_lo = tl.maximum(lo, span_lo // BLOCK_N * BLOCK_N)
+            k_hi = tl.minimum(hi, span_hi)
+            for start_n in range(k_lo, k_hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < N
+                kT = tl.load(K_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                             mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+                s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+                vcol = tl.load(VisualCol_row + offs_n, mask=n_ok, other=-1)
+                ok = (qrow[:, None] >= 0) & (vcol[None, :] >= 0)
+                if HAS_MASK:
+                    km = tl.load(KeyMask_row + offs_n, mask=n_ok, other=0)
+                    ok = ok & (km[None, :] != 0)
+                if CAUSAL:
+                    ok = ok & (offs_m[:, None] >= offs_n[None, :])
+                if HAS_WINDOW:
+                    ok = ok & (offs_m[:, None] - offs_n[None, :] < WINDOW)
+                p = tl.math.exp2((s - m_use[:, None]) - l2[:, None])
+                ptrs = Maps_b + qrow[:, None].to(tl.int64) * VMAX + vcol[None, :]
+                tl.atomic_add(ptrs, p * map_weight, mask=ok)
+
     @triton.autotune(configs=autotune_configs(_FWD_CONFIGS),
                      prune_configs_by=prune_hook("_fwd_kernel"),
                      key=["HEAD_DIM", "CAUSAL", "HAS_V", "HAS_MASK", "HAS_VIS", "HAS_WINDOW",
-                          "N_BUCKET"])
+                          "HAS_MAPS", "N_BUCKET"])
     @triton.jit
     def _fwd_kernel(Q, K, V, Out, RowMax, RowLog2Sum, RowLog2Text, KeyMask, VisualCol,
+                    Maps, QueryRow, VisSpan,
                     stride_qb, stride_qh, stride_qn,
                     stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn,
                     stride_ob, stride_oh, stride_on,
-                    N, Hq, GROUP, scale, N_BUCKET, WINDOW,
+                    N, Hq, GROUP, scale, N_BUCKET, WINDOW, QMAX, VMAX, map_weight,
                     HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, HAS_VIS: tl.constexpr,
                     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr = False):
+                    HAS_WINDOW: tl.constexpr = False, HAS_MAPS: tl.constexpr = False):
         pid_m = tl.program_id(0)
         if CAUSAL:
             # Longest rows (most key blocks) first, so the short ones fill the tail.
@@ -203,6 +250,14 @@ if triton is not None:
             tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
                      + offs_d[None, :], out.to(Out.dtype.element_ty),
                      mask=m_ok[:, None] & d_ok[None, :])
+        if HAS_MAPS:
+            end = N
+            if CAUSAL:
+                end = tl.minimum(hi + BLOCK_M, N)
+            _fwd_maps(q, m_i, l_i, K_base, KeyMask_row, VisualCol_row, QueryRow + b * N,
+                      VisSpan + b * 2, Maps + b * QMAX * VMAX, stride_kn, offs_m, m_ok, lo,
+                      end, N, VMAX, qk_scale, tl.cast(map_weight, tl.float32), HAS_MASK,
+                      CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, WINDOW, HAS_WINDOW)
 
     # ----------------------------------------------------------------------- backward
 
@@ -695,7 +750,9 @@ def stats_from_lse(lse: torch.Tensor) -> torch.Tensor:
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
                   key_mask: torch.Tensor | None, causal: bool, scale: float | None,
-                  visual_col: torch.Tensor | None = None, window: int | None = None,
+                  visual_col: torch.Tensor | None = None, window: int | None = None, *,
+                  maps: torch.Tensor | None = None, query_row: torch.Tensor | None = None,
+                  map_weight: float = 1.0, text_sum: bool = True,
                   ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Flash attention forward: ``(out, stats)``.
 
@@ -709,6 +766,13 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
     with its own scores of the visual keys.
     ``window``: sliding-window attention (causal only): query i sees keys j with
     ``i - j < window``; None for none.
+
+    With ``maps`` (a contiguous float32 (B, Qmax, Vmax) buffer), ``query_row`` ((B, N) int32,
+    the gathered row of each position or -1) and ``visual_col``, the kernel's second phase
+    adds ``map_weight · P`` of every (query row, visual key) pair into ``maps`` (pass
+    ``map_weight = weight / Hq`` for a weighted head mean), scored by the same tiles as the
+    statistics. ``text_sum=False`` then skips the non-visual plane (P = 2), which only the
+    rest bucket needs.
     Inputs are assumed checked (see :mod:`kernels.autograd`); only the head dim must be dense.
     """
     require_triton()
@@ -718,7 +782,10 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
     v = None if v is None else kernel_input(v)
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
-    has_vis = visual_col is not None
+    has_maps = maps is not None
+    if has_maps and (visual_col is None or query_row is None):
+        raise ValueError("flash_forward: maps needs visual_col and query_row")
+    has_vis = visual_col is not None and (text_sum or not has_maps)
     stats = torch.empty((3 if has_vis else 2, B, Hq, N), device=q.device, dtype=torch.float32)
     out = torch.empty((B, Hq, N, D), device=q.device, dtype=q.dtype) if v is not None else None
     if q.numel() == 0:
@@ -726,17 +793,24 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
         return (None if out is None else out.to(out_dtype)), stats
     v_arg = v if v is not None else k
     o_arg = out if out is not None else q
-    vcol = visual_col.to(torch.int32).contiguous() if has_vis else q
+    vcol = visual_col.to(torch.int32).contiguous() if visual_col is not None else q
+    if has_maps:
+        qrow, span, qmax, vmax = (query_row.to(torch.int32).contiguous(), visual_span(vcol),
+                                  maps.shape[1], maps.shape[2])
+    else:
+        qrow, span, qmax, vmax = q, q, 0, 0
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     launch(_fwd_kernel, grid,
         q, k, v_arg, o_arg, stats[0], stats[1], stats[-1], _key_mask_arg(key_mask, q), vcol,
+        maps if has_maps else q, qrow, span,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v_arg.stride(0), v_arg.stride(1), v_arg.stride(2),
         o_arg.stride(0), o_arg.stride(1), o_arg.stride(2),
         N, Hq, Hq // Hkv, default_scale(D, scale), _n_bucket(N), window_arg(window, N),
+        qmax, vmax, float(map_weight),
         HAS_WINDOW=window is not None, HAS_V=v is not None, HAS_MASK=key_mask is not None,
-        HAS_VIS=has_vis,
+        HAS_VIS=has_vis, HAS_MAPS=has_maps,
         CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype),
     )
     if out is not None and out.dtype != out_dtype:

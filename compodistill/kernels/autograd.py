@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (MAX_HEAD_DIM, block_d, check_window, device_capability, fits_target,
-                      kernel_input)
+from ._common import (MAX_HEAD_DIM, block_d, check_window, deterministic, device_capability,
+                      fits_target, kernel_input)
 from .attention import (default_scale, flash_backward, flash_forward, interpreting,
                         stats_from_lse)
 from .visual_attention import (inverse_index, refine_visual_stats, visual_maps_from_lse,
@@ -49,24 +49,54 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optional
                    visual_index: Optional[Tensor], visual_count: Optional[Tensor],
                    causal: bool, scale: float,
                    want_maps: bool = True, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """(out or empty, row stats (P, B, Hq, N), maps or empty).
+    """(out or empty, row stats (2, B, Hq, N), maps or empty).
 
-    With the index tensors the stats get the non-visual plane (P = 3) that makes the maps
-    exact at large scores; ``want_maps=False`` stops there (teacher maps accumulated later).
-    ``window``: the sliding window (0: none), as in every op below.
+    With the index tensors and ``want_maps`` the forward kernel's second phase writes the
+    maps (:func:`forward_with_maps`); ``window``: the sliding window (0: none), as in every
+    op below.
     """
-    visual_col = None if visual_index is None else \
-        inverse_index(visual_index, visual_count, q.shape[2])
-    out, stats = flash_forward(q, k, v, key_mask, causal, scale, visual_col,
-                               window=window or None)
-    if out is None:
-        out = q.new_empty(0)
     if query_index is None or not want_maps:
+        out, stats = flash_forward(q, k, v, key_mask, causal, scale, window=window or None)
         maps = q.new_empty(0, dtype=torch.float32)
     else:
-        maps = visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index,
-                                    visual_count, causal, scale, window=window or None)
-    return out, stats, maps
+        maps = _zero_maps(q, query_index, visual_index)
+        out, stats = forward_with_maps(q, k, v, key_mask, query_index, query_count,
+                                       visual_index, visual_count, causal, scale, maps, 1.0,
+                                       window)
+        stats = stats[:2].contiguous() if stats.shape[0] == 3 else stats
+    return (q.new_empty(0) if out is None else out), stats, maps
+
+
+def _zero_maps(q: Tensor, query_index: Tensor, visual_index: Tensor) -> Tensor:
+    return torch.zeros((q.shape[0], query_index.shape[1], visual_index.shape[1]),
+                       device=q.device, dtype=torch.float32)
+
+
+def forward_with_maps(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optional[Tensor],
+                      query_index: Tensor, query_count: Tensor, visual_index: Tensor,
+                      visual_count: Tensor, causal: bool, scale: float, maps: Tensor,
+                      weight: float, window: int, text_sum: bool = False):
+    """``(out, stats)`` of the forward, and ``maps += weight · A`` in place.
+
+    Default: one launch; the forward kernel's second phase adds the head mean on the image
+    key blocks through float32 atomics, from the statistics it just finished (so a visual
+    key's score is rounded once for both). The deterministic mode (atomics would sum the
+    heads in a varying order) runs the gathered maps pass instead, after the gated refine
+    (:func:`kernels.visual_attention.refine_visual_stats`). ``stats`` has the non-visual
+    plane (P = 3) when ``text_sum`` or in the deterministic mode.
+    """
+    n = q.shape[2]
+    visual_col = inverse_index(visual_index, visual_count, n)
+    if deterministic():
+        out, stats = flash_forward(q, k, v, key_mask, causal, scale, visual_col,
+                                   window=window or None)
+        visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index,
+                             visual_count, causal, scale, out=maps, weight=weight,
+                             window=window or None)
+        return out, stats
+    return flash_forward(q, k, v, key_mask, causal, scale, visual_col, window=window or None,
+                         maps=maps, query_row=inverse_index(query_index, query_count, n),
+                         map_weight=weight / q.shape[1], text_sum=text_sum)
 
 
 @_attention_fwd.register_fake
@@ -74,7 +104,7 @@ def _attention_fwd_fake(q, k, v, key_mask, query_index, query_count, visual_inde
                         visual_count, causal, scale, want_maps=True, window=0):
     B, Hq, N, _ = q.shape
     out = q.new_empty(q.shape) if v is not None else q.new_empty(0)
-    stats = q.new_empty((2 if visual_index is None else 3, B, Hq, N), dtype=torch.float32)
+    stats = q.new_empty((2, B, Hq, N), dtype=torch.float32)
     if query_index is None or not want_maps:
         maps = q.new_empty(0, dtype=torch.float32)
     else:
@@ -191,14 +221,15 @@ def _maps_rest_fwd(q: Tensor, k: Tensor, key_mask: Optional[Tensor], query_index
                    causal: bool, scale: float, window: int = 0
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(row stats (3, B, Hq, N), maps, rest (B, Qmax), per-head rest (B, Hq, N))."""
-    n = q.shape[2]
-    _, stats = flash_forward(q, k, None, key_mask, causal, scale,
-                             inverse_index(visual_index, visual_count, n),
-                             window=window or None)
-    refined = refine_visual_stats(q, k, stats, query_index, query_count, visual_index,
-                                  visual_count, causal, scale, window or None)
-    maps = visual_maps_from_lse(q, k, refined, query_index, query_count, visual_index,
-                                visual_count, causal, scale, window=window or None)
+    maps = _zero_maps(q, query_index, visual_index)
+    _, stats = forward_with_maps(q, k, None, key_mask, query_index, query_count, visual_index,
+                                 visual_count, causal, scale, maps, 1.0, window, text_sum=True)
+    # The statistics the maps were built from: the forward's own (one launch), or the gated
+    # refine of the deterministic path (the rest must be the same softmax's).
+    refined = stats[:2]
+    if deterministic():
+        refined = refine_visual_stats(q, k, stats, query_index, query_count, visual_index,
+                                      visual_count, causal, scale, window or None)
     rest_heads = visual_rest_heads(stats, refined)
     rest = visual_rest_mass(rest_heads, query_index, query_count)
     return stats, maps, rest, rest_heads
@@ -271,20 +302,23 @@ def _rest_backward(ctx, dstats, dmaps, drest, drest_heads):
 _maps_rest_fwd.register_autograd(_rest_backward, setup_context=_rest_setup_context)
 
 
-@torch.library.custom_op("compodistill::visual_maps_accumulate_", mutates_args=("maps_out",))
-def _visual_maps_accumulate_(maps_out: Tensor, q: Tensor, k: Tensor, stats: Tensor,
-                             query_index: Tensor, query_count: Tensor, visual_index: Tensor,
-                             visual_count: Tensor, causal: bool, scale: float,
-                             weight: float, window: int = 0) -> None:
-    """``maps_out += weight * A`` in place (no gradient: teacher targets)."""
-    visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index, visual_count,
-                         causal, scale, out=maps_out, weight=weight, window=window or None)
+@torch.library.custom_op("compodistill::teacher_attention_maps_", mutates_args=("maps_out",))
+def _teacher_attention_maps_(maps_out: Tensor, q: Tensor, k: Tensor, v: Optional[Tensor],
+                             key_mask: Optional[Tensor], query_index: Tensor,
+                             query_count: Tensor, visual_index: Tensor, visual_count: Tensor,
+                             causal: bool, scale: float, weight: float,
+                             window: int = 0) -> Tensor:
+    """The teacher layer's output (or empty) and ``maps_out += weight * A`` in place, in
+    one forward launch (no gradient: teacher targets)."""
+    out, _ = forward_with_maps(q, k, v, key_mask, query_index, query_count, visual_index,
+                               visual_count, causal, scale, maps_out, weight, window)
+    return q.new_empty(0) if out is None else out
 
 
-@_visual_maps_accumulate_.register_fake
-def _visual_maps_accumulate_fake(maps_out, q, k, stats, query_index, query_count, visual_index,
-                                 visual_count, causal, scale, weight, window=0):
-    return None
+@_teacher_attention_maps_.register_fake
+def _teacher_attention_maps_fake(maps_out, q, k, v, key_mask, query_index, query_count,
+                                 visual_index, visual_count, causal, scale, weight, window=0):
+    return q.new_empty(q.shape) if v is not None else q.new_empty(0)
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -596,13 +630,10 @@ def _teacher(q, k, v, layout, scale, maps_out, weight):
     scale = _scale(q, scale)
     if not isinstance(weight, (int, float)):
         raise TypeError(f"weight must be a float, got {type(weight).__name__}")
-    out, stats, _ = torch.ops.compodistill.attention_fwd(q, k, v, key_mask, *index, causal,
-                                                         scale, False, window)
     if maps_out is None:
-        maps_out = q.new_zeros((q.shape[0], index[0].shape[1], index[2].shape[1]),
-                               dtype=torch.float32)
+        maps_out = _zero_maps(q, index[0], index[2])
     else:
         _check_maps_out(maps_out, q, index[0], index[2])
-    torch.ops.compodistill.visual_maps_accumulate_(maps_out, q, k, stats, *index, causal, scale,
-                                                   float(weight), window)
+    out = torch.ops.compodistill.teacher_attention_maps_(maps_out, q, k, v, key_mask, *index,
+                                                         causal, scale, float(weight), window)
     return out, maps_out

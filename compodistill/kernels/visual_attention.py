@@ -10,6 +10,11 @@ compute it"; the column chunks are spread over programs instead of looped so tha
 one block of q rows run together and q is read from DRAM about once instead of once per
 column chunk).
 
+By default the maps themselves come from the forward kernel's second phase
+(:func:`kernels.attention.flash_forward` with ``maps=``), which scores the image keys with
+the tiles its statistics came from; the gathered map pass below serves the deterministic
+mode and maps from an external lse, and the row-terms pass every backward.
+
 - :func:`visual_maps_from_lse`: writes ``A`` (B, Qmax, Vmax) float32, or accumulates
   ``out += weight * A`` into an existing buffer (teacher targets averaged over a window of
   layers in place, group matching).
@@ -70,24 +75,33 @@ if triton is not None:
     def _visual_stats_kernel(Q, K, RowMax, RowLog2Text, QIdx, QCnt, VIdx, VCnt,
                              OutMax, OutLog2Sum,
                              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                             N, Hq, GROUP, QMAX, VMAX, scale, WINDOW,
+                             N, Hq, GROUP, QMAX, VMAX, scale, WINDOW, refine_at,
                              CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
                              BLOCK_Q: tl.constexpr, BLOCK_V: tl.constexpr,
                              HAS_WINDOW: tl.constexpr = False):
         """Row statistics of the query rows with the visual keys rescored by the map tiles:
         the forward's non-visual sum (``RowLog2Text``, relative to ``RowMax``) plus an online
-        softmax over the visual keys, written as (max, log2 sum) at the query positions."""
+        softmax over the visual keys, written as (max, log2 sum) at the query positions.
+
+        Only a block of rows whose largest |row max| (log2 units) reaches ``refine_at`` is
+        rescored; the others keep the forward's statistics (already in the output), so at
+        moderate scores this pass reads one plane of row maxima and scores nothing."""
         pid_r = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         qcnt = tl.load(QCnt + b).to(tl.int32)
         vcnt = tl.load(VCnt + b).to(tl.int32)
-        if pid_r * BLOCK_Q < qcnt:
+        offs_r = pid_r * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        r_ok = offs_r < qcnt
+        qpos = tl.load(QIdx + b * QMAX + offs_r, mask=r_ok, other=0)
+        m_row = tl.load(RowMax + (b * Hq + h) * N + qpos, mask=r_ok, other=0.0)
+        # A row with no key (m = -inf) needs nothing; a NaN row max (NaN input) is rescored,
+        # so the NaN reaches the statistics the maps use either way.
+        big = tl.where(m_row == float("-inf"), 0.0, tl.abs(m_row))
+        big = tl.where(m_row != m_row, float("inf"), big)
+        if (pid_r * BLOCK_Q < qcnt) & (tl.max(big) >= tl.cast(refine_at, tl.float32)):
             qk_scale = log2_scale(scale)
-            offs_r = pid_r * BLOCK_Q + tl.arange(0, BLOCK_Q)
-            r_ok = offs_r < qcnt
-            qpos = tl.load(QIdx + b * QMAX + offs_r, mask=r_ok, other=0)
             mv = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
             lv = tl.zeros([BLOCK_Q], dtype=tl.float32)
             for c0 in range(0, vcnt, BLOCK_V):
@@ -216,6 +230,12 @@ if triton is not None:
 _BLOCK_Q = 64
 _BLOCK_V = 64
 
+# Rows whose |row max| (log2-scaled score, s·scale·log2 e) stays below this keep the
+# forward's statistics: a score rounded in two tile shapes differs by a few ulps of |s|,
+# i.e. P moves by ~|s|·2⁻²² relative, which at |s| < 64 (2⁶) is under the 1e-5 absolute
+# allowance of the accuracy rule. Above it the visual keys are rescored (exact at 1e4).
+REFINE_AT = 64.0
+
 
 def visual_block_q() -> int:
     """The query-row tile of the three gathered passes (every head dim)."""
@@ -248,7 +268,8 @@ def refine_visual_stats(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
                         query_index: torch.Tensor, query_count: torch.Tensor,
                         visual_index: torch.Tensor, visual_count: torch.Tensor,
                         causal: bool, scale: float | None,
-                        window: int | None = None) -> torch.Tensor:
+                        window: int | None = None,
+                        refine_at: float | None = None) -> torch.Tensor:
     """(2, B, Hq, N) row statistics whose visual keys are scored by the map tiles.
 
     ``stats`` (3, B, Hq, N) from :func:`kernels.attention.flash_forward` with ``visual_col``
@@ -256,8 +277,12 @@ def refine_visual_stats(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     shape, the map pass in another; the two roundings of a score of ~1e4 differ by ulps of
     1e4, i.e. ~1e-3 relative in P. Rebuilding the visual part of the statistics from the
     map tiles makes every visual score enter both the statistics and P bit-identically.
-    Cost: one more gathered pass (2·|Q|·Nv·d FLOP and |Q|·Nv exp2 per head).
+    Cost: one more gathered pass (2·|Q|·Nv·d FLOP and |Q|·Nv exp2 per head), paid only by
+    the blocks of rows (per head) whose largest |row max| reaches ``refine_at`` (log2 units;
+    default :data:`REFINE_AT`): below it the two roundings agree to the accuracy rule and
+    the forward's statistics are kept as they are.
     """
+    refine_at = REFINE_AT if refine_at is None else refine_at
     if stats.shape[0] != 3:
         raise ValueError(f"stats must have 3 planes (flash_forward with visual_col), got "
                          f"shape {tuple(stats.shape)}")
@@ -270,7 +295,7 @@ def refine_visual_stats(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     launch(_visual_stats_kernel, (rows, Hq, B),
         q, k, stats[0], stats[2], *index, refined[0], refined[1], *strides, N, Hq,
         Hq // k.shape[1], query_index.shape[1], visual_index.shape[1], default_scale(D, scale),
-        window_arg(window, N), HAS_WINDOW=window is not None,
+        window_arg(window, N), float(refine_at), HAS_WINDOW=window is not None,
         # 8 warps at every head dim: 4 warps at d = 64 sit at 128 registers on sm_80 and
         # spill 4 B with Triton 3.6 (bf16).
         CAUSAL=bool(causal), **{**common, "num_warps": 8},
