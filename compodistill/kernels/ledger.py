@@ -11,19 +11,21 @@ N = 1k/4k/8k/16k:
 - ``hbm_read`` / ``hbm_written``: bytes of the tensors the launch reads / writes, each once
   (a lower bound of the DRAM traffic: re-reads of a K/V block by other programs are counted
   as L2 hits);
-- ``atomics``: float32 atomic adds (the 5-matmul backward's dq);
+- ``atomics``: float32 atomic adds (the 5-matmul backward's dq, the maps phase's map);
 - ``time_lb_us``: max(flops / 989 TFLOP/s, bytes / 3.35 TB/s), the H100 SXM dense bf16 and
-  HBM3 peaks (datasheet figures, not measurements).
+  HBM3 peaks (datasheet figures, not measurements);
+- ``time_pred_us``: the same with FlashAttention-2-class matmul efficiencies instead of the
+  peak, 335 TFLOP/s for forward-type launches and 251 for the backward (stated
+  assumptions, not measurements; bytes still at the peak).
 
 Grids and loop bounds follow the launchers and kernels of :mod:`.attention` and
 :mod:`.visual_attention`; block shapes are the first config the sm_90 pruning keeps for the
-head-dim class (what the deterministic mode pins). The fused step is the teacher's maps pass
-(forward with the visual statistics, refine, maps) plus the student's fused forward and
-backward (row terms, delta, 5-matmul backward with the map gradient); the plain step is the
-same two models with FlashAttention-2-style attention (forward, delta, 5-matmul backward).
-Small PyTorch-side ops (index maps, zero fills of outputs) are left out; the dq buffer's zero
-fill and cast are in (``torch_dq``). ``tests/test_kernel_ledger.py`` checks the tile counts
-against the kernels themselves under the interpreter.
+head-dim class (what the deterministic mode pins). The steps are those of :data:`STEPS`
+(:func:`step_launches`). Small PyTorch-side ops (index maps) are left out; the zero fills
+that kernels accumulate into are in (``torch_zero_maps``, and ``torch_dq``: the dq buffer's
+fill and cast). ``tests/test_kernel_ledger.py`` checks the tile counts against the kernels
+themselves under the interpreter. ``--out`` also writes ``<name>_ratios.csv``: per head dim,
+N and step, ``fused_over_plain_flops``, ``fused_over_plain_bytes`` and the time ratios.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from .visual_attention import visual_block_q, visual_block_v
 
 PEAK_FLOPS = 989e12  # H100 SXM, dense bf16 tensor core (datasheet)
 PEAK_BYTES = 3.35e12  # H100 SXM HBM3 bandwidth (datasheet)
+FWD_FLOPS, BWD_FLOPS = 335e12, 251e12  # FlashAttention-2-class efficiencies (assumed)
 ELT = 2  # bf16 bytes
 HEAD_DIMS = (80, 96, 128, 256)
 SEQ_LENS = (1024, 4096, 8192, 16384)
@@ -70,6 +73,11 @@ class Launch:
     def time_lb_us(self) -> float:
         return 1e6 * max(self.flops / PEAK_FLOPS,
                          (self.hbm_read + self.hbm_written) / PEAK_BYTES)
+
+    @property
+    def time_pred_us(self) -> float:
+        rate = BWD_FLOPS if self.kernel.startswith("bwd_") else FWD_FLOPS
+        return 1e6 * max(self.flops / rate, (self.hbm_read + self.hbm_written) / PEAK_BYTES)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -138,9 +146,63 @@ def _gathered(s: Shape, step, model, kernel: str, skip: bool, extra_read: int,
                   hbm_written=written)
 
 
-def _stats(s, step, model):
+def maps_phase_tiles(s: Shape, bm: int, bn: int) -> int:
+    """Key blocks the forward's maps phase visits, summed over its query-block programs (one
+    head): the blocks of the image span, from the one holding its first token, inside the
+    causal range the first phase walked."""
+    total = 0
+    for pid in range(cdiv(s.N, bm)):
+        end = min((pid + 1) * bm, s.N)
+        lo, hi = s.v0 // bn * bn, min(end, s.v0 + s.Nv)
+        total += cdiv(hi - lo, bn) if hi > lo else 0
+    return total
+
+
+def visual_pairs(s: Shape) -> int:
+    """Allowed (query row, image key) pairs of one head: every position is a query row and
+    sees the image tokens at or before it (causal)."""
+    return sum(min(max(i - s.v0 + 1, 0), s.Nv) for i in range(s.N))
+
+
+def _fwd_maps(s: Shape, step, model) -> Launch:
+    """The forward with its maps phase: the first phase as :func:`_fwd` (no non-visual
+    plane), then the image key blocks rescored and ``P / Hq`` added into the maps by
+    float32 atomics (the map's bytes counted once: the atomics meet in L2)."""
+    x = _fwd(s, step, model, False)
+    bm, bn = blocks("_fwd_kernel", s.d)
+    t = maps_phase_tiles(s, bm, bn) * s.B * s.Hq
+    x.kernel, x.flops, x.exp2 = "fwd_kernel+maps", x.flops + t * 2 * bm * bn * block_d(s.d), \
+        x.exp2 + t * bm * bn
+    x.hbm_read += 2 * s.B * s.N * 4 + s.B * s.N * s.Nv * 4  # query_row, visual_col; the map
+    x.hbm_written += s.B * s.N * s.Nv * 4
+    x.atomics = visual_pairs(s) * s.B * s.Hq
+    return x
+
+
+def _zero_maps(s, step, model):
+    """The maps buffer's zero fill (the atomics accumulate into it)."""
+    return Launch(step, model, "torch_zero_maps", "", hbm_written=s.B * s.N * s.Nv * 4)
+
+
+def _stats(s, step, model, refine: bool = True):
+    """The refine pass; ``refine=False``: at moderate scores its gate (|row max| < 64 on
+    every row) reads the row maxima and the statistics copy, and scores nothing."""
     planes = s.B * s.Hq * s.N * 4
+    if not refine:
+        return Launch(step, model, "visual_stats_kernel (gate)", "",
+                      hbm_read=3 * planes, hbm_written=2 * planes)
     return _gathered(s, step, model, "visual_stats_kernel", False, 2 * planes, 2 * planes, 1)
+
+
+# Bytes per map element of the fused map loss (kernels/map_loss.py): its forward reads
+# both maps and writes G = dL/dA; its backward scales G by the upstream gradient.
+MAP_LOSS_READ, MAP_LOSS_WRITTEN = 12, 8
+
+
+def _map_loss(s, step, model):
+    elts = s.B * s.N * s.Nv
+    return Launch(step, model, "map_loss", "", hbm_read=elts * MAP_LOSS_READ,
+                  hbm_written=elts * MAP_LOSS_WRITTEN)
 
 
 def _maps(s, step, model):
@@ -182,18 +244,42 @@ def _torch_dq(s, step, model):
                   hbm_written=elts * 4 + elts * ELT)  # zero fill, then the cast
 
 
+STEPS = ("fused", "deterministic", "five-pass", "plain")
+
+
 def step_launches(s: Shape) -> list[Launch]:
-    """Every launch of one fused and one plain step at shape ``s``."""
-    fused = [_fwd(s, "fused", "teacher", True), _stats(s, "fused", "teacher"),
-             _maps(s, "fused", "teacher"),
-             _fwd(s, "fused", "student", True), _stats(s, "fused", "student"),
-             _maps(s, "fused", "student"), _row_terms(s, "fused", "student"),
-             _delta(s, "fused", "student"), _bwd(s, "fused", "student", True),
-             _torch_dq(s, "fused", "student")]
-    plain = [_fwd(s, "plain", "teacher", False),
-             _fwd(s, "plain", "student", False), _delta(s, "plain", "student"),
-             _bwd(s, "plain", "student", False), _torch_dq(s, "plain", "student")]
-    return fused + plain
+    """Every launch of one step at shape ``s``, for each of :data:`STEPS`:
+
+    - ``fused``: the default VAT step: each model's forward with its maps phase (into a
+      zeroed buffer), the map loss, the row terms, delta, the 5-matmul backward with G;
+    - ``deterministic``: the gathered maps pass instead of the maps phase, after the
+      refine gate (moderate scores: it scores nothing);
+    - ``five-pass``: the sequence before the maps phase (refine always, five gathered
+      passes; its map loss ran as PyTorch ops and is not counted);
+    - ``plain``: the same two models with FlashAttention-2-style attention, no loss.
+    """
+    out = []
+    for model in ("teacher", "student"):
+        out += [_zero_maps(s, "fused", model), _fwd_maps(s, "fused", model)]
+    out += [_map_loss(s, "fused", "student")] + _student_backward(s, "fused")
+    for model in ("teacher", "student"):
+        out += [_fwd(s, "deterministic", model, True),
+                _stats(s, "deterministic", model, refine=False),
+                _zero_maps(s, "deterministic", model), _maps(s, "deterministic", model)]
+    out += [_map_loss(s, "deterministic", "student")] + _student_backward(s, "deterministic")
+    for model in ("teacher", "student"):
+        out += [_fwd(s, "five-pass", model, True), _stats(s, "five-pass", model),
+                _maps(s, "five-pass", model)]
+    out += _student_backward(s, "five-pass")
+    out += [_fwd(s, "plain", "teacher", False),
+            _fwd(s, "plain", "student", False), _delta(s, "plain", "student"),
+            _bwd(s, "plain", "student", False), _torch_dq(s, "plain", "student")]
+    return out
+
+
+def _student_backward(s: Shape, step: str) -> list[Launch]:
+    return [_row_terms(s, step, "student"), _delta(s, step, "student"),
+            _bwd(s, step, "student", True), _torch_dq(s, step, "student")]
 
 
 def totals(launches: list[Launch], step: str) -> dict:
@@ -201,11 +287,15 @@ def totals(launches: list[Launch], step: str) -> dict:
     return dict(flops=sum(x.flops for x in rows), exp2=sum(x.exp2 for x in rows),
                 bytes=sum(x.hbm_read + x.hbm_written for x in rows),
                 atomics=sum(x.atomics for x in rows),
-                time_lb_us=sum(x.time_lb_us for x in rows))
+                time_lb_us=sum(x.time_lb_us for x in rows),
+                time_pred_us=sum(x.time_pred_us for x in rows))
 
 
 FIELDS = ["head_dim", "seq_len", "step", "model", "kernel", "blocks", "flops", "exp2",
-          "hbm_read", "hbm_written", "atomics", "time_lb_us"]
+          "hbm_read", "hbm_written", "atomics", "time_lb_us", "time_pred_us"]
+RATIO_FIELDS = ["head_dim", "seq_len", "step", "fused_over_plain_flops",
+                "fused_over_plain_bytes", "fused_over_plain_time_lb",
+                "fused_over_plain_time_pred"]
 
 
 def ledger_rows(head_dims=HEAD_DIMS, seq_lens=SEQ_LENS) -> list[dict]:
@@ -215,27 +305,48 @@ def ledger_rows(head_dims=HEAD_DIMS, seq_lens=SEQ_LENS) -> list[dict]:
             launches = step_launches(Shape(N=n, d=d))
             for x in launches:
                 out.append(dict(head_dim=d, seq_len=n, **asdict(x),
-                                time_lb_us=round(x.time_lb_us, 3)))
-            for step in ("fused", "plain"):
+                                time_lb_us=round(x.time_lb_us, 3),
+                                time_pred_us=round(x.time_pred_us, 3)))
+            for step in STEPS:
                 t = totals(launches, step)
                 out.append(dict(head_dim=d, seq_len=n, step=step, model="all", kernel="total",
                                 blocks="", flops=t["flops"], exp2=t["exp2"],
                                 hbm_read="", hbm_written=t["bytes"], atomics=t["atomics"],
-                                time_lb_us=round(t["time_lb_us"], 3)))
+                                time_lb_us=round(t["time_lb_us"], 3),
+                                time_pred_us=round(t["time_pred_us"], 3)))
     return out
 
 
-def ratio_table(head_dims=HEAD_DIMS, seq_lens=SEQ_LENS) -> str:
-    """Markdown: fused / plain per head dim and N, in FLOPs, bytes and lower-bound time."""
-    lines = ["| d | N | fused GFLOP | plain GFLOP | FLOP ratio | byte ratio | "
-             "time ratio (lower bounds) |", "|---|---|---|---|---|---|---|"]
+def ratio_rows(head_dims=HEAD_DIMS, seq_lens=SEQ_LENS) -> list[dict]:
+    """Per head dim, N and step (every step but plain): the step over the plain one."""
+    out = []
     for d in head_dims:
         for n in seq_lens:
             launches = step_launches(Shape(N=n, d=d))
-            f, p = totals(launches, "fused"), totals(launches, "plain")
-            lines.append(f"| {d} | {n} | {f['flops'] / 1e9:.1f} | {p['flops'] / 1e9:.1f} | "
-                         f"{f['flops'] / p['flops']:.3f} | {f['bytes'] / p['bytes']:.3f} | "
-                         f"{f['time_lb_us'] / p['time_lb_us']:.3f} |")
+            p = totals(launches, "plain")
+            for step in STEPS[:-1]:
+                f = totals(launches, step)
+                out.append(dict(head_dim=d, seq_len=n, step=step,
+                                fused_over_plain_flops=round(f["flops"] / p["flops"], 4),
+                                fused_over_plain_bytes=round(f["bytes"] / p["bytes"], 4),
+                                fused_over_plain_time_lb=round(
+                                    f["time_lb_us"] / p["time_lb_us"], 4),
+                                fused_over_plain_time_pred=round(
+                                    f["time_pred_us"] / p["time_pred_us"], 4)))
+    return out
+
+
+def ratio_table(head_dims=HEAD_DIMS, seq_lens=SEQ_LENS, steps=("fused", "five-pass")) -> str:
+    """Markdown: each step over the plain one per head dim and N, in FLOPs, bytes and time."""
+    lines = ["| d | N | step | FLOP ratio | byte ratio | time ratio (peaks) | "
+             "time ratio (FA2-class) |", "|---|---|---|---|---|---|---|"]
+    for r in ratio_rows(head_dims, seq_lens):
+        if r["step"] in steps:
+            lines.append(f"| {r['head_dim']} | {r['seq_len']} | {r['step']} | "
+                         f"{r['fused_over_plain_flops']:.3f} | "
+                         f"{r['fused_over_plain_bytes']:.3f} | "
+                         f"{r['fused_over_plain_time_lb']:.3f} | "
+                         f"{r['fused_over_plain_time_pred']:.3f} |")
     return "\n".join(lines)
 
 
@@ -251,8 +362,13 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(ledger_rows())
+    ratios = out.with_name(out.stem + "_ratios.csv")
+    with open(ratios, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RATIO_FIELDS)
+        w.writeheader()
+        w.writerows(ratio_rows())
     print(ratio_table())
-    print(f"wrote {out}")
+    print(f"wrote {out} and {ratios}")
     return 0
 
 
