@@ -176,3 +176,22 @@ def test_windowed_backward_falls_back_to_split_where_no_atomic_config_fits(monke
         monkeypatch.setattr(attention, "device_capability", lambda cap=cap: cap)
         assert attention.atomic_backward_fits(window, head_dim, cuda) is want, (cap, head_dim)
     assert attention.atomic_backward_fits(100, 128, torch.device("cpu"))
+
+
+def test_compile_cache_key_follows_the_kernel_source(tmp_path):
+    """The sweep's compile cache (``--cache``) is keyed by the kernel's source hash too: two
+    kernels of the same name and arguments but different bodies (an edited kernel) get
+    different keys, so an edit is recompiled, never read back stale."""
+    body = "import triton\nimport triton.language as tl\n\n@triton.jit\ndef _k(X):\n    {}\n"
+    for i, line in enumerate(("tl.store(X, 1.0)", "tl.store(X, 2.0)")):
+        (tmp_path / f"kern{i}.py").write_text(body.format(line))
+    keys = _in_compiler_process(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import kern0, kern1
+        args = (torch.empty(1),)
+        print(json.dumps([list(map(str, report._compile_key(m._k, args, {{}}, 90)))
+                          for m in (kern0, kern1)]))
+    """)
+    assert keys[0][0] == keys[1][0] == "_k"
+    assert keys[0] != keys[1]

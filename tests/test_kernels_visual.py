@@ -352,3 +352,20 @@ def test_deterministic_mode_keeps_the_gathered_maps_pass(monkeypatch):
     slow = K.teacher_visual_maps(q, k, layout)
     assert log == ["_fwd_kernel", "_visual_stats_kernel", "_visual_maps_kernel"], log
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
+
+
+def test_row_terms_grid_runs_heads_fastest():
+    """The row-terms pass's grid is (head, row block, sample): the Hq programs that read
+    one block of G rows are adjacent in launch order, so G is read from DRAM about once per
+    row block, not once per query head. Recorded, not run."""
+    from compodistill.kernels._common import recording_launches
+    from compodistill.kernels.visual_attention import _BLOCK_Q
+    n = 200
+    layout, _ = make_layout(2, n, None, ("one", "two"), "all", True)
+    q, k, _ = make_qkv(2, 4, 2, n, 16, F32)
+    _, stats = K.flash_forward(q, k, None, None, True, None)
+    g = torch.zeros(layout.map_shape)
+    with recording_launches() as log:
+        K.visual_row_terms(q, k, stats, *layout_index(layout), g, True, None)
+    grids = [grid for kern, grid, _a, _k in log if kern.__name__ == "_visual_row_terms_kernel"]
+    assert grids == [(4, -(-layout.map_shape[1] // _BLOCK_Q), 2)]

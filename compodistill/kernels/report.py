@@ -319,9 +319,11 @@ def fits(row: dict) -> bool:
 
 
 def _compile_key(kernel, args, kw, capability: int) -> tuple:
-    """What decides a compile: the kernel, target, argument dtypes/ints and launch kwargs
-    (picklable, so a cache file can hold it)."""
-    return (jit_function(kernel).__name__, capability, _args_key(args),
+    """What decides a compile: the kernel and its source (Triton's ``cache_key`` hashes the
+    body and the jit functions it calls, so an edited kernel recompiles), target, argument
+    dtypes/ints and launch kwargs (picklable, so a cache file can hold it)."""
+    fn = jit_function(kernel)
+    return (fn.__name__, fn.cache_key, capability, _args_key(args),
             tuple(sorted(map(str, kw.items()))))
 
 

@@ -41,22 +41,40 @@ if triton is not None:
     from ._common import load_row_stats, log2_scale
 
     @triton.jit
+    def _gathered_q(Q, b, h, qpos, r_ok, stride_qb, stride_qh, stride_qn,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The q tile of a block of gathered rows, loaded once by a program that walks the
+        visual chunks (the refine and row-terms passes)."""
+        offs_d = tl.arange(0, BLOCK_D)
+        return tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qn
+                       + offs_d[None, :], mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+                       other=0.0)
+
+    @triton.jit
+    def _chunk_logits(q, K, b, hk, vpos, c_ok, stride_kb, stride_kh, stride_kn, qk_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Scaled scores (log2 units) of a loaded q tile against one chunk of visual keys:
+        the product :func:`_gathered_logits` computes, so the rounding is the same."""
+        offs_d = tl.arange(0, BLOCK_D)
+        kk = tl.load(K + b * stride_kb + hk * stride_kh + vpos[:, None] * stride_kn
+                     + offs_d[None, :], mask=c_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+                     other=0.0)
+        return tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
+
+    @triton.jit
     def _gathered_logits(Q, K, b, h, hk, qpos, vpos, r_ok, c_ok,
                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                          qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          DOT_PREC: tl.constexpr):
         """Scaled scores (log2 units) on (gathered rows × gathered visual columns).
 
-        Every pass that scores visual keys goes through this one tile computation with the
-        same (BLOCK_Q, BLOCK_V) tiles, so a visual score rounds the same way everywhere.
+        Every gathered pass scores visual keys with this one tile product (the refine and
+        row-terms passes through its two halves, q loaded once), in the same
+        (BLOCK_Q, BLOCK_V) tiles, so a visual score rounds the same way in each.
         """
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
-        q = tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qn
-                    + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        kk = tl.load(K + b * stride_kb + hk * stride_kh + vpos[:, None] * stride_kn
-                     + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        return tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
+        q = _gathered_q(Q, b, h, qpos, r_ok, stride_qb, stride_qh, stride_qn, HEAD_DIM, BLOCK_D)
+        return _chunk_logits(q, K, b, hk, vpos, c_ok, stride_kb, stride_kh, stride_kn, qk_scale,
+                             HEAD_DIM, BLOCK_D, DOT_PREC)
 
     @triton.jit
     def _gathered_scores(Q, K, RowMax, RowLog2Sum, b, h, hk, qpos, vpos, r_ok, c_ok,
@@ -102,6 +120,8 @@ if triton is not None:
         big = tl.where(m_row != m_row, float("inf"), big)
         if (pid_r * BLOCK_Q < qcnt) & (tl.max(big) >= tl.cast(refine_at, tl.float32)):
             qk_scale = log2_scale(scale)
+            q = _gathered_q(Q, b, h, qpos, r_ok, stride_qb, stride_qh, stride_qn, HEAD_DIM,
+                            BLOCK_D)
             mv = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
             lv = tl.zeros([BLOCK_Q], dtype=tl.float32)
             for c0 in range(0, vcnt, BLOCK_V):
@@ -120,9 +140,8 @@ if triton is not None:
                 if HAS_WINDOW:
                     visit = tl.max(tl.where(allowed, 1, 0)) > 0
                 if visit:
-                    s = _gathered_logits(Q, K, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
-                                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
-                                         stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
+                    s = _chunk_logits(q, K, b, h // GROUP, vpos, c_ok, stride_kb, stride_kh,
+                                      stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
                     s = tl.where(allowed, s, float("-inf"))
                     m_new = tl.maximum(mv, tl.max(s, 1))
                     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -196,8 +215,10 @@ if triton is not None:
                                  BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
                                  BLOCK_Q: tl.constexpr, BLOCK_V: tl.constexpr,
                                  HAS_WINDOW: tl.constexpr = False):
-        pid_r = tl.program_id(0)
-        h = tl.program_id(1)
+        # Heads fastest: the Hq programs that read one block of G rows run together, so G
+        # comes from DRAM about once per row block instead of once per query head.
+        h = tl.program_id(0)
+        pid_r = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         qcnt = tl.load(QCnt + b).to(tl.int32)
         vcnt = tl.load(VCnt + b).to(tl.int32)
@@ -207,6 +228,11 @@ if triton is not None:
             offs_r = pid_r * BLOCK_Q + tl.arange(0, BLOCK_Q)
             r_ok = offs_r < qcnt
             qpos = tl.load(QIdx + b * QMAX + offs_r, mask=r_ok, other=0)
+            # q and the row statistics once per program, not once per visual chunk.
+            q = _gathered_q(Q, b, h, qpos, r_ok, stride_qb, stride_qh, stride_qn, HEAD_DIM,
+                            BLOCK_D)
+            m, l2 = load_row_stats(RowMax + (b * Hq + h) * N, RowLog2Sum + (b * Hq + h) * N,
+                                   qpos, r_ok)
             c_row = tl.zeros([BLOCK_Q], dtype=tl.float32)
             for c0 in range(0, vcnt, BLOCK_V):
                 offs_c = c0 + tl.arange(0, BLOCK_V)
@@ -220,9 +246,9 @@ if triton is not None:
                 if tl.max(tl.where(allowed, 1, 0)) > 0:
                     g = tl.load(G + b * QMAX * VMAX + offs_r[:, None].to(tl.int64) * VMAX + offs_c[None, :],
                                 mask=allowed, other=0.0)
-                    p = _gathered_scores(Q, K, RowMax, RowLog2Sum, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
-                                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
-                                         stride_kn, N, Hq, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
+                    s = _chunk_logits(q, K, b, h // GROUP, vpos, c_ok, stride_kb, stride_kh,
+                                      stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
+                    p = tl.math.exp2((s - m[:, None]) - l2[:, None])
                     c_row += tl.sum(tl.where(allowed, p * g, 0.0), 1)
             tl.store(C + (b * Hq + h) * N + qpos, c_row * inv_h, mask=r_ok)
 
@@ -388,7 +414,7 @@ def visual_row_terms(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
         return c
     q, k, stats, index, strides, common, rows = _launch_args(
         q, k, stats, query_index, query_count, visual_index, visual_count)
-    launch(_visual_row_terms_kernel, (rows, Hq, B),
+    launch(_visual_row_terms_kernel, (Hq, rows, B),
         q, k, *stats, *index, grad_maps.float().contiguous(), c, *strides, N, Hq,
         Hq // k.shape[1], grad_maps.shape[1], grad_maps.shape[2], default_scale(D, scale),
         window_arg(window, N), HAS_WINDOW=window is not None, CAUSAL=bool(causal),
