@@ -369,3 +369,23 @@ def test_row_terms_grid_runs_heads_fastest():
         K.visual_row_terms(q, k, stats, *layout_index(layout), g, True, None)
     grids = [grid for kern, grid, _a, _k in log if kern.__name__ == "_visual_row_terms_kernel"]
     assert grids == [(4, -(-layout.map_shape[1] // _BLOCK_Q), 2)]
+
+
+def test_teacher_layer_with_output_is_one_launch(monkeypatch):
+    """The HF hook's teacher layers (and so the teacher cache writer) call
+    teacher_attention_with_visual_maps with v and a window's running buffer: one forward
+    launch per layer computes the output and adds weight * A into the buffer."""
+    from compodistill.kernels._common import deterministic
+    if deterministic():
+        pytest.skip("the deterministic mode runs the gathered passes")
+    n = 40
+    layout, _ = make_layout(1, n, None, ("two",), "all", True)
+    q, k, v = make_qkv(1, 4, 2, n, 16, F32)
+    acc = torch.zeros(layout.map_shape)
+    log = _logged_launches(monkeypatch)
+    for weight in (0.25, 0.75):
+        out, acc = K.teacher_attention_with_visual_maps(q, k, v, layout, maps_out=acc,
+                                                        weight=weight)
+    assert log == ["_fwd_kernel+maps"] * 2, log
+    torch.testing.assert_close(acc, K.teacher_visual_maps(q, k, layout), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out, K.flash_attention(q, k, v), rtol=1e-5, atol=1e-6)

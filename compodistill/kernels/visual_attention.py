@@ -44,7 +44,7 @@ if triton is not None:
     def _gathered_q(Q, b, h, qpos, r_ok, stride_qb, stride_qh, stride_qn,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
         """The q tile of a block of gathered rows, loaded once by a program that walks the
-        visual chunks (the refine and row-terms passes)."""
+        visual chunks (the row-terms pass)."""
         offs_d = tl.arange(0, BLOCK_D)
         return tl.load(Q + b * stride_qb + h * stride_qh + qpos[:, None] * stride_qn
                        + offs_d[None, :], mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
@@ -68,8 +68,8 @@ if triton is not None:
                          DOT_PREC: tl.constexpr):
         """Scaled scores (log2 units) on (gathered rows × gathered visual columns).
 
-        Every gathered pass scores visual keys with this one tile product (the refine and
-        row-terms passes through its two halves, q loaded once), in the same
+        Every gathered pass scores visual keys with this one tile product (the row-terms
+        pass through its two halves, q loaded once), in the same
         (BLOCK_Q, BLOCK_V) tiles, so a visual score rounds the same way in each.
         """
         q = _gathered_q(Q, b, h, qpos, r_ok, stride_qb, stride_qh, stride_qn, HEAD_DIM, BLOCK_D)
@@ -120,8 +120,6 @@ if triton is not None:
         big = tl.where(m_row != m_row, float("inf"), big)
         if (pid_r * BLOCK_Q < qcnt) & (tl.max(big) >= tl.cast(refine_at, tl.float32)):
             qk_scale = log2_scale(scale)
-            q = _gathered_q(Q, b, h, qpos, r_ok, stride_qb, stride_qh, stride_qn, HEAD_DIM,
-                            BLOCK_D)
             mv = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
             lv = tl.zeros([BLOCK_Q], dtype=tl.float32)
             for c0 in range(0, vcnt, BLOCK_V):
@@ -140,8 +138,12 @@ if triton is not None:
                 if HAS_WINDOW:
                     visit = tl.max(tl.where(allowed, 1, 0)) > 0
                 if visit:
-                    s = _chunk_logits(q, K, b, h // GROUP, vpos, c_ok, stride_kb, stride_kh,
-                                      stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
+                    # q is reloaded per chunk here: held across the loop it spills 4 B at
+                    # d = 256 with a window on sm_80 (this pass runs only in the
+                    # deterministic mode, on rows past the gate).
+                    s = _gathered_logits(Q, K, b, h, h // GROUP, qpos, vpos, r_ok, c_ok,
+                                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                                         stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
                     s = tl.where(allowed, s, float("-inf"))
                     m_new = tl.maximum(mv, tl.max(s, 1))
                     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
