@@ -116,7 +116,8 @@ if triton is not None:
         # window at d = 64 on sm_80.
         (64, 64, 4, 2, ALL, ALL, {"padded": (D64, ALL), "3.6 padded": (ALL, ALL),
                                   "3.6 window": (D128, ALL)}),
-        (128, 64, 8, 3, D64, ALL, {"3.6 window": (NONE, ALL)}),
+        # With the maps phase and a window it spills 4 B at d = 64 on sm_80 (full sweep).
+        (128, 64, 8, 3, D64, ALL, {"3.6 window": (NONE, ALL), "fwdmaps": (NONE, ALL)}),
         # d = 80/96 bf16 spill 4 B on sm_90.
         # With the maps phase (HAS_MAPS) it spills 276-316 B on sm_90.
         (128, 128, 8, 2, NONE, ALL, {"3.6": (NONE, D64), "padded": (NONE, D64),

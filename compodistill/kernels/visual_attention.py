@@ -325,8 +325,11 @@ def refine_visual_stats(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
         Hq // k.shape[1], query_index.shape[1], visual_index.shape[1], default_scale(D, scale),
         window_arg(window, N), float(refine_at), HAS_WINDOW=window is not None,
         # 8 warps at every head dim: 4 warps at d = 64 sit at 128 registers on sm_80 and
-        # spill 4 B with Triton 3.6 (bf16).
-        CAUSAL=bool(causal), **{**common, "num_warps": 8},
+        # spill 4 B with Triton 3.6 (bf16). One stage for the padded head dims: with the
+        # gate's loads, two spill 4 B at d = 80/96 on sm_80 (full sweep), while one stage
+        # spills 8 B at d = 128 there under Triton 3.6.
+        CAUSAL=bool(causal), **{**common, "num_warps": 8,
+                                "num_stages": 1 if block_d(D) != D else 2},
     )
     return refined
 
