@@ -33,15 +33,18 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from ._common import launch
+from ._common import interpreting, launch
 
 # The variants, as the launcher's ``variant`` code.
 VARIANTS = ("cosine_flat", "cosine_row", "cosine_pooled", "kl", "reverse_kl", "jsd", "mse")
 ROW_LOSS = {"cosine_row": 0, "kl": 1, "reverse_kl": 2, "jsd": 3}
-BLOCK_ROWS = 32
-BLOCK_COLS = 128
-ROWS_WARPS = 8  # the row kernel keeps ~10 tiles live: 8 warps keep it spill-free
-WARPS = 4
+BLOCK_ROWS = 16
+BLOCK_COLS = 64
+WARPS = 4  # every kernel: a 16 x 64 tile is 8 entries a thread
+# The row kernel under ptxas's default register target spills 4-16 B in 9 of its 96
+# (specialisation, target) compiles (low register counts: an allocator choice, not pressure);
+# a 128-register cap gives 0 in all (compodistill/kernels/report.py, Triton 3.8).
+ROWS_MAXNREG = 128
 _TINY = 1.1754943508222875e-38  # float32's smallest normal number
 _LOG_EPS = 1e-30
 _COS_EPS2 = 1e-24  # (1e-12)², the cosine's clamp on the product of squared norms
@@ -82,9 +85,10 @@ def _tile(as_ptr, at_ptr, vi_ptr, b, base, rows, real_row, qrow, start, vn, Q, V
 
 @triton.jit
 def _nonfinite(x, mask):
-    """How many entries of x under mask are NaN or ±inf."""
+    """Per row, how many entries of x under mask are NaN or ±inf (row vectors accumulate
+    inside the column loops; the one cross-warp sum comes after them)."""
     bad = mask & ~((x == x) & (tl.abs(x) < float("inf")))
-    return tl.sum(tl.sum(bad.to(tl.float32), 1), 0)
+    return tl.sum(bad.to(tl.float32), 1)
 
 
 @triton.jit
@@ -130,17 +134,20 @@ def _map_sums_kernel(as_ptr, at_ptr, g_ptr, part_ptr, qi_ptr, qc_ptr, vi_ptr, vc
 
     SUM_MODE 0 (flat cosine): x = Σ A_s·A_t, Σ A_s², Σ A_t². 1 (mse): x0 = Σ (A_s − A_t)²,
     and G = 2 (A_s − A_t) / (|Q|·Nv) is written. 2 (pooled): x = n, mean_s, M2_s, mean_t,
-    M2_t, merged over tiles with Chan's formula from each tile's exact two-pass moments."""
+    M2_t of the block, merged with Chan's formula from each row tile's exact moments."""
     b = tl.program_id(1)
     rows, qn, vn, real_row, qrow = _row_info(qi_ptr, qc_ptr, vc_ptr, b, Q, BLOCK_ROWS)
     base = b.to(tl.int64) * Q * V
-    n_ok = tl.zeros([BLOCK_ROWS], tl.float32)
-    bad = 0.0
-    x0 = 0.0
-    x1 = 0.0
-    x2 = 0.0
-    x3 = 0.0
-    x4 = 0.0
+    zero = tl.zeros([BLOCK_ROWS], tl.float32)
+    n_ok = zero
+    bad = zero
+    # Per-row accumulators (no cross-warp reduction inside the loop); pooled: each row's
+    # (n, mean, M2) of both maps, merged over tiles with Chan's formula.
+    x0 = zero
+    x1 = zero
+    x2 = zero
+    x3 = zero
+    x4 = zero
     two_over_n = 2.0 / tl.maximum(qn * vn, 1).to(tl.float32)
     for start in range(0, V, BLOCK_COLS):
         cols, offs, real, allowed, a_s, a_t, inside = _tile(
@@ -149,36 +156,44 @@ def _map_sums_kernel(as_ptr, at_ptr, g_ptr, part_ptr, qi_ptr, qc_ptr, vi_ptr, vc
         bad += _nonfinite(a_s, real) + _nonfinite(a_t, real)
         n_ok += tl.sum(allowed.to(tl.float32), 1)
         if SUM_MODE == 0:
-            x0 += tl.sum(tl.sum(a_s * a_t, 1), 0)
-            x1 += tl.sum(tl.sum(a_s * a_s, 1), 0)
-            x2 += tl.sum(tl.sum(a_t * a_t, 1), 0)
+            x0 += tl.sum(a_s * a_t, 1)
+            x1 += tl.sum(a_s * a_s, 1)
+            x2 += tl.sum(a_t * a_t, 1)
         elif SUM_MODE == 1:
             d = a_s - a_t
-            x0 += tl.sum(tl.sum(d * d, 1), 0)
+            x0 += tl.sum(d * d, 1)
             tl.store(g_ptr + offs, tl.where(real, d * two_over_n, 0.0), mask=inside)
         else:
-            nt = tl.sum(tl.sum(real.to(tl.float32), 1), 0)
+            nt = tl.sum(real.to(tl.float32), 1)
             total = x0 + nt
             w = nt / tl.maximum(total, 1.0)
-            ms = tl.sum(tl.sum(a_s, 1), 0) / tl.maximum(nt, 1.0)
-            ds = tl.where(real, a_s - ms, 0.0)
+            ms = tl.sum(a_s, 1) / tl.maximum(nt, 1.0)
+            ds = tl.where(real, a_s - ms[:, None], 0.0)
             delta = ms - x1
             x1 += delta * w
-            x2 += tl.sum(tl.sum(ds * ds, 1), 0) + delta * delta * x0 * w
-            mt = tl.sum(tl.sum(a_t, 1), 0) / tl.maximum(nt, 1.0)
-            dt = tl.where(real, a_t - mt, 0.0)
+            x2 += tl.sum(ds * ds, 1) + delta * delta * x0 * w
+            mt = tl.sum(a_t, 1) / tl.maximum(nt, 1.0)
+            dt = tl.where(real, a_t - mt[:, None], 0.0)
             delta = mt - x3
             x3 += delta * w
-            x4 += tl.sum(tl.sum(dt * dt, 1), 0) + delta * delta * x0 * w
+            x4 += tl.sum(dt * dt, 1) + delta * delta * x0 * w
             x0 = total
     out = part_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * 8
     tl.store(out, tl.sum(tl.where(n_ok > 0, 1.0, 0.0), 0))
-    tl.store(out + 1, bad)
-    tl.store(out + 2, x0)
-    tl.store(out + 3, x1)
-    tl.store(out + 4, x2)
-    tl.store(out + 5, x3)
-    tl.store(out + 6, x4)
+    tl.store(out + 1, tl.sum(bad, 0))
+    if SUM_MODE == 2:  # merge the rows: n, mean, M2 of the block
+        n = tl.sum(x0, 0)
+        ms = tl.sum(x0 * x1, 0) / tl.maximum(n, 1.0)
+        mt = tl.sum(x0 * x3, 0) / tl.maximum(n, 1.0)
+        tl.store(out + 2, n)
+        tl.store(out + 3, ms)
+        tl.store(out + 4, tl.sum(x2 + x0 * (x1 - ms) * (x1 - ms), 0))
+        tl.store(out + 5, mt)
+        tl.store(out + 6, tl.sum(x4 + x0 * (x3 - mt) * (x3 - mt), 0))
+    else:
+        tl.store(out + 2, tl.sum(x0, 0))
+        tl.store(out + 3, tl.sum(x1, 0))
+        tl.store(out + 4, tl.sum(x2, 0))
 
 
 @triton.jit
@@ -248,7 +263,7 @@ def _map_rows_kernel(as_ptr, at_ptr, g_ptr, srest_ptr, trest_ptr, grest_ptr, par
     x0 = tl.zeros([BLOCK_ROWS], tl.float32)  # cosine: Σ a_s a_t; KL: Σ Ã_s
     x1 = tl.zeros([BLOCK_ROWS], tl.float32)  # cosine: Σ a_s²;    KL: Σ Ã_t
     x2 = tl.zeros([BLOCK_ROWS], tl.float32)  # cosine: Σ a_t²
-    bad = 0.0
+    bad = tl.zeros([BLOCK_ROWS], tl.float32)
     # ---- walk 1: row sums
     for start in range(0, V, BLOCK_COLS):
         cols, offs, real, allowed, a_s, a_t, inside = _tile(
@@ -289,8 +304,7 @@ def _map_rows_kernel(as_ptr, at_ptr, g_ptr, srest_ptr, trest_ptr, grest_ptr, par
         if not RENORM:
             if HAS_SREST:
                 r = tl.load(srest_ptr + b * Q + rows, mask=real_row, other=0.0)
-                bad += tl.sum(tl.where(real_row & ~((r == r) & (tl.abs(r) < float("inf"))),
-                                       1.0, 0.0), 0)
+                bad += tl.where(real_row & ~((r == r) & (tl.abs(r) < float("inf"))), 1.0, 0.0)
                 keep_rs = ~(r < 1.1754943508222875e-38)
                 rest_s = tl.where(keep_rs, r, 0.0)
             else:
@@ -298,8 +312,7 @@ def _map_rows_kernel(as_ptr, at_ptr, g_ptr, srest_ptr, trest_ptr, grest_ptr, par
                 dep = tl.where(1.0 - x0 >= 0.0, 1.0, 0.0)
             if HAS_TREST:
                 r = tl.load(trest_ptr + b * Q + rows, mask=real_row, other=0.0)
-                bad += tl.sum(tl.where(real_row & ~((r == r) & (tl.abs(r) < float("inf"))),
-                                       1.0, 0.0), 0)
+                bad += tl.where(real_row & ~((r == r) & (tl.abs(r) < float("inf"))), 1.0, 0.0)
                 rest_t = tl.where(~(r < 1.1754943508222875e-38), r, 0.0)
             else:
                 rest_t = tl.maximum(1.0 - x1, 0.0)
@@ -341,7 +354,7 @@ def _map_rows_kernel(as_ptr, at_ptr, g_ptr, srest_ptr, trest_ptr, grest_ptr, par
                 tl.store(g_ptr + offs, tl.where(keep, g, 0.0), mask=inside)
     out = part_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * 8
     tl.store(out, tl.sum(tl.where(valid, 1.0, 0.0), 0))
-    tl.store(out + 1, bad)
+    tl.store(out + 1, tl.sum(bad, 0))
     tl.store(out + 2, tl.sum(tl.where(valid, d_row, 0.0), 0))
 
 
@@ -363,7 +376,8 @@ def map_sums(a_s: Tensor, a_t: Tensor, index: tuple, causal: bool, window: int, 
     part = torch.empty((grid[1], grid[0], _PARTS), device=a_s.device, dtype=torch.float32)
     B, Q, V = a_s.shape
     launch(_map_sums_kernel, grid, a_s, a_t, a_s if grad is None else grad, part, *index,
-           Q, V, window, SUM_MODE=mode, **_geometry(a_s, causal, window), num_warps=WARPS)
+           Q, V, window, SUM_MODE=mode, **_geometry(a_s, causal, window),
+           num_warps=WARPS)
     return part
 
 
@@ -403,7 +417,8 @@ def map_rows(a_s: Tensor, a_t: Tensor, s_rest: Tensor | None, t_rest: Tensor | N
            a_s if t_rest is None else t_rest, grad if grest is None else grest, part, *index,
            Q, V, window, float(beta), 1.0 - float(beta), ROW_LOSS=row_loss,
            RENORM=bool(renorm), HAS_SREST=s_rest is not None, HAS_TREST=t_rest is not None,
-           **_geometry(a_s, causal, window), num_warps=ROWS_WARPS)
+           **_geometry(a_s, causal, window), num_warps=WARPS,
+           **({} if interpreting() else {"maxnreg": ROWS_MAXNREG}))
     return grad, part, grest
 
 
