@@ -6,7 +6,8 @@ Default run: the fused student scenario and plain attention, fp16/bf16, d = 64 a
 the student scenario at d = 256 with and without the sliding window,
 key mask on and off (the mask-free launch is training's common case), both backwards (the
 default 5-matmul one with atomic dq and the deterministic split one), the logit-KD kernel
-(bf16 and fp32 logits), both targets (the representative set, a few minutes on 2 cores).
+(bf16 and fp32 logits), both targets (the representative set, a few minutes on 2 cores);
+the fused map-loss kernels (every variant) in their own test.
 ``-m slow``: the full sweep of compodistill/kernels/report.py. The coverage test ties that
 sweep to the launchers: every constexpr a launcher passes must take all its values in it.
 """
@@ -68,6 +69,20 @@ def test_representative_kernels_fit_sm80_and_sm90():
                                                                               "float32"}
     bad = _failures(rows)
     assert not bad, "configs that spill or exceed shared memory:\n" + _describe(bad)
+
+
+def test_map_loss_kernels_fit_sm80_and_sm90():
+    """The fused map-loss passes (compodistill/kernels/map_loss.py): every variant, the
+    rest distribution with both rests, the windowed mask; both targets."""
+    rows = _in_compiler_process("""
+        rows = report.sweep([], ml_cases=report.default_map_loss_cases(), progress=False)
+        print(json.dumps(rows))
+    """)
+    assert {r["kernel"] for r in rows} == {"map_sums_kernel", "map_pool_kernel",
+                                           "map_grad_kernel", "map_rows_kernel"}
+    assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
+    bad = _failures(rows)
+    assert not bad, "map-loss launches that spill or exceed shared memory:\n" + _describe(bad)
 
 
 def test_a_planted_spill_is_caught():
@@ -159,7 +174,7 @@ def test_sweep_varies_every_constexpr_the_launchers_pass():
 def test_full_sweep_fits():
     rows = _in_compiler_process("""
         rows = report.sweep(report.full_cases(), kd_cases=report.full_kd_cases(),
-                            progress=False)
+                            ml_cases=report.full_map_loss_cases(), progress=False)
         print(json.dumps(rows))
     """)
     bad = _failures(rows)

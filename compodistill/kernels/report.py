@@ -222,14 +222,18 @@ def record_kd(case: KdCase) -> list[tuple]:
     return [(kern, args, kwargs) for kern, _grid, args, kwargs in log]
 
 
-def constexpr_values(cases, kd_cases) -> tuple[dict[str, dict[str, set]], dict[str, set]]:
+def constexpr_values(cases, kd_cases, ml_cases=None
+                     ) -> tuple[dict[str, dict[str, set]], dict[str, set]]:
     """Over every launch the cases record: ``{kernel: {constexpr: values}}`` of what the
     launchers pass, and ``{kernel: constexpr names}`` of the kernel's constexprs that no
-    autotune config sets (the ones a launcher must pass or leave to their default)."""
+    autotune config sets (the ones a launcher must pass or leave to their default).
+    ``ml_cases``: the map-loss cases (default: all of ``full_map_loss_cases()``)."""
     seen: dict[str, dict[str, set]] = {}
     params: dict[str, set] = {}
     launches = [r for c in cases for r in record(c)] + [r for c in kd_cases
                                                           for r in record_kd(c)]
+    ml_cases = full_map_loss_cases() if ml_cases is None else ml_cases
+    launches += [r for c in ml_cases for r in record_map_loss(c)]
     for kernel, _args, kwargs in launches:
         fn = jit_function(kernel)
         tuned = set().union(*(c.kwargs for c in getattr(kernel, "configs", ())))
@@ -362,7 +366,8 @@ _PENDING: list = []
 
 
 def sweep(cases, targets=TARGETS, kd_cases=(), progress=True,
-          cache: dict | None = None, jobs: int = 1, cache_file: Path | None = None) -> list[dict]:
+          cache: dict | None = None, jobs: int = 1, cache_file: Path | None = None,
+          ml_cases=()) -> list[dict]:
     """Rows of every (launch, kept config, target) of the cases; ``cache`` (a dict) may be
     shared between calls, so a launch two calls make compiles once. ``jobs`` > 1 compiles
     in that many forked processes; ``cache_file`` (a pickle, per Triton version) keeps what
@@ -371,6 +376,7 @@ def sweep(cases, targets=TARGETS, kd_cases=(), progress=True,
     global _PENDING
     launches = [(_case_fields(case), rec) for case in cases for rec in record(case)]
     launches += [(_kd_fields(case), rec) for case in kd_cases for rec in record_kd(case)]
+    launches += [(map_loss_fields(c), rec) for c in ml_cases for rec in record_map_loss(c)]
     work = [(fields, rec, cap) for fields, rec in launches for cap in targets]
     cache = {} if cache is None else cache
     if cache_file is not None and cache_file.exists():
@@ -513,7 +519,7 @@ def markdown(rows: list[dict]) -> str:
     row count, maximum registers / spill / shared memory, misfits, tensor-core use."""
     groups: dict[tuple, list] = {}
     for r in rows:
-        cls = r["dtype"] if r["kernel"] == "kd_rows_kernel" else \
+        cls = r["dtype"] if r["kernel"] == "kd_rows_kernel" or r["head_dim"] == "" else \
             head_dim_class(block_d(int(r["head_dim"])))
         groups.setdefault((r["kernel"], r["target"], str(cls)), []).append(r)
     out = ["| kernel | target | class | rows | max regs | max spill B | max smem B | misfits "
@@ -561,18 +567,21 @@ def main(argv=None) -> int:
     root = Path(__file__).resolve().parents[2]  # the repository root
     out = opts.out or root / "bench" / "results" / "kernel_resources.csv"
     if opts.fp32:
-        cases, kd_cases = fp32_cases(), []
+        cases, kd_cases, ml_cases = fp32_cases(), [], []
     elif opts.quick:
         cases, kd_cases = default_cases(), default_kd_cases()
+        ml_cases = default_map_loss_cases()
     else:
         cases, kd_cases = full_cases(), full_kd_cases()
+        ml_cases = full_map_loss_cases()
     if opts.head_dim is not None:
-        cases, kd_cases = head_dim_cases(cases, opts.head_dim), []
+        cases, kd_cases, ml_cases = head_dim_cases(cases, opts.head_dim), [], []
         if not cases:
             ap.error(f"no case has head dim {opts.head_dim}")
     if opts.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {opts.jobs}")
-    rows = sweep(cases, kd_cases=kd_cases, jobs=opts.jobs, cache_file=opts.cache)
+    rows = sweep(cases, kd_cases=kd_cases, jobs=opts.jobs, cache_file=opts.cache,
+                 ml_cases=ml_cases)
     write_csv(rows, out)
     print(summary(rows))
     print(f"wrote {out}")
@@ -581,3 +590,67 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------- map loss
+# The fused map-loss passes of kernels/map_loss.py (issue #37): float32 maps, no autotune
+# (one fixed tile per kernel), so one row per (launch, target).
+
+from . import map_loss  # noqa: E402
+
+CONSTEXPR_DOMAINS.update({"SUM_MODE": {0, 1, 2}, "GRAD_MODE": {0, 1},
+                          "ROW_LOSS": set(map_loss.ROW_LOSS.values()),
+                          "BLOCK_ROWS": {map_loss.BLOCK_ROWS},
+                          "BLOCK_COLS": {map_loss.BLOCK_COLS}})
+
+
+@dataclass(frozen=True)
+class MapLossCase:
+    """One map-loss call: variant (``map_loss.VARIANTS``), distribution, which rests are
+    given (student, target), causal / windowed allowed mask."""
+    variant: str
+    distribution: str = "renorm"
+    rests: tuple[bool, bool] = (False, False)
+    causal: bool = True
+    window: int | None = None
+
+
+def default_map_loss_cases() -> list[MapLossCase]:
+    """CI set: every variant once (causal), the rest distribution with both rests given,
+    and the windowed mask on the heaviest kernel (JSD rows)."""
+    cases = [MapLossCase(v) for v in map_loss.VARIANTS]
+    cases += [MapLossCase("jsd", "rest", (True, True)),
+              MapLossCase("jsd", "renorm", window=100)]
+    return cases
+
+
+def full_map_loss_cases() -> list[MapLossCase]:
+    """Every variant under every allowed mask (causal, bidirectional, windowed); the KL
+    family also with the rest distribution under each (student, target) rest pair."""
+    modes = ((True, None), (False, None), (True, 100))
+    cases = [MapLossCase(v, causal=c, window=w) for v in map_loss.VARIANTS for c, w in modes]
+    cases += [MapLossCase(v, "rest", rests, c, w) for v in ("kl", "reverse_kl", "jsd")
+              for rests in ((False, False), (True, False), (False, True), (True, True))
+              for c, w in modes]
+    return cases
+
+
+def record_map_loss(case: MapLossCase) -> list[tuple]:
+    """(kernel, args, kwargs) of every launch of the map-loss forward of ``case``."""
+    B, N = 2, 256
+    qi, qc, vi, vc = _layout(B, N)
+    a_s, a_t = torch.rand(B, N, 64), torch.rand(B, N, 64)
+    s_rest, t_rest = (torch.rand(B, N) if given else None for given in case.rests)
+    with attention.recording_launches() as log:
+        map_loss._forward(a_s, a_t, s_rest, t_rest, qi, qc, vi, vc, case.causal,
+                          case.window or 0, case.variant, case.distribution == "renorm", 0.5)
+    return [(kern, args, kwargs) for kern, _grid, args, kwargs in log]
+
+
+def map_loss_fields(case: MapLossCase) -> dict:
+    rests = "".join(f"+{side}_rest" for side, given in zip("st", case.rests) if given)
+    scenario = f"map_loss:{case.variant}" + \
+        (f"+{case.distribution}" if case.variant in ("kl", "reverse_kl", "jsd") else "") + \
+        rests + ("+window" if case.window else "")
+    return dict(scenario=scenario, dtype="float32", head_dim="", group="",
+                causal=case.causal, mask="", vocab="")

@@ -197,4 +197,5 @@ def visual_attention_loss(q: torch.Tensor, k: torch.Tensor, target: torch.Tensor
                                      check_finite=False)
     return visual_map_loss(maps, target, layout, loss=loss, cosine=cosine,
                            distribution=distribution, beta=beta, reduction=reduction,
-                           student_rest=student_rest, target_rest=target_rest)
+                           student_rest=student_rest, target_rest=target_rest,
+                           backend=backend)

@@ -1,13 +1,17 @@
 """Distances between student and teacher visual maps (docs/visual_attention.md, docs/CONVENTIONS.md).
 
 Every function here works on the small gathered maps (B, Qmax, Vmax), never on attention
-itself, so one implementation serves all backends: autograd turns the loss into
-G = ∂L/∂A_s, which the map backends fold into their attention backward.
+itself, so one implementation serves all map backends: the loss's gradient
+G = ∂L/∂A_s is what the map backends fold into their attention backward. Two
+implementations of the loss itself: on CUDA (``backend="auto"``) the fused Triton passes of
+compodistill/kernels/map_loss.py, which write G in the forward; elsewhere, and for float64
+maps, the PyTorch ops below, where autograd builds G.
 """
 from __future__ import annotations
 
 import torch
 
+from .._backend import kernels_module, resolve_backend
 from .layout import VisualLayout
 
 LOSSES = ("cosine", "kl", "reverse_kl", "jsd", "mse")
@@ -97,12 +101,20 @@ def per_sample_map_loss(student: torch.Tensor, target: torch.Tensor, layout: Vis
                         loss: str = "cosine", cosine: str = "flat",
                         distribution: str = "renorm", beta: float = 0.5,
                         student_rest: torch.Tensor | None = None,
-                        target_rest: torch.Tensor | None = None
+                        target_rest: torch.Tensor | None = None, backend: str = "auto"
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample loss (B,) and the mask (B,) of contributing samples (CONVENTIONS.md).
 
     A NaN or inf anywhere in a contributing sample's real block of either map (or rest)
-    makes its loss NaN, whatever the loss (docs/visual_attention.md, "Non-finite input")."""
+    makes its loss NaN, whatever the loss (docs/visual_attention.md, "Non-finite input").
+    ``backend``: ``"auto"`` (Triton for CUDA maps), ``"triton"`` or ``"torch"``; float64
+    and empty maps always take the PyTorch path (the kernels compute in float32)."""
+    if _use_triton(backend, student):
+        return kernels_module("map_loss").per_sample_map_loss(
+            student, target, layout.query_index, layout.query_count, layout.visual_index,
+            layout.visual_count, layout.causal, layout.window, loss=loss, cosine=cosine,
+            distribution=distribution, beta=beta, student_rest=student_rest,
+            target_rest=target_rest)
     dtype = torch.promote_types(student.dtype, torch.float32)  # fp32 math, fp64 kept
     a_s, a_t = student.to(dtype), target.detach().to(dtype)
     allowed = layout.allowed()
@@ -134,6 +146,11 @@ def per_sample_map_loss(student: torch.Tensor, target: torch.Tensor, layout: Vis
     return torch.where(contributing, value, 0.0), contributing
 
 
+def _use_triton(backend: str, student: torch.Tensor) -> bool:
+    triton = resolve_backend(backend, student.device, "map_loss") == "triton"
+    return triton and student.dtype != torch.float64 and student.numel() > 0
+
+
 def _detached(t):
     return None if t is None else t.detach()
 
@@ -157,7 +174,8 @@ def visual_map_loss(student_maps: torch.Tensor, target_maps: torch.Tensor,
                     layout: VisualLayout, *, loss: str = "cosine", cosine: str = "flat",
                     distribution: str = "renorm", beta: float = 0.5,
                     reduction: str = "mean", student_rest: torch.Tensor | None = None,
-                    target_rest: torch.Tensor | None = None) -> torch.Tensor:
+                    target_rest: torch.Tensor | None = None,
+                    backend: str = "auto") -> torch.Tensor:
     """Distance between a student's visual maps and a (teacher) target, docs/visual_attention.md.
 
     Args:
@@ -176,6 +194,9 @@ def visual_map_loss(student_maps: torch.Tensor, target_maps: torch.Tensor,
         beta: JSD mixing weight (teacher share of the mixture).
         reduction: ``"mean"`` or ``"sum"`` over samples that have at least one query row
             seeing an image token, or ``"none"`` for a (B,) tensor.
+        backend: ``"auto"`` (the fused Triton passes for CUDA maps, PyTorch otherwise),
+            ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"``.
+            Float64 maps always use PyTorch.
     """
     check_map_loss_options(loss, cosine, distribution, beta, reduction)
     for name, maps in (("student_maps", student_maps), ("target_maps", target_maps)):
@@ -199,5 +220,5 @@ def visual_map_loss(student_maps: torch.Tensor, target_maps: torch.Tensor,
     values, contributing = per_sample_map_loss(student_maps, target_maps, layout, loss=loss,
                                                cosine=cosine, distribution=distribution,
                                                beta=beta, student_rest=student_rest,
-                                               target_rest=target_rest)
+                                               target_rest=target_rest, backend=backend)
     return reduce_samples(values, contributing, reduction)
