@@ -13,8 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from compodistill.teacher_cache import sharded
-from compodistill.teacher_cache.writer import write_teacher_cache
+from compodistill.teacher_cache import sharded, writer
 from compodistill.train.config import config_from_dict
 
 root, cache = Path(sys.argv[1]), sys.argv[2]
@@ -29,7 +28,7 @@ config = config_from_dict({
     "stages": [{"kind": "dpt", "max_steps": 2, "batch_size": 2},
                {"kind": "dft", "max_steps": 2, "batch_size": 2, "lora_r": 4, "lora_alpha": 8}]})
 seen = {}
-shard, lockstep = sharded.shard_cache_teacher, sharded.Lockstep
+shard, lockstep = writer.shard_cache_teacher, sharded.Lockstep
 
 
 def traced_shard(teacher, accelerator):
@@ -43,8 +42,8 @@ class TracedLockstep(lockstep):
         seen["lockstep"] = self
 
 
-sharded.shard_cache_teacher, sharded.Lockstep = traced_shard, TracedLockstep
-write_teacher_cache(config, show_progress=False)
+writer.shard_cache_teacher, sharded.Lockstep = traced_shard, TracedLockstep
+writer.write_teacher_cache(config, show_progress=False)
 if len(sys.argv) > 4:
     from compodistill.train.distributed import local_shard_shapes
 

@@ -1,9 +1,10 @@
-"""A teacher sharded over the processes of the cache run (``teacher.shard``, docs/teacher_cache.md).
+"""Lockstep forwards of a teacher sharded over the cache run's processes (``teacher.shard``,
+docs/teacher_cache.md).
 
-Under ``accelerate launch`` with an FSDP2 config, the teacher is sharded with the trainer's
-own :func:`~compodistill.train.distributed.shard_teacher` (inference mode: no optimizer, no
-gradients; one group per decoder / vision layer, the root holding the rest, an untied
-``lm_head`` a group of its own). Every process still writes its own shards of samples.
+The cache run (``writer.py``, which sits above the trainer) shards the teacher with the
+trainer's own ``shard_teacher`` (inference mode: no optimizer, no gradients; one group per
+decoder / vision layer, the root holding the rest, an untied ``lm_head`` a group of its
+own). Every process still writes its own shards of samples.
 
 A sharded forward is a sequence of collectives (one all-gather per group), so every process
 must run the same number of teacher forwards, of the same kind: :class:`Lockstep`. Each
@@ -17,42 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["use_sharded_teacher", "shard_cache_teacher", "Lockstep", "has_images"]
-
-
-def use_sharded_teacher(mode: str, accelerator) -> bool:
-    """Whether this run shards the teacher: ``auto`` under an FSDP2 accelerate config with
-    several processes, ``fsdp`` always (else a one-line ``ValueError`` saying why not),
-    ``none`` never."""
-    from ..train.distributed import is_deepspeed, is_fsdp2
-
-    processes = accelerator.num_processes
-    if mode == "none":
-        return False
-    if mode == "auto":
-        return is_fsdp2(accelerator) and processes > 1
-    hint = ("launch it with `accelerate launch --config_file configs/accelerate/fsdp.yaml` "
-            "(an FSDP2 config) or set teacher.shard: none")
-    if processes < 2:
-        raise ValueError(f"teacher.shard: fsdp shards the teacher over the processes of "
-                         f"`accelerate launch`, and this run has 1 process; {hint}")
-    if is_deepspeed(accelerator):
-        raise ValueError("teacher.shard: fsdp needs an FSDP2 accelerate config; this run is "
-                         "DeepSpeed, whose ZeRO-3 inference the cache run does not support; "
-                         + hint)
-    if not is_fsdp2(accelerator):
-        raise ValueError(f"teacher.shard: fsdp needs an FSDP2 accelerate config "
-                         f"(distributed_type: FSDP, fsdp_version: 2); this run is "
-                         f"{accelerator.distributed_type.value}; {hint}")
-    return True
-
-
-def shard_cache_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """``teacher`` (frozen, eval, whole on the CPU) sharded in place; ``fully_shard`` moves
-    each process's shards to its device."""
-    from ..train.distributed import shard_teacher
-
-    return shard_teacher(teacher, accelerator)
+__all__ = ["Lockstep", "has_images"]
 
 
 def has_images(batch: dict) -> bool:
@@ -66,16 +32,15 @@ class Lockstep:
     ``dummy(kind)`` returns a collated batch of that kind (``"images"`` or ``"text"``);
     ``forward(batch)`` runs the teacher on it. ``run(fn, batch)`` returns ``fn(batch)``,
     ``fn`` running exactly one teacher forward; ``finish()`` runs dummies until every
-    process is done. Each forward, real or dummy, runs with the teacher's ``lm_head``
-    gathered (``teacher_step``: one all-gather, which the targets read). ``forwards`` counts
-    this process's forwards, ``dummies`` the dummy ones among them.
+    process is done. Each forward, real or dummy, runs inside ``gathered(fn, batch)``, which
+    calls ``fn(batch)`` with the teacher's ``lm_head`` gathered (one all-gather, which the
+    targets read). ``forwards`` counts this process's forwards, ``dummies`` the dummy ones
+    among them.
     """
 
-    def __init__(self, accelerator, teacher, forward, dummy):
-        from ..train.distributed import teacher_step
-
+    def __init__(self, accelerator, forward, dummy, gathered):
         self.acc, self.forward, self.dummy = accelerator, forward, dummy
-        self._gathered = lambda fn, batch: teacher_step(lambda _, b: fn(b), teacher)(None, batch)
+        self._gathered = gathered
         self.forwards = 0
         self.dummies = 0
 

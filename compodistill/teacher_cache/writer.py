@@ -20,7 +20,8 @@ from . import sharded as sharding
 from .manifest import build_manifest, needs, teacher_hash
 from .targets import TeacherMaps, compress_map, logit_targets
 
-__all__ = ["write_teacher_cache", "build_dataset"]
+__all__ = ["write_teacher_cache", "build_dataset", "use_sharded_teacher",
+           "shard_cache_teacher"]
 
 
 def build_dataset(config, student_config, tokenizer, image_inputs=None):
@@ -43,6 +44,41 @@ def _connector_files(teacher, root: Path) -> None:
              for k, v in connector_of(teacher).state_dict().items()}
     write_atomic(root / "teacher_connector.safetensors", save(state))
     write_json_atomic(root / "teacher_config.json", teacher.config.to_dict())
+
+
+def use_sharded_teacher(mode: str, accelerator) -> bool:
+    """Whether this run shards the teacher: ``auto`` under an FSDP2 accelerate config with
+    several processes, ``fsdp`` always (else a one-line ``ValueError`` saying why not),
+    ``none`` never."""
+    from ..train.distributed import is_deepspeed, is_fsdp2
+
+    processes = accelerator.num_processes
+    if mode == "none":
+        return False
+    if mode == "auto":
+        return is_fsdp2(accelerator) and processes > 1
+    hint = ("launch it with `accelerate launch --config_file configs/accelerate/fsdp.yaml` "
+            "(an FSDP2 config) or set teacher.shard: none")
+    if processes < 2:
+        raise ValueError(f"teacher.shard: fsdp shards the teacher over the processes of "
+                         f"`accelerate launch`, and this run has 1 process; {hint}")
+    if is_deepspeed(accelerator):
+        raise ValueError("teacher.shard: fsdp needs an FSDP2 accelerate config; this run is "
+                         "DeepSpeed, whose ZeRO-3 inference the cache run does not support; "
+                         + hint)
+    if not is_fsdp2(accelerator):
+        raise ValueError(f"teacher.shard: fsdp needs an FSDP2 accelerate config "
+                         f"(distributed_type: FSDP, fsdp_version: 2); this run is "
+                         f"{accelerator.distributed_type.value}; {hint}")
+    return True
+
+
+def shard_cache_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """``teacher`` (frozen, eval, whole on the CPU) sharded in place; ``fully_shard`` moves
+    each process's shards to its device."""
+    from ..train.distributed import shard_teacher
+
+    return shard_teacher(teacher, accelerator)
 
 
 def _teacher_forward(teacher, batch: dict, acc):
@@ -194,7 +230,7 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
         torch.set_num_threads(config.cpu_threads)
     # make_accelerator: several CPU processes under torchrun get a gloo group (not one each).
     acc = accelerator or make_accelerator(mixed_precision=config.mixed_precision)
-    sharded = sharding.use_sharded_teacher(opts.shard, acc)  # a bad request: one line, early
+    sharded = use_sharded_teacher(opts.shard, acc)  # a bad request: one line, early
     root = Path(opts.cache)
     student_config = student_model.config
     # The tokenizer (the processor's, with its chat template, when saved) and the family's
@@ -228,7 +264,7 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
         _connector_files(teacher, root)  # from the whole teacher, before any sharding
     acc.wait_for_everyone()
     if sharded:
-        sharding.shard_cache_teacher(teacher, acc)
+        shard_cache_teacher(teacher, acc)
 
     dataset = build_dataset(config, student_config, tokenizer, image_inputs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
@@ -236,8 +272,13 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
     collate = LlavaCollator(pad, image_inputs=image_inputs)
     lockstep = None
     if sharded:
-        lockstep = sharding.Lockstep(acc, teacher, lambda b: _teacher_forward(teacher, b, acc),
-                                     _dummy_batches(dataset, collate, pad))
+        from ..train.distributed import teacher_step
+
+        def gathered(fn, batch):  # fn(batch) with the teacher's lm_head gathered
+            return teacher_step(lambda _, b: fn(b), teacher)(None, batch)
+
+        lockstep = sharding.Lockstep(acc, lambda b: _teacher_forward(teacher, b, acc),
+                                     _dummy_batches(dataset, collate, pad), gathered)
     per_shard, n = opts.shard_samples, len(dataset)
     shards = list(range(acc.process_index, math.ceil(n / per_shard), acc.num_processes))
     progress = None
