@@ -221,7 +221,8 @@ def test_sharded_teacher_cache_run_writes_the_same_bytes(tmp_path):
 
 
 def test_sharding_requests_that_cannot_run_are_one_line(setup, tmp_path, capsys):
-    """``teacher.shard: fsdp`` with one process, or under DDP: exit status 2, one line."""
+    """``teacher.shard: fsdp`` with one process: exit status 2, one line, before the teacher
+    loads; an unknown mode is a ConfigError."""
     from compodistill.cli import main
 
     config = tmp_path / "shard.json"
@@ -230,19 +231,34 @@ def test_sharding_requests_that_cannot_run_are_one_line(setup, tmp_path, capsys)
     code = main(["teacher-cache", "--config", str(config), "--quiet"])
     assert_one_line_error(code, capsys.readouterr().err, "teacher.shard: fsdp", "1 process",
                           "fsdp.yaml")
-    assert not (setup / "never").exists()  # refused before the teacher loads
+    assert not (setup / "never").exists()
     with pytest.raises(ConfigError, match="teacher.shard"):
         config_from_dict(make_config(setup, cache_teacher(setup, shard="zero3")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("TRITON_INTERPRET", None)
-    launch = accelerate_launch(REPO / "configs" / "accelerate" / "cpu_2proc.yaml", "-m",
-                               "compodistill.cli", "teacher-cache", "--config", config, "--quiet")
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    # Each process prints the one line (the launcher adds its own traceback about them).
-    line = "teacher-cache: error: teacher.shard: fsdp needs an FSDP2 accelerate config"
-    assert done.stderr.count(line) == 2, done.stderr[-2000:]
-    assert "compodistill/teacher_cache" not in done.stderr, done.stderr[-2000:]
+
+
+def test_shard_mode_follows_the_accelerate_config():
+    """``auto`` shards under FSDP2 with several processes only; ``fsdp`` refuses DDP,
+    DeepSpeed and FSDP1 with the engine named; ``none`` never shards."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType as T
+
+    from compodistill.teacher_cache.writer import use_sharded_teacher
+
+    def acc(kind, processes=2, fsdp2=False):
+        return SimpleNamespace(distributed_type=kind, num_processes=processes, is_fsdp2=fsdp2)
+
+    fsdp2 = acc(T.FSDP, fsdp2=True)
+    assert use_sharded_teacher("auto", fsdp2) and use_sharded_teacher("fsdp", fsdp2)
+    assert not use_sharded_teacher("none", fsdp2)
+    for other in (acc(T.MULTI_CPU), acc(T.DEEPSPEED), acc(T.FSDP, 1, True), acc(T.NO, 1)):
+        assert not use_sharded_teacher("auto", other)
+    for other, named in ((acc(T.MULTI_CPU), "this run is MULTI_CPU"),
+                         (acc(T.MULTI_GPU), "this run is MULTI_GPU"),
+                         (acc(T.FSDP), "fsdp_version: 2"),  # FSDP1
+                         (acc(T.DEEPSPEED), "DeepSpeed, whose ZeRO-3 inference")):
+        with pytest.raises(ValueError, match=named):
+            use_sharded_teacher("fsdp", other)
 
 
 # ------------------------------------------------------------------ bad caches
