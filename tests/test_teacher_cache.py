@@ -192,7 +192,8 @@ def test_sharded_teacher_cache_run_writes_the_same_bytes(tmp_path):
     index, manifest and connector (no field may differ). Shards of 2 samples, batches of 2:
     process 0 writes shards 0 (images) and 2 (images), process 1 shard 1 (text only). So
     its first slot runs in two passes (process 1 runs an image dummy, then process 0 a text
-    dummy) and process 1 ends with an image dummy: both run 3 forwards."""
+    dummy) and process 1 ends with an image dummy: both run 3 forwards. Then a resume where
+    only one process has work."""
     write_tiny_pair(tmp_path, num=2, student_layers=3, teacher_layers=4)
     _text_only(tmp_path)
     options = {"shard_samples": 2, "batch_size": 2}
@@ -218,6 +219,18 @@ def test_sharded_teacher_cache_run_writes_the_same_bytes(tmp_path):
         for name, (local, full) in report["teacher"].items():
             half = -(-full[0] // 2)
             assert local[0] == (half if rank == 0 else full[0] - half), name
+    # Resume after process 0's shard 2 was lost: process 1 has nothing left and runs only
+    # the dummy that keeps process 0's one forward in step; the bytes are the same again.
+    two = tmp_path / "cache-two"
+    for name in ("shard-00002.json", "index.json"):
+        (two / name).unlink()
+    (two / "shard-00002.safetensors").write_bytes(b"partial")
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert files(two) == reference
+    reports = [json.loads((tmp_path / "report" / f"report-rank{r}.json").read_text())["cache"]
+               for r in (0, 1)]
+    assert [(r["forwards"], r["dummies"]) for r in reports] == [(1, 0), (1, 1)]
 
 
 def test_sharding_requests_that_cannot_run_are_one_line(setup, tmp_path, capsys):
