@@ -75,7 +75,7 @@ def use_sharded_teacher(mode: str, accelerator) -> bool:
 
 def shard_cache_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
     """``teacher`` (frozen, eval, whole on the CPU) sharded in place; ``fully_shard`` moves
-    each process's shards to its device."""
+    it to the device one group at a time, keeping this process's shard."""
     from ..train.distributed import shard_teacher
 
     return shard_teacher(teacher, accelerator)
