@@ -20,12 +20,28 @@ of their ``config.json`` are written below) and 1, 2, 8 and 16 GPUs, it computes
   and fused attention never store). Not sharded. The vision tower is frozen and sits before
   any trainable weight in DFT, so it saves nothing.
 
+The sharded-teacher cache run (``compodistill teacher-cache`` with ``teacher.shard``,
+docs/teacher_cache.md) for 72B and 32B teachers at 1, 2 and 8 devices, per device:
+
+- ``weights_teacher``: the teacher sharded as above (bf16, frozen); whole on one device.
+- ``gathered``: the root group (embeddings, vision patch embedding and merger, final norm)
+  and the untied ``lm_head`` (gathered around each batch: the KD targets read it), plus two
+  layers (the current one and the prefetched next), the largest of the teacher's. 0 on one
+  device.
+- ``activations``: an estimate for one teacher batch of ``--tokens`` tokens in inference mode
+  (nothing is saved for a backward): the hidden states in and out of the running layer and
+  its MLP's gate, up and product, T·(2·h + 3·I)·2 bytes. The vision tower's (width 1280) are
+  smaller and not counted, nor the VAT map targets (Q·Nv·4 bytes per matched layer).
+- ``kd_logits``: one chunk of 256 KD rows of fp32 logits over the vocabulary, three live
+  copies (logits, the top-k-masked copy, its exp), as ``targets.logit_targets`` computes them.
+
 The parameter counts come from the real transformers classes built on the meta device.
 ``--check REPORT_DIR`` compares the same sharding arithmetic, applied to the tiny models of a
-CPU run, with the local shard shapes that run measured (``tests/fsdp_run.py`` reports); a
-check row with ``value`` 0 means predicted == measured, element for element.
+CPU run, with the local shard shapes that run measured (``tests/fsdp_run.py`` reports, or
+``tests/teacher_cache_run.py`` ones of a sharded cache run); a check row with ``value`` 0
+means predicted == measured, element for element.
 
-Usage: ``python bench/fsdp_memory.py [--tokens 4096] [--check DIR] [--out CSV]``
+Usage: ``python bench/fsdp_memory.py [--tokens 4096] [--check DIR [--check DIR]] [--out CSV]``
 """
 from __future__ import annotations
 
@@ -47,7 +63,8 @@ LORA_R = 128
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GIB = 2 ** 30
 
-# Shape numbers of the Qwen2.5-VL Instruct config.json files (3B, 7B, 72B). The vision
+# Shape numbers of the Qwen2.5-VL Instruct config.json files (3B, 7B, 72B; 32B's from its
+# published configuration, not re-read offline: 33.4B parameters on the meta device). The vision
 # tower (32 blocks, width 1280) is the same in all three; its merger ends at the LM width.
 VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
               spatial_merge_size=2, temporal_patch_size=2, window_size=112,
@@ -59,11 +76,17 @@ TEXT = {
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                tie_word_embeddings=False),
+    "32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
+                tie_word_embeddings=False),
     "72b": dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                 num_attention_heads=64, num_key_value_heads=8, vocab_size=152064,
                 tie_word_embeddings=False),
 }
 PAIRS = (("7b", "3b"), ("72b", "7b"))
+CACHE_TEACHERS = ("72b", "32b")  # the sharded-teacher cache run
+CACHE_DEVICES = (1, 2, 8)
+KD_CHUNK = 256  # rows per logit chunk in teacher_cache/targets.py
 
 
 def qwen25_vl(size: str) -> torch.nn.Module:
@@ -165,6 +188,27 @@ def dft_memory(teacher_size: str, student_size: str, world: int, tokens: int,
     return out
 
 
+def cache_run_memory(teacher_size: str, world: int, tokens: int) -> dict:
+    """Per-device bytes of the cache run with the teacher sharded over ``world`` devices."""
+    teacher = qwen25_vl(teacher_size)
+    t_units = units(teacher)
+    text = TEXT[teacher_size]
+    out = {"weights_teacher": sum(shard_numel(s, world) for s, _ in t_units.values()) * 2}
+    gathered = 0
+    if world > 1:
+        groups = {}
+        for shape, unit in t_units.values():
+            groups[unit] = groups.get(unit, 0) + math.prod(shape)
+        layer = max(n for u, n in groups.items() if u != "root")
+        gathered = 2 * groups["root"] + 2 * 2 * layer  # root (lm_head in it here) + 2 layers
+    out["gathered"] = gathered
+    out["activations"] = tokens * (2 * text["hidden_size"] + 3 * text["intermediate_size"]) * 2
+    out["kd_logits"] = 3 * min(KD_CHUNK, tokens) * text["vocab_size"] * 4
+    out["total"] = sum(out.values())
+    out["parameters"] = sum(math.prod(s) for s, _ in t_units.values())  # not in the total
+    return out
+
+
 # ------------------------------------------------------------------ check on a CPU run
 def check(report_dir: Path) -> list[dict]:
     """Predicted vs measured local shard elements of each rank, student and teacher, per stage
@@ -177,6 +221,8 @@ def check(report_dir: Path) -> list[dict]:
         report = json.loads(path.read_text())
         for stage, entry in report.items():
             for kind in ("student", "teacher"):
+                if kind not in entry:  # a cache run's report has the teacher only
+                    continue
                 measured = sum(math.prod(local) for local, _ in entry[kind].values())
                 predicted = sum(shard_numel(tuple(full), world, rank)
                                 for _, full in entry[kind].values())
@@ -211,8 +257,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4096,
                         help="tokens per GPU micro-batch (activations)")
-    parser.add_argument("--check", type=Path, default=None,
-                        help="a tests/fsdp_run.py output folder to check the shard arithmetic on")
+    parser.add_argument("--check", type=Path, action="append", default=[],
+                        help="a tests/fsdp_run.py output folder, or a tests/teacher_cache_run.py "
+                             "report folder, to check the shard arithmetic on (repeatable)")
     parser.add_argument("--pair-root", type=Path, default=None,
                         help="the folder with that run's student/ and teacher/ configs")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{BENCH}.csv")
@@ -229,18 +276,41 @@ def main(argv=None) -> None:
                                      x=world, metric=metric, value=round(value / GIB, 3),
                                      unit="GiB", extra=f"teacher_cache={'yes' if cache else 'no'};"
                                      f" tokens={args.tokens}; lora_r={LORA_R}"))
-    if args.check is not None:
-        checked = check(args.check)
-        if args.pair_root is not None:
-            checked += config_check(args.pair_root, args.check)
+    for size in CACHE_TEACHERS:
+        for world in CACHE_DEVICES:
+            mem = cache_run_memory(size, world, args.tokens)
+            for metric, value in mem.items():
+                rows.append(dict(provider=f"qwen2.5-vl-{size}/teacher-cache-run", x_name="gpus",
+                                 x=world, metric=metric,
+                                 value=value if metric == "parameters" else round(value / GIB, 3),
+                                 unit="params" if metric == "parameters" else "GiB",
+                                 extra=f"teacher sharded (FSDP2, bf16); tokens={args.tokens}"))
+    for folder in args.check:
+        checked = check(folder)
+        if args.pair_root is not None and "cache" not in _first_report(folder):
+            checked += config_check(args.pair_root, folder)
         rows += [{**r, "benchmark": BENCH, **provenance(torch.device("cpu"))} for r in checked]
     write_rows(args.out, [{"benchmark": BENCH, **meta, **r} if "device" not in r else r
                           for r in rows])
     table(rows)
 
 
+def _first_report(folder: Path) -> dict:
+    return json.loads(sorted(folder.glob("report-rank*.json"))[0].read_text())
+
+
 def table(rows: list[dict]) -> None:
-    """Print the totals as a Markdown table (GiB per GPU)."""
+    """Print the totals as Markdown tables (GiB per GPU)."""
+    cache = [r for r in rows if str(r["provider"]).endswith("teacher-cache-run")]
+    rows = [r for r in rows if r not in cache]
+    print("| teacher (cache run) | " + " | ".join(f"{n} GPU" for n in CACHE_DEVICES) + " |")
+    print("|---|" + "---|" * len(CACHE_DEVICES))
+    for provider in dict.fromkeys(r["provider"] for r in cache):
+        for metric in ("weights_teacher", "gathered", "total"):
+            values = [r["value"] for r in cache if r["provider"] == provider
+                      and r["metric"] == metric]
+            print(f"| {provider.split('/')[0]} {metric} | "
+                  + " | ".join(f"{v:.1f}" for v in values) + " |")
     totals = [r for r in rows if r["metric"] == "total"]
     print("| pair | teacher cache | " + " | ".join(f"{n} GPU" for n in GPUS) + " |")
     print("|---|---|" + "---|" * len(GPUS))

@@ -1,16 +1,20 @@
 """DDP and FSDP2 on the non-LLaVA families: two CPU processes (gloo) under `accelerate launch`
-against one process with ``grad_accum: 2`` (tests/distributed_families_run.py runs DFT with
-TAF, logit KD and VAT).
+against one process with ``grad_accum: 2`` (tests/distributed_families_run.py runs the stages
+with TAF, logit KD and VAT).
 
-- Qwen2.5-VL under FSDP2: dynamic-resolution images of three token counts, so every
-  micro-batch carries its own ``pixel_values`` patch rows, ``image_grid_thw`` rows and
-  ``mm_token_type_ids``; the language model's decoder layers and the vision blocks are
-  sharded, the TAF connector (frozen teacher half, trainable post-connector) sits in the
-  root group; the consolidated checkpoint loads in one process with ``load_family_model``.
-- Gemma 3 under DDP: the other input layout, ``token_type_ids`` (its images attend both
+- Qwen2.5-VL under FSDP2, the whole chain: DPT (TAF post-connector, LM + KD) -> DFT (LoRA +
+  post-connector, LM + KD + VAT) -> SFT (a fresh LoRA, LM), two steps each, every stage's
+  consolidated checkpoint reloaded by every process for the next. Dynamic-resolution images
+  of three token counts, so every micro-batch carries its own ``pixel_values`` patch rows,
+  ``image_grid_thw`` rows and ``mm_token_type_ids``; the language model's decoder layers and
+  the vision blocks are sharded, the TAF connector (frozen teacher half, trainable
+  post-connector) sits in the root group; each stage's consolidated checkpoint loads in one
+  process with ``load_family_model``.
+- Gemma 3 under DDP (DFT): the other input layout, ``token_type_ids`` (its images attend both
   ways), with its sliding-window layers.
 
-Tolerance: **zero** (bitwise), by the argument of tests/test_fsdp.py, which holds here too:
+Tolerance: **zero** (bitwise), by the argument of tests/test_fsdp.py, which holds here too,
+stage by stage:
 
 - accelerate deals each batch of 4 as two micro-batches of 2 (whole samples: the sampler is
   sharded, then each process collates its own samples), so process r's micro-batch at step k
@@ -22,8 +26,13 @@ Tolerance: **zero** (bitwise), by the argument of tests/test_fsdp.py, which hold
   equal in floating point (halving is exact, a two-term sum has no order).
 - Each micro-batch's loss is the mean over its own tokens in both runs, so unequal token
   counts (the images differ in size here) change nothing in this comparison.
-- Clipping never acts (``max_grad_norm: 100`` in the runner, asserted), so the gradient norm's differently ordered sum does not
-  reach the weights; the logged norms agree to rtol 1e-5 as in tests/test_fsdp.py.
+- Clipping never acts (``max_grad_norm: 100`` in the runner, asserted for every stage), so the
+  gradient norm's differently ordered sum does not reach the weights; the logged norms agree
+  to rtol 1e-5 as in tests/test_fsdp.py.
+- Between stages: a stage's weights are bitwise equal (above), its consolidated ``model/`` is
+  those weights (LoRA merged the same way on one process in both runs), and the next stage
+  starts from that file in both runs: the argument starts again from equal weights. So the
+  bound stays zero over the chain, with no growth per stage.
 """
 from __future__ import annotations
 
@@ -49,16 +58,21 @@ REPO = HERE.parent
 SCRIPT = str(HERE / "distributed_families_run.py")
 
 
-def _run(root: Path, engine: str, steps: int, query: str = "all") -> dict:
+CHAIN = ("dpt", "dft", "sft")
+
+
+def _run(root: Path, engine: str, steps: int, query: str = "all",
+         stages: tuple = ("dft",)) -> dict:
     """One process (``grad_accum: 2``) and two (``engine``'s accelerate config): the
     reports, by run and rank."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("TRITON_INTERPRET", None)
+    kinds = ",".join(stages)
     one = subprocess.run([sys.executable, SCRIPT, str(root), str(root / "one"), "2", str(steps),
-                          query], env=env, capture_output=True, text=True, timeout=600)
+                          query, kinds], env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(accelerate_launch(REPO / "configs" / "accelerate" / engine, SCRIPT, root,
-                                           root / "two", 1, steps, query),
+                                           root / "two", 1, steps, query, kinds),
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
 
@@ -68,31 +82,42 @@ def _run(root: Path, engine: str, steps: int, query: str = "all") -> dict:
     return {"one": report("one"), "two": [report("two", r) for r in (0, 1)]}
 
 
-def _assert_same_run(root: Path, reports: dict, steps: int) -> None:
-    """Two processes computed the single process's micro-batches and weights, bitwise."""
+# The loss terms each stage kind logs (the recipe's defaults: docs/stages.md).
+TERMS = {"dpt": {"loss_lm", "loss_kd"}, "dft": {"loss_lm", "loss_kd", "loss_vat"},
+         "sft": {"loss_lm"}}
+
+
+def _assert_same_run(root: Path, reports: dict, steps: int, stages: tuple = ("dft",)) -> None:
+    """Two processes computed the single process's micro-batches and weights, bitwise, in
+    every stage."""
     from safetensors.torch import load_file
 
-    one = reports["one"]["losses"]
-    assert len(one) == 2 * steps and reports["one"]["processes"] == 1
-    for rank, report in enumerate(reports["two"]):
-        assert report["processes"] == 2
-        assert report["losses"] == one[rank::2], rank  # rank r: micro-batches 2(k-1) + r
-    assert {"loss_kd", "loss_vat"} <= set(reports["one"]["terms"])
-    norms = {run: [r["grad_norm"] for r in read_metrics(root / run / "1-dft" / "metrics.jsonl")]
-             for run in ("one", "two")}
-    assert max(norms["one"]) < 100.0  # max_grad_norm: clipping never acts (module docstring)
-    torch.testing.assert_close(norms["two"], norms["one"], rtol=1e-5, atol=0)
-    files = sorted(p.name for p in (root / "one" / "1-dft" / "model").glob("*.safetensors"))
-    assert "model.safetensors" in files
-    for name in files:  # the consolidated checkpoint, TAF's file included
-        want = load_file(root / "one" / "1-dft" / "model" / name)
-        got = load_file(root / "two" / "1-dft" / "model" / name)
-        assert got.keys() == want.keys(), name
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], atol=0, rtol=0, msg=f"{name} {key}")
+    assert reports["one"]["processes"] == 1
+    assert [r["processes"] for r in reports["two"]] == [2, 2]
+    for number, kind in enumerate(stages, 1):
+        one = reports["one"][kind]["losses"]
+        assert len(one) == 2 * steps, kind
+        for rank, report in enumerate(reports["two"]):
+            # rank r: micro-batches 2(k-1) + r
+            assert report[kind]["losses"] == one[rank::2], (kind, rank)
+        assert TERMS[kind] <= set(reports["one"][kind]["terms"]), kind
+        folder = f"{number}-{kind}"
+        norms = {run: [r["grad_norm"] for r in read_metrics(root / run / folder / "metrics.jsonl")]
+                 for run in ("one", "two")}
+        assert max(norms["one"]) < 100.0, kind  # max_grad_norm: clipping never acts (docstring)
+        torch.testing.assert_close(norms["two"], norms["one"], rtol=1e-5, atol=0, msg=kind)
+        files = sorted(p.name for p in (root / "one" / folder / "model").glob("*.safetensors"))
+        assert "model.safetensors" in files
+        for name in files:  # the consolidated checkpoint, TAF's file included
+            want = load_file(root / "one" / folder / "model" / name)
+            got = load_file(root / "two" / folder / "model" / name)
+            assert got.keys() == want.keys(), (folder, name)
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], atol=0, rtol=0,
+                                           msg=f"{folder} {name} {key}")
 
 
-def test_qwen2_5_vl_fsdp2_dft_with_taf_matches_one_process(tmp_path):
+def test_qwen2_5_vl_fsdp2_chain_with_taf_matches_one_process(tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from compodistill.hf.loading import load_family_model
@@ -100,36 +125,51 @@ def test_qwen2_5_vl_fsdp2_dft_with_taf_matches_one_process(tmp_path):
 
     write_family_pair(tmp_path, "qwen2_5_vl")
     steps = 2
-    reports = _run(tmp_path, "fsdp2_cpu_2proc.yaml", steps)
-    _assert_same_run(tmp_path, reports, steps)
+    reports = _run(tmp_path, "fsdp2_cpu_2proc.yaml", steps, stages=CHAIN)
+    _assert_same_run(tmp_path, reports, steps, CHAIN)
     ranks = reports["two"]
     for report in ranks:
-        # One group per decoder layer and per vision block (the model's _no_split_modules);
-        # the roots hold the rest, the TAF connector included; the teacher's untied lm_head
-        # is a group of its own. Each lm_head is gathered once per step (docs/distributed.md).
-        layers = {"FSDPQwen2_5_VLDecoderLayer", "FSDPQwen2_5_VLVisionBlock"}
-        assert set(report["groups"]["student"]) == layers | {"FSDPHiddenStates"}
-        assert set(report["groups"]["teacher"]) == layers | {"FSDPQwen2_5_VLModel", "FSDPLinear"}
-        assert report["lm_head_gathers"] == {"student": steps, "teacher": steps}
-    # Every parameter of both models is sharded: each rank holds its rows of dim 0.
-    for kind in ("student", "teacher"):
-        assert set(ranks[0][kind]) == set(ranks[0][f"{kind}_params"]), kind
-        assert any(".visual.blocks." in name for name in ranks[0][kind])  # the vision blocks
-        for name, (local0, full) in ranks[0][kind].items():
-            half = math.ceil(full[0] / 2)
-            assert (local0[0], ranks[1][kind][name][0][0]) == (half, full[0] - half), name
-    # The consolidated checkpoint loads in one process, TAF connector rebuilt: its teacher
-    # half is the teacher's merger, untouched under sharding; LoRA trained and was merged.
-    model = load_family_model(tmp_path / "two" / "1-dft" / "model")
+        for kind in CHAIN:
+            # One group per decoder layer and per vision block (the model's
+            # _no_split_modules); the roots hold the rest, the TAF connector included; the
+            # teacher's untied lm_head is a group of its own. Each lm_head is gathered once
+            # per step; SFT never gathers the teacher's (docs/distributed.md).
+            layers = {"FSDPQwen2_5_VLDecoderLayer", "FSDPQwen2_5_VLVisionBlock"}
+            groups = report[kind]["groups"]
+            assert set(groups["student"]) == layers | {"FSDPHiddenStates"}, kind
+            assert set(groups["teacher"]) == layers | {"FSDPQwen2_5_VLModel", "FSDPLinear"}, kind
+            assert report[kind]["lm_head_gathers"] == {
+                "student": steps, "teacher": 0 if kind == "sft" else steps}, kind
+    # Every parameter of both models is sharded in every stage: each rank holds its rows of
+    # dim 0.
+    for stage in CHAIN:
+        for kind in ("student", "teacher"):
+            local = [ranks[r][stage][kind] for r in (0, 1)]
+            assert set(local[0]) == set(ranks[0][stage][f"{kind}_params"]), (stage, kind)
+            assert any(".visual.blocks." in name for name in local[0])  # the vision blocks
+            for name, (local0, full) in local[0].items():
+                half = math.ceil(full[0] / 2)
+                assert (local0[0], local[1][name][0][0]) == (half, full[0] - half), name
+    # Each consolidated checkpoint loads in one process, TAF connector rebuilt: its teacher
+    # half is the teacher's merger, untouched under sharding; DPT trained the post-connector,
+    # DFT's and SFT's LoRA trained and were merged.
+    models = {kind: load_family_model(tmp_path / "two" / f"{n}-{kind}" / "model").state_dict()
+              for n, kind in enumerate(CHAIN, 1)}
+    model = load_family_model(tmp_path / "two" / "3-sft" / "model")
     assert is_taf(model)
     merger = model.get_submodule("model.visual.merger")
     teacher = AutoModelForImageTextToText.from_pretrained(tmp_path / "teacher")
     frozen = dict(merger.teacher.named_parameters())
     for name, p in teacher.get_submodule("model.visual.merger").named_parameters():
         assert torch.equal(frozen[name], p), name
+    post = [k for k in models["dpt"] if ".merger.post." in k]
+    assert post, sorted(models["dpt"])[:20]
     q_proj = "model.language_model.layers.1.self_attn.q_proj.weight"
-    start = load_family_model(tmp_path / "student").state_dict()[q_proj]
-    assert not torch.equal(model.state_dict()[q_proj], start)
+    start = load_family_model(tmp_path / "student").state_dict()
+    assert torch.equal(models["dpt"][q_proj], start[q_proj])  # DPT: no LoRA
+    assert not torch.equal(models["dft"][q_proj], models["dpt"][q_proj])
+    assert not torch.equal(models["sft"][q_proj], models["dft"][q_proj])
+    assert torch.equal(models["sft"][post[0]], models["dft"][post[0]])  # SFT: LoRA only
 
 
 def test_gemma3_ddp_matches_one_process(tmp_path):
@@ -139,5 +179,5 @@ def test_gemma3_ddp_matches_one_process(tmp_path):
     steps = 2
     reports = _run(tmp_path, "cpu_2proc.yaml", steps, query="text")
     _assert_same_run(tmp_path, reports, steps)
-    report = reports["two"][0]
+    report = reports["two"][0]["dft"]
     assert report["student"] == {} and report["groups"] == {"student": [], "teacher": []}  # DDP

@@ -175,6 +175,105 @@ def test_two_process_cache_run_writes_the_same_shards(setup):
     assert files(root / "cache-two") == files(root / "cache")
 
 
+def _text_only(root, records=(2, 3)) -> None:
+    """Make ``records`` of ``root``'s training data text-only (no image, no tag)."""
+    path = root / "data" / "train.json"
+    data = json.loads(path.read_text())
+    for i in records:
+        data[i].pop("image")
+        turn = data[i]["conversations"][0]
+        turn["value"] = turn["value"].replace("<image>\n", "").replace("<image>", "")
+    path.write_text(json.dumps(data))
+
+
+def test_sharded_teacher_cache_run_writes_the_same_bytes(tmp_path):
+    """Two processes under FSDP2 (``teacher.shard: fsdp``), the teacher's weights split
+    between them, write the one-process cache byte for byte: every file, shards, records,
+    index, manifest and connector (no field may differ). Shards of 2 samples, batches of 2:
+    process 0 writes shards 0 (images) and 2 (images), process 1 shard 1 (text only). So
+    its first slot runs in two passes (process 1 runs an image dummy, then process 0 a text
+    dummy) and process 1 ends with an image dummy: both run 3 forwards. Then a resume where
+    only one process has work."""
+    write_tiny_pair(tmp_path, num=2, student_layers=3, teacher_layers=4)
+    _text_only(tmp_path)
+    options = {"shard_samples": 2, "batch_size": 2}
+    one = write_cache(tmp_path, "cache-one", **options)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    launch = accelerate_launch(REPO / "configs" / "accelerate" / "fsdp2_cpu_2proc.yaml",
+                               HERE / "teacher_cache_run.py", tmp_path, tmp_path / "cache-two",
+                               json.dumps({"shard": "fsdp", **options}), tmp_path / "report")
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = files(one)
+    assert sorted(reference) == sorted(files(tmp_path / "cache-two"))
+    for name, data in files(tmp_path / "cache-two").items():
+        assert data == reference[name], name
+    assert len([n for n in reference if n.endswith(".safetensors")]) == 4  # 3 shards + TAF
+    reports = [json.loads((tmp_path / "report" / f"report-rank{r}.json").read_text())["cache"]
+               for r in (0, 1)]
+    assert [(r["forwards"], r["dummies"]) for r in reports] == [(3, 1), (3, 2)]
+    for rank, report in enumerate(reports):  # every teacher weight is split on dim 0
+        assert report["teacher_params"] and set(report["teacher"]) == set(
+            report["teacher_params"])
+        for name, (local, full) in report["teacher"].items():
+            half = -(-full[0] // 2)
+            assert local[0] == (half if rank == 0 else full[0] - half), name
+    # Resume after process 0's shard 2 was lost: process 1 has nothing left and runs only
+    # the dummy that keeps process 0's one forward in step; the bytes are the same again.
+    two = tmp_path / "cache-two"
+    for name in ("shard-00002.json", "index.json"):
+        (two / name).unlink()
+    (two / "shard-00002.safetensors").write_bytes(b"partial")
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert files(two) == reference
+    reports = [json.loads((tmp_path / "report" / f"report-rank{r}.json").read_text())["cache"]
+               for r in (0, 1)]
+    assert [(r["forwards"], r["dummies"]) for r in reports] == [(1, 0), (1, 1)]
+
+
+def test_sharding_requests_that_cannot_run_are_one_line(setup, tmp_path, capsys):
+    """``teacher.shard: fsdp`` with one process: exit status 2, one line, before the teacher
+    loads; an unknown mode is a ConfigError."""
+    from compodistill.cli import main
+
+    config = tmp_path / "shard.json"
+    config.write_text(json.dumps(make_config(setup, cache_teacher(setup, "never",
+                                                                  shard="fsdp"))))
+    code = main(["teacher-cache", "--config", str(config), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, "teacher.shard: fsdp", "1 process",
+                          "fsdp.yaml")
+    assert not (setup / "never").exists()
+    with pytest.raises(ConfigError, match="teacher.shard"):
+        config_from_dict(make_config(setup, cache_teacher(setup, shard="zero3")))
+
+
+def test_shard_mode_follows_the_accelerate_config():
+    """``auto`` shards under FSDP2 with several processes only; ``fsdp`` refuses DDP,
+    DeepSpeed and FSDP1 with the engine named; ``none`` never shards."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType as T
+
+    from compodistill.teacher_cache.writer import use_sharded_teacher
+
+    def acc(kind, processes=2, fsdp2=False):
+        return SimpleNamespace(distributed_type=kind, num_processes=processes, is_fsdp2=fsdp2)
+
+    fsdp2 = acc(T.FSDP, fsdp2=True)
+    assert use_sharded_teacher("auto", fsdp2) and use_sharded_teacher("fsdp", fsdp2)
+    assert not use_sharded_teacher("none", fsdp2)
+    for other in (acc(T.MULTI_CPU), acc(T.DEEPSPEED), acc(T.FSDP, 1, True), acc(T.NO, 1)):
+        assert not use_sharded_teacher("auto", other)
+    for other, named in ((acc(T.MULTI_CPU), "this run is MULTI_CPU"),
+                         (acc(T.MULTI_GPU), "this run is MULTI_GPU"),
+                         (acc(T.FSDP), "fsdp_version: 2"),  # FSDP1
+                         (acc(T.DEEPSPEED), "DeepSpeed, whose ZeRO-3 inference")):
+        with pytest.raises(ValueError, match=named):
+            use_sharded_teacher("fsdp", other)
+
+
 # ------------------------------------------------------------------ bad caches
 def _copy_cache(root, name):
     shutil.copytree(root / "cache", root / name, dirs_exist_ok=True)

@@ -182,6 +182,13 @@ def taf_parts(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in conn.state_dict().items()}
 
 
+def _uninitialised_linear(d_in: int, d_out: int, bias: bool) -> nn.Linear:
+    """A Linear whose weights are about to be loaded: built without its random init, so that
+    loading a checkpoint draws nothing from the global random stream (the next stage's LoRA
+    init must not depend on whether the previous stage's output was reloaded)."""
+    return torch.nn.utils.skip_init(nn.Linear, d_in, d_out, bias=bias)
+
+
 def _resized(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of ``module`` whose Linears and parameters take the shapes in ``state`` (the
     teacher's connector is as wide as the teacher's language model)."""
@@ -193,8 +200,8 @@ def _resized(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         if current.shape == value.shape:
             continue
         if isinstance(owner, nn.Linear) and leaf == "weight":
-            _set(module, owner_name, nn.Linear(value.shape[1], value.shape[0],
-                                               bias=owner.bias is not None))
+            _set(module, owner_name, _uninitialised_linear(value.shape[1], value.shape[0],
+                                                           owner.bias is not None))
         elif not isinstance(owner, nn.Linear):
             setattr(owner, leaf, nn.Parameter(torch.empty_like(value)))
     return module
@@ -219,7 +226,8 @@ def load_taf_parts(model: nn.Module, folder) -> nn.Module:
         ref = next(connector.parameters())
         frozen = _resized(connector, teacher)
         frozen.load_state_dict(teacher)
-        layer = nn.Linear(post["weight"].shape[1], post["weight"].shape[0], bias="bias" in post)
+        layer = _uninitialised_linear(post["weight"].shape[1], post["weight"].shape[0],
+                                      "bias" in post)
         layer.load_state_dict(post)
         _set(model, site, TAFConnector(frozen.to(ref.device, ref.dtype),
                                        layer.to(ref.device, ref.dtype), last))

@@ -23,11 +23,15 @@ Config (the `teacher:` mapping):
     map_topk: 32          # columns per query row with maps: topk
     shard_samples: 64     # samples per shard (unit of resuming and of the rank split)
     batch_size: 8         # teacher batch size
+    shard: auto           # auto | fsdp | none: shard the teacher over the processes
 
 Several processes: `accelerate launch --config_file configs/accelerate/ddp.yaml
 -m compodistill.cli teacher-cache --config FILE`; each process writes its own shards,
-and the files are the same as one process writes. A run killed mid-way resumes: finished
-shards are kept, a half-written or damaged one is redone.
+and the files are the same as one process writes. With an FSDP2 config
+(configs/accelerate/fsdp.yaml) the teacher's weights are sharded over the processes too
+(`shard: auto`; `fsdp` insists, `none` keeps it whole), and the files are again the
+same. A run killed mid-way resumes: finished shards are kept, a half-written or damaged one
+is redone.
 
 `--verify DIR` checks every shard of a finished cache against the sha256 in its record
 and lists the bad ones (exit status 1 when any is bad).

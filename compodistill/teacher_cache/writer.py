@@ -3,6 +3,8 @@
 Shard s holds samples [s·S, (s+1)·S); process r of W writes the shards s ≡ r (mod W), each
 in teacher batches of ``batch_size`` consecutive samples. What a shard holds therefore does
 not depend on W. Finished shards (with their completion record) are skipped on resume.
+With ``teacher.shard`` the teacher's weights are sharded too, and the processes run their
+teacher forwards in lockstep (``sharded.py``).
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ import torch
 
 from .format import (DTYPES, TeacherCacheError, read_json, shard_name, shard_record,
                      shard_problem, write_atomic, write_json_atomic)
+from . import sharded as sharding
 from .manifest import build_manifest, needs, teacher_hash
 from .targets import TeacherMaps, compress_map, logit_targets
 
-__all__ = ["write_teacher_cache", "build_dataset"]
+__all__ = ["write_teacher_cache", "build_dataset", "use_sharded_teacher",
+           "shard_cache_teacher"]
 
 
 def build_dataset(config, student_config, tokenizer, image_inputs=None):
@@ -40,6 +44,72 @@ def _connector_files(teacher, root: Path) -> None:
              for k, v in connector_of(teacher).state_dict().items()}
     write_atomic(root / "teacher_connector.safetensors", save(state))
     write_json_atomic(root / "teacher_config.json", teacher.config.to_dict())
+
+
+def use_sharded_teacher(mode: str, accelerator) -> bool:
+    """Whether this run shards the teacher: ``auto`` under an FSDP2 accelerate config with
+    several processes, ``fsdp`` always (else a one-line ``ValueError`` saying why not),
+    ``none`` never."""
+    from ..train.distributed import is_deepspeed, is_fsdp2
+
+    processes = accelerator.num_processes
+    if mode == "none":
+        return False
+    if mode == "auto":
+        return is_fsdp2(accelerator) and processes > 1
+    hint = ("launch it with `accelerate launch --config_file configs/accelerate/fsdp.yaml` "
+            "(an FSDP2 config) or set teacher.shard: none")
+    if processes < 2:
+        raise ValueError(f"teacher.shard: fsdp shards the teacher over the processes of "
+                         f"`accelerate launch`, and this run has 1 process; {hint}")
+    if is_deepspeed(accelerator):
+        raise ValueError("teacher.shard: fsdp needs an FSDP2 accelerate config; this run is "
+                         "DeepSpeed, whose ZeRO-3 inference the cache run does not support; "
+                         + hint)
+    if not is_fsdp2(accelerator):
+        raise ValueError(f"teacher.shard: fsdp needs an FSDP2 accelerate config "
+                         f"(distributed_type: FSDP, fsdp_version: 2); this run is "
+                         f"{accelerator.distributed_type.value}; {hint}")
+    return True
+
+
+def shard_cache_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """``teacher`` (frozen, eval, whole on the CPU) sharded in place; ``fully_shard`` moves
+    it to the device one group at a time, keeping this process's shard."""
+    from ..train.distributed import shard_teacher
+
+    return shard_teacher(teacher, accelerator)
+
+
+def _teacher_forward(teacher, batch: dict, acc):
+    """The teacher's forward on a collated batch, output dropped (a lockstep dummy)."""
+    from ..data.family_inputs import family_inputs
+
+    device, pixels = acc.device, batch.get("pixel_values")
+    with torch.no_grad(), acc.autocast():
+        teacher.model(input_ids=batch["input_ids"].to(device),
+                      attention_mask=batch["attention_mask"].to(device),
+                      pixel_values=None if pixels is None else pixels.to(device),
+                      use_cache=False, **family_inputs(batch, device))
+
+
+def _dummy_batches(dataset, collate, pad: int):
+    """``dummy(kind)`` for :class:`~.sharded.Lockstep`: the first sample with images, alone,
+    or one text token (found and built once)."""
+    found = {}
+
+    def dummy(kind: str) -> dict:
+        if kind not in found:
+            if kind == "text":
+                found[kind] = {"input_ids": torch.tensor([[pad]]),
+                               "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+            else:
+                items = (dataset[i] for i in range(len(dataset)))
+                found[kind] = next(b for b in (collate([x]) for x in items if x is not None)
+                                   if sharding.has_images(b))
+        return found[kind]
+
+    return dummy
 
 
 def _batch_tensors(teacher, batch: dict, indices: list[int], manifest: dict, matches,
@@ -160,13 +230,16 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
         torch.set_num_threads(config.cpu_threads)
     # make_accelerator: several CPU processes under torchrun get a gloo group (not one each).
     acc = accelerator or make_accelerator(mixed_precision=config.mixed_precision)
+    sharded = use_sharded_teacher(opts.shard, acc)  # a bad request: one line, early
     root = Path(opts.cache)
     student_config = student_model.config
     # The tokenizer (the processor's, with its chat template, when saved) and the family's
     # image inputs (None for LLaVA) exactly as the trainer builds them: sample i must match.
     tokenizer = load_processor_parts(config.student).tokenizer
     image_inputs = family_image_inputs(student_model, config.student, tokenizer)
-    teacher = load_family_model(teacher_model).eval().requires_grad_(False).to(acc.device)
+    teacher = load_family_model(teacher_model).eval().requires_grad_(False)
+    if not sharded:  # sharded: fully_shard moves each process's shards to its device
+        teacher = teacher.to(acc.device)
     t_vocab = teacher.lm_head.weight.shape[0]
     s_vocab = student_config.get_text_config().vocab_size
     if t_vocab < s_vocab:
@@ -188,13 +261,24 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
     if acc.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(manifest_path, manifest)
-        _connector_files(teacher, root)
+        _connector_files(teacher, root)  # from the whole teacher, before any sharding
     acc.wait_for_everyone()
+    if sharded:
+        shard_cache_teacher(teacher, acc)
 
     dataset = build_dataset(config, student_config, tokenizer, image_inputs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         tokenizer.eos_token_id or 0)
     collate = LlavaCollator(pad, image_inputs=image_inputs)
+    lockstep = None
+    if sharded:
+        from ..train.distributed import teacher_step
+
+        def gathered(fn, batch):  # fn(batch) with the teacher's lm_head gathered
+            return teacher_step(lambda _, b: fn(b), teacher)(None, batch)
+
+        lockstep = sharding.Lockstep(acc, lambda b: _teacher_forward(teacher, b, acc),
+                                     _dummy_batches(dataset, collate, pad), gathered)
     per_shard, n = opts.shard_samples, len(dataset)
     shards = list(range(acc.process_index, math.ceil(n / per_shard), acc.num_processes))
     progress = None
@@ -215,9 +299,14 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
                 items = [(i, x) for i, x in items if x is not None]  # unreadable: skipped
                 if not items:
                     continue
-                tensors.update(_batch_tensors(teacher, collate([x for _, x in items]),
-                                              [i for i, _ in items], manifest,
-                                              manifest["vat"]["matches"], acc))
+
+                ids, batch = [i for i, _ in items], collate([x for _, x in items])
+
+                def targets(batch):  # called at once, in this iteration
+                    return _batch_tensors(teacher, batch, ids, manifest,
+                                          manifest["vat"]["matches"], acc)
+
+                tensors.update(lockstep.run(targets, batch) if lockstep else targets(batch))
             path = root / f"{shard_name(shard)}.safetensors"
             # One metadata key: safetensors writes several in a random order.
             write_atomic(path, save(tensors, metadata={"samples": f"{first}:{first + count}"}))
@@ -225,6 +314,8 @@ def write_teacher_cache(config, *, stages: list[str] | None = None, accelerator=
                               shard_record(root, shard, first, count))
         if progress is not None:
             progress.update(1)
+    if lockstep is not None:  # dummy forwards until every process has run its last batch
+        lockstep.finish()
     if progress is not None:
         progress.close()
     acc.wait_for_everyone()

@@ -17,6 +17,10 @@ MAP_STORAGE = ("exact", "topk")
 # How training checks each shard before its data first trains: its sha256 against the shard's
 # record (full: reads every shard once per process) or only its size.
 VERIFY = ("full", "size")
+# Whether the cache run shards the teacher's weights over its processes (docs/teacher_cache.md):
+# auto: under an FSDP2 accelerate config with several processes; fsdp: always (refused
+# where it cannot run); none: every process holds the whole teacher.
+SHARD = ("auto", "fsdp", "none")
 # Default k of the logit top-k (docs/teacher_cache.md#choosing-k). On the demo pair every k
 # of bench/results/teacher_cache.csv from 8 up is within bf16 rounding of online KD, but its
 # vocabulary has 345 ids and its teacher is very peaked; 64 keeps a margin for real
@@ -42,6 +46,11 @@ class TeacherCacheOptions:
         verify: how training checks each shard before its data first trains: ``full``
             (its sha256 against its record; reads each shard once per process) or ``size``
             (the file size only, for caches too large to hash at every start).
+        shard: how the cache run holds the teacher: ``auto`` (sharded with FSDP2 when
+            launched with an FSDP2 accelerate config and several processes, else whole on
+            every process), ``fsdp`` (always sharded; refused with one process or another
+            engine) or ``none`` (whole on every process). Not part of the targets: a cache
+            is byte-identical either way.
     """
 
     cache: str = ""
@@ -53,6 +62,7 @@ class TeacherCacheOptions:
     shard_samples: int = 64
     batch_size: int = 8
     verify: str = choice("full", VERIFY)
+    shard: str = choice("auto", SHARD)
 
     def __post_init__(self):
         check_fields(self)
