@@ -194,9 +194,11 @@ def _stats(s, step, model, refine: bool = True):
     return _gathered(s, step, model, "visual_stats_kernel", False, 2 * planes, 2 * planes, 1)
 
 
-# Bytes per map element of the fused map loss (kernels/map_loss.py): its forward reads
-# both maps and writes G = dL/dA; its backward scales G by the upstream gradient.
-MAP_LOSS_READ, MAP_LOSS_WRITTEN = 12, 8
+# Bytes per map element of the fused map loss (kernels/map_loss.py) for the default loss,
+# cosine flat: its forward walks both maps twice (sample sums, then G) and writes G =
+# dL/dA; its backward reads G and writes it scaled by the upstream gradient. (mse: 12 + 8;
+# the row losses 12-28 + 8, by how many of their walks hit L2; docs/visual_attention.md.)
+MAP_LOSS_READ, MAP_LOSS_WRITTEN = 20, 8
 
 
 def _map_loss(s, step, model):

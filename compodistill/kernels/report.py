@@ -588,9 +588,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # --------------------------------------------------------------------------- map loss
 # The fused map-loss passes of kernels/map_loss.py (issue #37): float32 maps, no autotune
@@ -654,3 +651,7 @@ def map_loss_fields(case: MapLossCase) -> dict:
         rests + ("+window" if case.window else "")
     return dict(scenario=scenario, dtype="float32", head_dim="", group="",
                 causal=case.causal, mask="", vocab="")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
