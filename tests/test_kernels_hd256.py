@@ -213,7 +213,11 @@ def test_hook_falls_back_beyond_256_and_warns_once(monkeypatch):
             assert ours == []
         real = mask.bool()
         torch.testing.assert_close(logits[real], want_logits[real], rtol=0, atol=0)
-        torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+        # The attention fell back (same maps, bitwise), but under the Triton backend the map
+        # loss runs the fused kernel, which sums in another order: 1 - cos near 0 differs
+        # by fp32 rounding of cos ~ 1 (a few ulps of 1).
+        torch.testing.assert_close(loss, want_loss, rtol=0,
+                                   atol=4 * torch.finfo(torch.float32).eps)
 
 
 def test_functional_api_still_refuses_beyond_256():
