@@ -12,6 +12,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["compodistill", "compodistill.*"]),
+    # The demo's tiny pretrained teacher (1.2 MB; demo_teacher/provenance.json says how it
+    # was trained, by `compodistill demo --teacher-steps 3000`).
+    package_data={"compodistill.apps": ["demo_teacher/*"]},
     # torch 2.11 (GPU image) .. 2.13 (CPU machines); triton 3.6 .. 3.9 ship with them.
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

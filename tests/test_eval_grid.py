@@ -95,6 +95,54 @@ def test_target_share_from_the_attention_matrix(setup):
     assert len(res["question"]) == len(out.attentions)
 
 
+def test_paired_difference_has_the_paired_standard_error():
+    from compodistill.eval.grid import paired_difference
+
+    items = [{"answer": "a", "question_type": t} for t in ("color",) * 4 + ("shape",) * 2]
+    a = ["a", "a", "a", "b", "a", "b"]
+    b = ["a", "b", "b", "b", "b", "b"]
+    out = paired_difference(items, a, b)
+    d = [0, 1, 1, 0]  # colour: A right where B is wrong on two of four
+    mean = sum(d) / 4
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3 / 4)
+    assert out["color"] == pytest.approx({"diff": 0.5, "se": se, "n": 4})
+    assert out["shape"]["diff"] == 0.5 and out["all"]["n"] == 6
+    assert out["all"]["diff"] == pytest.approx(3 / 6)
+    with pytest.raises(ValueError, match="6 items but 5 and 6 predictions"):
+        paired_difference(items, a[:5], b)
+
+
+def test_look_loss_is_minus_log_the_target_share_and_pulls_it_up(setup):
+    """The demo teacher's attention target: the answer row's head-mean image attention,
+    renormalised over the image tokens, scored as -log(share on the answer's cell)."""
+    from compodistill.apps.grounded import encode_records, look_loss
+
+    teacher, encoder, *_ , folder = setup
+    records = json.loads((Path(folder) / "train.json").read_text())
+    feats = encode_records(records[:2], encoder, folder)
+    assert len(feats[0]["look"]) == 4 and feats[1]["look"] == []  # the caption has no cells
+    ids = torch.tensor(feats[0]["input_ids"])
+    labels = torch.tensor(feats[0]["labels"])
+    for row, cell in feats[0]["look"]:
+        assert labels[row] == -100 and labels[row + 1] != -100  # the row before the answer
+        assert 0 <= cell < 9
+    image_id = teacher.config.image_token_id
+    n, vis = len(ids), (ids == image_id).nonzero()[:, 0]
+    logits = torch.randn(2, 3, n, n, requires_grad=True)  # 2 layers, 3 heads
+    att = [x.softmax(-1) for x in logits.unbind(0)]
+    pairs = feats[0]["look"]
+    loss = look_loss([a[None] for a in att], ids[None], [pairs], image_id, layers=[1])
+    img = att[1].mean(0)[[r for r, _ in pairs]][:, vis]
+    share = img[torch.arange(len(pairs)), [c for _, c in pairs]] / img.sum(-1)
+    assert float(loss.detach()) == pytest.approx(float(-share.detach().log().mean()), rel=1e-5)
+    loss.backward()
+    stepped = (logits - 10 * logits.grad)
+    att2 = [x.softmax(-1) for x in stepped.unbind(0)]
+    after = look_loss([a[None] for a in att2], ids[None], [pairs], image_id, layers=[1])
+    assert float(after) < float(loss.detach())
+    assert float(look_loss([a[None] for a in att], ids[None], [[]], image_id, [0])) == 0.0
+
+
 def test_standard_error():
     r = with_se([1, 0, 1, 1])
     assert r["acc"] == 0.75 and r["n"] == 4

@@ -101,6 +101,20 @@ def test_answers_match_the_pixels(task):
     assert seen == {t: 600 for t in QUESTION_TYPES}
 
 
+def test_dense_records_name_each_answers_cell(task):
+    """``target_cells``: the cell of the object each answer is about, read from the pixels
+    (what the demo teacher's attention target is made from); captions have none."""
+    by_count = _shape_by_count(task)
+    for rec in task["train"][0:40:2]:
+        cells = _read_scene(Path(task["image_folder"]) / rec["image"])
+        objs = {cell: (color, by_count[n]) for cell, (color, n) in cells.items()}
+        answers = [t["value"] for t in rec["conversations"][1::2]]
+        assert len(rec["target_cells"]) == len(answers) == 4
+        for answer, cell in zip(answers, rec["target_cells"]):
+            assert answer in objs[cell]
+    assert all("target_cells" not in r for r in task["train"][1::2])
+
+
 def test_presence_only_scores_about_a_third(task):
     rng = random.Random(0)
     hits = Counter()

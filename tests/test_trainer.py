@@ -161,3 +161,46 @@ def test_lm_and_kd_share_one_lm_head_pass(setup, monkeypatch):
     final = result.final_losses
     assert {"loss_lm", "loss_kd", "loss"} <= set(final)
     assert final["loss"] == pytest.approx(final["loss_lm"] + 0.5 * final["loss_kd"], rel=1e-5)
+
+
+def test_vat_query_response_distils_the_rows_that_predict_the_answers(setup, monkeypatch):
+    """``vat.query: response``: each batch's capture gets the rows whose next token is
+    supervised, from that batch's labels; the cache cannot serve it (one-line error)."""
+    from compodistill.hf.distiller import AttentionDistiller
+    from compodistill.train.config_fields import ConfigError
+    from compodistill.visual_attention import response_rows
+
+    seen = []
+    real = AttentionDistiller.capture
+
+    def recording(self, input_ids=None, **kwargs):
+        seen.append(kwargs.get("query"))
+        return real(self, input_ids, **kwargs)
+
+    monkeypatch.setattr(AttentionDistiller, "capture", recording)
+    import compodistill.train.stages as stages
+
+    labels_seen = []
+    real_rows = stages.response_rows
+    monkeypatch.setattr(stages, "response_rows",
+                        lambda labels: labels_seen.append(labels.clone()) or real_rows(labels))
+    root, _ = setup
+    config = make_config(root, [{"kind": "dft", "max_steps": 2, "batch_size": 2,
+                                 "lora_r": 4, "lora_alpha": 8,
+                                 "weights": {"lm": 1.0, "vat": 1.0}}], out="response")
+    config.vat.query = "response"
+    (result,) = CompoDistillTrainer(config, show_progress=False).run()
+    assert len(seen) == 2 and len(labels_seen) == 2
+    for rows, labels in zip(seen, labels_seen):
+        assert rows.dtype == torch.bool and rows.shape == labels.shape
+        assert torch.equal(rows[:, :-1], labels[:, 1:] != -100) and not rows[:, -1].any()
+        assert 0 < rows.sum() < (labels != -100).numel()
+    assert result.final_losses["loss_vat"] > 0
+
+    rows = response_rows(torch.tensor([[-100, -100, 5, 6, -100, 7]]))
+    assert rows.tolist() == [[False, True, True, False, True, False]]
+    with pytest.raises(ValueError, match=r"labels must be a \(B, N\) tensor"):
+        response_rows(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ConfigError, match="vat.query.*'response'.*cache"):
+        make_config(root, [{"kind": "dft", "max_steps": 1, "weights": {"lm": 1.0, "vat": 1.0}}],
+                    teacher={"cache": str(root / "no-cache")}, vat={"query": "response"})

@@ -1,17 +1,22 @@
-"""`compodistill demo`: a whole CompoDistill run on a tiny model pair, on the CPU.
+"""`compodistill demo`: a whole CompoDistill run on a tiny model pair, on the CPU, and what
+distillation buys, measured in the same run.
 
 1. the grid task (:mod:`compodistill.data.grid_task`): three coloured shapes on a 3×3 grid,
    one image patch per cell, dense question records and caption records;
-2. a word-level tokenizer and a tiny teacher and student built from configs, sharing one
-   frozen random vision tower, saved to disk and loaded back with ``from_pretrained``;
-3. the teacher is trained (connector and language model) until it looks at the right cell;
-   the student gets a shorter warm-up (standing in for its pretrained LLM);
-4. DPT → DFT → SFT on the student with TAF, fused logit KD and visual-attention distillation;
-5. evaluation of teacher and students by candidate likelihood on held-out questions (chance
-   is 1/5, knowing only which colours and shapes are present 1/3), and a summary.
+2. the teacher: the tiny pretrained one shipped in ``demo_teacher/`` (it stands in for the
+   large VLM you would download; ``--teacher-steps N`` trains one from scratch instead, as
+   ``demo_teacher/provenance.json`` says the shipped one was), evaluated here;
+3. a student (a word-level tokenizer, a small LM built from a config, the teacher's frozen
+   vision tower) gets a short LM warm-up, standing in for its pretrained LLM;
+4. two students from that warm-up, with the same stages, steps and data: one with the LM
+   loss only, one with CompoDistill (TAF, fused logit KD and visual-attention distillation
+   on the rows that produce the answers);
+5. held-out questions scored by candidate likelihood (chance is 1/5, knowing only which
+   colours and shapes are present 1/3), with standard errors, and the distilled student's
+   gain over the LM-only one with its paired standard error.
 
-Every number printed is measured in this run; nothing is precomputed. Each phase line ends
-with an estimate of the time left, from the speed of the phases so far.
+Every score printed is measured in this run. Each phase line ends with an estimate of the
+time left, from the speed of the phases so far.
 """
 from __future__ import annotations
 
@@ -23,18 +28,30 @@ from pathlib import Path
 
 import torch
 
-DEFAULTS = dict(num_images=2000, eval_images=200, teacher_steps=800, teacher_batch_size=32,
-                student_warmup_steps=100, dpt_steps=20, dft_steps=80, sft_steps=40,
+DEFAULTS = dict(num_images=2000, eval_images=200, teacher_steps=0, teacher_batch_size=32,
+                student_warmup_steps=100, dpt_steps=20, dft_steps=500, sft_steps=60,
                 batch_size=16, seed=0)
 HELP = dict(num_images="grid-task training images", eval_images="held-out images (one "
-            "question of each type each)", teacher_steps="teacher training steps",
+            "question of each type each)", teacher_steps="0: the shipped pretrained teacher; "
+            "N: train one from scratch for N steps (the shipped one: 3000, about 5 min)",
             teacher_batch_size="batch size of the teacher's training",
             student_warmup_steps="student warm-up steps", dpt_steps="DPT steps",
             dft_steps="DFT steps", sft_steps="SFT steps",
-            batch_size="batch size of the student's phases", seed="random seed")
-PHASES = ("data", "teacher", "warm-up", "student", "eval")
+            batch_size="batch size of the students' stages", seed="random seed")
+PHASES = ("data", "teacher", "warm-up", "students", "eval")
 TEACHER = dict(teacher_hidden=64, teacher_layers=4)
-STUDENT = dict(student_hidden=32, student_layers=2)
+STUDENT = dict(student_hidden=64, student_layers=2)
+SHIPPED_TEACHER = Path(__file__).resolve().parent / "demo_teacher"
+# The teacher's own training pulls its answer rows' attention onto the answer's cell in this
+# layer (apps/grounded.py, look_loss): without it a tiny teacher that answers well still
+# spreads its attention (0.19 on the target cell), and VAT would have nothing to copy.
+LOOK_LAYERS = [1]
+TEACHER_LR = 1e-3
+# VAT distils the teacher layers whose answer rows put at least this share of their image
+# attention on the target cell (1/3 would be attention spread over the three objects).
+SHARP = 0.6
+VAT_WEIGHT = 5.0
+CHANCE = 0.2
 
 
 class _Phases:
@@ -68,8 +85,12 @@ def run_demo(out: str | Path = "runs/demo", *, progress: bool = True, **override
         raise ValueError(f"run_demo: unknown options {unknown}; expected some of {sorted(DEFAULTS)}")
     opts = {**DEFAULTS, **overrides}
     for key, value in opts.items():
-        if key != "seed" and value < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+        low = 0 if key in ("seed", "teacher_steps") else 1
+        if value < low:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {value}")
+    if opts["teacher_steps"] == 0 and not (SHIPPED_TEACHER / "config.json").is_file():
+        raise ValueError(f"the shipped demo teacher is missing ({SHIPPED_TEACHER}); "
+                         f"train one with --teacher-steps 3000")
     out = Path(out)
     from .console import quiet_libraries
 
@@ -85,9 +106,11 @@ def run_demo(out: str | Path = "runs/demo", *, progress: bool = True, **override
         torch.set_num_threads(threads)
 
 
-def _stage_config(kind: str, steps: int, batch_size: int, **extra) -> dict:
-    return dict(kind=kind, max_steps=steps, batch_size=batch_size, lr=extra.pop("lr", 2e-3),
-                warmup_ratio=0.03, **extra)
+def _stage_config(kind: str, steps: int, batch_size: int, weights: dict, trainable: str,
+                  lr: float) -> dict:
+    lora = dict(lora_r=16, lora_alpha=32) if "lora" in trainable else {}
+    return dict(kind=kind, max_steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=0.03,
+                weights=weights, trainable=trainable, **lora)
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -97,33 +120,49 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 def _lm_training(model, feats, steps: int, batch_size: int, lr: float, seed: int, pad_id: int,
-                 desc: str, progress: bool) -> dict:
-    """Connector + language model on the LM loss (the tower stays frozen), with a bar."""
+                 desc: str, progress: bool, **extra) -> dict:
+    """Connector + language model (the tower stays frozen), with a bar."""
     from .grounded import train_model
 
     with _bar(steps, desc, progress) as bar:
         def tick(step, losses):
             bar.update(1)
-            bar.set_postfix(lm=f"{losses['lm']:.3g}")
+            bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
 
         return train_model(model, feats, steps=steps, batch_size=batch_size, lr=lr,
-                           pad_id=pad_id, seed=seed, callback=tick)
+                           pad_id=pad_id, seed=seed, callback=tick, **extra)
+
+
+# The two students: the same stage kinds, steps, learning rates and data; what differs is
+# what distillation adds. The LM-only student trains its own connector where CompoDistill's
+# trains TAF's post-connector (docs/taf.md).
+ARMS = {
+    "lm_only": dict(label="student (LM only)", taf=False, stages=(
+        # kd/vat 0 said explicitly: a stage keeps its recipe's default weights otherwise
+        ("dpt", {"lm": 1.0, "kd": 0.0}, "connector", 2e-3),
+        ("dft", {"lm": 1.0, "kd": 0.0, "vat": 0.0}, "lora+connector", 3e-3),
+        ("sft", {"lm": 1.0}, "lora", 3e-3))),
+    "compodistill": dict(label="student (CompoDistill)", taf=True, stages=(
+        ("dpt", {"lm": 1.0, "kd": 1.0}, "post_connector", 2e-3),
+        ("dft", {"lm": 1.0, "kd": 1.0, "vat": VAT_WEIGHT}, "lora+post_connector", 3e-3),
+        ("sft", {"lm": 1.0}, "lora", 3e-3))),
+}
 
 
 def _run(out: Path, opts: dict, progress: bool) -> dict:
-    from ..eval.grid import score_questions, target_attention
-    from .grounded import concentrated_layers, encode_records, grid_encoder
+    from ..eval.grid import paired_difference, score_questions, target_attention
+    from .grounded import encode_records, grid_encoder
     from ..hf.llava import load_student
     from ..train.config import config_from_dict
     from ..train.trainer import CompoDistillTrainer
 
     student_steps = opts["dpt_steps"] + opts["dft_steps"] + opts["sft_steps"]
-    # Work per phase in teacher-step equivalents, for the time-left estimate.
-    # Relative costs measured on 2 CPU cores (one teacher step of batch 32 = 1 unit).
+    # Work per phase in teacher-step equivalents (one teacher step of batch 32 = 1 unit),
+    # for the time-left estimate; relative costs measured on 2 CPU cores.
     work = {"data": opts["num_images"] / 200,
-            "teacher": opts["teacher_steps"] * opts["teacher_batch_size"] / 32,
-            "warm-up": 0.55 * opts["student_warmup_steps"], "student": 0.85 * student_steps,
-            "eval": opts["eval_images"] / 12}
+            "teacher": 1.3 * opts["teacher_steps"] * opts["teacher_batch_size"] / 32 + 3,
+            "warm-up": 0.55 * opts["student_warmup_steps"], "students": 0.9 * student_steps,
+            "eval": opts["eval_images"] / 8}
     phase = _Phases(progress, work)
     start = phase.start
     torch.manual_seed(opts["seed"])
@@ -132,77 +171,105 @@ def _run(out: Path, opts: dict, progress: bool) -> dict:
         data = _make_data(out, opts)
         tokenizer, paths = _make_models(out, data, opts)
     records = json.loads(Path(data["train"]).read_text())
+    questions = json.loads(Path(data["questions"]).read_text())
 
-    # 3. the teacher and the student's warm-up: connector and language model on the LM loss,
-    #    the shared vision tower frozen. The warm-up stands in for the pretrained small LLM
-    #    that real CompoDistill starts from (LoRA on a random network would learn nothing).
-    #    The teacher sees only the dense question records within the demo's budget: the
-    #    questions are what it must ground, and what the table scores.
-    for name, label, steps, size, bs, lr, recs in (
-            ("teacher", "teacher", opts["teacher_steps"], TEACHER, opts["teacher_batch_size"],
-             1e-3, [r for r in records if r["id"].endswith("_q")]),
-            ("student", "warm-up", opts["student_warmup_steps"], STUDENT, opts["batch_size"],
-             3e-3, records)):
-        layers, hidden = size[f"{name}_layers"], size[f"{name}_hidden"]
-        with phase(label, f"{steps} steps of LM training of the {name} ({layers} layers, "
-                          f"width {hidden}; the shared vision tower stays frozen)"):
-            model = load_student(str(paths[name]))
-            feats = encode_records(recs, grid_encoder(model, tokenizer), data["image_folder"])
-            _lm_training(model, feats, steps, bs, lr, opts["seed"], tokenizer.pad_token_id,
-                         label, progress)
-            paths[name] = out / f"{name}-warmup" / f"1-{name}" / "model"
-            model.save_pretrained(paths[name])
-            tokenizer.save_pretrained(paths[name])
-        if label == "teacher":
-            # VAT distils the teacher layers whose answer row looks at the target cell.
-            att = target_attention(model, grid_encoder(model, tokenizer),
-                                   json.loads(Path(data["questions"]).read_text())[:60],
-                                   data["image_folder"])
-            vat_layers = concentrated_layers(att, STUDENT["student_layers"])
-    teacher_path = paths["teacher"]
+    # 2. the teacher, shipped or trained here on the dense question records (what it must
+    #    ground), with its answer rows' attention pulled onto the answer's cell.
+    shipped = opts["teacher_steps"] == 0
+    what = ("the shipped pretrained teacher (4 layers, width 64), scored on held-out questions"
+            if shipped else f"{opts['teacher_steps']} steps of LM training of the teacher "
+            f"(4 layers, width 64; the vision tower stays frozen) with its answer rows' "
+            f"attention pulled onto the answer's cell in layer {LOOK_LAYERS}")
+    with phase("teacher", what):
+        teacher = load_student(str(paths["teacher"]))
+        if not shipped:
+            feats = encode_records([r for r in records if r["id"].endswith("_q")],
+                                   grid_encoder(teacher, tokenizer), data["image_folder"])
+            _lm_training(teacher, feats, opts["teacher_steps"], opts["teacher_batch_size"],
+                         TEACHER_LR, opts["seed"], tokenizer.pad_token_id, "teacher", progress,
+                         look=1.0, look_layers=LOOK_LAYERS)
+        paths["teacher"] = out / "teacher-warmup" / "1-teacher" / "model"
+        teacher.save_pretrained(paths["teacher"])
+        tokenizer.save_pretrained(paths["teacher"])
+        if not shipped:
+            (paths["teacher"] / "provenance.json").write_text(json.dumps(dict(
+                command=f"compodistill demo --teacher-steps {opts['teacher_steps']} --seed "
+                        f"{opts['seed']} --num-images {opts['num_images']}",
+                steps=opts["teacher_steps"], batch_size=opts["teacher_batch_size"],
+                lr=TEACHER_LR, look=1.0, look_layers=LOOK_LAYERS, seed=opts["seed"],
+                num_images=opts["num_images"]), indent=1))
+        att = target_attention(teacher, grid_encoder(teacher, tokenizer), questions[:60],
+                               data["image_folder"])
+        sharp = [i for i, a in enumerate(att["answer"]) if a >= SHARP]
+        vat_layers = ([STUDENT["student_layers"] - 1],
+                      sharp or [max(range(len(att["answer"])), key=att["answer"].__getitem__)])
 
-    # 4. the student: DPT -> DFT -> SFT with TAF, KD and VAT (docs/stages.md, shortened).
-    bs = opts["batch_size"]
+    # 3. the student's warm-up: connector and language model on the LM loss. It stands in
+    #    for the pretrained small LLM that real CompoDistill starts from.
+    with phase("warm-up", f"{opts['student_warmup_steps']} steps of LM training of the student "
+                          f"({STUDENT['student_layers']} layers, width "
+                          f"{STUDENT['student_hidden']}; the teacher's vision tower, frozen)"):
+        student = load_student(str(paths["student"]))
+        feats = encode_records(records, grid_encoder(student, tokenizer), data["image_folder"])
+        _lm_training(student, feats, opts["student_warmup_steps"], opts["batch_size"], 3e-3,
+                     opts["seed"], tokenizer.pad_token_id, "warm-up", progress)
+        paths["student"] = out / "student-warmup" / "1-student" / "model"
+        student.save_pretrained(paths["student"])
+        tokenizer.save_pretrained(paths["student"])
+
+    # 4. the two students, DPT -> DFT -> SFT each (docs/stages.md, shortened).
     common = dict(data=dict(train_json=data["train"], image_folder=data["image_folder"],
-                            max_length=256), seed=opts["seed"], log_every=5)
-    with phase("student", f"DPT {opts['dpt_steps']} + DFT {opts['dft_steps']} + SFT "
-                          f"{opts['sft_steps']} steps with TAF, KD and VAT (student layer "
-                          f"{vat_layers[0][0]} <- teacher layers {vat_layers[1]})"):
-        student_cfg = config_from_dict({**common, "student": str(paths["student"]),
-                                        "teacher": str(teacher_path),
-                                        "output_dir": str(out / "student"),
-                                        "vat": dict(student_layers=vat_layers[0],
-                                                    teacher_layers=vat_layers[1]), "stages": [
-            _stage_config("dpt", opts["dpt_steps"], bs),
-            _stage_config("dft", opts["dft_steps"], bs, lora_r=16, lora_alpha=32, lr=3e-3),
-            _stage_config("sft", opts["sft_steps"], bs, lora_r=16, lora_alpha=32, lr=3e-3)]})
-        results = CompoDistillTrainer(student_cfg, show_progress=progress).run()
+                            max_length=256), seed=opts["seed"], log_every=5,
+                  student=str(paths["student"]), teacher=str(paths["teacher"]),
+                  vat=dict(student_layers=vat_layers[0], teacher_layers=vat_layers[1],
+                           query="response"))
+    steps = dict(dpt=opts["dpt_steps"], dft=opts["dft_steps"], sft=opts["sft_steps"])
+    results, arm_dirs = {}, {"lm_only": out / "student-lm", "compodistill": out / "student"}
+    with phase("students", f"two students from the warm-up, DPT {opts['dpt_steps']} + DFT "
+                           f"{opts['dft_steps']} + SFT {opts['sft_steps']} steps each: LM loss "
+                           f"only, and CompoDistill (TAF, KD, VAT: student layer "
+                           f"{vat_layers[0][0]} <- teacher layers {vat_layers[1]}, answer rows)"):
+        for name, arm in ARMS.items():
+            cfg = config_from_dict({**common, "taf": arm["taf"],
+                                    "output_dir": str(arm_dirs[name]), "stages": [
+                _stage_config(kind, steps[kind], opts["batch_size"], w, trainable, lr)
+                for kind, w, trainable, lr in arm["stages"]]})
+            results[name] = CompoDistillTrainer(cfg, show_progress=progress).run()
     train_seconds = time.perf_counter() - start
 
     # 5. evaluation, every model loaded back from disk.
-    models = (("teacher", teacher_path), ("student (warm-up only)", paths["student"]),
-              ("student (CompoDistill)", out / "student" / "3-sft" / "model"))
-    questions = json.loads(Path(data["questions"]).read_text())
-    scores = {}
+    models = (("teacher", paths["teacher"]), ("student (warm-up only)", paths["student"]),
+              *((arm["label"], arm_dirs[name] / "3-sft" / "model")
+                for name, arm in ARMS.items()))
+    scores, preds = {}, {}
     with phase("eval", f"{len(questions)} held-out questions for the teacher, the warm-up "
-                       f"student and the distilled one"):
+                       f"student and the two students"):
         for name, path in models:
             model = load_student(str(path)).eval()
             res = score_questions(model, grid_encoder(model, tokenizer), questions,
                                   data["image_folder"])
+            preds[name] = res["predictions"]
             scores[name] = {t: round(res[t]["acc"], 4) for t in ("color", "shape", "left", "all")}
+            scores[name].update({f"{t}_se": round(res[t]["se"], 4)
+                                 for t in ("color", "shape", "left", "all")})
             scores[name]["n_per_type"] = res["color"]["n"]
+    gain = paired_difference(questions, preds[ARMS["compodistill"]["label"]],
+                             preds[ARMS["lm_only"]["label"]])
     summary = {
-        "stages": [{"stage": r.name, "steps": r.steps, "skipped": r.skipped_steps,
-                    "seconds": round(r.seconds, 1),
+        "stages": [{"student": ARMS[name]["label"], "stage": r.name, "steps": r.steps,
+                    "skipped": r.skipped_steps, "seconds": round(r.seconds, 1),
                     **{f"image_reliance_{who}": v for who, v in r.image_reliance.items()},
-                    **{k: round(v, 4)
-                                                        for k, v in r.final_losses.items()}}
-                   for r in results],
-        "scores": scores, "phase_seconds": phase.seconds, "train_seconds": round(train_seconds, 1),
+                    **{k: round(v, 4) for k, v in r.final_losses.items()}}
+                   for name in ARMS for r in results[name]],
+        "scores": scores,
+        "gain": {t: {k: round(v, 4) for k, v in g.items()} for t, g in gain.items()},
+        "teacher_attention": {"answer": [round(a, 3) for a in att["answer"]],
+                              "uniform": round(att["uniform"], 4)},
+        "teacher_shipped": shipped,
+        "phase_seconds": phase.seconds, "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - start, 1), "output_dir": str(out),
-        "student_model": str(out / "student" / "3-sft" / "model"),
-        "teacher_model": str(teacher_path), "vat_layers": vat_layers,
+        "student_model": str(arm_dirs["compodistill"] / "3-sft" / "model"),
+        "teacher_model": str(paths["teacher"]), "vat_layers": vat_layers,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -216,10 +283,33 @@ def _make_data(out: Path, opts: dict) -> dict:
 
 
 def _make_models(out: Path, data: dict, opts: dict):
+    """The tokenizer and the initial models: the shipped teacher (and its tokenizer) or a
+    fresh one, and a fresh student with the teacher's frozen vision tower."""
+    from ..hf.llava import load_student
     from .grounded import grid_models, make_tokenizer
 
-    tokenizer = make_tokenizer(json.loads(Path(data["train"]).read_text()))
-    student, teacher = grid_models(len(tokenizer), seed=opts["seed"], **TEACHER, **STUDENT)
+    records = json.loads(Path(data["train"]).read_text())
+    fresh = make_tokenizer(records)
+    shipped = opts["teacher_steps"] == 0
+    if shipped:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED_TEACHER))
+        # The shipped teacher reads the grid task's words with its own ids: the task's
+        # vocabulary must be what it was trained on.
+        if tokenizer.get_vocab() != fresh.get_vocab():
+            raise ValueError(f"the shipped demo teacher's vocabulary ({len(tokenizer)} words) "
+                             f"is not the grid task's ({len(fresh)}); train one with "
+                             f"--teacher-steps 3000")
+        teacher = load_student(str(SHIPPED_TEACHER))
+    else:
+        tokenizer = fresh
+    student, fresh_teacher = grid_models(len(tokenizer), seed=opts["seed"], **TEACHER, **STUDENT)
+    if not shipped:
+        teacher = fresh_teacher
+    # One vision encoder for the pair (TAF reads the student's features with the
+    # teacher's connector).
+    student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
     paths = {}
     for name, model in (("student", student), ("teacher", teacher)):
         paths[name] = out / "models" / f"{name}-init"
@@ -228,23 +318,45 @@ def _make_models(out: Path, data: dict, opts: dict):
     return tokenizer, paths
 
 
+def _cell(sc: dict, t: str, w: int) -> str:
+    return f"{100 * sc[t]:.1f} ± {100 * sc[t + '_se']:.1f}".rjust(w)
+
+
 def format_summary(summary: dict) -> str:
-    lines = ["", "stage     steps  seconds  image reliance s/t  final losses"]
+    lines = ["", "student                 stage  steps  seconds  image reliance s/t  final losses"]
     for s in summary["stages"]:
-        losses = ", ".join(f"{k}={v}" for k, v in s.items() if k.startswith("loss"))
+        losses = ", ".join(f"{k}={v}" for k, v in s.items()
+                           if k.startswith("loss") and not k.startswith("loss_vat_layer"))
         # LM-loss rise with the images replaced, at the stage's start (docs/stages.md)
         reliance = " ".join(f"{k.rsplit('_', 1)[1][0]}{v:+.2f}" for k, v in s.items()
                             if k.startswith("image_reliance_")) or "-"
-        lines.append(f"{s['stage']:<9}{s['steps']:>6}{s['seconds']:>9}  {reliance:<18}  "
-                     f"{losses}")
+        lines.append(f"{s.get('student', ''):<24}{s['stage']:<5}{s['steps']:>7}"
+                     f"{s['seconds']:>9}  {reliance:<18}  {losses}")
     n = next(iter(summary["scores"].values()), {}).get("n_per_type", 0)
-    lines += ["", f"held-out questions, {n} per type, answer = most likely candidate "
-                  f"(chance 20%, knowing only what is present 33%)",
-              f"{'model':<26}{'colour':>8}{'shape':>8}{'left of':>9}{'all':>8}"]
+    types = (("color", "colour"), ("shape", "shape"), ("left", "left of"), ("all", "all"))
+    lines += ["", f"held-out questions, {n} per type, answer = most likely candidate, % ± "
+                  f"standard error (chance 20%, knowing only what is present 33%)",
+              f"{'model':<26}" + "".join(f"{label:>14}" for _, label in types)]
     for name, sc in summary["scores"].items():
-        lines.append(f"{name:<26}" + "".join(
-            f"{100 * sc[t]:>{w - 1}.1f}%" for t, w in (("color", 8), ("shape", 8),
-                                                     ("left", 9), ("all", 8))))
+        lines.append(f"{name:<26}" + "".join(_cell(sc, t, 14) for t, _ in types))
+    gain = summary.get("gain")
+    if gain:
+        lines.append(f"{'CompoDistill - LM only':<26}" + "".join(
+            f"{100 * gain[t]['diff']:+.1f} ± {100 * gain[t]['se']:.1f}".rjust(14)
+            for t, _ in types))
+        g = gain["all"]
+        z = g["diff"] / g["se"] if g["se"] > 0 else float("inf") * (g["diff"] > 0)
+        verdict = ("beats" if z > 2 else "does not beat")
+        lines.append(f"the distilled student {verdict} the LM-only one by more than twice the "
+                     f"paired standard error on all questions ({100 * g['diff']:+.1f} points, "
+                     f"{z:.1f} SE)")
+    for name, sc in summary["scores"].items():
+        low = [label for t, label in types[:3] if sc[t] <= CHANCE]
+        if low:
+            why = ("it has had only the warm-up, a stand-in for a pretrained LLM, and has not "
+                   "learnt to read the image" if "warm-up" in name else
+                   "its training was too short for these questions")
+            lines.append(f"{name}: {', '.join(low)} at or below chance (20%): {why}")
     phases = summary.get("phase_seconds", {})
     if phases:
         lines += ["", "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())

@@ -73,16 +73,50 @@ def grid_encoder(model, tokenizer):
 
 
 def encode_records(records: Sequence[dict], encoder, image_folder: str) -> list[dict]:
-    """Each record as ``{"input_ids", "labels", "pixel_values"}`` (one image per record)."""
+    """Each record as ``{"input_ids", "labels", "pixel_values", "look"}`` (one image per
+    record). ``look`` pairs each answer's row (the position that predicts its first token)
+    with its target cell, for records that carry ``target_cells``; else it is empty."""
     from ..data.records import parse_record
 
     out = []
     for i, rec in enumerate(records):
         messages, paths = parse_record(rec, f"record {i}", image_folder, encoder.image_token)
         enc = encoder.encode(messages)
+        labels = torch.as_tensor(enc["labels"])
+        supervised = (labels != -100).int()
+        starts = (supervised.diff(prepend=supervised.new_zeros(1)) == 1).nonzero()[:, 0]
+        cells = rec.get("target_cells") or []
+        if cells and len(cells) != len(starts):
+            raise ValueError(f"record {i} ({rec.get('id')}): {len(cells)} target_cells for "
+                             f"{len(starts)} answers")
         out.append({"input_ids": enc["input_ids"], "labels": enc["labels"],
-                    "pixel_values": encoder.load_images(paths)})
+                    "pixel_values": encoder.load_images(paths),
+                    "look": [(int(s) - 1, int(c)) for s, c in zip(starts, cells)]})
     return out
+
+
+def look_loss(attentions, input_ids: torch.Tensor, looks: list, image_token_id: int,
+              layers: Sequence[int]) -> torch.Tensor:
+    """Mean over answer rows and ``layers`` of ``-log`` (share of the row's head-mean image
+    attention on its target cell): the teacher-side loss that makes its answer rows look at
+    the object they answer about (docs/experiment.md, "A teacher that looks").
+
+    ``attentions``: the model's per-layer ``(B, H, N, N)`` attention probabilities;
+    ``looks[b]``: ``(row, cell)`` pairs of sample ``b``; image token ``c`` is cell ``c``."""
+    terms = []
+    for b, pairs in enumerate(looks):
+        if not pairs:
+            continue
+        vis = (input_ids[b] == image_token_id).nonzero()[:, 0]
+        rows = torch.tensor([r for r, _ in pairs], device=input_ids.device)
+        cells = torch.tensor([c for _, c in pairs], device=input_ids.device)
+        for layer in layers:
+            img = attentions[layer][b].mean(0)[rows][:, vis]  # (answers, cells)
+            share = img.gather(1, cells[:, None])[:, 0] / img.sum(-1).clamp_min(1e-12)
+            terms.append(-share.clamp_min(1e-6).log())
+    if not terms:
+        return attentions[0].new_zeros(())
+    return torch.cat(terms).mean()
 
 
 def _batches(features: list[dict], batch_size: int, steps: int, seed: int, pad_id: int):
@@ -96,13 +130,17 @@ def _batches(features: list[dict], batch_size: int, steps: int, seed: int, pad_i
         if len(order) < batch_size:
             order += torch.randperm(len(features), generator=gen).tolist()
         picked, order = order[:batch_size], order[batch_size:]
-        yield collate([features[i] for i in picked])
+        batch = collate([features[i] for i in picked])
+        batch["look"] = [features[i].get("look", []) for i in picked]
+        yield batch
 
 
 def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_size: int,
                 lr: float, pad_id: int, seed: int = 0, teacher: nn.Module | None = None,
                 kd: float = 0.0, vat: float = 0.0, vat_layers: tuple | None = None,
-                shuffle_maps: bool = False, warmup: float = 0.05,
+                shuffle_maps: bool = False, vat_query: str = "text", warmup: float = 0.05,
+                look: float = 0.0,
+                look_layers: Sequence[int] = (),
                 callback: Callable[[int, dict], None] | None = None) -> dict:
     """Train ``model`` for ``steps`` AdamW steps (cosine lr): every parameter that requires a
     gradient, except the vision tower, which is always frozen.
@@ -114,6 +152,9 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
             student layer's target is the mean of its window of teacher layers).
         shuffle_maps: the control: VAT targets from the teacher run on the batch's images
             rolled by one sample (needs a batch of at least 2).
+        look, look_layers: weight and layers of :func:`look_loss` (teacher training: the
+            answer rows' attention pulled onto their target cells; needs features with
+            ``look`` pairs, from records with ``target_cells``). Runs eager attention.
         callback: called as ``callback(step, losses)`` after every step.
 
     Returns the mean losses over the last 10% of the steps, and the seconds taken.
@@ -130,6 +171,15 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
         raise ValueError("vat needs vat_layers=(student_layers, teacher_layers)")
     if shuffle_maps and batch_size < 2:
         raise ValueError(f"shuffle_maps needs batch_size >= 2, got {batch_size}")
+    n_layers = model.config.text_config.num_hidden_layers
+    if look and (not look_layers or not all(0 <= i < n_layers for i in look_layers)):
+        raise ValueError(f"look needs look_layers in [0, {n_layers}), got {list(look_layers)}")
+    if look and (kd or vat):
+        raise ValueError("look is for a model's own training: not with kd/vat")
+    impl = model.config.text_config._attn_implementation
+    if look:
+        # output_attentions needs the eager probabilities (tiny models: cheap)
+        model.set_attn_implementation({"text_config": "eager"})
     torch.manual_seed(seed)
     # The shared vision tower never trains (a model loaded from disk has it unfrozen again).
     model.model.vision_tower.requires_grad_(False)
@@ -155,7 +205,11 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
                 h_t = teacher.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
                                     use_cache=False).last_hidden_state
         if distiller is not None:
-            with distiller.capture(ids, attention_mask=mask) as cap:
+            rows = None
+            if vat_query == "response":  # the rows that predict an answer token
+                rows = torch.zeros_like(mask, dtype=torch.bool)
+                rows[:, :-1] = batch["labels"][:, 1:] != -100
+            with distiller.capture(ids, attention_mask=mask, query=rows) as cap:
                 with torch.no_grad():
                     t_pixels = pixels.roll(1, 0) if shuffle_maps else pixels
                     t_out = teacher.model(input_ids=ids, attention_mask=mask,
@@ -166,9 +220,9 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
                                   use_cache=False).last_hidden_state
             vat_loss = cap.loss()
         else:
-            h_s = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
-                              use_cache=False).last_hidden_state
-            vat_loss = None
+            out = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                              use_cache=False, output_attentions=bool(look))
+            h_s, vat_loss = out.last_hidden_state, None
         if kd:
             total, parts = linear_distillation_loss(
                 h_s, model.lm_head.weight, h_t, teacher.lm_head.weight, labels, loss="kl",
@@ -183,6 +237,11 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
         if vat_loss is not None:
             total = total + vat * vat_loss
             losses["vat"] = float(vat_loss.detach())
+        if look:
+            look_term = look_loss(out.attentions, ids, batch["look"],
+                                  model.config.image_token_id, look_layers)
+            total = total + look * look_term
+            losses["look"] = float(look_term.detach())
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -193,6 +252,8 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
         if callback is not None:
             callback(step, losses)
     model.eval()
+    if look:
+        model.set_attn_implementation({"text_config": impl})
     final = {k: round(sum(t[k] for t in tail) / len(tail), 4) for k in tail[-1]} if tail else {}
     return {"final_losses": final, "seconds": round(time.perf_counter() - start, 1)}
 

@@ -150,8 +150,8 @@ def question(kind: str, scene: GridScene, obj: GridObject) -> dict:
     raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
 
 
-def dense_turns(scene: GridScene, rng: random.Random) -> list[tuple[str, str]]:
-    """The turns of one dense question record: a colour or shape question about each object
+def dense_turns(scene: GridScene, rng: random.Random) -> list[tuple[str, str, int]]:
+    """The ``(question, answer, target_cell)`` turns of one dense question record: a colour or shape question about each object
     (in a random order; never both about the same object, so no answer gives another away),
     and the ``left`` question at a random place. The caption is a record of its own: after the questions its
     words would be copied from the answers, and a prototype that ended every record with it
@@ -159,21 +159,26 @@ def dense_turns(scene: GridScene, rng: random.Random) -> list[tuple[str, str]]:
     turns = []
     for obj in rng.sample(scene.objects, OBJECTS):
         q = question(rng.choice(("color", "shape")), scene, obj)
-        turns.append((q["question"], q["answer"]))
+        turns.append((q["question"], q["answer"], q["target_cell"]))
     asked, _ = rng.choice(scene.left_questions())
     q = question("left", scene, asked)
     # At a random place: always last, after every object's answer, a prototype teacher learnt
     # it from the earlier answers and failed it when asked alone.
-    turns.insert(rng.randrange(len(turns) + 1), (q["question"], q["answer"]))
+    turns.insert(rng.randrange(len(turns) + 1), (q["question"], q["answer"], q["target_cell"]))
     return turns
 
 
-def _record(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
+def _record(rid: str, image: str, turns: list[tuple]) -> dict:
+    """A LLaVA record; turns with a third element also give ``target_cells``, the target cell
+    of each answer in order (what the teacher's attention target is made from)."""
     conv = []
-    for j, (q, a) in enumerate(turns):
+    for j, (q, a, *_) in enumerate(turns):
         conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q},
                  {"from": "gpt", "value": a}]
-    return {"id": rid, "image": image, "conversations": conv}
+    record = {"id": rid, "image": image, "conversations": conv}
+    if turns and all(len(t) == 3 for t in turns):
+        record["target_cells"] = [t[2] for t in turns]
+    return record
 
 
 def _scene(seed: int, split: str, i: int) -> tuple[GridScene, random.Random]:
@@ -186,7 +191,8 @@ def generate_grid_task(out: str, num_train: int = 1000, num_eval: int = 600, see
     """Write the grid task to ``out`` and return its file paths.
 
     Files: ``images/*.png``; ``train.json`` (LLaVA format, two records per training image,
-    in image order: ``train_<i>_q``, the dense questions, and ``train_<i>_c``, the caption); ``questions.json`` (one question of each type per eval image: ``image``,
+    in image order: ``train_<i>_q``, the dense questions, with ``target_cells``, the cell of
+    each answer's object, and ``train_<i>_c``, the caption); ``questions.json`` (one question of each type per eval image: ``image``,
     ``question``, ``answer``, ``candidates``, ``question_type``, ``target_cell``);
     ``cr_eval.json`` (one item per CR category per eval image: ``image``, ``caption``,
     ``negative_caption``, ``category``); ``meta.json``. Image paths are relative to ``out``.

@@ -36,6 +36,28 @@ def with_se(correct: Sequence[float]) -> dict:
     return {"acc": p, "se": math.sqrt(p * (1 - p) / n) if n else float("nan"), "n": n}
 
 
+def paired_difference(items: Sequence[dict], preds_a: Sequence[str],
+                      preds_b: Sequence[str]) -> dict:
+    """Accuracy of model A minus model B on the same questions, per ``question_type`` and
+    ``"all"``: ``{"diff", "se", "n"}``, with the paired standard error (the sample standard
+    deviation of the per-question differences over sqrt(n)): both models answer the same
+    questions, so the question-to-question spread they share cancels."""
+    if not len(items) == len(preds_a) == len(preds_b):
+        raise ValueError(f"paired_difference: {len(items)} items but {len(preds_a)} and "
+                         f"{len(preds_b)} predictions")
+    by_type = defaultdict(list)
+    for it, a, b in zip(items, preds_a, preds_b):
+        by_type[it["question_type"]].append(float(a == it["answer"]) - float(b == it["answer"]))
+    by_type["all"] = [d for v in list(by_type.values()) for d in v]
+    out = {}
+    for t, d in by_type.items():
+        n = len(d)
+        mean = sum(d) / n
+        var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else float("nan")
+        out[t] = {"diff": mean, "se": math.sqrt(var / n), "n": n}
+    return out
+
+
 def _image(item: dict, image_folder: str) -> str:
     return os.path.join(image_folder, item["image"])
 

@@ -98,3 +98,7 @@ def check_cacheable(config) -> None:
         raise ConfigError("teacher.cache", "vat.matching 'adaptive' picks a teacher layer per "
                                            "step from the student's maps; use 'group' or "
                                            "'simple' with a cache")
+    if config.vat.query == "response" and any(s.weights.vat for s in config.stages):
+        raise ConfigError("vat.query", "'response' rows come from each batch's labels and the "
+                                       "cache does not store maps for them yet; use 'all', "
+                                       "'visual' or 'text' with a cache, or the teacher online")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..hf.distiller import AttentionDistiller
+from ..visual_attention import response_rows
 from ..hf.families import connector_of
 from ..data.family_inputs import family_inputs
 from ..logit_kd.linear import linear_distillation_loss
@@ -159,7 +160,9 @@ class StageLosses:
                 llava_core(student), teacher,
                 image_token_id=llava_core(student).config.image_token_id,
                 student_layers=v.student_layers, teacher_layers=v.teacher_layers,
-                preset=v.preset, matching=v.matching, query=v.query, loss=v.loss,
+                preset=v.preset, matching=v.matching,
+                # "response" rows come from each batch's labels (capture's query=)
+                query="text" if v.query == "response" else v.query, loss=v.loss,
                 cosine=v.cosine, distribution=v.distribution, layer_reduction=v.layer_reduction)
 
     def _teacher_hidden(self, batch) -> torch.Tensor:
@@ -198,8 +201,10 @@ class StageLosses:
 
     def __call__(self, prepared: nn.Module, batch: dict) -> dict:
         w = self.stage.weights
+        rows = (response_rows(batch["labels"]) if self.config.vat.query == "response"
+                else None)
         capture = (self.distiller.capture(batch["input_ids"],
-                                          attention_mask=batch["attention_mask"])
+                                          attention_mask=batch["attention_mask"], query=rows)
                    if self.distiller else None)
         labels, h_t, h_s, cap = self.forwards(prepared, batch, capture)
         head_s = lm_head(self.student)

@@ -9,11 +9,12 @@ the alignment losses on it, without an N×N matrix (definitions: docs/visual_att
   :mod:`compodistill.kernels`).
 """
 from .api import visual_attention_loss, visual_attention_maps
-from .layout import QUERY_MODES, QueryArg, VisualArg, VisualLayout, spans_to_mask, visual_layout
+from .layout import (QUERY_MODES, QueryArg, VisualArg, VisualLayout, response_rows, spans_to_mask,
+                     visual_layout)
 from .module import VisualAttentionLoss
 from .map_losses import (COSINE_MODES, DISTRIBUTIONS, LOSSES, REDUCTIONS, check_map_loss_options,
                          visual_map_loss)
 
 __all__ = ["VisualAttentionLoss", "visual_attention_maps", "visual_attention_loss",
-           "visual_map_loss", "visual_layout", "spans_to_mask", "VisualLayout", "QueryArg", "VisualArg", "QUERY_MODES", "LOSSES",
+           "visual_map_loss", "visual_layout", "spans_to_mask", "response_rows", "VisualLayout", "QueryArg", "VisualArg", "QUERY_MODES", "LOSSES",
            "COSINE_MODES", "DISTRIBUTIONS", "REDUCTIONS", "check_map_loss_options"]

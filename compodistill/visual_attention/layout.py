@@ -106,6 +106,19 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def response_rows(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The (B, N) bool query rows that predict a response token: row ``i`` when
+    ``labels[b, i + 1]`` is supervised (labels as the data gives them, not yet shifted).
+    These are the rows where a model produces its answer, the ones whose attention says
+    where it looked for it (``vat.query: response``, docs/visual_attention.md)."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        raise ValueError(f"response_rows: labels must be a (B, N) tensor, got "
+                         f"{getattr(labels, 'shape', type(labels).__name__)}")
+    rows = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    rows[:, :-1] = labels[:, 1:] != ignore_index
+    return rows
+
+
 def spans_to_mask(spans: Spans, batch_size: int, seq_len: int,
                   device: torch.device | str | None = None) -> torch.Tensor:
     """Turn per-sample ``[(start, end), ...]`` spans (end exclusive) into a (B, N) bool mask.
