@@ -176,7 +176,8 @@ def _run(out: Path, opts: dict, progress: bool) -> dict:
     # 2. the teacher, shipped or trained here on the dense question records (what it must
     #    ground), with its answer rows' attention pulled onto the answer's cell.
     shipped = opts["teacher_steps"] == 0
-    what = ("the shipped pretrained teacher (4 layers, width 64), scored on held-out questions"
+    what = ("the shipped pretrained teacher (4 layers, width 64) and where its answer rows "
+            "look, per layer"
             if shipped else f"{opts['teacher_steps']} steps of LM training of the teacher "
             f"(4 layers, width 64; the vision tower stays frozen) with its answer rows' "
             f"attention pulled onto the answer's cell in layer {LOOK_LAYERS}")
