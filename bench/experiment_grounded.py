@@ -18,8 +18,8 @@ Details and the reading of the result: docs/experiment.md. One invocation:
 4. evaluates every model (600 questions per type, 600 CR pairs per category, standard
    errors), writes one CSV row per model with provenance, a plot (accuracy vs records per
    variant with error bars; attention on the target per layer), and states the claim
-   check: KD+VAT beats KD by more than two seed standard deviations at the smallest size,
-   and the shuffled control does not.
+   check of docs/experiment.md ("Protocol"): holds, clean null or inconclusive, with the
+   Welch tests, 90% intervals and the Holm-corrected secondary contrasts.
 
     python bench/experiment_grounded.py               # the full run (~40 min on 2 idle cores)
     python bench/experiment_grounded.py --quick       # smoke version (CI: tests/test_experiment_grounded.py)
