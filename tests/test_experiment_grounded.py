@@ -217,3 +217,34 @@ def test_replot_of_the_committed_csv_gives_the_decision(tmp_path):
     first = out["claims"][0]
     assert abs(first["vs_kd"]["diff"] - 0.053) < 0.001
     assert first["vs_kd"]["ci"][0] < 0 < 0.05 < first["vs_kd"]["ci"][1]
+
+
+def test_turn_target_cells_and_answer_rows(tmp_path):
+    """Target cells read from the pixels agree with the generator's own (held-out questions),
+    and every dense record gets one cell per question turn; answer rows are the last prompt
+    row of each supervised span; the oracle map is one-hot on them."""
+    from compodistill.apps import grounded_rows as gr
+    from compodistill.data.grid_task import generate_grid_task
+    from compodistill.visual_attention.layout import visual_layout
+
+    generate_grid_task(str(tmp_path), num_train=4, num_eval=20, seed=0)
+    items = json.loads((tmp_path / "questions.json").read_text())
+    for it in items:
+        rec = {"image": it["image"], "conversations": [
+            {"from": "human", "value": it["question"]}, {"from": "gpt", "value": it["answer"]}]}
+        assert gr.turn_target_cells(rec, str(tmp_path)) == [it["target_cell"]], it["id"]
+    train = json.loads((tmp_path / "train.json").read_text())
+    dense = gr.turn_target_cells(train[0], str(tmp_path))
+    assert len(dense) == 4 and None not in dense
+    assert gr.turn_target_cells(train[1], str(tmp_path)) == [None]  # the caption
+    labels = torch.tensor([[-100, -100, 7, 8, -100, -100, 9, -100],
+                           [-100, 5, -100, -100, -100, -100, -100, -100]])
+    rows = gr.answer_rows(labels)
+    assert rows.nonzero().tolist() == [[0, 1], [0, 5], [1, 0]]
+    vis = torch.zeros(2, 8, dtype=torch.bool)
+    vis[:, 0] = True
+    layout = visual_layout(vis, 2, 8, query=rows)
+    oracle = gr.onehot_targets(layout, [[0, None], [0]])
+    assert oracle.shape == (2, 2, 1) and oracle.sum() == 2 and oracle[0, 1].sum() == 0
+    with pytest.raises(ValueError, match="sample 1 has 2 target cells for 1"):
+        gr.onehot_targets(layout, [[0, 0], [0, 0]])
