@@ -10,18 +10,20 @@ Details and the reading of the result: docs/experiment.md. One invocation:
    trained (exit status 3). Its attention on the target cell is measured per layer and per
    query row (question words, answer position); VAT distils only the teacher layers where
    the answer row concentrates (share on the target cell ≥ ``--concentration`` × uniform);
-3. trains students on the first 250 and 1,000 records (``--sizes``) with one fixed step
-   budget, per seed and variant: SFT; KD; KD+VAT; KD+VAT+TAF; KD+VAT with the teacher's maps
-   taken on another sample's image (``kd+vat-shuffled``, the control for plain
-   regularisation); optionally ``kd+vat-onehot`` (an upper bound: one-hot maps on the target
-   cell of every answer row);
+3. gates on the teacher's attention too (answer-row share on the target cell >=
+   ``--attention-gate`` in each distilled teacher layer), then trains students on the first
+   1,000 training images (``--sizes``) with one fixed step budget, per seed and arm: KD,
+   KD+VAT and KD+VAT with the teacher's maps taken on another sample's image
+   (``kd+vat-shuffled``, the control for plain regularisation) with 10 seeds; KD+TAF,
+   KD+TAF+VAT and SFT with 4; ``kd+vat-oracle`` (one-hot maps on the target cell, the
+   positive control) is refused until its target is built;
 4. evaluates every model (600 questions per type, 600 CR pairs per category, standard
    errors), writes one CSV row per model with provenance, a plot (accuracy vs records per
    variant with error bars; attention on the target per layer), and states the claim
    check of docs/experiment.md ("Protocol"): holds, clean null or inconclusive, with the
    Welch tests, 90% intervals and the Holm-corrected secondary contrasts.
 
-    python bench/experiment_grounded.py               # the full run (~40 min on 2 idle cores)
+    python bench/experiment_grounded.py               # the full run (not timed yet)
     python bench/experiment_grounded.py --quick       # smoke version (CI: tests/test_experiment_grounded.py)
 
 Finished runs are kept under ``--out`` and reused when the command is started again.
