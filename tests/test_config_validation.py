@@ -75,7 +75,8 @@ def test_config_choices_equal_the_losses_choices():
     assert cfg.VAT_DISTRIBUTIONS == map_losses.DISTRIBUTIONS
     assert cfg.VAT_MATCHING == matching.MODES
     assert cfg.VAT_PRESETS == matching.PRESETS
-    assert cfg.VAT_QUERIES == QUERY_MODES
+    # plus "response", which the trainer makes from each batch's labels (a row mask)
+    assert cfg.VAT_QUERIES == (*QUERY_MODES, "response")
 
 
 def test_shipped_configs_load():

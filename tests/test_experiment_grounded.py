@@ -236,6 +236,8 @@ def test_turn_target_cells_and_answer_rows(tmp_path):
     train = json.loads((tmp_path / "train.json").read_text())
     dense = gr.turn_target_cells(train[0], str(tmp_path))
     assert len(dense) == 4 and None not in dense
+    for rec in train[0::2]:  # the generator's own target_cells, read back from the pixels
+        assert gr.turn_target_cells(rec, str(tmp_path)) == rec["target_cells"], rec["id"]
     assert gr.turn_target_cells(train[1], str(tmp_path)) == [None]  # the caption
     labels = torch.tensor([[-100, -100, 7, 8, -100, -100, 9, -100],
                            [-100, 5, -100, -100, -100, -100, -100, -100]])
