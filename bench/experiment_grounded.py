@@ -68,7 +68,7 @@ NOT_BUILT = {"kd+vat-oracle"}
 
 FULL = dict(teacher_images=3000, sizes=[1000], num_eval=600, teacher_hidden=64,
             teacher_layers=4, teacher_steps=2500, teacher_lr=1e-3, teacher_batch=32,
-            teacher_extra_steps=1500, teacher_extra_rounds=2,
+            teacher_extra_steps=1500, teacher_extra_rounds=2, teacher_look=1.0,
             student_hidden=64, student_layers=2, student_steps=600, student_lr=1e-3,
             student_batch=16, seeds=list(range(10)),
             variants=[v for v in VARIANTS if v not in NOT_BUILT], gate=0.9, attention_gate=0.6,
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the seed list; each arm runs its first `seeds` of the protocol "
                         "(10 for kd, kd+vat, shuffled; 4 for the others)")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
+    p.add_argument("--teacher-look-layers", type=int, nargs="+", default=None,
+                   help="teacher layers whose answer rows --teacher-look pulls onto the "
+                        "target cell (default: --vat-teacher-layers, else the upper half)")
     p.add_argument("--vat-teacher-layers", type=int, nargs="+", default=None,
                    help="teacher layers VAT distils (the protocol: 2 3); default: where the "
                         "teacher concentrates (--concentration)")
@@ -117,6 +120,12 @@ def resolve(args: argparse.Namespace) -> dict:
         out / "experiment_grounded.csv" if args.quick else RESULTS_DIR / "experiment_grounded.csv")
     opts["plot"] = opts["csv"].with_suffix(".png")
     opts["vat_teacher_layers"] = args.vat_teacher_layers
+    n = opts["teacher_layers"]
+    opts["teacher_look_layers"] = (args.teacher_look_layers or args.vat_teacher_layers
+                                   or list(range(n // 2, n)))
+    if not all(0 <= k < n for k in opts["teacher_look_layers"]):
+        raise SystemExit(f"--teacher-look-layers {opts['teacher_look_layers']}: the teacher "
+                         f"has layers 0..{n - 1}")
     built = [v for v in opts["variants"] if v in NOT_BUILT]
     if built:
         raise SystemExit(f"--variants: {built} not built yet (docs/experiment.md, \"Status of "
@@ -180,13 +189,19 @@ def train_teacher(opts: dict, data: dict, tokenizer):
     from compodistill.hf.llava import load_student
 
     folder = opts["out"] / "teacher"
+    # The auxiliary loss on the teacher's own training (apps/grounded.py, look_loss): its
+    # answer rows' head-mean image attention pulled onto the target cell in these layers.
+    look = {"weight": opts["teacher_look"], "layers": opts["teacher_look_layers"]}
     if (folder / "row.json").exists():
         teacher, row = load_student(str(folder)), json.loads((folder / "row.json").read_text())
+        if row.get("look") != look:
+            raise SystemExit(f"{folder} holds a teacher trained with look {row.get('look')}, "
+                             f"not {look}; use another --out")
     else:
         _, teacher = grid_models(len(tokenizer), teacher_hidden=opts["teacher_hidden"],
                                  teacher_layers=opts["teacher_layers"], seed=0)
         row = {"variant": "teacher", "records": opts["teacher_images"], "seed": 0,
-               "train_seconds": 0.0, "rounds": []}
+               "train_seconds": 0.0, "rounds": [], "look": look}
     encoder = grid_encoder(teacher, tokenizer)
     feats = None
     plan = [(opts["teacher_steps"], opts["teacher_lr"])] + \
@@ -203,7 +218,8 @@ def train_teacher(opts: dict, data: dict, tokenizer):
                 log(f"teacher round {k + 1} step {step}/{steps} lm {losses['lm']:.3f}")
 
         res = train_model(teacher, feats, steps=steps, batch_size=opts["teacher_batch"],
-                          lr=lr, pad_id=tokenizer.pad_token_id, seed=k, callback=progress)
+                          lr=lr, pad_id=tokenizer.pad_token_id, seed=k, callback=progress,
+                          look=look["weight"], look_layers=look["layers"])
         row.update(evaluate(teacher, encoder, data, opts), final_losses=res["final_losses"])
         row["train_seconds"] = round(row["train_seconds"] + res["seconds"], 1)
         row["rounds"].append({"steps": steps, "lr": lr, **{
@@ -261,7 +277,7 @@ def run_student(job: dict) -> dict:
                       pad_id=tokenizer.pad_token_id, seed=job["seed"],
                       teacher=teacher if spec["kd"] or spec["vat"] else None,
                       kd=spec["kd"], vat=spec["vat"], vat_layers=job["vat_layers"],
-                      shuffle_maps=spec["maps"] == "shuffled")
+                      shuffle_maps=spec["maps"] == "shuffled", vat_query="response")
     row = {"variant": job["variant"], "records": job["records"], "seed": job["seed"],
            "train_seconds": res["seconds"], "final_losses": res["final_losses"],
            "vat_student_layers": job["vat_layers"][0], "vat_teacher_layers": job["vat_layers"][1],

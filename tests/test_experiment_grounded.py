@@ -27,6 +27,11 @@ def test_smoke_run_writes_csv_plot_and_claims(tmp_path):
         assert 0 <= float(r["q_all"]) <= 1 and float(r["q_all_se"]) >= 0
         assert len(json.loads(r["att_answer"])) == 2  # both quick models have 2 layers
     assert (tmp_path / "experiment_grounded.png").stat().st_size > 10_000
+    # The teacher trained with the auxiliary attention loss (look) on its upper half (layer 1
+    # of the quick 2-layer teacher); the students' VAT rows are the response rows.
+    teacher = json.loads((tmp_path / "teacher" / "row.json").read_text())
+    assert teacher["look"] == {"weight": 1.0, "layers": [1]}
+    assert teacher["final_losses"]["look"] > 0
     verdict = result["claims"][0]
     assert verdict["size"] == 8 and verdict["verdict"] in ("holds", "inconclusive", "null")
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -40,6 +45,14 @@ def test_smoke_run_writes_csv_plot_and_claims(tmp_path):
     assert ex.main(argv + ["--replot"]) == 0
     assert (tmp_path / "experiment_grounded.png").stat().st_size > 10_000
     assert ex.replot(tmp_path / "experiment_grounded.csv")["table"] == result["table"]
+
+
+def test_teacher_look_options_are_checked(tmp_path):
+    args = ex.build_parser().parse_args(["--quick", "--teacher-look-layers", "5"])
+    with pytest.raises(SystemExit, match=r"--teacher-look-layers \[5\]: the teacher has layers 0..1"):
+        ex.resolve(args)
+    opts = ex.resolve(ex.build_parser().parse_args(["--quick", "--vat-teacher-layers", "0"]))
+    assert opts["teacher_look_layers"] == [0]  # the look follows the distilled layers
 
 
 def test_gate_stops_before_students(tmp_path):

@@ -10,8 +10,9 @@ one-hot target and the teacher's auxiliary attention loss (docs/experiment.md, "
 - :func:`onehot_targets`: a (B, Qmax, Vmax) one-hot map on each answer row's target cell, in
   a :class:`VisualLayout` gathered with that mask (the oracle arm's VAT target).
 
-Not wired into :func:`compodistill.apps.grounded.train_model` yet (docs/experiment.md,
-"Status of the protocol's code").
+Training uses the records' own ``target_cells`` and the response rows
+(:func:`compodistill.apps.grounded.train_model`); these readers are the independent check and
+the oracle arm's pieces, not wired yet (docs/experiment.md, "Status of the protocol's code").
 """
 from __future__ import annotations
 
