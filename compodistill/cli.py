@@ -14,7 +14,7 @@ from .apps.console import quiet_libraries, reliance_text
 DESCRIPTION = """\
 Fused visual-attention distillation of vision-language models.
 
-  compodistill demo                       a whole distillation on a tiny model pair (CPU)
+  compodistill demo                       distilled vs LM-only student on a tiny task (CPU)
   compodistill train --config FILE        run a config's recipe (see configs/)
   compodistill teacher-cache --config FILE
                                           the teacher's targets to disk, to train without it
@@ -116,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", parents=[common],
                           help="a whole CompoDistill run on a tiny model pair (CPU)",
-                          description="The grid task (three coloured shapes on a 3x3 grid), a "
-                                      "tiny teacher and student sharing a frozen vision tower, "
-                                      "teacher training, DPT -> DFT -> SFT with TAF, KD and "
-                                      "VAT, then held-out questions scored by candidate "
-                                      "likelihood. Prints each phase, an estimate of the time "
-                                      "left and the total time.")
+                          description="The grid task (three coloured shapes on a 3x3 grid), "
+                                      "the shipped tiny pretrained teacher, and two students "
+                                      "from one warm-up with the same DPT -> DFT -> SFT "
+                                      "stages: LM loss only, and CompoDistill (TAF, KD, VAT). "
+                                      "Held-out questions scored by candidate likelihood, with "
+                                      "standard errors and the distilled student's paired "
+                                      "gain. Prints each phase, an estimate of the time left "
+                                      "and the total time.")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     for key, value in DEFAULTS.items():
         demo.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(value), default=None,
