@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,37 +20,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-@torch.no_grad()
 def head_shares(model, encoder, items, image_folder: str) -> list[list[float]]:
     """``[layer][head]`` mean answer-row share on the target cell (eager attention)."""
-    from compodistill.data.collate import LlavaCollator
+    from compodistill.eval.grid import target_attention
 
-    cfg = model.config
-    tok = encoder.tokenizer
-    collate = LlavaCollator(tok.pad_token_id, padding_side="left")
-    impl = cfg.text_config._attn_implementation
-    model.set_attn_implementation({"text_config": "eager"})
-    model.eval()
-    sums = None
-    try:
-        for start in range(0, len(items), 32):
-            chunk = items[start:start + 32]
-            feats = [encoder.encode_prompt(it["question"], [os.path.join(image_folder,
-                                                                         it["image"])])
-                     for it in chunk]
-            batch = collate(feats)
-            out = model(**batch, output_attentions=True)
-            for b, it in enumerate(chunk):
-                vis = (batch["input_ids"][b] == cfg.image_token_id).nonzero()[:, 0]
-                per = []
-                for att in out.attentions:
-                    img = att[b, :, -1, vis].float()  # (heads, cells), answer row
-                    per.append((img[:, it["target_cell"]] / img.sum(-1).clamp_min(1e-12)))
-                per = torch.stack(per)
-                sums = per if sums is None else sums + per
-    finally:
-        model.set_attn_implementation({"text_config": impl})
-    return (sums / len(items)).tolist()
+    return target_attention(model, encoder, items, image_folder)["answer_per_head"]
 
 
 def main(argv=None) -> int:

@@ -91,6 +91,9 @@ def test_target_share_from_the_attention_matrix(setup):
         assert res["answer"][layer] == pytest.approx(float(row[q["target_cell"]] / row.sum()),
                                                      abs=1e-4)
         assert res["image_mass_answer"][layer] == pytest.approx(float(row.sum()), abs=1e-4)
+        heads = att[0][:, -1, vis]
+        assert res["answer_per_head"][layer] == pytest.approx(
+            (heads[:, q["target_cell"]] / heads.sum(-1)).tolist(), abs=1e-4)
     assert res["uniform"] == pytest.approx(1 / 9, abs=1e-4)
     assert len(res["question"]) == len(out.attentions)
 

@@ -151,7 +151,7 @@ ARMS = {
 
 def _run(out: Path, opts: dict, progress: bool) -> dict:
     from ..eval.grid import paired_difference, score_questions, target_attention
-    from .grounded import encode_records, grid_encoder
+    from .grounded import concentrated_layers, encode_records, grid_encoder
     from ..hf.llava import load_student
     from ..train.config import config_from_dict
     from ..train.trainer import CompoDistillTrainer
@@ -201,9 +201,8 @@ def _run(out: Path, opts: dict, progress: bool) -> dict:
                 num_images=opts["num_images"]), indent=1))
         att = target_attention(teacher, grid_encoder(teacher, tokenizer), questions[:60],
                                data["image_folder"])
-        sharp = [i for i, a in enumerate(att["answer"]) if a >= SHARP]
-        vat_layers = ([STUDENT["student_layers"] - 1],
-                      sharp or [max(range(len(att["answer"])), key=att["answer"].__getitem__)])
+        vat_layers = concentrated_layers(att, STUDENT["student_layers"],
+                                         SHARP / att["uniform"])
 
     # 3. the student's warm-up: connector and language model on the LM loss. It stands in
     #    for the pretrained small LLM that real CompoDistill starts from.

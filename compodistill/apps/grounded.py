@@ -77,21 +77,20 @@ def encode_records(records: Sequence[dict], encoder, image_folder: str) -> list[
     record). ``look`` pairs each answer's row (the position that predicts its first token)
     with its target cell, for records that carry ``target_cells``; else it is empty."""
     from ..data.records import parse_record
+    from .grounded_rows import answer_rows
 
     out = []
     for i, rec in enumerate(records):
         messages, paths = parse_record(rec, f"record {i}", image_folder, encoder.image_token)
         enc = encoder.encode(messages)
-        labels = torch.as_tensor(enc["labels"])
-        supervised = (labels != -100).int()
-        starts = (supervised.diff(prepend=supervised.new_zeros(1)) == 1).nonzero()[:, 0]
+        rows = answer_rows(torch.as_tensor(enc["labels"])[None])[0].nonzero()[:, 0]
         cells = rec.get("target_cells") or []
-        if cells and len(cells) != len(starts):
+        if cells and len(cells) != len(rows):
             raise ValueError(f"record {i} ({rec.get('id')}): {len(cells)} target_cells for "
-                             f"{len(starts)} answers")
+                             f"{len(rows)} answers")
         out.append({"input_ids": enc["input_ids"], "labels": enc["labels"],
                     "pixel_values": encoder.load_images(paths),
-                    "look": [(int(s) - 1, int(c)) for s, c in zip(starts, cells)]})
+                    "look": [(int(r), int(c)) for r, c in zip(rows, cells)]})
     return out
 
 
@@ -99,7 +98,7 @@ def look_loss(attentions, input_ids: torch.Tensor, looks: list, image_token_id: 
               layers: Sequence[int]) -> torch.Tensor:
     """Mean over answer rows and ``layers`` of ``-log`` (share of the row's head-mean image
     attention on its target cell): the teacher-side loss that makes its answer rows look at
-    the object they answer about (docs/experiment.md, "A teacher that looks").
+    the object they answer about (docs/guide.md, "The shipped teacher").
 
     ``attentions``: the model's per-layer ``(B, H, N, N)`` attention probabilities;
     ``looks[b]``: ``(row, cell)`` pairs of sample ``b``; image token ``c`` is cell ``c``."""
@@ -152,6 +151,8 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
             student layer's target is the mean of its window of teacher layers).
         shuffle_maps: the control: VAT targets from the teacher run on the batch's images
             rolled by one sample (needs a batch of at least 2).
+        vat_query: VAT's query rows, ``"text"`` or ``"response"`` (the rows that predict a
+            response token, :func:`compodistill.visual_attention.response_rows`).
         look, look_layers: weight and layers of :func:`look_loss` (teacher training: the
             answer rows' attention pulled onto their target cells; needs features with
             ``look`` pairs, from records with ``target_cells``). Runs eager attention.
@@ -163,6 +164,7 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
 
     from ..hf.distiller import AttentionDistiller
     from ..logit_kd.from_logits import shift_labels
+    from ..visual_attention import response_rows
     from ..logit_kd.linear import linear_distillation_loss
 
     if (kd or vat) and teacher is None:
@@ -171,6 +173,8 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
         raise ValueError("vat needs vat_layers=(student_layers, teacher_layers)")
     if shuffle_maps and batch_size < 2:
         raise ValueError(f"shuffle_maps needs batch_size >= 2, got {batch_size}")
+    if vat_query not in ("text", "response"):
+        raise ValueError(f"vat_query must be 'text' or 'response', got {vat_query!r}")
     n_layers = model.config.text_config.num_hidden_layers
     if look and (not look_layers or not all(0 <= i < n_layers for i in look_layers)):
         raise ValueError(f"look needs look_layers in [0, {n_layers}), got {list(look_layers)}")
@@ -205,10 +209,7 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
                 h_t = teacher.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
                                     use_cache=False).last_hidden_state
         if distiller is not None:
-            rows = None
-            if vat_query == "response":  # the rows that predict an answer token
-                rows = torch.zeros_like(mask, dtype=torch.bool)
-                rows[:, :-1] = batch["labels"][:, 1:] != -100
+            rows = response_rows(batch["labels"]) if vat_query == "response" else None
             with distiller.capture(ids, attention_mask=mask, query=rows) as cap:
                 with torch.no_grad():
                     t_pixels = pixels.roll(1, 0) if shuffle_maps else pixels

@@ -135,9 +135,11 @@ def target_attention(model, encoder, items: Sequence[dict], image_folder: str, *
     """Share of image attention on the target cell, per layer, per query row kind.
 
     Returns ``{"question": [per layer], "answer": [per layer], "image_mass_answer": [per
-    layer], "uniform": 1 / cells, "n": items}``: ``question`` averages the rows of the
-    question's words, ``answer`` the last prompt row; ``image_mass_answer`` is the total
-    attention the answer row puts on the image tokens (how much it looks at all).
+    layer], "answer_per_head": [per layer][per head], "uniform": 1 / cells, "n": items}``:
+    ``question`` averages the rows of the question's words, ``answer`` the last prompt row
+    (head-mean attention); ``answer_per_head`` is the answer row's share in each head's own
+    attention (a sharp head that the mean hides shows here); ``image_mass_answer`` is the
+    total attention the answer row puts on the image tokens (how much it looks at all).
     """
     if getattr(encoder, "image_inputs", None) is not None:
         raise ValueError(f"target_attention: the grid cells are LLaVA's fixed image tokens; "
@@ -152,6 +154,7 @@ def target_attention(model, encoder, items: Sequence[dict], image_folder: str, *
     model.eval()
     device = model_device(model)
     sums: dict[str, list[float]] | None = None
+    heads: torch.Tensor | None = None
     try:
         for chunk in batched(items, batch_size):
             feats = [encoder.encode_prompt(it["question"], [_image(it, image_folder)])
@@ -174,6 +177,9 @@ def target_attention(model, encoder, items: Sequence[dict], image_folder: str, *
                         share = (img[:, it["target_cell"]] / img.sum(-1).clamp_min(1e-12))
                         layer_vals[kind].append(float(share.mean()))
                     layer_vals["image_mass_answer"].append(float(a[-1, vis].sum()))
+                img = torch.stack([att[b, :, -1, vis].float() for att in out.attentions])
+                per_head = img[..., it["target_cell"]] / img.sum(-1).clamp_min(1e-12)
+                heads = per_head if heads is None else heads + per_head  # (layers, heads)
                 if sums is None:
                     sums = {k: [0.0] * len(v) for k, v in layer_vals.items()}
                 for k, v in layer_vals.items():
@@ -182,4 +188,6 @@ def target_attention(model, encoder, items: Sequence[dict], image_folder: str, *
         model.set_attn_implementation({"text_config": impl})
     n = len(items)
     result = {k: [round(s / n, 4) for s in v] for k, v in (sums or {}).items()}
+    if heads is not None:
+        result["answer_per_head"] = [[round(x / n, 4) for x in layer] for layer in heads.tolist()]
     return {**result, "uniform": round(1 / cells, 4), "n": n}
