@@ -79,14 +79,65 @@ def test_welch_matches_the_t_table():
     assert abs(st.t_sf(-1.833, 9) - 0.95) < 2e-4
 
 
-def test_unbuilt_arms_are_refused():
-    with pytest.raises(SystemExit, match="kd\\+vat-oracle"):
-        ex.resolve(ex.build_parser().parse_args(["--quick", "--variants", "kd+vat-oracle"]))
+def test_every_protocol_arm_runs_by_default():
     full = ex.resolve(ex.build_parser().parse_args([]))
-    assert full["seeds"] == list(range(10)) and "kd+vat-oracle" not in full["variants"]
+    assert full["seeds"] == list(range(10)) and full["variants"] == list(ex.VARIANTS)
     assert {v: ex.VARIANTS[v]["seeds"] for v in ex.VARIANTS} == {
         "kd": 10, "kd+vat": 10, "kd+vat-shuffled": 10, "kd+vat-oracle": 4, "kd+taf": 4,
         "kd+taf+vat": 4, "sft": 4}
+    items = [{"category": c, "id": i} for i in range(150) for c in ("a", "b")]
+    sanity = ex.cr_sanity_set(items)
+    assert len(sanity) == 2 * ex.CR_PAIRS and {it["category"] for it in sanity} == {"a", "b"}
+
+
+def _look_features(tok, model, cells):
+    """One feature per cell: 3 prompt words, the 9 image tokens, a question word, the answer;
+    its answer row (12) looks at ``cell``."""
+    side = model.config.vision_config.image_size
+    gen = torch.Generator().manual_seed(0)
+    img = model.config.image_token_id
+    return [{"input_ids": [5] * 3 + [img] * 9 + [6, 7], "labels": [-100] * 13 + [7],
+             "pixel_values": torch.randn(1, 3, side, side, generator=gen),
+             "look": [(12, c)]} for c in cells]
+
+
+def _target_share(model, feats, layer):
+    ids = torch.tensor([f["input_ids"] for f in feats])
+    impl = model.config.text_config._attn_implementation
+    model.set_attn_implementation({"text_config": "eager"})
+    with torch.no_grad():
+        out = model.model(input_ids=ids, pixel_values=torch.cat([f["pixel_values"] for f in feats]),
+                          output_attentions=True, use_cache=False)
+    model.set_attn_implementation({"text_config": impl})
+    shares = []
+    for b, f in enumerate(feats):
+        (row, cell), = f["look"]
+        img = out.attentions[layer][b].mean(0)[row, 3:12]
+        shares.append(float(img[cell] / img.sum()))
+    return sum(shares) / len(shares)
+
+
+def test_oracle_arm_pulls_the_answer_row_onto_its_target_cell():
+    """vat_target="oracle": VAT's target is one-hot on each answer row's target cell, so the
+    student's answer rows learn to look there (a teacher that looks nowhere in particular
+    does not teach that); the rows are only the look rows (look_rows)."""
+    from compodistill.apps import grounded
+
+    tok = grounded.make_tokenizer([{"conversations": [{"value": "red"}]}])
+    student, teacher = grounded.grid_models(len(tok), teacher_hidden=16, teacher_layers=2,
+                                            student_hidden=16, student_layers=2)
+    feats = _look_features(tok, student, [2, 6, 2, 6])
+    rows = grounded.look_rows([f["look"] for f in feats], (4, 14))
+    assert rows.nonzero().tolist() == [[b, 12] for b in range(4)]
+    before = _target_share(student, feats, 1)
+    common = dict(steps=40, batch_size=4, lr=1e-2, pad_id=tok.pad_token_id, teacher=teacher,
+                  kd=0.0, vat=5.0, vat_layers=([1], [1]), vat_query="answer", seed=0)
+    taught = grounded.train_model(student, feats, vat_target="oracle", **common)
+    after = _target_share(student, feats, 1)
+    assert before < 0.2 and after > 0.6, (before, after)
+    assert taught["final_losses"]["vat"] < 0.4
+    with pytest.raises(ValueError, match="vat_target='oracle' needs vat_query='answer'"):
+        grounded.train_model(student, feats, vat_target="oracle", **{**common, "vat_query": "response"})
 
 
 def test_shuffled_control_takes_targets_from_other_images(monkeypatch):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 __all__ = ["grid_models", "encode_records", "train_model", "grid_encoder", "make_tokenizer",
-           "concentrated_layers"]
+           "concentrated_layers", "look_rows", "oracle_loss"]
 
 
 def make_tokenizer(records: Sequence[dict]):
@@ -137,8 +137,8 @@ def _batches(features: list[dict], batch_size: int, steps: int, seed: int, pad_i
 def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_size: int,
                 lr: float, pad_id: int, seed: int = 0, teacher: nn.Module | None = None,
                 kd: float = 0.0, vat: float = 0.0, vat_layers: tuple | None = None,
-                shuffle_maps: bool = False, vat_query: str = "text", warmup: float = 0.05,
-                look: float = 0.0,
+                shuffle_maps: bool = False, vat_query: str = "text", vat_target: str = "teacher",
+                warmup: float = 0.05, look: float = 0.0,
                 look_layers: Sequence[int] = (),
                 callback: Callable[[int, dict], None] | None = None) -> dict:
     """Train ``model`` for ``steps`` AdamW steps (cosine lr): every parameter that requires a
@@ -151,8 +151,14 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
             student layer's target is the mean of its window of teacher layers).
         shuffle_maps: the control: VAT targets from the teacher run on the batch's images
             rolled by one sample (needs a batch of at least 2).
-        vat_query: VAT's query rows, ``"text"`` or ``"response"`` (the rows that predict a
-            response token, :func:`compodistill.visual_attention.response_rows`).
+        vat_query: VAT's query rows: ``"text"``, ``"response"`` (the rows that predict a
+            response token, :func:`compodistill.visual_attention.response_rows`) or
+            ``"answer"`` (only the answer rows that have a target cell: the features'
+            ``look`` pairs; caption turns have none).
+        vat_target: ``"teacher"`` (the teacher's maps) or ``"oracle"`` (the positive control:
+            a one-hot map on each answer row's target cell,
+            :func:`grounded_rows.onehot_targets`; needs ``vat_query="answer"``). The
+            teacher still runs for KD.
         look, look_layers: weight and layers of :func:`look_loss` (teacher training: the
             answer rows' attention pulled onto their target cells; needs features with
             ``look`` pairs, from records with ``target_cells``). Runs eager attention.
@@ -173,8 +179,12 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
         raise ValueError("vat needs vat_layers=(student_layers, teacher_layers)")
     if shuffle_maps and batch_size < 2:
         raise ValueError(f"shuffle_maps needs batch_size >= 2, got {batch_size}")
-    if vat_query not in ("text", "response"):
-        raise ValueError(f"vat_query must be 'text' or 'response', got {vat_query!r}")
+    if vat_query not in ("text", "response", "answer"):
+        raise ValueError(f"vat_query must be 'text', 'response' or 'answer', got {vat_query!r}")
+    if vat_target not in ("teacher", "oracle"):
+        raise ValueError(f"vat_target must be 'teacher' or 'oracle', got {vat_target!r}")
+    if vat_target == "oracle" and (vat_query != "answer" or shuffle_maps):
+        raise ValueError("vat_target='oracle' needs vat_query='answer' and no shuffle_maps")
     n_layers = model.config.text_config.num_hidden_layers
     if look and (not look_layers or not all(0 <= i < n_layers for i in look_layers)):
         raise ValueError(f"look needs look_layers in [0, {n_layers}), got {list(look_layers)}")
@@ -209,7 +219,8 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
                 h_t = teacher.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
                                     use_cache=False).last_hidden_state
         if distiller is not None:
-            rows = response_rows(batch["labels"]) if vat_query == "response" else None
+            rows = (response_rows(batch["labels"]) if vat_query == "response" else
+                    look_rows(batch["look"], ids.shape) if vat_query == "answer" else None)
             with distiller.capture(ids, attention_mask=mask, query=rows) as cap:
                 with torch.no_grad():
                     t_pixels = pixels.roll(1, 0) if shuffle_maps else pixels
@@ -219,7 +230,8 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
                         h_t = t_out.last_hidden_state
                 h_s = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
                                   use_cache=False).last_hidden_state
-            vat_loss = cap.loss()
+            vat_loss = (oracle_loss(cap, distiller, batch["look"]) if vat_target == "oracle"
+                        else cap.loss())
         else:
             out = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
                               use_cache=False, output_attentions=bool(look))
@@ -257,6 +269,30 @@ def train_model(model: nn.Module, features: list[dict], *, steps: int, batch_siz
         model.set_attn_implementation({"text_config": impl})
     final = {k: round(sum(t[k] for t in tail) / len(tail), 4) for k in tail[-1]} if tail else {}
     return {"final_losses": final, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def look_rows(looks: list, shape) -> torch.Tensor:
+    """(B, N) bool: the rows of the ``look`` pairs (the answer rows with a target cell)."""
+    rows = torch.zeros(shape, dtype=torch.bool)
+    for b, pairs in enumerate(looks):
+        for r, _ in pairs:
+            rows[b, r] = True
+    return rows
+
+
+def oracle_loss(cap, distiller, looks: list) -> torch.Tensor:
+    """The VAT loss of the oracle arm: the distiller's map loss between the student's maps
+    and one-hot maps on each answer row's target cell, averaged over the matched layers.
+    ``cap`` was gathered with :func:`look_rows`, so its rows are the ``look`` rows in order."""
+    from ..visual_attention import visual_map_loss
+    from .grounded_rows import onehot_targets
+
+    cells = [[c for _, c in pairs] for pairs in looks]
+    terms = []
+    for _, student_map, _ in cap.layer_maps():
+        target = onehot_targets(cap.layout, cells).to(student_map)
+        terms.append(visual_map_loss(student_map, target, cap.layout, **distiller.loss_options))
+    return torch.stack(terms).mean()
 
 
 def concentrated_layers(attention: dict, student_layers: int, concentration: float = 2.0):
