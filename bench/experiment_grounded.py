@@ -68,7 +68,7 @@ CR_PAIRS = 100
 
 FULL = dict(teacher_images=3000, sizes=[1000], num_eval=600, teacher_hidden=64,
             teacher_layers=4, teacher_steps=2500, teacher_lr=1e-3, teacher_batch=32,
-            teacher_extra_steps=1500, teacher_extra_rounds=2, teacher_look=1.0,
+            teacher_extra_steps=1500, teacher_extra_rounds=4, teacher_look=1.0,
             student_hidden=64, student_layers=2, student_steps=600, student_lr=1e-3,
             student_batch=16, seeds=list(range(10)),
             variants=list(VARIANTS), gate=0.9, attention_gate=0.6,
