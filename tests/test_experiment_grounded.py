@@ -271,7 +271,7 @@ def test_secondary_contrasts_are_holm_corrected():
 def test_replot_of_the_committed_csv_gives_the_decision(tmp_path):
     import shutil
 
-    src = ex.RESULTS_DIR / "experiment_grounded.csv"
+    src = ex.RESULTS_DIR / "experiment_grounded_pilot.csv"
     shutil.copy(src, tmp_path / "e.csv")
     out = ex.replot(tmp_path / "e.csv")
     assert (tmp_path / "e.png").stat().st_size > 10_000
