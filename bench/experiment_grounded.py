@@ -23,7 +23,7 @@ Details and the reading of the result: docs/experiment.md. One invocation:
    check of docs/experiment.md ("Protocol"): holds, clean null or inconclusive, with the
    Welch tests, 90% intervals and the Holm-corrected secondary contrasts.
 
-    python bench/experiment_grounded.py               # the full run (not timed yet)
+    python bench/experiment_grounded.py               # the full run (20 min of students on 2 cores)
     python bench/experiment_grounded.py --quick       # smoke version (CI: tests/test_experiment_grounded.py)
 
 Finished runs are kept under ``--out`` and reused when the command is started again.
