@@ -207,8 +207,9 @@ def train_teacher(opts: dict, data: dict, tokenizer):
     else:
         _, teacher = grid_models(len(tokenizer), teacher_hidden=opts["teacher_hidden"],
                                  teacher_layers=opts["teacher_layers"], seed=0)
-        row = {"variant": "teacher", "records": opts["teacher_images"], "seed": 0, "threads": opts["teacher_threads"],
-               "train_seconds": 0.0, "rounds": [], "look": look}
+        row = {"variant": "teacher", "records": opts["teacher_images"], "seed": 0,
+               "threads": opts["teacher_threads"], "train_seconds": 0.0, "rounds": [],
+               "look": look}
     encoder = grid_encoder(teacher, tokenizer)
     feats = None
     plan = [(opts["teacher_steps"], opts["teacher_lr"])] + \
@@ -500,7 +501,7 @@ def run(opts: dict, argv: list[str]) -> dict:
     tokenizer = make_tokenizer(data["train"])
     log(f"data ready: {len(data['train'])} records, {len(data['questions'])} questions")
     teacher, trow = train_teacher(opts, data, tokenizer)
-    trow = {**base, **trow, "threads": trow.get("threads", opts["teacher_threads"])}
+    trow = {**base, **trow}  # the teacher row keeps the threads it trained with
     log("teacher: " + ", ".join(f"{t} {100 * trow['q_' + t]:.1f}% (se {100 * trow['q_' + t + '_se']:.1f})"
                                 for t in ("color", "shape", "left"))
         + f"; CR colour swap {100 * trow['cr_color_swap']:.1f}%, position swap "

@@ -282,17 +282,18 @@ def look_rows(looks: list, shape) -> torch.Tensor:
 
 def oracle_loss(cap, distiller, looks: list) -> torch.Tensor:
     """The VAT loss of the oracle arm: the distiller's map loss between the student's maps
-    and one-hot maps on each answer row's target cell, averaged over the matched layers.
+    and one-hot maps on each answer row's target cell (one target for every matched layer),
+    reduced over the layers as the distiller's ``layer_reduction`` says.
     ``cap`` was gathered with :func:`look_rows`, so its rows are the ``look`` rows in order."""
     from ..visual_attention import visual_map_loss
     from .grounded_rows import onehot_targets
 
-    cells = [[c for _, c in pairs] for pairs in looks]
-    terms = []
-    for _, student_map, _ in cap.layer_maps():
-        target = onehot_targets(cap.layout, cells).to(student_map)
-        terms.append(visual_map_loss(student_map, target, cap.layout, **distiller.loss_options))
-    return torch.stack(terms).mean()
+    target = onehot_targets(cap.layout, [[c for _, c in pairs] for pairs in looks])
+    terms = [visual_map_loss(student_map, target.to(student_map), cap.layout,
+                             **distiller.loss_options)
+             for _, student_map, _ in cap.layer_maps()]
+    total = torch.stack(terms).sum()
+    return total / len(terms) if distiller.layer_reduction == "mean" else total
 
 
 def concentrated_layers(attention: dict, student_layers: int, concentration: float = 2.0):
