@@ -25,7 +25,8 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
 def check_maps(maps, ref_maps, lowp_maps, layout, dtype):
-    assert maps.dtype == torch.float32 and maps.shape == layout.map_shape
+    # bfloat16 inputs give bfloat16 maps (as eager attention's), the others float32.
+    assert maps.dtype == (BF16 if dtype == BF16 else F32) and maps.shape == layout.map_shape
     assert_close_rule("A", maps, ref_maps, lowp_maps, dtype)
     assert (maps[~layout.allowed()] == 0).all(), "padding / masked pairs must hold 0"
 
@@ -307,42 +308,60 @@ def _logged_launches(monkeypatch):
     return log
 
 
-# The passes that score image keys: the forward's maps phase and the gathered kernels.
+# The passes that may score image keys: the forward's maps phase and the gathered kernels.
 IMAGE_SCORE_PASSES = ("_fwd_kernel+maps", "_visual_stats_kernel", "_visual_maps_kernel",
                       "_visual_row_terms_kernel")
 
 
+def _scoring_launches(monkeypatch):
+    """(name, dots) of every launch, dots being the ``tl.dot`` calls it executed under the
+    interpreter: a launch with no dot scored no image key (the refine gate closed)."""
+    from triton.runtime import interpreter
+    log = _logged_launches(monkeypatch)
+    dots = []
+    builder = interpreter.InterpreterBuilder
+    dot = builder.create_dot
+
+    def create_dot(self, *args):
+        dots.append(len(log))
+        return dot(self, *args)
+    monkeypatch.setattr(builder, "create_dot", create_dot)
+
+    def scored():
+        return [name for i, name in enumerate(log, 1)
+                if name in IMAGE_SCORE_PASSES and i in dots]
+    return log, scored
+
+
 @pytest.mark.parametrize("max_score", [None, 1e4])
 def test_vat_step_scores_image_keys_in_two_passes(max_score, monkeypatch):
-    """A student VAT step (loss forward and backward, Triton) scores the image keys twice:
-    the forward's maps phase and the backward's row terms; a teacher maps call once (its
-    forward). At |s| ~ 1e4 too: the maps phase needs no refine pass at any magnitude."""
+    """A student VAT step (loss forward and backward, Triton) scores the image keys twice
+    at moderate scores: the gathered maps pass and the backward's row terms; a teacher maps
+    call once. The refine gate launches but scores nothing there; at |s| ~ 1e4 it rescores
+    the rows whose maximum needs it (one more pass, the exactness kept)."""
     from compodistill import visual_attention_loss
-    from compodistill.kernels._common import deterministic
-    if deterministic():
-        pytest.skip("the deterministic mode runs the gathered passes")
     n = 48
     layout, vis = make_layout(2, n, None, ("two", "one"), "all", True)
     q, k, _ = make_qkv(2, 4, 2, n, 16, F32)
     if max_score is not None:
         q = q * (max_score / float((q @ k.repeat_interleave(2, 1).transpose(-1, -2)).abs().max()
                                    / 4.0))
-    log = _logged_launches(monkeypatch)
+    log, scored = _scoring_launches(monkeypatch)
     target = K.teacher_visual_maps(q, k, layout)
-    assert [x for x in log if x in IMAGE_SCORE_PASSES] == ["_fwd_kernel+maps"]
-    assert log == ["_fwd_kernel+maps"], log
+    gate = [] if max_score is None else ["_visual_stats_kernel"]
+    assert log == ["_fwd_kernel", "_visual_stats_kernel", "_visual_maps_kernel"], log
+    assert scored() == gate + ["_visual_maps_kernel"], scored()
     log.clear()
     qs = q.clone().requires_grad_()
     loss = visual_attention_loss(qs, k, target, vis, backend="triton")
     loss.backward()
-    assert [x for x in log if x in IMAGE_SCORE_PASSES] == ["_fwd_kernel+maps",
-                                                           "_visual_row_terms_kernel"], log
+    assert scored() == gate + ["_visual_maps_kernel", "_visual_row_terms_kernel"], scored()
     assert torch.isfinite(qs.grad).all()
 
 
-def test_deterministic_mode_keeps_the_gathered_maps_pass(monkeypatch):
-    """Atomics would add the heads in a varying order: the deterministic mode builds the
-    maps with the gathered pass (after the gated refine), and they agree with the default."""
+def test_deterministic_mode_runs_the_same_maps_passes(monkeypatch):
+    """The gathered maps pass sums the heads in registers in a fixed order: the
+    deterministic mode runs the same passes as the default, and gives the same bits."""
     n = 40
     layout, _ = make_layout(1, n, None, ("two",), "all", True)
     q, k, _ = make_qkv(1, 4, 2, n, 16, F32)
@@ -351,7 +370,29 @@ def test_deterministic_mode_keeps_the_gathered_maps_pass(monkeypatch):
     monkeypatch.setenv("COMPODISTILL_DETERMINISTIC", "1")
     slow = K.teacher_visual_maps(q, k, layout)
     assert log == ["_fwd_kernel", "_visual_stats_kernel", "_visual_maps_kernel"], log
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
+    assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_fresh_maps_need_no_zero_fill(dtype, monkeypatch):
+    """The gathered pass writes every entry of a fresh map, padding and masked pairs as 0:
+    the buffer comes from torch.empty, here filled with NaN first."""
+    from compodistill.kernels import _common, visual_attention
+    n = 37
+    mask = padding_mask(2, n, "left")
+    layout, vis = make_layout(2, n, mask, ("two", "none"), "all", True)
+    q, k, v = make_qkv(2, 4, 2, n, 16, dtype, seed=3)
+
+    def nan_buffer(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=_common.map_buffer(
+            shape, dtype, device).dtype, device=device)
+    monkeypatch.setattr(visual_attention, "map_buffer", nan_buffer)
+    maps = K.visual_maps(q, k, layout)
+    assert maps.dtype == (BF16 if dtype == BF16 else F32)
+    assert torch.isfinite(maps).all()
+    assert (maps[~layout.allowed()] == 0).all()
+    ref, lowp = run_reference(q, k, v, mask, True, layout, vis, "all")
+    check_maps(maps, ref["maps"], lowp["maps"], layout, dtype)
 
 
 def test_row_terms_grid_runs_heads_fastest():

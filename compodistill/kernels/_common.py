@@ -40,6 +40,39 @@ def kernel_input(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def map_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the visual maps (and so of their gradient G) for inputs of ``dtype``.
+
+    bfloat16 inputs give bfloat16 maps, as eager attention's probabilities would be: half the
+    bytes of every pass that writes or reads a map (the map loss, the row terms, the
+    backward), and float32's exponent range, so no attention weight underflows. float16
+    inputs keep float32 maps (float16 flushes weights below 6e-8, which the KL losses see);
+    float32 inputs keep float32.
+    """
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def map_operand(t: torch.Tensor) -> torch.Tensor:
+    """A map or map gradient as a kernel reads it: contiguous, float32 or bfloat16 (other
+    dtypes upcast; bfloat16 upcast under the interpreter, as :func:`kernel_input`)."""
+    if t.dtype not in (torch.float32, torch.bfloat16) or (
+            t.dtype == torch.bfloat16 and interpreting()):
+        t = t.float()
+    return t.contiguous()
+
+
+def map_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised buffer a kernel writes every entry of, in ``dtype`` (float32 under
+    the interpreter, which cannot store bfloat16: :func:`map_result` casts it after)."""
+    return torch.empty(shape, device=device,
+                       dtype=torch.float32 if interpreting() else dtype)
+
+
+def map_result(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``buf`` of :func:`map_buffer` in ``dtype`` (a no-op on a GPU)."""
+    return buf if buf.dtype == dtype else buf.to(dtype)
+
+
 def block_d(head_dim: int) -> int:
     """Head dim padded to a power of two, at least 16 (the smallest ``tl.dot`` size)."""
     return max(16, 1 << (head_dim - 1).bit_length())

@@ -40,7 +40,7 @@ from ._common import (LOG2E, all_configs, autotune_configs, block_d, check_windo
                       config_key, fits_class, fits_target, launch_table, window_arg,
                       configs_for, default_scale, deterministic, device_capability,
                       dot_precision, fit_table, fitted_configs, interpreting, kernel_input,
-                      launch, prune_class, prune_configs, prune_hook, recording_launches,
+                      launch, map_operand, prune_class, prune_configs, prune_hook, recording_launches,
                       require_triton, table_variant,
                       target_class, tl, triton)
 
@@ -291,7 +291,8 @@ if triton is not None:
         """
         g_ok = (qrow[:, None] >= 0) & (vcol[None, :] >= 0)
         row = qrow.to(tl.int64) if G_INT64 else qrow
-        g = tl.load(G_b + row[:, None] * VMAX + vcol[None, :], mask=g_ok, other=0.0)
+        g = tl.load(G_b + row[:, None] * VMAX + vcol[None, :], mask=g_ok,
+                    other=0.0).to(tl.float32)  # G comes in the maps' dtype
         return g * inv_h
 
     @triton.jit
@@ -877,7 +878,8 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
         do: dL/d out (B, Hq, N, d), or None when the output carries no gradient (then
             ``v``/``out`` are not read and ``dv`` is None).
         stats: the forward's (2, B, Hq, N) float32 row statistics (:func:`flash_forward`).
-        grad_maps: ``G = dL/dA`` (B, Qmax, Vmax) float32, or None for plain attention.
+        grad_maps: ``G = dL/dA`` (B, Qmax, Vmax) in the maps' dtype (float32 or bfloat16),
+            or None for plain attention.
         query_row, visual_col: (B, N) int32 inverse index maps (see module docstring).
         row_terms: ``c`` (B, Hq, N) float32 from :func:`kernels.visual_attention.visual_row_terms`.
         atomic_dq: True: the 5-matmul backward (one kernel, dq accumulated by float32
@@ -906,7 +908,7 @@ def flash_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
         delta = torch.zeros((B, Hq, N), device=q.device, dtype=torch.float32)
     if has_g:
         delta = delta + row_terms
-        grad_maps = grad_maps.float().contiguous()
+        grad_maps = map_operand(grad_maps)
         qmax, vmax = grad_maps.shape[1], grad_maps.shape[2]
         query_row = query_row.to(torch.int32).contiguous()
         visual_col = visual_col.to(torch.int32).contiguous()

@@ -4,7 +4,8 @@ Public functions (argument checks happen here, at the Python boundary):
 
 - :func:`flash_attention` ``(q, k, v, key_mask, causal, scale) -> out``
 - :func:`attention_with_visual_maps` ``(q, k, v, layout, scale, want_maps) -> (out, A or
-  None)``: the student layer; ``A`` (B, Qmax, Vmax) float32 carries gradient to q and k,
+  None)``: the student layer; ``A`` (B, Qmax, Vmax) (bfloat16 for bfloat16 inputs, else
+  float32: :func:`kernels._common.map_dtype`) carries gradient to q and k,
   folded into the flash backward.
 - :func:`visual_maps` ``(q, k, layout, scale) -> A``: maps only (no v); its backward is the
   flash backward without dO (only the visual terms).
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ._common import (MAX_HEAD_DIM, block_d, check_window, deterministic, device_capability,
-                      fits_target, kernel_input)
+                      fits_target, kernel_input, map_dtype, map_operand)
 from .attention import (default_scale, flash_backward, flash_forward, interpreting,
                         stats_from_lse)
 from .visual_attention import (inverse_index, refine_visual_stats, visual_maps_from_lse,
@@ -51,52 +52,52 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optional
                    want_maps: bool = True, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(out or empty, row stats (2, B, Hq, N), maps or empty).
 
-    With the index tensors and ``want_maps`` the forward kernel's second phase writes the
-    maps (:func:`forward_with_maps`); ``window``: the sliding window (0: none), as in every
-    op below.
+    With the index tensors and ``want_maps`` the maps come fresh, in
+    :func:`kernels._common.map_dtype` (:func:`forward_with_maps`); ``window``: the sliding
+    window (0: none), as in every op below.
     """
     if query_index is None or not want_maps:
         out, stats = flash_forward(q, k, v, key_mask, causal, scale, window=window or None)
-        maps = q.new_empty(0, dtype=torch.float32)
+        maps = q.new_empty(0, dtype=map_dtype(q.dtype))
     else:
-        maps = _zero_maps(q, query_index, visual_index)
-        out, stats = forward_with_maps(q, k, v, key_mask, query_index, query_count,
-                                       visual_index, visual_count, causal, scale, maps, 1.0,
-                                       window)
+        out, stats, maps = forward_with_maps(q, k, v, key_mask, query_index, query_count,
+                                             visual_index, visual_count, causal, scale, None,
+                                             1.0, window)
         stats = stats[:2].contiguous() if stats.shape[0] == 3 else stats
     return (q.new_empty(0) if out is None else out), stats, maps
 
 
-def _zero_maps(q: Tensor, query_index: Tensor, visual_index: Tensor) -> Tensor:
-    return torch.zeros((q.shape[0], query_index.shape[1], visual_index.shape[1]),
-                       device=q.device, dtype=torch.float32)
-
-
 def forward_with_maps(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optional[Tensor],
                       query_index: Tensor, query_count: Tensor, visual_index: Tensor,
-                      visual_count: Tensor, causal: bool, scale: float, maps: Tensor,
-                      weight: float, window: int, text_sum: bool = False):
-    """``(out, stats)`` of the forward, and ``maps += weight · A`` in place.
+                      visual_count: Tensor, causal: bool, scale: float,
+                      maps: Optional[Tensor], weight: float, window: int,
+                      text_sum: bool = False):
+    """``(out, stats, maps)``: the forward and ``weight · A``.
 
-    Default: one launch; the forward kernel's second phase adds the head mean on the image
-    key blocks through float32 atomics, from the statistics it just finished (so a visual
-    key's score is rounded once for both). The deterministic mode (atomics would sum the
-    heads in a varying order) runs the gathered maps pass instead, after the gated refine
-    (:func:`kernels.visual_attention.refine_visual_stats`). ``stats`` has the non-visual
-    plane (P = 3) when ``text_sum`` or in the deterministic mode.
+    ``maps`` None (every fresh map): the forward (its statistics with the non-visual plane,
+    P = 3), then the gated refine and the gathered maps pass
+    (:func:`kernels.visual_attention.visual_maps_from_lse`), which writes every entry once
+    in the maps' dtype: no zero fill, no atomics, deterministic. A float32 ``maps`` buffer
+    is added into in place (``maps += weight · A``, a teacher window): by the forward
+    kernel's second phase, one launch whose float32 atomics add each head's ``P / Hq`` on
+    the image key blocks (the buffer is read and written anyway), or by the gathered pass
+    in the deterministic mode (atomics sum the heads in a varying order). ``stats`` has
+    P = 3 on the gathered path and when ``text_sum``.
     """
     n = q.shape[2]
     visual_col = inverse_index(visual_index, visual_count, n)
-    if deterministic():
+    if maps is None or deterministic():
         out, stats = flash_forward(q, k, v, key_mask, causal, scale, visual_col,
                                    window=window or None)
-        visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index,
-                             visual_count, causal, scale, out=maps, weight=weight,
-                             window=window or None)
-        return out, stats
-    return flash_forward(q, k, v, key_mask, causal, scale, visual_col, window=window or None,
-                         maps=maps, query_row=inverse_index(query_index, query_count, n),
-                         map_weight=weight / q.shape[1], text_sum=text_sum)
+        maps = visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index,
+                                    visual_count, causal, scale, out=maps, weight=weight,
+                                    window=window or None)
+        return out, stats, maps
+    out, stats = flash_forward(q, k, v, key_mask, causal, scale, visual_col,
+                               window=window or None, maps=maps,
+                               query_row=inverse_index(query_index, query_count, n),
+                               map_weight=weight / q.shape[1], text_sum=text_sum)
+    return out, stats, maps
 
 
 @_attention_fwd.register_fake
@@ -106,9 +107,10 @@ def _attention_fwd_fake(q, k, v, key_mask, query_index, query_count, visual_inde
     out = q.new_empty(q.shape) if v is not None else q.new_empty(0)
     stats = q.new_empty((2, B, Hq, N), dtype=torch.float32)
     if query_index is None or not want_maps:
-        maps = q.new_empty(0, dtype=torch.float32)
+        maps = q.new_empty(0, dtype=map_dtype(q.dtype))
     else:
-        maps = q.new_empty((B, query_index.shape[1], visual_index.shape[1]), dtype=torch.float32)
+        maps = q.new_empty((B, query_index.shape[1], visual_index.shape[1]),
+                           dtype=map_dtype(q.dtype))
     return out, stats, maps
 
 
@@ -128,7 +130,7 @@ def _attention_bwd(dout: Optional[Tensor], dmaps: Optional[Tensor], q: Tensor, k
         return torch.zeros_like(q), torch.zeros_like(k), q.new_empty(0)
     visual = {}
     if dmaps is not None:
-        dmaps = dmaps.float().contiguous()
+        dmaps = map_operand(dmaps)  # float32 or bfloat16, as the maps
         n = q.shape[2]
         row_terms = visual_row_terms(q, k, stats, query_index, query_count, visual_index,
                                      visual_count, dmaps, causal, scale, window=window or None)
@@ -193,7 +195,7 @@ def _maps_from_stats(q: Tensor, k: Tensor, stats: Tensor, key_mask: Optional[Ten
 def _maps_from_stats_fake(q, k, stats, key_mask, query_index, query_count, visual_index,
                           visual_count, causal, scale, window=0):
     return q.new_empty((q.shape[0], query_index.shape[1], visual_index.shape[1]),
-                       dtype=torch.float32)
+                       dtype=map_dtype(q.dtype))
 
 
 def _stats_setup_context(ctx, inputs, output):
@@ -221,15 +223,13 @@ def _maps_rest_fwd(q: Tensor, k: Tensor, key_mask: Optional[Tensor], query_index
                    causal: bool, scale: float, window: int = 0
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(row stats (3, B, Hq, N), maps, rest (B, Qmax), per-head rest (B, Hq, N))."""
-    maps = _zero_maps(q, query_index, visual_index)
-    _, stats = forward_with_maps(q, k, None, key_mask, query_index, query_count, visual_index,
-                                 visual_count, causal, scale, maps, 1.0, window, text_sum=True)
-    # The statistics the maps were built from: the forward's own (one launch), or the gated
-    # refine of the deterministic path (the rest must be the same softmax's).
-    refined = stats[:2]
-    if deterministic():
-        refined = refine_visual_stats(q, k, stats, query_index, query_count, visual_index,
-                                      visual_count, causal, scale, window or None)
+    _, stats, maps = forward_with_maps(q, k, None, key_mask, query_index, query_count,
+                                       visual_index, visual_count, causal, scale, None, 1.0,
+                                       window, text_sum=True)
+    # The statistics the maps were built from, after the gated refine of the gathered pass
+    # (the rest must be the same softmax's).
+    refined = refine_visual_stats(q, k, stats, query_index, query_count, visual_index,
+                                  visual_count, causal, scale, window or None)
     rest_heads = visual_rest_heads(stats, refined)
     rest = visual_rest_mass(rest_heads, query_index, query_count)
     return stats, maps, rest, rest_heads
@@ -240,7 +240,8 @@ def _maps_rest_fwd_fake(q, k, key_mask, query_index, query_count, visual_index, 
                         causal, scale, window=0):
     B, Hq, N, _ = q.shape
     return (q.new_empty((3, B, Hq, N), dtype=torch.float32),
-            q.new_empty((B, query_index.shape[1], visual_index.shape[1]), dtype=torch.float32),
+            q.new_empty((B, query_index.shape[1], visual_index.shape[1]),
+                        dtype=map_dtype(q.dtype)),
             q.new_empty((B, query_index.shape[1]), dtype=torch.float32),
             q.new_empty((B, Hq, N), dtype=torch.float32))
 
@@ -289,7 +290,7 @@ def _rest_backward(ctx, dstats, dmaps, drest, drest_heads):
     q, k, stats, rest_heads, key_mask, qi, qc, vi, vc = ctx.saved_tensors
     if dmaps is None:
         dmaps = torch.zeros((q.shape[0], qi.shape[1], vi.shape[1]), device=q.device,
-                            dtype=torch.float32)
+                            dtype=map_dtype(q.dtype))
     do = v = out = extra = None
     if drest is not None:
         do, v, out, extra = _rest_grad_inputs(q, k, drest, rest_heads, qi, qc, vi, vc)
@@ -310,8 +311,8 @@ def _teacher_attention_maps_(maps_out: Tensor, q: Tensor, k: Tensor, v: Optional
                              window: int = 0) -> Tensor:
     """The teacher layer's output (or empty) and ``maps_out += weight * A`` in place, in
     one forward launch (no gradient: teacher targets)."""
-    out, _ = forward_with_maps(q, k, v, key_mask, query_index, query_count, visual_index,
-                               visual_count, causal, scale, maps_out, weight, window)
+    out, _, _ = forward_with_maps(q, k, v, key_mask, query_index, query_count, visual_index,
+                                  visual_count, causal, scale, maps_out, weight, window)
     return q.new_empty(0) if out is None else out
 
 
@@ -516,7 +517,8 @@ def attention_with_visual_maps(q: Tensor, k: Tensor, v: Tensor, layout, *args,
         scale: default ``1 / sqrt(d)``.
         want_maps: False skips the visual pass (then this is :func:`flash_attention`).
 
-    Returns: ``(out, A)``: ``A`` (B, Qmax, Vmax) float32 (docs/CONVENTIONS.md), whose
+    Returns: ``(out, A)``: ``A`` (B, Qmax, Vmax) in the maps' dtype, bfloat16 for bfloat16
+    inputs and float32 otherwise (docs/CONVENTIONS.md), whose
         gradient flows to q and k through the fused backward; ``A`` is None without maps.
     """
     layout, opts = _layout_args("attention_with_visual_maps", layout, args,
@@ -533,7 +535,8 @@ def attention_with_visual_maps(q: Tensor, k: Tensor, v: Tensor, layout, *args,
 
 def visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None = None,
                 lse: Tensor | None = None) -> Tensor:
-    """The head-mean visual map ``A`` (B, Qmax, Vmax) float32 alone (no v), differentiable.
+    """The head-mean visual map ``A`` (B, Qmax, Vmax) alone (no v), differentiable, in the
+    maps' dtype (as :func:`attention_with_visual_maps`).
 
     ``(q, k, layout, scale=None)`` or ``(q, k, query_index, query_count, visual_index,
     visual_count, key_mask=None, causal=True, scale=None)``. The forward computes the row
@@ -631,9 +634,11 @@ def _teacher(q, k, v, layout, scale, maps_out, weight):
     if not isinstance(weight, (int, float)):
         raise TypeError(f"weight must be a float, got {type(weight).__name__}")
     if maps_out is None:
-        maps_out = _zero_maps(q, index[0], index[2])
-    else:
-        _check_maps_out(maps_out, q, index[0], index[2])
+        # A fresh map: the gathered pass writes it once, in the maps' dtype (no zero fill).
+        out, _, maps = torch.ops.compodistill.attention_fwd(q, k, v, key_mask, *index, causal,
+                                                            scale, True, window)
+        return out, (maps if weight == 1.0 else maps * weight)
+    _check_maps_out(maps_out, q, index[0], index[2])
     out = torch.ops.compodistill.teacher_attention_maps_(maps_out, q, k, v, key_mask, *index,
                                                          causal, scale, float(weight), window)
     return out, maps_out

@@ -11,7 +11,8 @@ N = 1k/4k/8k/16k:
 - ``hbm_read`` / ``hbm_written``: bytes of the tensors the launch reads / writes, each once
   (a lower bound of the DRAM traffic: re-reads of a K/V block by other programs are counted
   as L2 hits);
-- ``atomics``: float32 atomic adds (the 5-matmul backward's dq, the maps phase's map);
+- ``atomics``: float32 atomic adds (the 5-matmul backward's dq; the maps phase's map in the
+  ``maps-phase`` step);
 - ``time_lb_us``: max(flops / 989 TFLOP/s, bytes / 3.35 TB/s), the H100 SXM dense bf16 and
   HBM3 peaks (datasheet figures, not measurements);
 - ``time_pred_us``: the same with FlashAttention-2-class matmul efficiencies instead of the
@@ -22,8 +23,8 @@ Grids and loop bounds follow the launchers and kernels of :mod:`.attention` and
 :mod:`.visual_attention`; block shapes are the first config the sm_90 pruning keeps for the
 head-dim class (what the deterministic mode pins). The steps are those of :data:`STEPS`
 (:func:`step_launches`). Small PyTorch-side ops (index maps) are left out; the zero fills
-that kernels accumulate into are in (``torch_zero_maps``, and ``torch_dq``: the dq buffer's
-fill and cast). ``tests/test_kernel_ledger.py`` checks the tile counts against the kernels
+that kernels accumulate into are in (``torch_zero_maps`` of the ``maps-phase`` step, and
+``torch_dq``: the dq buffer's fill and cast). ``tests/test_kernel_ledger.py`` checks the tile counts against the kernels
 themselves under the interpreter. ``--out`` also writes ``<name>_ratios.csv``: per head dim,
 N and step, ``fused_over_plain_flops``, ``fused_over_plain_bytes`` and the time ratios.
 """
@@ -42,6 +43,8 @@ PEAK_FLOPS = 989e12  # H100 SXM, dense bf16 tensor core (datasheet)
 PEAK_BYTES = 3.35e12  # H100 SXM HBM3 bandwidth (datasheet)
 FWD_FLOPS, BWD_FLOPS = 335e12, 251e12  # FlashAttention-2-class efficiencies (assumed)
 ELT = 2  # bf16 bytes
+MAP_ELT = 2  # the maps (and G) of a bf16 model are bf16 (kernels._common.map_dtype)
+F32 = 4
 HEAD_DIMS = (80, 96, 128, 256)
 SEQ_LENS = (1024, 4096, 8192, 16384)
 
@@ -165,23 +168,24 @@ def visual_pairs(s: Shape) -> int:
 
 
 def _fwd_maps(s: Shape, step, model) -> Launch:
-    """The forward with its maps phase: the first phase as :func:`_fwd` (no non-visual
-    plane), then the image key blocks rescored and ``P / Hq`` added into the maps by
-    float32 atomics (the map's bytes counted once: the atomics meet in L2)."""
+    """The forward with its maps phase (the ``maps-phase`` step): the first phase as
+    :func:`_fwd` (no non-visual plane), then the image key blocks rescored and ``P / Hq``
+    added into a float32 map by float32 atomics (the map's bytes counted once: the atomics
+    meet in L2)."""
     x = _fwd(s, step, model, False)
     bm, bn = blocks("_fwd_kernel", s.d)
     t = maps_phase_tiles(s, bm, bn) * s.B * s.Hq
     x.kernel, x.flops, x.exp2 = "fwd_kernel+maps", x.flops + t * 2 * bm * bn * block_d(s.d), \
         x.exp2 + t * bm * bn
-    x.hbm_read += 2 * s.B * s.N * 4 + s.B * s.N * s.Nv * 4  # query_row, visual_col; the map
-    x.hbm_written += s.B * s.N * s.Nv * 4
+    x.hbm_read += 2 * s.B * s.N * 4 + s.B * s.N * s.Nv * F32  # query_row, visual_col; the map
+    x.hbm_written += s.B * s.N * s.Nv * F32
     x.atomics = visual_pairs(s) * s.B * s.Hq
     return x
 
 
 def _zero_maps(s, step, model):
-    """The maps buffer's zero fill (the atomics accumulate into it)."""
-    return Launch(step, model, "torch_zero_maps", "", hbm_written=s.B * s.N * s.Nv * 4)
+    """The float32 maps buffer's zero fill (the maps phase's atomics accumulate into it)."""
+    return Launch(step, model, "torch_zero_maps", "", hbm_written=s.B * s.N * s.Nv * F32)
 
 
 def _stats(s, step, model, refine: bool = True):
@@ -194,29 +198,39 @@ def _stats(s, step, model, refine: bool = True):
     return _gathered(s, step, model, "visual_stats_kernel", False, 2 * planes, 2 * planes, 1)
 
 
-# Bytes per map element of the fused map loss (kernels/map_loss.py) for the default loss,
-# cosine flat: its forward walks both maps twice (sample sums, then G) and writes G =
-# dL/dA; its backward reads G and writes it scaled by the upstream gradient. (mse: 12 + 8;
-# the row losses 12-28 + 8, by how many of their walks hit L2; docs/visual_attention.md.)
-MAP_LOSS_READ, MAP_LOSS_WRITTEN = 20, 8
-
-
-def _map_loss(s, step, model):
+def _map_loss(s, step, model) -> list[Launch]:
+    """The fused map loss (kernels/map_loss.py) of the default loss, cosine flat, on maps of
+    ``MAP_ELT`` bytes: the forward walks both maps once (the sample sums); the backward
+    walks them again and writes G = dL/dA with the upstream gradient folded in."""
     elts = s.B * s.N * s.Nv
-    return Launch(step, model, "map_loss", "", hbm_read=elts * MAP_LOSS_READ,
-                  hbm_written=elts * MAP_LOSS_WRITTEN)
+    return [Launch(step, model, "map_loss_fwd", "", hbm_read=elts * 2 * MAP_ELT),
+            Launch(step, model, "map_loss_bwd", "", hbm_read=elts * 2 * MAP_ELT,
+                   hbm_written=elts * MAP_ELT)]
 
 
-def _maps(s, step, model):
-    maps = s.B * s.N * s.Nv * 4
+# Bytes per map element of the maps-phase step's map loss (float32 maps): the forward
+# walked both maps twice (sample sums, then G) and wrote G; the backward read G and wrote
+# it scaled by the upstream gradient.
+PHASE_MAP_LOSS_READ, PHASE_MAP_LOSS_WRITTEN = 20, 8
+
+
+def _phase_map_loss(s, step, model):
+    elts = s.B * s.N * s.Nv
+    return Launch(step, model, "map_loss", "", hbm_read=elts * PHASE_MAP_LOSS_READ,
+                  hbm_written=elts * PHASE_MAP_LOSS_WRITTEN)
+
+
+def _maps(s, step, model, elt: int = MAP_ELT):
+    """The gathered maps pass: every entry of the map written once (no zero fill)."""
+    maps = s.B * s.N * s.Nv * elt
     return _gathered(s, step, model, "visual_maps_kernel", True, 2 * s.B * s.Hq * s.N * 4,
                      maps, 0)
 
 
-def _row_terms(s, step, model):
+def _row_terms(s, step, model, elt: int = MAP_ELT):
     planes = s.B * s.Hq * s.N * 4
     return _gathered(s, step, model, "visual_row_terms_kernel", True,
-                     2 * planes + s.B * s.N * s.Nv * 4, planes, 0)
+                     2 * planes + s.B * s.N * s.Nv * elt, planes, 0)
 
 
 def _delta(s, step, model):
@@ -225,7 +239,7 @@ def _delta(s, step, model):
                   hbm_written=bh * s.N * 4)
 
 
-def _bwd(s: Shape, step, model, has_g: bool) -> Launch:
+def _bwd(s: Shape, step, model, has_g: bool, elt: int = MAP_ELT) -> Launch:
     bm, bn = blocks("_bwd_dkdvdq_kernel", s.d)
     bd, bh = block_d(s.d), s.B * s.Hq
     steps, rows = bwd_tiles(s.N, bm, bn)
@@ -233,7 +247,7 @@ def _bwd(s: Shape, step, model, has_g: bool) -> Launch:
     kv = s.B * s.Hkv * s.N * s.d * ELT
     reads = 2 * bh * s.N * s.d * ELT + 2 * kv + 3 * bh * s.N * 4  # q, dO, k, v, m, l, delta
     if has_g:
-        reads += s.B * s.N * s.Nv * 4 + 2 * s.B * s.N * 4  # G, query_row, visual_col
+        reads += s.B * s.N * s.Nv * elt + 2 * s.B * s.N * 4  # G, query_row, visual_col
     dq = bh * s.N * s.d * 4
     return Launch(step, model, "bwd_dkdvdq_kernel", f"{bm}x{bn}",
                   flops=steps * 5 * 2 * bm * bn * bd, exp2=steps * bm * bn,
@@ -246,42 +260,45 @@ def _torch_dq(s, step, model):
                   hbm_written=elts * 4 + elts * ELT)  # zero fill, then the cast
 
 
-STEPS = ("fused", "deterministic", "five-pass", "plain")
+STEPS = ("fused", "maps-phase", "five-pass", "plain")
 
 
 def step_launches(s: Shape) -> list[Launch]:
     """Every launch of one step at shape ``s``, for each of :data:`STEPS`:
 
-    - ``fused``: the default VAT step: each model's forward with its maps phase (into a
-      zeroed buffer), the map loss, the row terms, delta, the 5-matmul backward with G;
-    - ``deterministic``: the gathered maps pass instead of the maps phase, after the
-      refine gate (moderate scores: it scores nothing);
+    - ``fused``: the default VAT step (the deterministic mode runs the same passes, with
+      the split backward): each model's forward, the refine gate (moderate scores: it
+      scores nothing), the gathered maps pass writing a bf16 map once; the map loss's
+      forward and backward, the row terms, delta, the 5-matmul backward with a bf16 G;
+    - ``maps-phase``: the default before it: each model's forward with its maps phase
+      (float32 atomics into a zeroed float32 buffer), the float32 map loss with G from
+      its forward, the row terms and the backward reading a float32 G;
     - ``five-pass``: the sequence before the maps phase (refine always, five gathered
       passes; its map loss ran as PyTorch ops and is not counted);
     - ``plain``: the same two models with FlashAttention-2-style attention, no loss.
     """
     out = []
     for model in ("teacher", "student"):
-        out += [_zero_maps(s, "fused", model), _fwd_maps(s, "fused", model)]
-    out += [_map_loss(s, "fused", "student")] + _student_backward(s, "fused")
+        out += [_fwd(s, "fused", model, True), _stats(s, "fused", model, refine=False),
+                _maps(s, "fused", model)]
+    out += _map_loss(s, "fused", "student") + _student_backward(s, "fused")
     for model in ("teacher", "student"):
-        out += [_fwd(s, "deterministic", model, True),
-                _stats(s, "deterministic", model, refine=False),
-                _zero_maps(s, "deterministic", model), _maps(s, "deterministic", model)]
-    out += [_map_loss(s, "deterministic", "student")] + _student_backward(s, "deterministic")
+        out += [_zero_maps(s, "maps-phase", model), _fwd_maps(s, "maps-phase", model)]
+    out += [_phase_map_loss(s, "maps-phase", "student")] + \
+        _student_backward(s, "maps-phase", F32)
     for model in ("teacher", "student"):
         out += [_fwd(s, "five-pass", model, True), _stats(s, "five-pass", model),
-                _maps(s, "five-pass", model)]
-    out += _student_backward(s, "five-pass")
+                _maps(s, "five-pass", model, F32)]
+    out += _student_backward(s, "five-pass", F32)
     out += [_fwd(s, "plain", "teacher", False),
             _fwd(s, "plain", "student", False), _delta(s, "plain", "student"),
             _bwd(s, "plain", "student", False), _torch_dq(s, "plain", "student")]
     return out
 
 
-def _student_backward(s: Shape, step: str) -> list[Launch]:
-    return [_row_terms(s, step, "student"), _delta(s, step, "student"),
-            _bwd(s, step, "student", True), _torch_dq(s, step, "student")]
+def _student_backward(s: Shape, step: str, elt: int = MAP_ELT) -> list[Launch]:
+    return [_row_terms(s, step, "student", elt), _delta(s, step, "student"),
+            _bwd(s, step, "student", True, elt), _torch_dq(s, step, "student")]
 
 
 def totals(launches: list[Launch], step: str) -> dict:
@@ -338,7 +355,8 @@ def ratio_rows(head_dims=HEAD_DIMS, seq_lens=SEQ_LENS) -> list[dict]:
     return out
 
 
-def ratio_table(head_dims=HEAD_DIMS, seq_lens=SEQ_LENS, steps=("fused", "five-pass")) -> str:
+def ratio_table(head_dims=HEAD_DIMS, seq_lens=SEQ_LENS,
+                steps=("fused", "maps-phase", "five-pass")) -> str:
     """Markdown: each step over the plain one per head dim and N, in FLOPs, bytes and time."""
     lines = ["| d | N | step | FLOP ratio | byte ratio | time ratio (peaks) | "
              "time ratio (FA2-class) |", "|---|---|---|---|---|---|---|"]

@@ -9,8 +9,10 @@ zero-fill). Sample-level sums leave each program as a partial (B, row blocks, ..
 torch adds up: deterministic, no atomics.
 
 - ``mse``: one pass (:func:`_map_sums_kernel`, SUM_MODE 1) writes G and the sums.
-- ``cosine="flat"``: pass 1 sums ``A_s·A_t``, ``|A_s|²``, ``|A_t|²``; pass 2
-  (:func:`_map_grad_kernel`) writes ``G = α_b A_t + β_b A_s``.
+- ``cosine="flat"``: pass 1 (the forward) sums ``A_s·A_t``, ``|A_s|²``, ``|A_t|²``; pass 2
+  (:func:`_map_grad_kernel`, in the backward) writes ``G = u_b (α_b A_t + β_b A_s)`` with
+  the upstream gradient ``u_b`` folded into the coefficients, so G is neither held from
+  the forward nor rescaled by a PyTorch op (12 bytes per element in all, bfloat16 maps).
 - ``cosine="pooled"``: pass 1 the per-sample mean and M2 (Chan's merge of exact per-tile
   moments) of both maps, giving the μ+σ thresholds; pass 2 (:func:`_map_pool_kernel`) the
   column sums of the kept entries as per-block partials; pass 3 writes ``G = mask · w[c]``.
@@ -18,9 +20,11 @@ torch adds up: deterministic, no atomics.
   walks its rows twice (totals, then G) or, for ``distribution="renorm"``, three times
   (totals, Σ_c g_c p_c, then G); the re-reads are of the program's own row block.
 
-Everything is float32. A NaN or inf in a sample's real block (or rest) gives a NaN value;
-non-contributing samples give 0. The backward only scales G by the upstream gradient times
-a per-sample factor (1/valid rows for the row means). Imports only torch and triton; runs
+The maps come in float32 or bfloat16 (the maps' dtype, :func:`kernels._common.map_dtype`)
+and G is written in theirs; the arithmetic is float32. A NaN or inf in a sample's real
+block (or rest) gives a NaN value; non-contributing samples give 0. Except for the flat
+cosine, the backward only scales G by the upstream gradient times a per-sample factor
+(1/valid rows for the row means). Imports only torch and triton; runs
 on CUDA and under TRITON_INTERPRET=1. Takes index tensors, not a layout object.
 """
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from ._common import interpreting, launch
+from ._common import interpreting, launch, map_operand
 
 # The variants, as the launcher's ``variant`` code.
 VARIANTS = ("cosine_flat", "cosine_row", "cosine_pooled", "kl", "reverse_kl", "jsd", "mse")
@@ -77,8 +81,9 @@ def _tile(as_ptr, at_ptr, vi_ptr, b, base, rows, real_row, qrow, start, vn, Q, V
     if HAS_WINDOW:
         allowed = allowed & (qrow[:, None] - vcol[None, :] < window)
     offs = base + rows.to(tl.int64)[:, None] * V + cols[None, :]
-    a_s = tl.load(as_ptr + offs, mask=real, other=0.0)
-    a_t = tl.load(at_ptr + offs, mask=real, other=0.0)
+    # The maps may be bfloat16 (bfloat16 models): the arithmetic is float32 throughout.
+    a_s = tl.load(as_ptr + offs, mask=real, other=0.0).to(tl.float32)
+    a_t = tl.load(at_ptr + offs, mask=real, other=0.0).to(tl.float32)
     inside = (rows < Q)[:, None] & (cols < V)[None, :]
     return cols, offs, real, allowed, a_s, a_t, inside
 
@@ -458,8 +463,9 @@ def _forward(a_s, a_t, s_rest, t_rest, qi, qc, vi, vc, causal, window, variant, 
         part = map_sums(a_s, a_t, index, causal, window, 0)
         sums = part.sum(1)
         value, alpha, beta_c = _cosine_coefficients(sums[:, 2], sums[:, 3], sums[:, 4])
+        # G waits for the backward (pass 2 there, with the upstream gradient folded in).
         coef = torch.stack([alpha, beta_c], 1).contiguous()
-        grad = map_grad(a_s, a_t, coef, None, index, causal, window, 0)
+        grad = a_s.new_empty((0,))
         scale = torch.ones(B, device=a_s.device)
     elif variant == "cosine_pooled":
         part = map_sums(a_s, a_t, index, causal, window, 2)
@@ -486,16 +492,20 @@ def _forward(a_s, a_t, s_rest, t_rest, qi, qc, vi, vc, causal, window, variant, 
     value = torch.where(contributing, torch.where(bad, float("nan"), value), 0.0)
     # A NaN sample gets no gradient (as torch's where gives it); G may still hold its NaN.
     scale = torch.where(contributing & ~bad, scale, 0.0)
-    return value, contributing, grad, grest, scale
+    if variant != "cosine_flat":
+        coef = scale.new_empty((0,))
+    return value, contributing, grad, grest, scale, coef
 
 
 @torch.library.custom_op("compodistill::map_loss_fwd", mutates_args=())
 def _map_loss_fwd(a_s: Tensor, a_t: Tensor, s_rest: Optional[Tensor], t_rest: Optional[Tensor],
                   query_index: Tensor, query_count: Tensor, visual_index: Tensor,
                   visual_count: Tensor, causal: bool, window: int, variant: str,
-                  renorm: bool, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(D (B,), contributing (B,) bool, G (B, Qmax, Vmax), dD/d(student rest) (B, Qmax) or
-    empty, per-sample gradient factor (B,))."""
+                  renorm: bool, beta: float
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(D (B,), contributing (B,) bool, G (B, Qmax, Vmax) or empty (the flat cosine, whose
+    backward writes it), dD/d(student rest) (B, Qmax) or empty, per-sample gradient factor
+    (B,), the flat cosine's (α, β) (B, 2) or empty)."""
     return _forward(a_s, a_t, s_rest, t_rest, query_index, query_count, visual_index,
                     visual_count, causal, window, variant, renorm, beta)
 
@@ -505,22 +515,36 @@ def _map_loss_fwd_fake(a_s, a_t, s_rest, t_rest, query_index, query_count, visua
                        visual_count, causal, window, variant, renorm, beta):
     B, Q, _ = a_s.shape
     rest = a_s.new_empty((B, Q) if s_rest is not None and variant in ROW_LOSS else (0,))
-    return (a_s.new_empty((B,)), a_s.new_empty((B,), dtype=torch.bool), torch.empty_like(a_s),
-            rest, a_s.new_empty((B,)))
+    flat = variant == "cosine_flat"
+    f32 = dict(dtype=torch.float32)
+    return (a_s.new_empty((B,), **f32), a_s.new_empty((B,), dtype=torch.bool),
+            a_s.new_empty((0,)) if flat else torch.empty_like(a_s), rest,
+            a_s.new_empty((B,), **f32), a_s.new_empty((B, 2) if flat else (0,), **f32))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[2], output[3], output[4])
-    ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
+    a_s, a_t = inputs[0], inputs[1]
+    ctx.index, ctx.causal, ctx.window = inputs[4:8], inputs[8], inputs[9]
+    deferred = output[5].numel() > 0  # the flat cosine: G is written in the backward
+    ctx.save_for_backward(output[2], output[3], output[4], output[5],
+                          a_s if deferred else None, a_t if deferred else None)
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, d_value, _d_contributing, _dg, _dgrest, _dscale):
-    grad, grest, scale = ctx.saved_tensors
+def _backward(ctx, d_value, _d_contributing, _dg, _dgrest, _dscale, _dcoef):
+    grad, grest, scale, coef, a_s, a_t = ctx.saved_tensors
     if d_value is None:
         d_value = torch.zeros_like(scale)
     factor = d_value * scale
     d_rest = grest * factor[:, None] if grest.numel() else None
-    return (grad * factor[:, None, None], None, d_rest) + (None,) * 10
+    if coef.numel():
+        grad = map_grad(a_s, a_t, (coef * factor[:, None]).contiguous(), None, ctx.index,
+                        ctx.causal, ctx.window, 0)
+    else:
+        # In G's own dtype: a float32 factor would promote a bfloat16 G (and the maps'
+        # gradient must come back in the maps' dtype anyway).
+        grad = grad * factor.to(grad.dtype)[:, None, None]
+    return (grad, None, d_rest) + (None,) * 10
 
 
 _map_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -531,14 +555,14 @@ def per_sample_map_loss(student: Tensor, target: Tensor, query_index: Tensor,
                         causal: bool, window: int | None, *, loss: str, cosine: str,
                         distribution: str, beta: float, student_rest: Tensor | None = None,
                         target_rest: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-sample loss (B,) and contributing mask (B,) on float32 maps; differentiable with
+    """Per-sample loss (B,) and contributing mask (B,) on float32 or bfloat16 maps; differentiable with
     respect to ``student`` and ``student_rest``. Options as
     ``compodistill.visual_attention.map_losses.per_sample_map_loss`` (checked there)."""
     variant = f"cosine_{cosine}" if loss == "cosine" else loss
     rest = distribution == "rest" and variant in ("kl", "reverse_kl", "jsd")
     as_f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
-    values, contributing, _, _, _ = torch.ops.compodistill.map_loss_fwd(
-        as_f32(student), as_f32(target.detach()),
+    values, contributing, _, _, _, _ = torch.ops.compodistill.map_loss_fwd(
+        map_operand(student), map_operand(target.detach()),
         as_f32(student_rest) if rest else None,
         as_f32(target_rest.detach()) if rest and target_rest is not None else None,
         query_index.contiguous(), query_count.contiguous(), visual_index.contiguous(),

@@ -45,7 +45,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from . import attention, logit_kd  # noqa: E402
-from ._common import block_d, head_dim_class  # noqa: E402
+from ._common import block_d, head_dim_class, map_dtype  # noqa: E402
 from .visual_attention import inverse_index, visual_maps_from_lse, visual_row_terms  # noqa: E402
 
 # Shared memory one block may use (bytes, opt-in maximum per block).
@@ -183,24 +183,26 @@ def record(case: Case) -> list[tuple]:
         stats.zero_()
         visual = {}
         if vcol is not None:
-            # The default maps path: the forward's second phase (HAS_MAPS); the maps-only
-            # scenario keeps the non-visual plane (the rest bucket's launch).
+            # The forward's second phase (HAS_MAPS): a teacher window's float32 buffer,
+            # added into in place; the maps-only scenario keeps the non-visual plane (the
+            # rest bucket's launch).
             attention.flash_forward(q, k, v, mask, case.causal, None, vcol, window=case.window,
                                     maps=torch.zeros(B, N, 64),
                                     query_row=inverse_index(qi, qc, N),
                                     text_sum=case.scenario == "maps")
-            # The deterministic path's gathered maps pass; maps-only accumulates into a
-            # buffer (ACCUMULATE).
+            # The gathered maps pass: every fresh map, in the maps' dtype (bf16 for bf16);
+            # maps-only accumulates into a float32 buffer (ACCUMULATE).
             acc = torch.zeros(B, N, 64) if case.scenario == "maps" else None
             visual_maps_from_lse(q, k, stats, qi, qc, vi, vc, case.causal, None,
                                  window=case.window, out=acc)
-            g = torch.zeros(B, N, 64)
+            g = torch.zeros(B, N, 64, dtype=map_dtype(case.dtype))
             visual = dict(grad_maps=g, query_row=inverse_index(qi, qc, N),
                           visual_col=vcol,
                           row_terms=visual_row_terms(q, k, stats, qi, qc, vi, vc, g,
                                                      case.causal, None, window=case.window))
             if case.g_int64:  # only its shape is read: no 8 GiB buffer
-                visual["grad_maps"] = torch.empty(B, 65_536, 32_768, device="meta")
+                visual["grad_maps"] = torch.empty(B, 65_536, 32_768, device="meta",
+                                                  dtype=map_dtype(case.dtype))
         do = torch.empty_like(q) if v is not None else None
         # Both backwards: the 5-matmul one (dq by atomics, the default) and the split one
         # of the deterministic mode.
@@ -590,8 +592,8 @@ def main(argv=None) -> int:
 
 
 # --------------------------------------------------------------------------- map loss
-# The fused map-loss passes of kernels/map_loss.py (issue #37): float32 maps, no autotune
-# (one fixed tile per kernel), so one row per (launch, target).
+# The fused map-loss passes of kernels/map_loss.py (issue #37): float32 or bfloat16 maps,
+# no autotune (one fixed tile per kernel), so one row per (launch, target).
 
 from . import map_loss  # noqa: E402
 
@@ -610,12 +612,15 @@ class MapLossCase:
     rests: tuple[bool, bool] = (False, False)
     causal: bool = True
     window: int | None = None
+    dtype: torch.dtype = torch.bfloat16  # the maps' (bf16 models give bf16 maps)
 
 
 def default_map_loss_cases() -> list[MapLossCase]:
-    """CI set: every variant once (causal), the rest distribution with both rests given,
-    and the windowed mask on the heaviest kernel (JSD rows)."""
-    cases = [MapLossCase(v) for v in map_loss.VARIANTS]
+    """CI set: every variant once (causal) on bf16 maps and on float32 ones, the rest
+    distribution with both rests given, and the windowed mask on the heaviest kernel (JSD
+    rows)."""
+    cases = [MapLossCase(v, dtype=dt) for dt in (torch.bfloat16, torch.float32)
+             for v in map_loss.VARIANTS]
     cases += [MapLossCase("jsd", "rest", (True, True)),
               MapLossCase("jsd", "renorm", window=100)]
     return cases
@@ -625,7 +630,8 @@ def full_map_loss_cases() -> list[MapLossCase]:
     """Every variant under every allowed mask (causal, bidirectional, windowed); the KL
     family also with the rest distribution under each (student, target) rest pair."""
     modes = ((True, None), (False, None), (True, 100))
-    cases = [MapLossCase(v, causal=c, window=w) for v in map_loss.VARIANTS for c, w in modes]
+    cases = [MapLossCase(v, causal=c, window=w, dtype=dt) for v in map_loss.VARIANTS
+             for c, w in modes for dt in (torch.bfloat16, torch.float32)]
     cases += [MapLossCase(v, "rest", rests, c, w) for v in ("kl", "reverse_kl", "jsd")
               for rests in ((False, False), (True, False), (False, True), (True, True))
               for c, w in modes]
@@ -633,14 +639,19 @@ def full_map_loss_cases() -> list[MapLossCase]:
 
 
 def record_map_loss(case: MapLossCase) -> list[tuple]:
-    """(kernel, args, kwargs) of every launch of the map-loss forward of ``case``."""
+    """(kernel, args, kwargs) of every launch of the map-loss forward of ``case``, and of
+    the flat cosine's backward (it writes G there)."""
     B, N = 2, 256
     qi, qc, vi, vc = _layout(B, N)
-    a_s, a_t = torch.rand(B, N, 64), torch.rand(B, N, 64)
+    a_s, a_t = (torch.rand(B, N, 64).to(case.dtype) for _ in range(2))
     s_rest, t_rest = (torch.rand(B, N) if given else None for given in case.rests)
     with attention.recording_launches() as log:
-        map_loss._forward(a_s, a_t, s_rest, t_rest, qi, qc, vi, vc, case.causal,
-                          case.window or 0, case.variant, case.distribution == "renorm", 0.5)
+        *_, coef = map_loss._forward(a_s, a_t, s_rest, t_rest, qi, qc, vi, vc, case.causal,
+                                     case.window or 0, case.variant,
+                                     case.distribution == "renorm", 0.5)
+        if coef.numel():
+            map_loss.map_grad(a_s, a_t, coef, None, (qi, qc, vi, vc), case.causal,
+                              case.window or 0, 0)
     return [(kern, args, kwargs) for kern, _grid, args, kwargs in log]
 
 
@@ -649,7 +660,8 @@ def map_loss_fields(case: MapLossCase) -> dict:
     scenario = f"map_loss:{case.variant}" + \
         (f"+{case.distribution}" if case.variant in ("kl", "reverse_kl", "jsd") else "") + \
         rests + ("+window" if case.window else "")
-    return dict(scenario=scenario, dtype="float32", head_dim="", group="",
+    return dict(scenario=scenario, dtype=str(case.dtype).replace("torch.", ""), head_dim="",
+                group="",
                 causal=case.causal, mask="", vocab="")
 
 

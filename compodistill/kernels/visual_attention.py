@@ -10,12 +10,13 @@ compute it"; the column chunks are spread over programs instead of looped so tha
 one block of q rows run together and q is read from DRAM about once instead of once per
 column chunk).
 
-By default the maps themselves come from the forward kernel's second phase
-(:func:`kernels.attention.flash_forward` with ``maps=``), which scores the image keys with
-the tiles its statistics came from; the gathered map pass below serves the deterministic
-mode and maps from an external lse, and the row-terms pass every backward.
+Every fresh map comes from the gathered map pass below (after the refine gate), written
+once in the maps' dtype (bfloat16 for bfloat16 inputs) with no zero fill: fewer bytes than
+the forward kernel's second phase (:func:`kernels.attention.flash_forward` with ``maps=``),
+whose float32 atomics need a zeroed float32 buffer and a read-modify-write of it; that
+phase serves the in-place accumulation into a float32 window buffer (group matching).
 
-- :func:`visual_maps_from_lse`: writes ``A`` (B, Qmax, Vmax) float32, or accumulates
+- :func:`visual_maps_from_lse`: writes ``A`` (B, Qmax, Vmax), or accumulates
   ``out += weight * A`` into an existing buffer (teacher targets averaged over a window of
   layers in place, group matching).
 - :func:`visual_row_terms`: the backward pre-pass ``c_h[i] = Σ_v P_h[i, v] G[i, v] / Hq``,
@@ -35,7 +36,8 @@ from __future__ import annotations
 import torch
 
 from ._common import (block_d, default_scale, dot_precision, kernel_input, launch,
-                      require_triton, triton, tl, window_arg)
+                      map_buffer, map_dtype, map_operand, map_result, require_triton, triton,
+                      tl, window_arg)
 
 if triton is not None:
     from ._common import load_row_stats, log2_scale
@@ -179,13 +181,14 @@ if triton is not None:
         b = tl.program_id(2).to(tl.int64)
         qcnt = tl.load(QCnt + b).to(tl.int32)
         vcnt = tl.load(VCnt + b).to(tl.int32)
+        offs_r = pid_r * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        offs_c = pid_c * BLOCK_V + tl.arange(0, BLOCK_V)
+        ptrs = Out + b * QMAX * VMAX + offs_r[:, None].to(tl.int64) * VMAX + offs_c[None, :]
         if (pid_r * BLOCK_Q < qcnt) & (pid_c * BLOCK_V < vcnt):
             qk_scale = log2_scale(scale)
             inv_h = 1.0 / tl.cast(Hq, tl.float32)
-            offs_r = pid_r * BLOCK_Q + tl.arange(0, BLOCK_Q)
             r_ok = offs_r < qcnt
             qpos = tl.load(QIdx + b * QMAX + offs_r, mask=r_ok, other=0)
-            offs_c = pid_c * BLOCK_V + tl.arange(0, BLOCK_V)
             c_ok = offs_c < vcnt
             vpos = tl.load(VIdx + b * VMAX + offs_c, mask=c_ok, other=0)
             allowed = r_ok[:, None] & c_ok[None, :]
@@ -202,11 +205,18 @@ if triton is not None:
                                             stride_kh, stride_kn, N, Hq, qk_scale, HEAD_DIM,
                                             BLOCK_D, DOT_PREC)
             a = tl.where(allowed, acc * inv_h, 0.0)
-            ptrs = Out + b * QMAX * VMAX + offs_r[:, None].to(tl.int64) * VMAX + offs_c[None, :]
-            st_mask = r_ok[:, None] & c_ok[None, :]
             if ACCUMULATE:
-                a = tl.load(ptrs, mask=st_mask, other=0.0) + tl.cast(weight, tl.float32) * a
-            tl.store(ptrs, a, mask=st_mask)
+                st_mask = r_ok[:, None] & c_ok[None, :]
+                a = tl.load(ptrs, mask=st_mask, other=0.0).to(tl.float32) \
+                    + tl.cast(weight, tl.float32) * a
+                tl.store(ptrs, a, mask=st_mask)
+            else:
+                # Every entry of the buffer, padding included (it is not zero-filled).
+                st_mask = (offs_r < QMAX)[:, None] & (offs_c < VMAX)[None, :]
+                tl.store(ptrs, a * tl.cast(weight, tl.float32), mask=st_mask)
+        elif not ACCUMULATE:
+            st_mask = (offs_r < QMAX)[:, None] & (offs_c < VMAX)[None, :]
+            tl.store(ptrs, tl.zeros([BLOCK_Q, BLOCK_V], dtype=tl.float32), mask=st_mask)
 
     @triton.jit
     def _visual_row_terms_kernel(Q, K, RowMax, RowLog2Sum, QIdx, QCnt, VIdx, VCnt, G, C,
@@ -247,7 +257,7 @@ if triton is not None:
                     allowed = allowed & (qpos[:, None] - vpos[None, :] < WINDOW)
                 if tl.max(tl.where(allowed, 1, 0)) > 0:
                     g = tl.load(G + b * QMAX * VMAX + offs_r[:, None].to(tl.int64) * VMAX + offs_c[None, :],
-                                mask=allowed, other=0.0)
+                                mask=allowed, other=0.0).to(tl.float32)
                     s = _chunk_logits(q, K, b, h // GROUP, vpos, c_ok, stride_kb, stride_kh,
                                       stride_kn, qk_scale, HEAD_DIM, BLOCK_D, DOT_PREC)
                     p = tl.math.exp2((s - m[:, None]) - l2[:, None])
@@ -370,22 +380,27 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
                          causal: bool, scale: float | None, *,
                          out: torch.Tensor | None = None, weight: float = 1.0,
                          window: int | None = None) -> torch.Tensor:
-    """Head-mean visual map ``A`` (B, Qmax, Vmax) float32 from q, k and the forward's row
+    """Head-mean visual map ``A`` (B, Qmax, Vmax) from q, k and the forward's row
     statistics ``stats`` (P, B, Hq, N) (:func:`kernels.attention.flash_forward`, or
     :func:`kernels.attention.stats_from_lse` of an external lse). With P = 3 (the forward
     saw the visual columns) the statistics are first completed by
     :func:`refine_visual_stats`, which makes large scores (|s| ≥ 1e3) exact.
 
-    With ``out`` (a contiguous float32 (B, Qmax, Vmax) buffer) the map is not returned fresh
-    but accumulated: ``out += weight * A`` on the real entries, and ``out`` is returned.
-    No autograd here (see :mod:`kernels.autograd`).
+    A fresh map comes in :func:`kernels._common.map_dtype` of q's dtype (bfloat16 for
+    bfloat16 inputs, else float32) and ``weight * A`` is written to every entry, padding
+    included, so the buffer needs no zero fill. With ``out`` (a contiguous float32
+    (B, Qmax, Vmax) buffer) the map is accumulated instead: ``out += weight * A`` on the
+    real entries, and ``out`` is returned. No autograd here (see :mod:`kernels.autograd`).
     """
     require_triton()
     B, Hq, N, D = q.shape
     shape = (B, query_index.shape[1], visual_index.shape[1])
     accumulate = out is not None
+    dtype = map_dtype(q.dtype)
     if out is None:
-        out = torch.zeros(shape, device=q.device, dtype=torch.float32)
+        if q.numel() == 0 or 0 in shape:
+            return torch.zeros(shape, device=q.device, dtype=dtype)
+        out = map_buffer(shape, dtype, q.device)
     if out.numel() == 0 or q.numel() == 0:
         return out
     if stats.shape[0] == 3:
@@ -399,7 +414,7 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
         HAS_WINDOW=window is not None, ACCUMULATE=accumulate, CAUSAL=bool(causal),
         **common,
     )
-    return out
+    return out if accumulate else map_result(out, dtype)
 
 
 def visual_row_terms(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
@@ -420,7 +435,7 @@ def visual_row_terms(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     q, k, stats, index, strides, common, rows = _launch_args(
         q, k, stats, query_index, query_count, visual_index, visual_count)
     launch(_visual_row_terms_kernel, (Hq, rows, B),
-        q, k, *stats, *index, grad_maps.float().contiguous(), c, *strides, N, Hq,
+        q, k, *stats, *index, map_operand(grad_maps), c, *strides, N, Hq,
         Hq // k.shape[1], grad_maps.shape[1], grad_maps.shape[2], default_scale(D, scale),
         window_arg(window, N), HAS_WINDOW=window is not None, CAUSAL=bool(causal),
         **{**common, "num_warps": 8},  # 4 warps spill at d = 64
