@@ -260,13 +260,15 @@ class Capture(SiteCapture):
         self._teacher_seen.add(layer)
         if accumulated:
             return
-        maps = maps.float()
         if not self._group:
+            # Kept in its own dtype (a bf16 model's Triton maps are bf16): the map loss reads
+            # it as it is, and a float32 copy would double the bytes it moves.
             self._teacher_maps[layer] = maps
             return
-        for j in self._windows_of[layer]:  # running window sums, no per-layer storage
+        for j in self._windows_of[layer]:  # running window sums (float32), no per-layer storage
             acc = self._windows[j]
-            self._windows[j] = maps.clone() if acc is None else acc.add_(maps)
+            self._windows[j] = (maps.to(torch.float32, copy=True) if acc is None
+                                else acc.add_(maps))
 
     def held_targets(self) -> dict[str, int]:
         """What the capture holds for the teacher right now, before :meth:`loss` frees it.

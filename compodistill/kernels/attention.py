@@ -61,7 +61,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base, KeyMask_row, VisualCol_row,
-                   stride_kn, stride_vn, offs_m, lo, hi, N, qk_scale,
+                   vis_lo, vis_hi, stride_kn, stride_vn, offs_m, lo, hi, N, qk_scale,
                    HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, HAS_VIS: tl.constexpr,
                    DIAG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW,
@@ -71,7 +71,9 @@ if triton is not None:
 
         With ``HAS_VIS`` also ``lt_i``, the row sum over the non-visual keys only (same
         running max): the visual-map pass adds the visual keys scored by its own tiles, so
-        each key enters the statistics through exactly one rounding of its score.
+        each key enters the statistics through exactly one rounding of its score. Only the
+        key blocks meeting the sample's image span [vis_lo, vis_hi) load the column index
+        and select; on the others every key is non-visual and ``lt_i`` takes the whole sum.
         """
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
@@ -95,10 +97,15 @@ if triton is not None:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p_sum = tl.sum(p, 1)
+            l_i = l_i * alpha + p_sum
             if HAS_VIS:
-                vcol = tl.load(VisualCol_row + offs_n, mask=n_ok, other=-1)
-                lt_i = lt_i * alpha + tl.sum(tl.where(vcol[None, :] >= 0, 0.0, p), 1)
+                if (start_n < vis_hi) & (start_n + BLOCK_N > vis_lo):
+                    vcol = tl.load(VisualCol_row + offs_n, mask=n_ok, other=-1)
+                    p_text = tl.sum(tl.where(vcol[None, :] >= 0, 0.0, p), 1)
+                else:
+                    p_text = p_sum
+                lt_i = lt_i * alpha + p_text
             if HAS_V:
                 v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_d[None, :],
                             mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -211,6 +218,11 @@ if triton is not None:
         V_base = V + b * stride_vb + hk * stride_vh
         KeyMask_row = KeyMask + b * N
         VisualCol_row = VisualCol + b * N
+        vis_lo = 0
+        vis_hi = 0
+        if HAS_VIS:
+            vis_lo = tl.load(VisSpan + 2 * b)
+            vis_hi = tl.load(VisSpan + 2 * b + 1)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -226,12 +238,14 @@ if triton is not None:
                 # Key blocks wholly before every row's window are skipped too.
                 lo = tl.minimum(window_key_start(pid_m * BLOCK_M, WINDOW, BLOCK_N), hi)
         acc, l_i, lt_i, m_i = _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base, KeyMask_row,
-                                         VisualCol_row, stride_kn, stride_vn, offs_m, lo, hi, N,
+                                         VisualCol_row, vis_lo, vis_hi, stride_kn, stride_vn,
+                                         offs_m, lo, hi, N,
                                          qk_scale, HAS_V, HAS_MASK, HAS_VIS, False, HEAD_DIM,
                                          BLOCK_D, BLOCK_N, DOT_PREC, WINDOW, HAS_WINDOW)
         if CAUSAL:
             acc, l_i, lt_i, m_i = _fwd_inner(acc, l_i, lt_i, m_i, q, K_base, V_base,
-                                             KeyMask_row, VisualCol_row, stride_kn, stride_vn,
+                                             KeyMask_row, VisualCol_row, vis_lo, vis_hi,
+                                             stride_kn, stride_vn,
                                              offs_m, hi, tl.minimum(hi + BLOCK_M, N), N,
                                              qk_scale, HAS_V, HAS_MASK, HAS_VIS, True,
                                              HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, WINDOW,
@@ -796,11 +810,13 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
     v_arg = v if v is not None else k
     o_arg = out if out is not None else q
     vcol = visual_col.to(torch.int32).contiguous() if visual_col is not None else q
+    # The image span: the maps phase's key blocks, and the only blocks whose non-visual sum
+    # needs the column index.
+    span = visual_span(vcol) if has_maps or has_vis else q
     if has_maps:
-        qrow, span, qmax, vmax = (query_row.to(torch.int32).contiguous(), visual_span(vcol),
-                                  maps.shape[1], maps.shape[2])
+        qrow, qmax, vmax = query_row.to(torch.int32).contiguous(), maps.shape[1], maps.shape[2]
     else:
-        qrow, span, qmax, vmax = q, q, 0, 0
+        qrow, qmax, vmax = q, 0, 0
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     launch(_fwd_kernel, grid,
         q, k, v_arg, o_arg, stats[0], stats[1], stats[-1], _key_mask_arg(key_mask, q), vcol,

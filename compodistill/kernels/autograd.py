@@ -71,7 +71,7 @@ def forward_with_maps(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optio
                       query_index: Tensor, query_count: Tensor, visual_index: Tensor,
                       visual_count: Tensor, causal: bool, scale: float,
                       maps: Optional[Tensor], weight: float, window: int,
-                      text_sum: bool = False):
+                      text_sum: bool = False, maps_dtype: Optional[torch.dtype] = None):
     """``(out, stats, maps)``: the forward and ``weight · A``.
 
     ``maps`` None (every fresh map): the forward (its statistics with the non-visual plane,
@@ -82,7 +82,8 @@ def forward_with_maps(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optio
     kernel's second phase, one launch whose float32 atomics add each head's ``P / Hq`` on
     the image key blocks (the buffer is read and written anyway), or by the gathered pass
     in the deterministic mode (atomics sum the heads in a varying order). ``stats`` has
-    P = 3 on the gathered path and when ``text_sum``.
+    P = 3 on the gathered path and when ``text_sum``. ``maps_dtype``: a fresh map's dtype
+    (default :func:`kernels._common.map_dtype`).
     """
     n = q.shape[2]
     visual_col = inverse_index(visual_index, visual_count, n)
@@ -91,7 +92,7 @@ def forward_with_maps(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optio
                                    window=window or None)
         maps = visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index,
                                     visual_count, causal, scale, out=maps, weight=weight,
-                                    window=window or None)
+                                    window=window or None, dtype=maps_dtype)
         return out, stats, maps
     out, stats = flash_forward(q, k, v, key_mask, causal, scale, visual_col,
                                window=window or None, maps=maps,
@@ -222,10 +223,14 @@ def _maps_rest_fwd(q: Tensor, k: Tensor, key_mask: Optional[Tensor], query_index
                    query_count: Tensor, visual_index: Tensor, visual_count: Tensor,
                    causal: bool, scale: float, window: int = 0
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(row stats (3, B, Hq, N), maps, rest (B, Qmax), per-head rest (B, Hq, N))."""
+    """(row stats (3, B, Hq, N), maps, rest (B, Qmax), per-head rest (B, Hq, N)).
+
+    The maps are float32 whatever the input: the KL losses' rest bucket pairs them with a
+    float32 rest from the statistics, and a bf16 map would put their sum off 1 by its
+    rounding (which the rest distribution's losses see)."""
     _, stats, maps = forward_with_maps(q, k, None, key_mask, query_index, query_count,
                                        visual_index, visual_count, causal, scale, None, 1.0,
-                                       window, text_sum=True)
+                                       window, text_sum=True, maps_dtype=torch.float32)
     # The statistics the maps were built from, after the gated refine of the gathered pass
     # (the rest must be the same softmax's).
     refined = refine_visual_stats(q, k, stats, query_index, query_count, visual_index,
@@ -241,7 +246,7 @@ def _maps_rest_fwd_fake(q, k, key_mask, query_index, query_count, visual_index, 
     B, Hq, N, _ = q.shape
     return (q.new_empty((3, B, Hq, N), dtype=torch.float32),
             q.new_empty((B, query_index.shape[1], visual_index.shape[1]),
-                        dtype=map_dtype(q.dtype)),
+                        dtype=torch.float32),
             q.new_empty((B, query_index.shape[1]), dtype=torch.float32),
             q.new_empty((B, Hq, N), dtype=torch.float32))
 
@@ -290,7 +295,7 @@ def _rest_backward(ctx, dstats, dmaps, drest, drest_heads):
     q, k, stats, rest_heads, key_mask, qi, qc, vi, vc = ctx.saved_tensors
     if dmaps is None:
         dmaps = torch.zeros((q.shape[0], qi.shape[1], vi.shape[1]), device=q.device,
-                            dtype=map_dtype(q.dtype))
+                            dtype=torch.float32)
     do = v = out = extra = None
     if drest is not None:
         do, v, out, extra = _rest_grad_inputs(q, k, drest, rest_heads, qi, qc, vi, vc)
@@ -563,8 +568,8 @@ def visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None = None,
 
 def visual_maps_with_rest(q: Tensor, k: Tensor, layout, *args,
                           scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`visual_maps` plus ``rest`` (B, Qmax) float32, the head-mean attention mass on
-    the non-visual keys, ``exp(lse_text − lse_all)`` per head from the forward's third
+    """:func:`visual_maps` (here float32 whatever the input) plus ``rest`` (B, Qmax)
+    float32, the head-mean attention mass on the non-visual keys, ``exp(lse_text − lse_all)`` per head from the forward's third
     statistics plane (no ``1 − Σ_v A`` cancellation). Both are differentiable."""
     layout, opts = _layout_args("visual_maps_with_rest", layout, args, dict(scale=scale))
     _check_qkv(q, k, None)

@@ -379,15 +379,16 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
                          visual_index: torch.Tensor, visual_count: torch.Tensor,
                          causal: bool, scale: float | None, *,
                          out: torch.Tensor | None = None, weight: float = 1.0,
-                         window: int | None = None) -> torch.Tensor:
+                         window: int | None = None,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
     """Head-mean visual map ``A`` (B, Qmax, Vmax) from q, k and the forward's row
     statistics ``stats`` (P, B, Hq, N) (:func:`kernels.attention.flash_forward`, or
     :func:`kernels.attention.stats_from_lse` of an external lse). With P = 3 (the forward
     saw the visual columns) the statistics are first completed by
     :func:`refine_visual_stats`, which makes large scores (|s| ≥ 1e3) exact.
 
-    A fresh map comes in :func:`kernels._common.map_dtype` of q's dtype (bfloat16 for
-    bfloat16 inputs, else float32) and ``weight * A`` is written to every entry, padding
+    A fresh map comes in ``dtype``, by default :func:`kernels._common.map_dtype` of q's
+    dtype (bfloat16 for bfloat16 inputs, else float32) and ``weight * A`` is written to every entry, padding
     included, so the buffer needs no zero fill. With ``out`` (a contiguous float32
     (B, Qmax, Vmax) buffer) the map is accumulated instead: ``out += weight * A`` on the
     real entries, and ``out`` is returned. No autograd here (see :mod:`kernels.autograd`).
@@ -396,7 +397,7 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     B, Hq, N, D = q.shape
     shape = (B, query_index.shape[1], visual_index.shape[1])
     accumulate = out is not None
-    dtype = map_dtype(q.dtype)
+    dtype = dtype or map_dtype(q.dtype)
     if out is None:
         if q.numel() == 0 or 0 in shape:
             return torch.zeros(shape, device=q.device, dtype=dtype)
