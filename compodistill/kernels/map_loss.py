@@ -47,7 +47,8 @@ BLOCK_COLS = 64
 WARPS = 4  # every kernel: a 16 x 64 tile is 8 entries a thread
 # The row kernel under ptxas's default register target spills 4-16 B in 9 of its 96
 # (specialisation, target) compiles (low register counts: an allocator choice, not pressure);
-# a 128-register cap gives 0 in all (compodistill/kernels/report.py, Triton 3.8).
+# a 128-register cap gives 0 in all (compodistill/kernels/report.py, Triton 3.8). The same
+# cap on the G kernel: on bf16 maps its pooled mode spilled 4 B at 48 registers on sm_90.
 ROWS_MAXNREG = 128
 _TINY = 1.1754943508222875e-38  # float32's smallest normal number
 _LOG_EPS = 1e-30
@@ -404,7 +405,8 @@ def map_grad(a_s: Tensor, a_t: Tensor, coef: Tensor, weights: Tensor | None, ind
     grad = torch.empty_like(a_s)
     launch(_map_grad_kernel, _grid(a_s), a_s, a_t, grad, coef,
            coef if weights is None else weights, *index, Q, V, window, GRAD_MODE=mode,
-           **_geometry(a_s, causal, window), num_warps=WARPS)
+           **_geometry(a_s, causal, window), num_warps=WARPS,
+           **({} if interpreting() else {"maxnreg": ROWS_MAXNREG}))
     return grad
 
 
