@@ -265,7 +265,8 @@ class Capture(SiteCapture):
             # it as it is, and a float32 copy would double the bytes it moves.
             self._teacher_maps[layer] = maps
             return
-        for j in self._windows_of[layer]:  # running window sums (float32), no per-layer storage
+        # Running window sums (float32), no per-layer storage.
+        for j in self._windows_of[layer]:
             acc = self._windows[j]
             self._windows[j] = (maps.to(torch.float32, copy=True) if acc is None
                                 else acc.add_(maps))

@@ -63,14 +63,10 @@ def map_operand(t: torch.Tensor) -> torch.Tensor:
 
 def map_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """An uninitialised buffer a kernel writes every entry of, in ``dtype`` (float32 under
-    the interpreter, which cannot store bfloat16: :func:`map_result` casts it after)."""
+    the interpreter, which cannot store bfloat16: ``.to(dtype)`` after the kernel casts it;
+    on a GPU that is a no-op)."""
     return torch.empty(shape, device=device,
                        dtype=torch.float32 if interpreting() else dtype)
-
-
-def map_result(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``buf`` of :func:`map_buffer` in ``dtype`` (a no-op on a GPU)."""
-    return buf if buf.dtype == dtype else buf.to(dtype)
 
 
 def block_d(head_dim: int) -> int:

@@ -40,8 +40,8 @@ from ._common import (LOG2E, all_configs, autotune_configs, block_d, check_windo
                       config_key, fits_class, fits_target, launch_table, window_arg,
                       configs_for, default_scale, deterministic, device_capability,
                       dot_precision, fit_table, fitted_configs, interpreting, kernel_input,
-                      launch, map_operand, prune_class, prune_configs, prune_hook, recording_launches,
-                      require_triton, table_variant,
+                      launch, map_operand, prune_class, prune_configs, prune_hook,
+                      recording_launches, require_triton, table_variant,
                       target_class, tl, triton)
 
 if triton is not None:

@@ -60,10 +60,10 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optional
         out, stats = flash_forward(q, k, v, key_mask, causal, scale, window=window or None)
         maps = q.new_empty(0, dtype=map_dtype(q.dtype))
     else:
-        out, stats, maps = forward_with_maps(q, k, v, key_mask, query_index, query_count,
-                                             visual_index, visual_count, causal, scale, None,
-                                             1.0, window)
-        stats = stats[:2].contiguous() if stats.shape[0] == 3 else stats
+        # The backward rebuilds P from the statistics the maps were built from.
+        out, _, maps, stats = forward_with_maps(q, k, v, key_mask, query_index, query_count,
+                                                visual_index, visual_count, causal, scale,
+                                                None, 1.0, window)
     return (q.new_empty(0) if out is None else out), stats, maps
 
 
@@ -72,7 +72,8 @@ def forward_with_maps(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optio
                       visual_count: Tensor, causal: bool, scale: float,
                       maps: Optional[Tensor], weight: float, window: int,
                       text_sum: bool = False, maps_dtype: Optional[torch.dtype] = None):
-    """``(out, stats, maps)``: the forward and ``weight · A``.
+    """``(out, stats, maps, used)``: the forward, ``weight · A`` and the row statistics
+    (2, B, Hq, N) the map was built from.
 
     ``maps`` None (every fresh map): the forward (its statistics with the non-visual plane,
     P = 3), then the gated refine and the gathered maps pass
@@ -82,23 +83,26 @@ def forward_with_maps(q: Tensor, k: Tensor, v: Optional[Tensor], key_mask: Optio
     kernel's second phase, one launch whose float32 atomics add each head's ``P / Hq`` on
     the image key blocks (the buffer is read and written anyway), or by the gathered pass
     in the deterministic mode (atomics sum the heads in a varying order). ``stats`` has
-    P = 3 on the gathered path and when ``text_sum``. ``maps_dtype``: a fresh map's dtype
-    (default :func:`kernels._common.map_dtype`).
+    P = 3 on the gathered path and when ``text_sum``; ``used`` is the refined ``stats`` there
+    (the gate rescored the rows past it) and ``stats[:2]`` on the maps phase. ``maps_dtype``:
+    a fresh map's dtype (default :func:`kernels._common.map_dtype`).
     """
     n = q.shape[2]
     visual_col = inverse_index(visual_index, visual_count, n)
     if maps is None or deterministic():
         out, stats = flash_forward(q, k, v, key_mask, causal, scale, visual_col,
                                    window=window or None)
-        maps = visual_maps_from_lse(q, k, stats, query_index, query_count, visual_index,
+        used = refine_visual_stats(q, k, stats, query_index, query_count, visual_index,
+                                   visual_count, causal, scale, window or None)
+        maps = visual_maps_from_lse(q, k, used, query_index, query_count, visual_index,
                                     visual_count, causal, scale, out=maps, weight=weight,
                                     window=window or None, dtype=maps_dtype)
-        return out, stats, maps
+        return out, stats, maps, used
     out, stats = flash_forward(q, k, v, key_mask, causal, scale, visual_col,
                                window=window or None, maps=maps,
                                query_row=inverse_index(query_index, query_count, n),
                                map_weight=weight / q.shape[1], text_sum=text_sum)
-    return out, stats, maps
+    return out, stats, maps, stats[:2]
 
 
 @_attention_fwd.register_fake
@@ -228,16 +232,15 @@ def _maps_rest_fwd(q: Tensor, k: Tensor, key_mask: Optional[Tensor], query_index
     The maps are float32 whatever the input: the KL losses' rest bucket pairs them with a
     float32 rest from the statistics, and a bf16 map would put their sum off 1 by its
     rounding (which the rest distribution's losses see)."""
-    _, stats, maps = forward_with_maps(q, k, None, key_mask, query_index, query_count,
-                                       visual_index, visual_count, causal, scale, None, 1.0,
-                                       window, text_sum=True, maps_dtype=torch.float32)
-    # The statistics the maps were built from, after the gated refine of the gathered pass
-    # (the rest must be the same softmax's).
-    refined = refine_visual_stats(q, k, stats, query_index, query_count, visual_index,
-                                  visual_count, causal, scale, window or None)
+    _, stats, maps, refined = forward_with_maps(q, k, None, key_mask, query_index,
+                                                query_count, visual_index, visual_count,
+                                                causal, scale, None, 1.0, window,
+                                                text_sum=True, maps_dtype=torch.float32)
+    # The rest is the same softmax's as the maps (the refined statistics), and so is the P
+    # the backward rebuilds.
     rest_heads = visual_rest_heads(stats, refined)
     rest = visual_rest_mass(rest_heads, query_index, query_count)
-    return stats, maps, rest, rest_heads
+    return torch.cat([refined, stats[2:]]), maps, rest, rest_heads
 
 
 @_maps_rest_fwd.register_fake
@@ -316,8 +319,8 @@ def _teacher_attention_maps_(maps_out: Tensor, q: Tensor, k: Tensor, v: Optional
                              window: int = 0) -> Tensor:
     """The teacher layer's output (or empty) and ``maps_out += weight * A`` in place, in
     one forward launch (no gradient: teacher targets)."""
-    out, _, _ = forward_with_maps(q, k, v, key_mask, query_index, query_count, visual_index,
-                                  visual_count, causal, scale, maps_out, weight, window)
+    out, *_ = forward_with_maps(q, k, v, key_mask, query_index, query_count, visual_index,
+                                visual_count, causal, scale, maps_out, weight, window)
     return q.new_empty(0) if out is None else out
 
 
@@ -569,8 +572,9 @@ def visual_maps(q: Tensor, k: Tensor, layout, *args, scale: float | None = None,
 def visual_maps_with_rest(q: Tensor, k: Tensor, layout, *args,
                           scale: float | None = None) -> tuple[Tensor, Tensor]:
     """:func:`visual_maps` (here float32 whatever the input) plus ``rest`` (B, Qmax)
-    float32, the head-mean attention mass on the non-visual keys, ``exp(lse_text − lse_all)`` per head from the forward's third
-    statistics plane (no ``1 − Σ_v A`` cancellation). Both are differentiable."""
+    float32, the head-mean attention mass on the non-visual keys, ``exp(lse_text −
+    lse_all)`` per head from the forward's third statistics plane (no ``1 − Σ_v A``
+    cancellation). Both are differentiable."""
     layout, opts = _layout_args("visual_maps_with_rest", layout, args, dict(scale=scale))
     _check_qkv(q, k, None)
     index, key_mask, causal = _check_layout(q, layout)

@@ -24,9 +24,10 @@ Grids and loop bounds follow the launchers and kernels of :mod:`.attention` and
 head-dim class (what the deterministic mode pins). The steps are those of :data:`STEPS`
 (:func:`step_launches`). Small PyTorch-side ops (index maps) are left out; the zero fills
 that kernels accumulate into are in (``torch_zero_maps`` of the ``maps-phase`` step, and
-``torch_dq``: the dq buffer's fill and cast). ``tests/test_kernel_ledger.py`` checks the tile counts against the kernels
-themselves under the interpreter. ``--out`` also writes ``<name>_ratios.csv``: per head dim,
-N and step, ``fused_over_plain_flops``, ``fused_over_plain_bytes`` and the time ratios.
+``torch_dq``: the dq buffer's fill and cast). ``tests/test_kernel_ledger.py`` checks the
+tile counts against the kernels themselves under the interpreter. ``--out`` also writes
+``<name>_ratios.csv``: per head dim, N and step, ``fused_over_plain_flops``,
+``fused_over_plain_bytes`` and the time ratios.
 """
 from __future__ import annotations
 

@@ -557,8 +557,8 @@ def per_sample_map_loss(student: Tensor, target: Tensor, query_index: Tensor,
                         causal: bool, window: int | None, *, loss: str, cosine: str,
                         distribution: str, beta: float, student_rest: Tensor | None = None,
                         target_rest: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-sample loss (B,) and contributing mask (B,) on float32 or bfloat16 maps; differentiable with
-    respect to ``student`` and ``student_rest``. Options as
+    """Per-sample loss (B,) and contributing mask (B,) on float32 or bfloat16 maps;
+    differentiable with respect to ``student`` and ``student_rest``. Options as
     ``compodistill.visual_attention.map_losses.per_sample_map_loss`` (checked there)."""
     variant = f"cosine_{cosine}" if loss == "cosine" else loss
     rest = distribution == "rest" and variant in ("kl", "reverse_kl", "jsd")

@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 
 from ._common import (block_d, default_scale, dot_precision, kernel_input, launch,
-                      map_buffer, map_dtype, map_operand, map_result, require_triton, triton,
-                      tl, window_arg)
+                      map_buffer, map_dtype, map_operand, require_triton, triton, tl,
+                      window_arg)
 
 if triton is not None:
     from ._common import load_row_stats, log2_scale
@@ -388,10 +388,11 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
     :func:`refine_visual_stats`, which makes large scores (|s| ≥ 1e3) exact.
 
     A fresh map comes in ``dtype``, by default :func:`kernels._common.map_dtype` of q's
-    dtype (bfloat16 for bfloat16 inputs, else float32) and ``weight * A`` is written to every entry, padding
-    included, so the buffer needs no zero fill. With ``out`` (a contiguous float32
-    (B, Qmax, Vmax) buffer) the map is accumulated instead: ``out += weight * A`` on the
-    real entries, and ``out`` is returned. No autograd here (see :mod:`kernels.autograd`).
+    dtype (bfloat16 for bfloat16 inputs, else float32), and ``weight * A`` is written to
+    every entry, padding included, so the buffer needs no zero fill. With ``out`` (a
+    contiguous float32 (B, Qmax, Vmax) buffer) the map is accumulated instead:
+    ``out += weight * A`` on the real entries, and ``out`` is returned. No autograd here
+    (see :mod:`kernels.autograd`).
     """
     require_triton()
     B, Hq, N, D = q.shape
@@ -415,7 +416,7 @@ def visual_maps_from_lse(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
         HAS_WINDOW=window is not None, ACCUMULATE=accumulate, CAUSAL=bool(causal),
         **common,
     )
-    return out if accumulate else map_result(out, dtype)
+    return out if accumulate else out.to(dtype)
 
 
 def visual_row_terms(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor,
